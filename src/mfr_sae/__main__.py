@@ -1,0 +1,3 @@
+from mfr_sae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Checkpoints in the SAELens layout, written atomically, loaded without pickle.
+
+A run folder:
+    config.yaml        the resolved run config
+    metrics.jsonl      one JSON line per logged step / evaluation
+    results.json       final evaluation, one entry per member
+    checkpoint/        replaced as a whole at every save (written beside, then renamed into place)
+        member_<i>/cfg.json, sae_weights.safetensors    one SAELens-loadable TopK SAE per member
+        trainer_state.safetensors                       optimiser and counters, for --resume
+
+Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
+(unit-norm rows), b_dec [d_in].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mfr_sae.ensemble import Ensemble
+
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+STATE_FILE = "trainer_state.safetensors"
+SAELENS_FORMAT = "6.0.0"  # the cfg.json layout SAELens 6.x reads (checked with sae-lens 6.54.12)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"corrupt JSON in {path}: {err}") from None
+
+
+def member_cfg(ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """cfg.json of member i: SAELens TopK fields plus this library's own under `mfr_sae`."""
+    return {
+        "architecture": "topk",
+        "d_in": ensemble.d_in,
+        "d_sae": ensemble.d_sae,
+        "k": ensemble.ks[i],
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        # SAELens reads the nested metadata only when it names a format version >= 6.0.0.
+        "metadata": {"sae_lens_version": SAELENS_FORMAT, **dict(extra or {}).get("metadata", {})},
+        "mfr_sae": {
+            "member": ensemble.member_ids[i],
+            "tied": ensemble.tied,
+            "decoder_bias": ensemble.b_dec is not None,
+            "seed": ensemble.seed,
+            **{k: v for k, v in (extra or {}).items() if k != "metadata"},
+        },
+    }
+
+
+def member_tensors(ensemble: Ensemble, i: int) -> dict[str, Tensor]:
+    """Member i's weights under SAELens names and shapes, on the CPU, contiguous."""
+    with torch.no_grad():
+        b_dec = ensemble.b_dec[i] if ensemble.b_dec is not None else torch.zeros(ensemble.d_in)
+        tensors = {
+            "W_enc": ensemble.W_enc[i].T,
+            "b_enc": ensemble.b_enc[i],
+            "W_dec": ensemble.decoder()[i],
+            "b_dec": b_dec,
+        }
+        return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(member_tensors(ensemble, i), folder / WEIGHTS_FILE)
+    _fsync(folder / WEIGHTS_FILE)
+    write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))
+
+
+def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] | None = None,
+                    state_meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write run_dir/checkpoint atomically: build it beside, then rename it into place."""
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT_DIR
+    tmp = run_dir / f"{CHECKPOINT_DIR}.tmp"
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, member_id in enumerate(ensemble.member_ids):
+        save_member(tmp / f"member_{member_id}", ensemble, i, extra)
+    if state is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
+        _fsync(tmp / STATE_FILE)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # the one step that makes the new checkpoint current
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_dir(run_dir: Path) -> Path | None:
+    """The current checkpoint of a run, or the previous one if a save was cut off mid-swap."""
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
+        if (Path(run_dir) / name).is_dir():
+            return Path(run_dir) / name
+    return None
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
+
+
+def load_trainer_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    path = Path(folder) / STATE_FILE
+    tensors = _load_safetensors(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    return tensors, meta
+
+
+def _member_folders(folder: Path) -> list[Path]:
+    members = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("member_")]
+    return sorted(members, key=lambda p: int(p.name.split("_", 1)[1]))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+    """Load one member folder (cfg.json + sae_weights.safetensors), a checkpoint folder, or a run
+    folder, as an Ensemble (of one member for a member folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no SAE or run found at {path}")
+    if (path / CFG_FILE).is_file():
+        folders = [path]
+    else:
+        ckpt = path if _member_folders(path) else checkpoint_dir(path)
+        if ckpt is None or not _member_folders(ckpt):
+            raise CheckpointError(f"{path} holds no member_*/ folders and no {CHECKPOINT_DIR}/ folder")
+        folders = _member_folders(ckpt)
+    cfgs = [read_json(f / CFG_FILE) for f in folders]
+    tensors = [_load_safetensors(f / WEIGHTS_FILE) for f in folders]
+    try:
+        own = [c["mfr_sae"] for c in cfgs]
+        ensemble = Ensemble(cfgs[0]["d_in"], cfgs[0]["d_sae"], [c["k"] for c in cfgs],
+                            tied=own[0]["tied"], decoder_bias=own[0]["decoder_bias"],
+                            seed=own[0]["seed"], member_ids=[o["member"] for o in own])
+    except KeyError as err:
+        raise CheckpointError(f"{folders[0] / CFG_FILE}: missing key {err}") from None
+    _fill(ensemble, tensors, folders)
+    return ensemble.to(device)
+
+
+@torch.no_grad()
+def _fill(ensemble: Ensemble, tensors: list[dict[str, Tensor]], folders: list[Path]) -> None:
+    d, h = ensemble.d_in, ensemble.d_sae
+    expected = {"W_enc": (d, h), "b_enc": (h,), "W_dec": (h, d), "b_dec": (d,)}
+    for i, (weights, folder) in enumerate(zip(tensors, folders)):
+        for name, shape in expected.items():
+            if name not in weights:
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing tensor {name}")
+            if tuple(weights[name].shape) != shape:
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has shape "
+                                      f"{list(weights[name].shape)}, expected {list(shape)}")
+        ensemble.W_enc[i].copy_(weights["W_enc"].T)
+        ensemble.b_enc[i].copy_(weights["b_enc"])
+        if ensemble.W_dec is not None:
+            ensemble.W_dec[i].copy_(weights["W_dec"])
+        if ensemble.b_dec is not None:
+            ensemble.b_dec[i].copy_(weights["b_dec"])

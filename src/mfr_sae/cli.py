@@ -1,0 +1,62 @@
+"""The `mfr-sae` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mfr_sae.checkpoint import CheckpointError
+from mfr_sae.config import ConfigError, help_text, load_config
+from mfr_sae.report import markdown_table
+from mfr_sae.train import TrainingError, resume, train
+
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfr-sae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "train", help="train an ensemble of TopK SAEs (baseline or MFR)",
+        description="Train an ensemble of TopK SAEs. Without --config, the built-in defaults "
+                    "(the paper's synthetic setting) are used.",
+        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file with sections data, sae, train, mfr, eval")
+    p.add_argument("--out", type=Path, help="run folder to create (config, logs, checkpoint, results)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume takes the run's own config.yaml: drop --config, --set and --out")
+        results = resume(args.resume, progress=progress)
+        out = args.resume
+    else:
+        if args.out is None:
+            raise ConfigError("train needs --out DIR (or --resume DIR)")
+        results = train(load_config(args.config, args.overrides), args.out, progress=progress)
+        out = args.out
+    print(markdown_table(results["members"]))
+    print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": run_train}[args.command](args)
+    except USER_ERRORS as err:
+        print(f"mfr-sae: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""Run configuration: dataclasses, YAML files, `--set section.field=value` overrides, validation.
+
+Every field's docstring (the string literal under it) is its help text: `mfr-sae train --help` prints
+them. Defaults are the paper's synthetic setting (SPEC sections 1-4).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message is one line that names it."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1)."""
+    d: int = 256
+    """Dimension of the input vectors."""
+    n_features: int = 512
+    """Number of true features (columns of the feature matrix F, d x n)."""
+    n_groups: int = 12
+    """Features are split into this many groups; every feature belongs to exactly one."""
+    n_active: int = 36
+    """Active features per sample, drawn without replacement from one group."""
+    decay: float = 0.99
+    """Feature j of a group (0-based) is drawn with weight decay**j."""
+    normalize_features: bool = False
+    """Scale the true features to unit L2 norm (off in the paper)."""
+    seed: int = 0
+    """Seed of the feature matrix and of the sample stream."""
+
+
+@dataclass
+class SAEConfig:
+    n_members: int = 2
+    """Number of TopK SAEs trained together (the ensemble)."""
+    d_sae: int = 512
+    """Hidden size h of every member."""
+    k: int | list[int] = 36
+    """Active latents per sample: one number for all members, or a list with one per member."""
+    tied: bool = True
+    """Decoder rows are the unit-normalised encoder rows (the paper). False: a separate decoder."""
+    decoder_bias: bool = False
+    """Learn a decoder bias b_dec, subtracted from the input before encoding (SAELens convention)."""
+
+
+@dataclass
+class TrainConfig:
+    n_samples: int = 10_000_000
+    """Vectors seen in total; steps = n_samples // batch_size."""
+    batch_size: int = 10_000
+    """Vectors per step, shared by all members."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default; the paper names AdamW without a value)."""
+    seed: int = 0
+    """Seed of the members' initialisation."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
+    log_every: int = 10
+    """Steps between lines in metrics.jsonl."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at the end); `--resume` restarts from the last one."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project (needs `pip install wandb`); empty: off."""
+
+
+@dataclass
+class MFRConfig:
+    enabled: bool = False
+    """Mutual Feature Regularization; false trains the baseline with the same code."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Steps between evaluations during training (0: only at the end)."""
+    n_samples: int = 20_000
+    """Held-out vectors used by each evaluation."""
+    batch_size: int = 5_000
+    """Vectors per forward pass during evaluation."""
+    recovered_threshold: float = 0.9
+    """A true feature counts as recovered when some latent has cosine >= this with it."""
+    dead_window: int = 1_000_000
+    """A latent is dead when it has not fired on the last this-many training vectors."""
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mfr: MFRConfig = field(default_factory=MFRConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def ks(self) -> list[int]:
+        """One k per member."""
+        k = self.sae.k
+        return list(k) if isinstance(k, list) else [k] * self.sae.n_members
+
+    @property
+    def n_steps(self) -> int:
+        return self.train.n_samples // self.train.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError on the first value that cannot work."""
+        d, s, t, e = self.data, self.sae, self.train, self.eval
+        _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r}: must be one of {', '.join(DATA_KINDS)}")
+        for name, value in [("data.d", d.d), ("data.n_features", d.n_features),
+                            ("data.n_groups", d.n_groups), ("data.n_active", d.n_active),
+                            ("sae.n_members", s.n_members), ("sae.d_sae", s.d_sae),
+                            ("train.n_samples", t.n_samples), ("train.batch_size", t.batch_size),
+                            ("eval.n_samples", e.n_samples), ("eval.batch_size", e.batch_size),
+                            ("eval.dead_window", e.dead_window)]:
+            _check(value >= 1, f"{name}={value}: must be >= 1")
+        if d.kind == "synthetic":
+            smallest_group = d.n_features // d.n_groups
+            _check(d.n_groups <= d.n_features,
+                   f"data.n_groups={d.n_groups}: more groups than features ({d.n_features})")
+            _check(d.n_active <= smallest_group,
+                   f"data.n_active={d.n_active}: the smallest group has {smallest_group} features")
+            _check(0 < d.decay <= 1, f"data.decay={d.decay}: must be in (0, 1]")
+        if isinstance(s.k, list):
+            _check(len(s.k) == s.n_members,
+                   f"sae.k has {len(s.k)} values but sae.n_members={s.n_members}")
+        for k in self.ks:
+            _check(1 <= k <= s.d_sae, f"sae.k={k}: must be between 1 and sae.d_sae={s.d_sae}")
+        _check(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+        _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+        _check(t.n_samples >= t.batch_size,
+               f"train.n_samples={t.n_samples} is less than one batch (train.batch_size={t.batch_size})")
+        _check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
+        _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
+        _check(e.every >= 0, f"eval.every={e.every}: must be >= 0")
+        _check(0 < e.recovered_threshold <= 1,
+               f"eval.recovered_threshold={e.recovered_threshold}: must be in (0, 1]")
+        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+               f"train.device={t.device!r}: must be auto, cpu or cuda[:N]")
+        return self
+
+
+DATA_KINDS = ("synthetic",)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------- dicts, YAML and overrides
+
+def sections() -> dict[str, type]:
+    """Section name -> its dataclass, in file order."""
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+
+
+def from_dict(raw: dict[str, Any] | None, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown sections or fields are errors."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    cfg = RunConfig()
+    known = sections()
+    for section, values in raw.items():
+        if section not in known:
+            raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(known)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            set_field(cfg, f"{section}.{name}", value, source)
+    return cfg
+
+
+def set_field(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> None:
+    """Set `section.field` on cfg, converting value to the field's type."""
+    section, _, name = dotted.partition(".")
+    known = sections()
+    if section not in known or not name:
+        raise ConfigError(f"{source}: unknown key {dotted!r} (sections: {', '.join(known)})")
+    types = field_types(known[section])
+    if name not in types:
+        raise ConfigError(f"{source}: unknown key {dotted!r} (fields of {section}: {', '.join(types)})")
+    setattr(getattr(cfg, section), name, _convert(value, types[name], dotted, source))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.field=value` -> (key, value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.field=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        cfg = from_dict(raw, str(path))
+    for text in overrides:
+        set_field(cfg, *parse_override(text))
+    return cfg.validate()
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from mfr_sae.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Coerce a YAML value to a field type; YAML 1.1 reads `1e-3` as a string, so parse numbers."""
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(tp)}")
+
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, _UnionType) else (tp,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if origin is list:
+            if isinstance(value, list):
+                (item_tp,) = typing.get_args(option)
+                return [_convert(v, item_tp, key, source) for v in value]
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    number = float(value.replace("_", ""))
+                except ValueError:
+                    continue
+                if number.is_integer():
+                    return int(number)
+            continue
+        if option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    continue
+            continue
+        if option is str:
+            if isinstance(value, str):
+                return value
+            continue
+    raise fail()
+
+
+_UnionType = type(int | str)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+
+
+# ---------------------------------------------------------------- help text from docstrings
+
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its docstring)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every config field with its type, default and docstring, for --help."""
+    lines = ["config fields (YAML sections, or --set section.field=value):"]
+    defaults = RunConfig()
+    for section, cls in sections().items():
+        lines.append(f"  {section}:")
+        docs = field_docs(cls)
+        for name, tp in field_types(cls).items():
+            default = getattr(getattr(defaults, section), name)
+            lines.append(f"    {section}.{name} ({_type_name(tp)}, default {default!r})")
+            if name in docs:
+                lines.append(f"        {docs[name]}")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""An ensemble of N TopK SAEs held as stacked tensors (SPEC section 2).
+
+Member n: z = ReLU(TopK_k[n](W_enc[n] (x - b_dec[n]) + b_enc[n])), x_hat = z W_dec[n] + b_dec[n].
+W_enc is [N, h, d] with one latent per row. Tied (the paper's default): W_dec = W_enc with unit-norm
+rows, computed in the forward pass. Untied: W_dec is its own parameter, kept at unit-norm rows.
+Members may differ in k. Member n is initialised from (seed, member_ids[n]) alone, so any split of the
+member axis (one slice per process) starts from the same weights as the whole ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mfr_sae.data.synthetic import seeded_generator
+from mfr_sae.kernels import sparse_decode, topk_encode
+
+INIT_STREAM = 7
+
+
+@dataclass
+class EnsembleOutput:
+    x_hat: Tensor
+    """Reconstructions [N, B, d]."""
+    acts: Tensor
+    """Kept activations [N, B, k_max] (zero past a member's own k, and where ReLU clamps)."""
+    idx: Tensor
+    """Latent index of each kept activation [N, B, k_max]."""
+
+
+class Ensemble(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, ks: list[int], tied: bool = True,
+                 decoder_bias: bool = False, seed: int = 0, member_ids: list[int] | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__()
+        n = len(ks)
+        self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
+        self.member_ids = list(range(n)) if member_ids is None else list(member_ids)
+        if len(self.member_ids) != n:
+            raise ValueError(f"{len(self.member_ids)} member ids for {n} members")
+        self.W_enc = nn.Parameter(torch.empty(n, d_sae, d_in, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, d_sae, device=device))
+        self.W_dec = None if tied else nn.Parameter(torch.empty(n, d_sae, d_in, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(n, d_in, device=device)) if decoder_bias else None
+        k_mask = torch.arange(max(ks)) < torch.tensor(ks).view(-1, 1)  # [N, k_max]
+        self.register_buffer("k_mask", k_mask.view(n, 1, -1).to(device), persistent=False)
+        for i in range(n):
+            self.reset_member(i)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.ks)
+
+    @property
+    def k_max(self) -> int:
+        return max(self.ks)
+
+    @torch.no_grad()
+    def reset_member(self, i: int, attempt: int = 0) -> None:
+        """(Re)initialise member i: encoder ~ U(-1/sqrt(d), 1/sqrt(d)) as nn.Linear, biases zero.
+
+        `attempt` > 0 draws a fresh initialisation (MFR reinitialisation), still seeded."""
+        gen = seeded_generator(self.seed, INIT_STREAM, self.member_ids[i], attempt)
+        bound = 1 / math.sqrt(self.d_in)
+        weight = (torch.rand(self.d_sae, self.d_in, generator=gen) * 2 - 1) * bound
+        self.W_enc[i].copy_(weight)
+        self.b_enc[i].zero_()
+        if self.W_dec is not None:
+            self.W_dec[i].copy_(F.normalize(weight, dim=-1))
+        if self.b_dec is not None:
+            self.b_dec[i].zero_()
+
+    def decoder(self) -> Tensor:
+        """Decoder rows, unit norm: [N, h, d]."""
+        return F.normalize(self.W_enc if self.W_dec is None else self.W_dec, dim=-1)
+
+    @torch.no_grad()
+    def renormalize_decoder(self) -> None:
+        """Untied decoders are kept at unit-norm rows after every optimiser step (as in sparsify)."""
+        if self.W_dec is not None:
+            self.W_dec.copy_(F.normalize(self.W_dec, dim=-1))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, d] -> (acts [N, B, k_max], idx [N, B, k_max])."""
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"expected input of shape [batch, {self.d_in}], got {list(x.shape)}")
+        bias = self.b_enc
+        if self.b_dec is not None:  # W (x - b_dec) + b_enc = W x + (b_enc - W b_dec)
+            bias = bias - torch.einsum("nhd,nd->nh", self.W_enc, self.b_dec)
+        uniform_k = len(set(self.ks)) == 1
+        acts, idx = topk_encode(x, self.W_enc, bias, self.k_max, sorted=not uniform_k)
+        if not uniform_k:
+            acts = acts * self.k_mask
+        return acts, idx
+
+    def decode(self, acts: Tensor, idx: Tensor, decoder: Tensor | None = None) -> Tensor:
+        x_hat = sparse_decode(acts, idx, self.decoder() if decoder is None else decoder)
+        if self.b_dec is not None:
+            x_hat = x_hat + self.b_dec.unsqueeze(1)
+        return x_hat
+
+    def forward(self, x: Tensor) -> EnsembleOutput:
+        acts, idx = self.encode(x)
+        return EnsembleOutput(self.decode(acts, idx), acts, idx)
+
+    def dense_codes(self, x: Tensor) -> Tensor:
+        """Latent activations as a dense [N, B, h] tensor (for analysis, not training)."""
+        acts, idx = self.encode(x)
+        return acts.new_zeros(self.n_members, x.shape[0], self.d_sae).scatter(2, idx, acts)
+
+    def select(self, members: list[int]) -> Ensemble:
+        """A new ensemble holding copies of the given members (a shard of the member axis)."""
+        part = Ensemble(self.d_in, self.d_sae, [self.ks[i] for i in members], self.tied,
+                        self.b_dec is not None, self.seed, [self.member_ids[i] for i in members],
+                        self.W_enc.device)
+        with torch.no_grad():
+            for name, param in part.named_parameters():
+                param.copy_(getattr(self, name)[members])
+        return part

@@ -1,0 +1,85 @@
+"""The ensemble's TopK encoder and sparse decoder, with backward passes that stay sparse.
+
+TopK keeps k of h latents per sample, so the gradient with respect to the pre-activations has k
+non-zeros per row. Plain autograd scatters it into a dense [N, B, h] tensor and multiplies that with
+the input (as costly as the forward product); here the encoder's weight gradient is a sparse-dense
+product over the k kept entries, and the decoder is a gather of k rows per sample (embedding_bag).
+
+`reference_encode` / `reference_decode` are the plain dense versions, kept for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def member_offsets(n_members: int, d_sae: int, device: torch.device) -> Tensor:
+    """Row offset of each member in the flattened [N * h, d] weight: [N, 1, 1]."""
+    return (torch.arange(n_members, device=device) * d_sae).view(-1, 1, 1)
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool):
+        n_members, d_sae, d_in = weight.shape
+        pre = torch.baddbmm(bias.unsqueeze(1), x.expand(n_members, *x.shape), weight.transpose(1, 2))
+        acts, idx = pre.topk(k, dim=-1, sorted=sorted)
+        acts = acts.relu_()
+        ctx.save_for_backward(x, weight, acts, idx)
+        ctx.mark_non_differentiable(idx)
+        return acts, idx
+
+    @staticmethod
+    def backward(ctx, grad_acts: Tensor, _grad_idx: Tensor | None):
+        x, weight, acts, idx = ctx.saved_tensors
+        n_members, d_sae, d_in = weight.shape
+        batch = x.shape[0]
+        grad = grad_acts * (acts > 0)  # ReLU after TopK
+        rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            cols = torch.arange(batch, device=idx.device).view(1, -1, 1).expand_as(idx).reshape(-1)
+            sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad.reshape(-1),
+                                             (n_members * d_sae, batch), is_coalesced=False,
+                                             check_invariants=False)
+            grad_weight = torch.sparse.mm(sparse, x).view_as(weight)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.new_zeros(n_members * d_sae).index_add_(0, rows, grad.reshape(-1))
+            grad_bias = grad_bias.view(n_members, d_sae)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(rows.view(-1, idx.shape[-1]), weight.reshape(-1, d_in),
+                                     per_sample_weights=grad.reshape(-1, idx.shape[-1]), mode="sum")
+            grad_x = grad_x.view(n_members, batch, d_in).sum(0)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """ReLU(TopK(x W^T + b)) for every member at once.
+
+    x [B, d], weight [N, h, d] (one latent per row), bias [N, h] -> (acts [N, B, k], idx [N, B, k]).
+    """
+    return _TopKEncode.apply(x, weight, bias, k, sorted)
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
+    """sum_j acts[n, b, j] * decoder[n, idx[n, b, j]]: a gather of k rows per sample -> [N, B, d]."""
+    n_members, d_sae, d_in = decoder.shape
+    rows = idx + member_offsets(n_members, d_sae, idx.device)
+    out = F.embedding_bag(rows.reshape(-1, idx.shape[-1]), decoder.reshape(-1, d_in),
+                          per_sample_weights=acts.reshape(-1, idx.shape[-1]), mode="sum")
+    return out.view(n_members, -1, d_in)
+
+
+def reference_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Plain-autograd TopK encoder (dense gradient), the reference for tests."""
+    pre = torch.einsum("bd,nhd->nbh", x, weight) + bias.unsqueeze(1)
+    acts, idx = pre.topk(k, dim=-1, sorted=True)
+    return acts.relu(), idx
+
+
+def reference_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
+    """Dense decoder: scatter the k activations into [N, B, h] and multiply by the decoder."""
+    dense = acts.new_zeros(*acts.shape[:2], decoder.shape[1]).scatter(2, idx, acts)
+    return torch.bmm(dense, decoder)

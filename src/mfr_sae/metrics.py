@@ -1,0 +1,115 @@
+"""Evaluation (SPEC section 5): reconstruction, sparsity, and feature similarity.
+
+Feature matrices hold one feature per row. Similarities are computed in chunks of rows so that
+h = 16384 against h = 16384 never needs the whole h x h matrix at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torch.nn import functional as F
+
+from mfr_sae.ensemble import Ensemble
+
+CHUNK_ROWS = 2048
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of every row of a with every row of b: [len(a), len(b)]."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def max_cosine(a: Tensor, b: Tensor, chunk: int = CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """For each row of a, its largest cosine with any row of b, and that row's index."""
+    b_unit = F.normalize(b, dim=-1)
+    values, index = [], []
+    for start in range(0, len(a), chunk):
+        sims = F.normalize(a[start:start + chunk], dim=-1) @ b_unit.T
+        v, i = sims.max(dim=1)
+        values.append(v)
+        index.append(i)
+    return torch.cat(values), torch.cat(index)
+
+
+def mmcs(a: Tensor, b: Tensor) -> float:
+    """Mean max cosine similarity of the rows of a against b (not symmetric)."""
+    return max_cosine(a, b)[0].mean().item()
+
+
+def hungarian_match(a: Tensor, b: Tensor, absolute: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one matching of rows of a to rows of b maximising total cosine (absolute cosine if asked).
+
+    Returns (rows of a, rows of b, matched cosines); min(len(a), len(b)) pairs."""
+    sims = cosine_matrix(a.detach().float(), b.detach().float()).cpu().numpy()
+    score = np.abs(sims) if absolute else sims
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    return rows, cols, sims[rows, cols]
+
+
+def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9) -> dict[str, float]:
+    """How well one SAE's decoder rows [h, d] recover true features [n, d].
+
+    gt_mmcs: mean over true features of the max cosine to any latent; gt_mmcs_hungarian: mean cosine
+    of a one-to-one matching; gt_recovered_frac: share of true features with max cosine >= threshold."""
+    best, _ = max_cosine(truth, decoder)
+    _, _, matched = hungarian_match(truth, decoder)
+    return {
+        "gt_mmcs": best.mean().item(),
+        "gt_mmcs_hungarian": float(matched.sum() / len(truth)),
+        "gt_recovered_frac": (best >= threshold).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int = 5000) -> dict[str, Tensor]:
+    """Per-member MSE, FVU, L0 and per-latent firing probability on held-out vectors.
+
+    Returns tensors with a leading member axis: mse [N], fvu [N], l0 [N], firing_prob [N, h]."""
+    n = ensemble.n_members
+    device = ensemble.W_enc.device
+    squared_error = torch.zeros(n, dtype=torch.float64, device=device)
+    active = torch.zeros(n, dtype=torch.float64, device=device)
+    fired = torch.zeros(n, ensemble.d_sae, dtype=torch.float64, device=device)
+    mean = vectors.double().mean(0).to(device)
+    total_variance = 0.0
+    for start in range(0, len(vectors), batch_size):
+        x = vectors[start:start + batch_size].to(device)
+        out = ensemble(x)
+        squared_error += (out.x_hat - x).double().pow(2).sum(dim=(1, 2))
+        total_variance += (x.double() - mean).pow(2).sum().item()
+        on = out.acts > 0
+        active += on.sum(dim=(1, 2)).double()
+        fired.scatter_add_(1, out.idx.reshape(n, -1), on.reshape(n, -1).double())
+    count = len(vectors)
+    return {
+        "mse": (squared_error / (count * ensemble.d_in)).float().cpu(),
+        "fvu": (squared_error / total_variance).float().cpu(),
+        "l0": (active / count).float().cpu(),
+        "firing_prob": (fired / count).float().cpu(),
+    }
+
+
+def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
+             threshold: float = 0.9, batch_size: int = 5000) -> list[dict[str, float]]:
+    """One dict per member: k, mse, fvu, l0, dead_frac, and the ground-truth metrics when known.
+
+    `dead` [N, h] marks latents that never fired over the training window."""
+    rec = reconstruction_metrics(ensemble, vectors, batch_size)
+    decoder = ensemble.decoder().detach()
+    members = []
+    for i in range(ensemble.n_members):
+        member = {
+            "member": ensemble.member_ids[i],
+            "k": ensemble.ks[i],
+            "mse": rec["mse"][i].item(),
+            "fvu": rec["fvu"][i].item(),
+            "l0": rec["l0"][i].item(),
+            "dead_frac": dead[i].float().mean().item(),
+        }
+        if ground_truth is not None:
+            member.update(ground_truth_metrics(decoder[i], ground_truth.to(decoder.device), threshold))
+        members.append(member)
+    return members

@@ -1,0 +1,246 @@
+"""The one training loop: baseline and MFR ensembles, any source of vectors, resumable.
+
+Each step: one batch shared by all members -> per-member MSE (mean over batch and dimensions) ->
+objective = mean over members of their MSE (+ the MFR penalty when enabled) -> AdamW. Every member's
+gradient from the MSE term is exactly what it would get if trained alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mfr_sae import checkpoint as ckpt
+from mfr_sae.config import ConfigError, RunConfig, load_config, save_config
+from mfr_sae.data import VectorSource, make_source
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.metrics import evaluate
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite data or loss, a run folder in the way); one-line message."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class Trainer:
+    """Holds the ensemble, optimiser and counters of one run; `fit()` trains to the end."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, source: VectorSource | None = None,
+                 resume: bool = False, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.wandb_project:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.wandb_project is set but wandb is not installed "
+                                  "(pip install wandb)") from None
+        self.source = source if source is not None else make_source(cfg.data, self.device)
+        if self.source.d != cfg.data.d:
+            raise ConfigError(f"data.d={cfg.data.d} but the data source gives vectors of size {self.source.d}")
+        self.ensemble = Ensemble(cfg.data.d, cfg.sae.d_sae, cfg.ks, cfg.sae.tied, cfg.sae.decoder_bias,
+                                 seed=cfg.train.seed, device=self.device)
+        self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
+        n, h = self.ensemble.n_members, cfg.sae.d_sae
+        self.samples_since_fired = torch.zeros(n, h, dtype=torch.long, device=self.device)
+        self.step = 0
+        self.wandb_run = None
+        if resume:
+            self._restore()
+        else:
+            self._start_new_run()
+
+    # ------------------------------------------------------------------ run folder and resume
+
+    def _start_new_run(self) -> None:
+        if (self.run_dir / CONFIG_FILE).exists() or ckpt.checkpoint_dir(self.run_dir):
+            raise TrainingError(f"{self.run_dir} already holds a run: continue it with --resume "
+                                f"{self.run_dir} or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / CONFIG_FILE)
+        (self.run_dir / METRICS_FILE).write_text("")
+
+    def _restore(self) -> None:
+        folder = ckpt.checkpoint_dir(self.run_dir)
+        if folder is None:  # killed before the first checkpoint: start over in place
+            (self.run_dir / METRICS_FILE).write_text("")
+            return
+        state, meta = ckpt.load_trainer_state(folder)
+        loaded = ckpt.load(folder, self.device)
+        with torch.no_grad():
+            for name, param in self.ensemble.named_parameters():
+                param.copy_(getattr(loaded, name))
+        self.step = meta["step"]
+        self.samples_since_fired.copy_(state.pop("samples_since_fired"))
+        self.optimizer.load_state_dict(_optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
+        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+    def _trainer_state(self) -> dict[str, Tensor]:
+        state = _optimizer_state_to_tensors(self.optimizer, self.ensemble)
+        state["samples_since_fired"] = self.samples_since_fired
+        return state
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.run_dir, self.ensemble, self._trainer_state(),
+                             {"step": self.step}, extra={"mfr": self.cfg.mfr.enabled})
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, x: Tensor) -> dict[str, Any]:
+        if not torch.isfinite(x).all():
+            raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
+        out = self.ensemble(x)
+        mse = (out.x_hat - x).pow(2).mean(dim=(1, 2))
+        loss = mse.mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {self.step} (try a lower train.lr); "
+                                f"the last checkpoint is intact")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ensemble.renormalize_decoder()
+        self._count_firing(out.acts, out.idx, len(x))
+        self.step += 1
+        return {"loss": loss.detach(), "mse": mse.detach(), "l0": (out.acts > 0).sum(-1).float().mean(-1)}
+
+    @torch.no_grad()
+    def _count_firing(self, acts: Tensor, idx: Tensor, batch: int) -> Tensor:
+        """Update samples-since-fired; return each latent's firing count in this batch [N, h]."""
+        n = self.ensemble.n_members
+        counts = torch.zeros(n, self.ensemble.d_sae, device=acts.device)
+        counts.scatter_add_(1, idx.reshape(n, -1), (acts > 0).reshape(n, -1).float())
+        self.samples_since_fired += batch
+        self.samples_since_fired[counts > 0] = 0
+        return counts
+
+    def dead_mask(self) -> Tensor:
+        """Latents that have not fired on the last eval.dead_window training vectors: [N, h]."""
+        return self.samples_since_fired >= self.cfg.eval.dead_window
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_eval_vectors"):
+            self._eval_vectors = self.source.eval_vectors(self.cfg.eval.n_samples).to(self.device)
+        return evaluate(self.ensemble, self._eval_vectors, self.source.ground_truth,
+                        self.dead_mask(), self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, n_steps = self.cfg, self.cfg.n_steps
+        if cfg.train.wandb_project:
+            import wandb
+
+            self.wandb_run = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(),
+                                        dir=str(self.run_dir))
+        started = time.perf_counter()
+        batches = self.source.batches(cfg.train.batch_size, self.step)
+        bar = tqdm(total=n_steps, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        with open(self.run_dir / METRICS_FILE, "a") as log:
+            while self.step < n_steps:
+                logs = self.train_step(next(batches).to(self.device))
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == n_steps:
+                    record = self._log_record(logs)
+                    self._write(log, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{sum(record['l0']) / len(record['l0']):.1f}",
+                                    dead=f"{100 * sum(record['dead_frac']) / len(record['dead_frac']):.1f}%")
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
+                    self._write(log, {"step": self.step, "eval": self.evaluate()})
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    log.flush()
+                    self.save()
+            bar.close()
+            members = self.evaluate()
+            self._write(log, {"step": self.step, "eval": members})
+        self.save()
+        results = {
+            "steps": self.step,
+            "samples": self.step * cfg.train.batch_size,
+            "train_seconds": round(time.perf_counter() - started, 3),
+            "mfr": cfg.mfr.enabled,
+            "members": members,
+            "config": cfg.to_dict(),
+        }
+        ckpt.write_json(self.run_dir / RESULTS_FILE, results)
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        return results
+
+    def _log_record(self, logs: dict[str, Any]) -> dict[str, Any]:
+        dead = self.dead_mask().float().mean(-1)
+        return {
+            "step": self.step,
+            "samples": self.step * self.cfg.train.batch_size,
+            "loss": logs["loss"].item(),
+            "mse": logs["mse"].tolist(),
+            "l0": logs["l0"].tolist(),
+            "dead_frac": dead.tolist(),
+        }
+
+    def _write(self, log, record: dict[str, Any]) -> None:
+        log.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.wandb_run.log(flat, step=self.step)
+
+
+def train(cfg: RunConfig, out: str | Path, source: VectorSource | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train a new run in folder `out`; returns what results.json holds."""
+    return Trainer(cfg.validate(), out, source, progress=progress).fit()
+
+
+def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bool = True) -> dict[str, Any]:
+    """Continue a run from its last checkpoint (same config, same data stream) to the end."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
+
+
+# ------------------------------------------------------------------ helpers
+
+def _optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Tensor]:
+    """AdamW state as flat named tensors (safetensors holds no pickle)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"optimizer.{names[id(param)]}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                                  tensors: dict[str, Tensor]) -> dict[str, Any]:
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        _, name, field = key.split(".")
+        state.setdefault(index[name], {})[field] = value
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resume restarts from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))

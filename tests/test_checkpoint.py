@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mfr_sae import load
+from mfr_sae.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint
+from mfr_sae.ensemble import Ensemble
+
+
+def _trained_like(tied=True):
+    ens = Ensemble(6, 10, [2, 4], tied=tied, decoder_bias=True, seed=3)
+    with torch.no_grad():
+        ens.b_enc.normal_()
+        ens.b_dec.normal_()
+    return ens
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_of_a_run_and_of_one_member(tmp_path, tied):
+    ens = _trained_like(tied)
+    save_checkpoint(tmp_path, ens)
+    x = torch.randn(9, 6)
+    loaded = load(tmp_path)
+    torch.testing.assert_close(loaded(x).x_hat, ens(x).x_hat)
+    one = load(tmp_path / "checkpoint" / "member_1")
+    assert one.n_members == 1 and one.ks == [4]
+    torch.testing.assert_close(one(x).x_hat[0], ens(x).x_hat[1])
+
+
+def test_saelens_names_shapes_and_semantics(tmp_path):
+    ens = _trained_like()
+    save_checkpoint(tmp_path, ens)
+    folder = tmp_path / "checkpoint" / "member_0"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 2 and cfg["d_in"] == 6 and cfg["d_sae"] == 10
+    assert cfg["dtype"] == "float32" and cfg["apply_b_dec_to_input"] is True
+    w = load_file(folder / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in w.items()} == {
+        "W_enc": (6, 10), "b_enc": (10,), "W_dec": (10, 6), "b_dec": (6,)}
+    # SAELens' TopK forward on the saved tensors gives the ensemble's output
+    x = torch.randn(9, 6)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(2, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    torch.testing.assert_close(z @ w["W_dec"] + w["b_dec"], ens(x).x_hat[0])
+
+
+def test_corrupt_or_missing_files_are_clear_errors(tmp_path):
+    save_checkpoint(tmp_path, _trained_like())
+    weights = tmp_path / "checkpoint" / "member_1" / "sae_weights.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file .*member_1"):
+        load(tmp_path)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="missing file: .*member_1"):
+        load(tmp_path)
+    with pytest.raises(CheckpointError, match="no SAE or run found"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no member"):
+        load(tmp_path / "empty")
+
+
+def test_a_save_cut_off_mid_swap_leaves_the_previous_checkpoint(tmp_path):
+    first = _trained_like()
+    save_checkpoint(tmp_path, first)
+    # A crash after renaming checkpoint -> checkpoint.old and before the new one is renamed in:
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "member_0").mkdir()  # half written
+    assert checkpoint_dir(tmp_path) == tmp_path / "checkpoint.old"
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(load(tmp_path)(x).x_hat, first(x).x_hat)
+    # the next save replaces the leftovers
+    second = Ensemble(6, 10, [2, 4], decoder_bias=True, seed=9)
+    save_checkpoint(tmp_path, second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    torch.testing.assert_close(load(tmp_path)(x).x_hat, second(x).x_hat)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    save_checkpoint(tmp_path, _trained_like())
+    cfg_path = tmp_path / "checkpoint" / "member_0" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["d_sae"] = 11
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="W_enc has shape \\[6, 10\\], expected \\[6, 11\\]"):
+        load(tmp_path / "checkpoint" / "member_0")

@@ -1,0 +1,72 @@
+import math
+
+import torch
+
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.metrics import (evaluate, ground_truth_metrics, hungarian_match, max_cosine, mmcs,
+                             reconstruction_metrics)
+
+E = torch.eye(4)
+
+
+def test_mmcs_of_hand_made_matrices():
+    assert mmcs(E, E) == 1.0
+    assert abs(mmcs(E[torch.tensor([2, 0, 3, 1])], E) - 1.0) < 1e-6
+    a = E[:2]  # e1, e2
+    b = torch.stack([E[0], (E[0] + E[1]) / math.sqrt(2)])
+    assert abs(mmcs(a, b) - (1 + 1 / math.sqrt(2)) / 2) < 1e-6
+    assert abs(mmcs(b, a) - (1 + 1 / math.sqrt(2)) / 2) < 1e-6
+    assert abs(mmcs(E[:2], E[2:])) < 1e-6
+    assert abs(mmcs(3 * E, E) - 1.0) < 1e-6  # scale does not matter
+
+
+def test_max_cosine_in_chunks_equals_unchunked():
+    a, b = torch.randn(50, 8), torch.randn(30, 8)
+    v1, i1 = max_cosine(a, b)
+    v2, i2 = max_cosine(a, b, chunk=7)
+    torch.testing.assert_close(v1, v2)
+    assert torch.equal(i1, i2)
+
+
+def test_hungarian_match_recovers_a_permutation():
+    perm = torch.tensor([3, 1, 0, 2])
+    rows, cols, cos = hungarian_match(E, E[perm])
+    assert (cos > 0.999).all()
+    assert all(perm[c] == r for r, c in zip(rows, cols))
+
+
+def test_ground_truth_metrics_max_versus_one_to_one():
+    truth = E[:2]
+    one_latent = ((E[0] + E[1]) / math.sqrt(2)).unsqueeze(0)  # one latent halfway between both
+    m = ground_truth_metrics(one_latent, truth, threshold=0.9)
+    assert abs(m["gt_mmcs"] - 1 / math.sqrt(2)) < 1e-6  # each true feature finds it
+    assert abs(m["gt_mmcs_hungarian"] - 1 / (2 * math.sqrt(2))) < 1e-6  # but only one may match it
+    assert m["gt_recovered_frac"] == 0.0
+    m = ground_truth_metrics(torch.stack([E[0], E[0], E[3]]), truth, threshold=0.9)
+    assert m["gt_recovered_frac"] == 0.5 and abs(m["gt_mmcs"] - 0.5) < 1e-6
+
+
+def test_reconstruction_metrics_on_an_identity_sae():
+    ens = Ensemble(4, 4, [4, 1])
+    with torch.no_grad():
+        ens.W_enc.copy_(torch.eye(4).expand(2, 4, 4))
+    x = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, -1.0]])
+    m = reconstruction_metrics(ens, x, batch_size=1)
+    # member 0 keeps all positives: error only at the -1; member 1 keeps the largest value only
+    assert torch.allclose(m["mse"], torch.tensor([1 / 8, (1 + 1) / 8]))
+    assert torch.allclose(m["l0"], torch.tensor([1.5, 1.0]))
+    total_var = (x - x.mean(0)).pow(2).sum()
+    assert torch.allclose(m["fvu"], torch.tensor([1.0, 2.0]) / total_var)
+    assert torch.allclose(m["firing_prob"][1], torch.tensor([0.0, 0.5, 0.5, 0.0]))
+
+
+def test_evaluate_reports_every_field_per_member():
+    ens = Ensemble(4, 6, [2, 3])
+    dead = torch.zeros(2, 6, dtype=torch.bool)
+    dead[1, :3] = True
+    members = evaluate(ens, torch.randn(20, 4), torch.randn(5, 4), dead)
+    assert [m["k"] for m in members] == [2, 3]
+    assert members[0]["dead_frac"] == 0.0 and members[1]["dead_frac"] == 0.5
+    for key in ["mse", "fvu", "l0", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac"]:
+        assert key in members[0]
+    assert "gt_mmcs" not in evaluate(ens, torch.randn(20, 4), None, dead)[0]

@@ -1,0 +1,123 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mfr_sae import load
+from mfr_sae.config import load_config
+from mfr_sae.data.synthetic import SyntheticData
+from mfr_sae.train import Trainer, TrainingError, resume, train
+
+
+def test_an_easy_ensemble_recovers_at_least_90_percent_of_true_features(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=400000"])
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert len(results["members"]) == 2
+    for member in results["members"]:
+        assert member["gt_recovered_frac"] >= 0.9, member
+        assert member["l0"] <= 3
+        assert member["fvu"] < 0.1
+
+
+def test_results_logs_and_checkpoint_of_a_run(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5",
+                                              "eval.every=10", "sae.k=[2, 4]"])
+    train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 20 and results["samples"] == 20000
+    assert [m["k"] for m in results["members"]] == [2, 4]
+    for key in ["k", "mse", "fvu", "l0", "dead_frac", "gt_mmcs", "gt_recovered_frac"]:
+        assert key in results["members"][0]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in lines if "eval" in r] == [10, 20]
+    assert load(run).ks == [2, 4]
+    assert load_config(run / "config.yaml").sae.k == [2, 4]
+
+
+def test_loss_goes_down(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=50000", "train.log_every=1"])
+    train(cfg, tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_overrides, monkeypatch):
+    overrides = easy_overrides + ["train.n_samples=60000", "train.checkpoint_every=20", "train.log_every=5"]
+    full = train(load_config(None, overrides), tmp_path / "full", progress=False)
+
+    trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
+    original = trainer.train_step
+
+    def step_then_stop(x):
+        if trainer.step == 47:
+            raise _Interrupt
+        return original(x)
+
+    trainer.train_step = step_then_stop
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    resumed = resume(tmp_path / "cut", progress=False)
+    for name, p in load(tmp_path / "full").named_parameters():
+        assert torch.equal(p, getattr(load(tmp_path / "cut"), name)), name
+    assert resumed["members"] == full["members"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == list(range(5, 61, 5))  # no step logged twice
+
+
+def test_resume_after_kill_9_ends_with_the_same_weights(tmp_path, easy_overrides):
+    overrides = easy_overrides + ["train.n_samples=300000", "train.batch_size=500", "train.checkpoint_every=25"]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    cmd = [sys.executable, "-m", "mfr_sae", "train", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")] + sets, check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")] + sets, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (tmp_path / "cut" / "checkpoint").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before it was killed"
+    done = subprocess.run(cmd + ["--resume", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    full, cut = load(tmp_path / "full"), load(tmp_path / "cut")
+    for name, p in full.named_parameters():
+        assert torch.equal(p, getattr(cut, name)), name
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=2000"])
+    train(cfg, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "results.json").read_text()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+class _NaNAfter(SyntheticData):
+    def sample(self, batch_size, stream=0, index=0):
+        x = super().sample(batch_size, stream, index)
+        if stream == 0 and index >= 3:
+            x[7, 2] = float("nan")
+        return x
+
+
+def test_nan_in_the_data_stops_training_with_a_clear_error(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=10000"])
+    source = _NaNAfter(32, 64, 4, 3)
+    with pytest.raises(TrainingError, match="batch of step 3 holds NaN"):
+        train(cfg, tmp_path / "run", source=source, progress=False)
