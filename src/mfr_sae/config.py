@@ -81,7 +81,23 @@ class TrainConfig:
 @dataclass
 class MFRConfig:
     enabled: bool = False
-    """Mutual Feature Regularization; false trains the baseline with the same code."""
+    """Mutual Feature Regularization (penalty and reinitialisation); false: the baseline, same code."""
+    beta: float | str = "auto"
+    """Penalty coefficient; `auto` makes the penalty equal the reconstruction loss at the start. 0: no penalty."""
+    warmup_steps: int = 100
+    """The penalty's weight ramps from 0 to beta along a cosine over this many steps."""
+    mmcs: str = "max"
+    """Similarity of two decoders: `max` (mean max cosine, both directions) or `hungarian` (one-to-one)."""
+    match_every: int = 1
+    """Recompute the matched feature pairs every this many steps (1: exact every step; 0: the naive dense penalty)."""
+    reinit_window: int = 100
+    """Check a member for reinitialisation during its first this-many steps after (re)initialisation; 0: never."""
+    reinit_threshold: float = 2.5
+    """Re-initialise a member when M = mean_j (|p_j - k/h| / (k/h))^3 exceeds this."""
+    reinit_samples: int = 10_000
+    """Firing probabilities p_j are measured over the last this-many training vectors."""
+    reinit_max: int = 10
+    """At most this many reinitialisations per member."""
 
 
 @dataclass
@@ -151,6 +167,17 @@ class RunConfig:
         _check(e.every >= 0, f"eval.every={e.every}: must be >= 0")
         _check(0 < e.recovered_threshold <= 1,
                f"eval.recovered_threshold={e.recovered_threshold}: must be in (0, 1]")
+        m = self.mfr
+        _check(m.beta == "auto" or (isinstance(m.beta, float) and m.beta >= 0),
+               f"mfr.beta={m.beta!r}: must be auto or a number >= 0")
+        _check(m.mmcs in ("max", "hungarian"), f"mfr.mmcs={m.mmcs!r}: must be max or hungarian")
+        _check(not (m.mmcs == "hungarian" and m.match_every == 0),
+               "mfr.mmcs=hungarian needs mfr.match_every >= 1 (a matching has no dense form)")
+        for name, value in [("mfr.warmup_steps", m.warmup_steps), ("mfr.match_every", m.match_every),
+                            ("mfr.reinit_window", m.reinit_window), ("mfr.reinit_max", m.reinit_max)]:
+            _check(value >= 0, f"{name}={value}: must be >= 0")
+        _check(m.reinit_samples >= 1, f"mfr.reinit_samples={m.reinit_samples}: must be >= 1")
+        _check(not m.enabled or s.n_members >= 2, "mfr.enabled needs sae.n_members >= 2")
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
                f"train.device={t.device!r}: must be auto, cpu or cuda[:N]")
         return self

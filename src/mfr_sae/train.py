@@ -21,6 +21,7 @@ from mfr_sae.config import ConfigError, RunConfig, load_config, save_config
 from mfr_sae.data import VectorSource, make_source
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.metrics import evaluate
+from mfr_sae.mfr import MutualRegularizer, pairwise_mmcs
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -61,6 +62,7 @@ class Trainer:
                                            weight_decay=cfg.train.weight_decay)
         n, h = self.ensemble.n_members, cfg.sae.d_sae
         self.samples_since_fired = torch.zeros(n, h, dtype=torch.long, device=self.device)
+        self.mfr = MutualRegularizer(cfg.mfr, cfg.ks) if cfg.mfr.enabled else None
         self.step = 0
         self.wandb_run = None
         if resume:
@@ -90,26 +92,36 @@ class Trainer:
                 param.copy_(getattr(loaded, name))
         self.step = meta["step"]
         self.samples_since_fired.copy_(state.pop("samples_since_fired"))
+        if self.mfr is not None:
+            self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
+                                meta["mfr"])
+        state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
         self.optimizer.load_state_dict(_optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
         _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
-    def _trainer_state(self) -> dict[str, Tensor]:
+    def save(self) -> None:
         state = _optimizer_state_to_tensors(self.optimizer, self.ensemble)
         state["samples_since_fired"] = self.samples_since_fired
-        return state
-
-    def save(self) -> None:
-        ckpt.save_checkpoint(self.run_dir, self.ensemble, self._trainer_state(),
-                             {"step": self.step}, extra={"mfr": self.cfg.mfr.enabled})
+        meta: dict[str, Any] = {"step": self.step}
+        if self.mfr is not None:
+            mfr_tensors, meta["mfr"] = self.mfr.state()
+            state.update(mfr_tensors)
+        ckpt.save_checkpoint(self.run_dir, self.ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled})
 
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: Tensor) -> dict[str, Any]:
         if not torch.isfinite(x).all():
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
-        out = self.ensemble(x)
-        mse = (out.x_hat - x).pow(2).mean(dim=(1, 2))
+        decoder = self.ensemble.decoder()
+        acts, idx = self.ensemble.encode(x)
+        x_hat = self.ensemble.decode(acts, idx, decoder)
+        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
         loss = mse.mean()
+        logs: dict[str, Any] = {}
+        if self.mfr is not None and self.mfr.penalty_on:
+            penalty, logs = self.mfr.penalty(decoder, self.step, loss.detach())
+            loss = loss + penalty
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {self.step} (try a lower train.lr); "
                                 f"the last checkpoint is intact")
@@ -117,9 +129,27 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.ensemble.renormalize_decoder()
-        self._count_firing(out.acts, out.idx, len(x))
+        counts = self._count_firing(acts, idx, len(x))
+        if self.mfr is not None:
+            chosen, metric = self.mfr.reinit_check(self.step, counts, len(x))
+            if metric is not None:
+                logs["reinit_metric"] = metric
+            for n in chosen:
+                self._reinit_member(n)
+            if chosen:
+                logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
-        return {"loss": loss.detach(), "mse": mse.detach(), "l0": (out.acts > 0).sum(-1).float().mean(-1)}
+        return {"loss": loss.detach(), "mse": mse.detach(), "l0": (acts > 0).sum(-1).float().mean(-1), **logs}
+
+    @torch.no_grad()
+    def _reinit_member(self, n: int) -> None:
+        """Fresh weights for member n (seeded by its attempt number) and its AdamW moments zeroed."""
+        self.ensemble.reset_member(n, attempt=self.mfr.attempts[n])
+        for param in self.ensemble.parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in self.optimizer.state.get(param, {}):
+                    self.optimizer.state[param][key][n].zero_()
+        self.samples_since_fired[n] = 0
 
     @torch.no_grad()
     def _count_firing(self, acts: Tensor, idx: Tensor, batch: int) -> Tensor:
@@ -156,7 +186,8 @@ class Trainer:
             while self.step < n_steps:
                 logs = self.train_step(next(batches).to(self.device))
                 bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == n_steps:
+                if (self.step % cfg.train.log_every == 0 or self.step == n_steps
+                        or "reinit_metric" in logs):
                     record = self._log_record(logs)
                     self._write(log, record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{sum(record['l0']) / len(record['l0']):.1f}",
@@ -175,6 +206,9 @@ class Trainer:
             "samples": self.step * cfg.train.batch_size,
             "train_seconds": round(time.perf_counter() - started, 3),
             "mfr": cfg.mfr.enabled,
+            **pairwise_mmcs(self.ensemble.decoder().detach()),
+            "beta": self.mfr.beta if self.mfr is not None else None,
+            "reinit_events": self.mfr.events if self.mfr is not None else [],
             "members": members,
             "config": cfg.to_dict(),
         }
@@ -188,9 +222,8 @@ class Trainer:
         return {
             "step": self.step,
             "samples": self.step * self.cfg.train.batch_size,
-            "loss": logs["loss"].item(),
-            "mse": logs["mse"].tolist(),
-            "l0": logs["l0"].tolist(),
+            **{k: v.item() if v.ndim == 0 else v.tolist() for k, v in logs.items() if isinstance(v, Tensor)},
+            **{k: v for k, v in logs.items() if not isinstance(v, Tensor)},
             "dead_frac": dead.tolist(),
         }
 

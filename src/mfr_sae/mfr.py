@@ -1,0 +1,249 @@
+"""Mutual Feature Regularization (SPEC section 4): the auxiliary penalty and reinitialisation.
+
+Penalty: P = beta * w(t) * mean over member pairs (a, b) of (1 - MMCS(a, b)), where MMCS(a, b) is
+(mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), or the mean cosine of a
+one-to-one Hungarian matching (`hungarian`). The gradient of a max flows only through its arg-max, so
+the arg-max indices ("matches") are recomputed every `match_every` steps, in chunks and without
+autograd, and the penalty is the mean cosine of the matched rows: exact at a re-matching step and
+cheap (O(h d) per pair) in between. `match_every=0` is the naive dense penalty (full h x h similarity
+with autograd every step), kept as the reference.
+
+Reinitialisation: M = mean_j (|p_j - t| / t)^3 with p_j the firing probability of latent j over the
+last `reinit_samples` training vectors and t = k / h of that member. During a member's first
+`reinit_window` steps after its (re)initialisation, M > `reinit_threshold` re-initialises it (fresh,
+seeded weights; its AdamW moments zeroed), at most `reinit_max` times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torch.nn import functional as F
+
+from mfr_sae.config import ConfigError, MFRConfig
+from mfr_sae.metrics import CHUNK_ROWS
+
+
+def warmup_weight(step: int, warmup_steps: int) -> float:
+    """Cosine ramp from 0 to 1: 0.5 * (1 - cos(pi * t / W)) for t < W, then 1."""
+    if step >= warmup_steps:
+        return 1.0
+    return 0.5 * (1 - math.cos(math.pi * step / warmup_steps))
+
+
+def member_pairs(n_members: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(n_members) for b in range(a + 1, n_members)]
+
+
+@torch.no_grad()
+def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
+    """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
+    partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
+    directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse."""
+    if mode == "hungarian":
+        sims = (a @ b.T).float().cpu().numpy()
+        rows, cols = linear_sum_assignment(sims, maximize=True)
+        a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
+        return torch.stack([a_to_b, torch.argsort(a_to_b)])
+    best_for_b = torch.full((len(b),), -torch.inf, device=a.device, dtype=a.dtype)
+    arg_for_b = torch.zeros(len(b), dtype=torch.long, device=a.device)
+    arg_for_a = []
+    for start in range(0, len(a), chunk):
+        sims = a[start:start + chunk] @ b.T
+        arg_for_a.append(sims.argmax(dim=1))
+        value, where = sims.max(dim=0)
+        better = value > best_for_b
+        best_for_b = torch.where(better, value, best_for_b)
+        arg_for_b = torch.where(better, where + start, arg_for_b)
+    return torch.stack([torch.cat(arg_for_a), arg_for_b])
+
+
+def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
+    """Matches of every member pair: [P, 2, h]."""
+    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk)
+                        for a, b in member_pairs(len(decoder))])
+
+
+@dataclass
+class Links:
+    """The matches of all pairs as one symmetric sparse matrix L over the N * h decoder rows, in CSR
+    form (row offsets, column indices, values), scaled so that sum(D * (L @ D)) is the mean over pairs
+    of MMCS (D: the flattened unit-norm decoder)."""
+
+    offsets: Tensor
+    columns: Tensor
+    values: Tensor
+
+    def times(self, decoder: Tensor) -> Tensor:
+        """L @ D as a weighted sum of rows per output row (embedding_bag: fast on CPU and CUDA)."""
+        flat = decoder.reshape(-1, decoder.shape[-1])
+        return F.embedding_bag(self.columns, flat, offsets=self.offsets,
+                               per_sample_weights=self.values.to(flat.dtype), mode="sum")
+
+
+def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
+    rows, cols = [], []
+    arange = torch.arange(d_sae, device=matches.device)
+    for (a, b), (a_to_b, b_to_a) in zip(member_pairs(n_members), matches):
+        for src, dst in [(arange + a * d_sae, a_to_b + b * d_sae), (arange + b * d_sae, b_to_a + a * d_sae)]:
+            rows += [src, dst]
+            cols += [dst, src]
+    # each directed link i -> j carries 1 / (2 h P); half of it on (i, j), half on (j, i)
+    weight = 1.0 / (4 * d_sae * len(matches))
+    size = n_members * d_sae
+    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]),
+                                  torch.full((sum(map(len, rows)),), weight, device=matches.device),
+                                  (size, size), check_invariants=False).coalesce()
+    row, col = coo.indices()
+    counts = torch.bincount(row, minlength=size)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    return Links(offsets, col, coo.values())
+
+
+class _LinkedSimilarity(torch.autograd.Function):
+    """sum(D * (L @ D)) for a fixed symmetric L; its gradient is 2 L @ D, the same product."""
+
+    @staticmethod
+    def forward(ctx, decoder: Tensor, links: Links) -> Tensor:
+        product = links.times(decoder).view_as(decoder)
+        ctx.save_for_backward(product)
+        return (decoder * product).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (product,) = ctx.saved_tensors
+        return 2 * grad * product, None
+
+
+def matched_mmcs(decoder: Tensor, links: Links) -> Tensor:
+    """Mean over member pairs of MMCS from fixed matches, differentiable; decoder [N, h, d] with
+    unit-norm rows. One sparse product per step, O(P h d)."""
+    return _LinkedSimilarity.apply(decoder, links)
+
+
+def dense_mmcs(decoder: Tensor) -> Tensor:
+    """The naive `max` MMCS of every member pair, full similarity matrices with autograd: [P]."""
+    values = []
+    for a, b in member_pairs(len(decoder)):
+        sims = decoder[a] @ decoder[b].T
+        values.append((sims.max(dim=1).values.mean() + sims.max(dim=0).values.mean()) / 2)
+    return torch.stack(values)
+
+
+def reinit_metric(firing_prob: Tensor, ks: list[int]) -> Tensor:
+    """M = mean_j (|p_j - t| / t)^3 per member, t = k / h: [N]."""
+    target = torch.tensor(ks, dtype=firing_prob.dtype, device=firing_prob.device).view(-1, 1)
+    target = target / firing_prob.shape[1]
+    return ((firing_prob - target).abs() / target).pow(3).mean(dim=1)
+
+
+class MutualRegularizer:
+    """The MFR state of one run: beta, matches, firing history, reinitialisation record."""
+
+    def __init__(self, cfg: MFRConfig, ks: list[int]):
+        if len(ks) < 2 and cfg.beta != 0:
+            raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
+        self.cfg, self.ks = cfg, list(ks)
+        self.beta: float | None = None if cfg.beta == "auto" else float(cfg.beta)
+        self.matches: Tensor | None = None
+        self.links: Links | None = None
+        self.steps_since_init = [0] * len(ks)
+        self.attempts = [0] * len(ks)
+        self.events: list[dict[str, Any]] = []
+        self.history: deque[tuple[int, Tensor]] = deque()  # (batch size, firing counts [N, h])
+
+    @property
+    def penalty_on(self) -> bool:
+        return self.beta is None or self.beta > 0
+
+    # ------------------------------------------------------------------ penalty
+
+    def penalty(self, decoder: Tensor, step: int, recon_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """beta * w(step) * mean over pairs (1 - MMCS); decoder [N, h, d] with unit-norm rows."""
+        if self.cfg.match_every == 0:
+            mmcs = dense_mmcs(decoder)
+        else:
+            if self.matches is None or step % self.cfg.match_every == 0:
+                self.matches = match_all(decoder.detach(), self.cfg.mmcs)
+                self.links = None
+            if self.links is None:
+                self.links = link_matrix(self.matches, len(decoder), decoder.shape[1])
+            mmcs = matched_mmcs(decoder, self.links)
+        distance = (1 - mmcs).mean()
+        if self.beta is None:  # auto: the penalty equals the reconstruction loss at the start
+            if distance.item() <= 1e-8:
+                raise ConfigError("mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
+                                  "so no beta makes the penalty equal the loss; set mfr.beta to a number")
+            self.beta = recon_loss.item() / distance.item()
+        weight = self.beta * warmup_weight(step, self.cfg.warmup_steps)
+        penalty = weight * distance
+        return penalty, {"penalty": penalty.item(), "penalty_weight": weight,
+                         "pairwise_mmcs": mmcs.mean().item()}
+
+    # ------------------------------------------------------------------ reinitialisation
+
+    def reinit_check(self, step: int, counts: Tensor, batch_size: int) -> tuple[list[int], list[float] | None]:
+        """Record this step's firing counts [N, h]; return the members to re-initialise now and, while
+        any member is inside its window, the metric M of every member (None once all are past it)."""
+        cfg = self.cfg
+        for n in range(len(self.ks)):
+            self.steps_since_init[n] += 1
+        if cfg.reinit_window == 0:
+            return [], None
+        self.history.append((batch_size, counts.detach()))
+        while sum(b for b, _ in self.history) - self.history[0][0] >= cfg.reinit_samples:
+            self.history.popleft()
+        window = sum(b for b, _ in self.history)
+        if window < cfg.reinit_samples:
+            return [], None
+        metric = reinit_metric(sum(c for _, c in self.history) / window, self.ks)
+        inside = [n for n in range(len(self.ks)) if self.steps_since_init[n] <= cfg.reinit_window]
+        if not inside:
+            return [], None
+        chosen = []
+        for n in inside:
+            if metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:
+                self.attempts[n] += 1
+                self.steps_since_init[n] = 0
+                self.events.append({"step": step, "member": n, "metric": metric[n].item(),
+                                    "attempt": self.attempts[n]})
+                chosen.append(n)
+        if chosen:  # a re-initialised member needs a fresh window: start the (shared) history again
+            self.history.clear()
+        return chosen, metric.tolist()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {}
+        if self.matches is not None:
+            tensors["mfr.matches"] = self.matches
+        for i, (batch, counts) in enumerate(self.history):
+            tensors[f"mfr.history.{i}"] = counts
+        meta = {"beta": self.beta, "steps_since_init": self.steps_since_init, "attempts": self.attempts,
+                "events": self.events, "history_batches": [b for b, _ in self.history]}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.beta = meta["beta"]
+        self.steps_since_init, self.attempts = meta["steps_since_init"], meta["attempts"]
+        self.events = meta["events"]
+        self.matches = tensors.get("mfr.matches")
+        self.links = None
+        self.history = deque((b, tensors[f"mfr.history.{i}"]) for i, b in enumerate(meta["history_batches"]))
+
+
+@torch.no_grad()
+def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
+    """Mean over member pairs of MMCS, `max` and `hungarian` variants (None for a single member)."""
+    if len(decoder) < 2:
+        return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None}
+    n, h = decoder.shape[:2]
+    return {f"pairwise_mmcs{suffix}": matched_mmcs(decoder, link_matrix(match_all(decoder, mode), n, h)).item()
+            for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]}
