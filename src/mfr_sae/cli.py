@@ -29,7 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field (repeatable)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("reproduce", help="reproduce one of the paper's experiments",
+                            description="Reproduce an experiment of the paper: writes DIR/report.md, "
+                                        "DIR/results.json, figures (PNG) and the runs (DIR/runs/).")
+    p.add_argument("experiment", choices=["synthetic"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (finished runs in it are reused)")
+    p.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: 3 with --quick, else 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from mfr_sae.reproduce.synthetic import reproduce_synthetic
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
+    reproduce_synthetic(args.out, args.quick, args.seeds, progress=not args.no_progress)
+    print(f"report: {args.out / 'report.md'}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -52,7 +71,7 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": run_train}[args.command](args)
+        return {"train": run_train, "reproduce": run_reproduce}[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
         return 2

@@ -113,3 +113,16 @@ def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, d
             member.update(ground_truth_metrics(decoder[i], ground_truth.to(decoder.device), threshold))
         members.append(member)
     return members
+
+
+def feature_agreement(decoder_a: Tensor, decoder_b: Tensor, truth: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Paper Figure 3: for every latent of SAE a, the cosine with its one-to-one (Hungarian) partner in
+    SAE b (x) and with its one-to-one partner among the true features (y). Latents left unmatched
+    (when the other side is smaller) get their plain max cosine instead."""
+    def per_latent(other: Tensor) -> np.ndarray:
+        values = max_cosine(decoder_a, other)[0].cpu().numpy()
+        rows, _, matched = hungarian_match(decoder_a, other)
+        values[rows] = matched
+        return values
+
+    return per_latent(decoder_b), per_latent(truth)

@@ -147,10 +147,12 @@ class MutualRegularizer:
     """The MFR state of one run: beta, matches, firing history, reinitialisation record."""
 
     def __init__(self, cfg: MFRConfig, ks: list[int]):
-        if len(ks) < 2 and cfg.beta != 0:
+        """With cfg.enabled false (the baseline) it only measures: the reinitialisation metric is
+        logged during the window, nothing is penalised or re-initialised."""
+        if cfg.enabled and len(ks) < 2:
             raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
-        self.cfg, self.ks = cfg, list(ks)
-        self.beta: float | None = None if cfg.beta == "auto" else float(cfg.beta)
+        self.cfg, self.ks, self.enabled = cfg, list(ks), cfg.enabled
+        self.beta: float | None = None if cfg.beta == "auto" or not cfg.enabled else float(cfg.beta)
         self.matches: Tensor | None = None
         self.links: Links | None = None
         self.steps_since_init = [0] * len(ks)
@@ -160,7 +162,7 @@ class MutualRegularizer:
 
     @property
     def penalty_on(self) -> bool:
-        return self.beta is None or self.beta > 0
+        return self.enabled and (self.beta is None or self.beta > 0)
 
     # ------------------------------------------------------------------ penalty
 
@@ -208,7 +210,7 @@ class MutualRegularizer:
             return [], None
         chosen = []
         for n in inside:
-            if metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:
+            if self.enabled and metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:
                 self.attempts[n] += 1
                 self.steps_since_init[n] = 0
                 self.events.append({"step": step, "member": n, "metric": metric[n].item(),

@@ -23,3 +23,41 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def fmt_mean_sd(values: Sequence[float], digits: int = 4) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}g} ± {sd:.{digits}g}" if len(values) > 1 else f"{mean:.{digits}g}"
+
+
+def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str, float | None]:
+    """Paired comparison across seeds: mean difference, paired t-test and Wilcoxon signed-rank p-values
+    (two-sided; None where too few pairs or no differences)."""
+    import numpy as np
+    from scipy import stats
+
+    diff = np.asarray(treated, float) - np.asarray(control, float)
+    out: dict[str, float | None] = {"n": len(diff), "mean_diff": float(diff.mean()),
+                                    "sd_diff": float(diff.std(ddof=1)) if len(diff) > 1 else None,
+                                    "t_test_p": None, "wilcoxon_p": None}
+    if len(diff) >= 2 and np.any(diff != 0):
+        out["t_test_p"] = float(stats.ttest_rel(treated, control).pvalue)
+        out["wilcoxon_p"] = float(stats.wilcoxon(diff).pvalue)
+    return out
+
+
+def embed_png(path) -> str:
+    """A Markdown image with the PNG inlined as a data URI, so the page stands alone."""
+    import base64
+    from pathlib import Path
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{Path(path).stem}](data:image/png;base64,{data})"

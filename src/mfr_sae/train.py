@@ -62,7 +62,7 @@ class Trainer:
                                            weight_decay=cfg.train.weight_decay)
         n, h = self.ensemble.n_members, cfg.sae.d_sae
         self.samples_since_fired = torch.zeros(n, h, dtype=torch.long, device=self.device)
-        self.mfr = MutualRegularizer(cfg.mfr, cfg.ks) if cfg.mfr.enabled else None
+        self.mfr = MutualRegularizer(cfg.mfr, cfg.ks)
         self.step = 0
         self.wandb_run = None
         if resume:
@@ -92,9 +92,8 @@ class Trainer:
                 param.copy_(getattr(loaded, name))
         self.step = meta["step"]
         self.samples_since_fired.copy_(state.pop("samples_since_fired"))
-        if self.mfr is not None:
-            self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
-                                meta["mfr"])
+        self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
+                            meta["mfr"])
         state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
         self.optimizer.load_state_dict(_optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
         _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
@@ -102,10 +101,9 @@ class Trainer:
     def save(self) -> None:
         state = _optimizer_state_to_tensors(self.optimizer, self.ensemble)
         state["samples_since_fired"] = self.samples_since_fired
-        meta: dict[str, Any] = {"step": self.step}
-        if self.mfr is not None:
-            mfr_tensors, meta["mfr"] = self.mfr.state()
-            state.update(mfr_tensors)
+        mfr_tensors, mfr_meta = self.mfr.state()
+        state.update(mfr_tensors)
+        meta = {"step": self.step, "mfr": mfr_meta}
         ckpt.save_checkpoint(self.run_dir, self.ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled})
 
     # ------------------------------------------------------------------ training
@@ -119,7 +117,7 @@ class Trainer:
         mse = (x_hat - x).pow(2).mean(dim=(1, 2))
         loss = mse.mean()
         logs: dict[str, Any] = {}
-        if self.mfr is not None and self.mfr.penalty_on:
+        if self.mfr.penalty_on:
             penalty, logs = self.mfr.penalty(decoder, self.step, loss.detach())
             loss = loss + penalty
         if not torch.isfinite(loss):
@@ -130,14 +128,13 @@ class Trainer:
         self.optimizer.step()
         self.ensemble.renormalize_decoder()
         counts = self._count_firing(acts, idx, len(x))
-        if self.mfr is not None:
-            chosen, metric = self.mfr.reinit_check(self.step, counts, len(x))
-            if metric is not None:
-                logs["reinit_metric"] = metric
-            for n in chosen:
-                self._reinit_member(n)
-            if chosen:
-                logs["reinit"] = self.mfr.events[-len(chosen):]
+        chosen, metric = self.mfr.reinit_check(self.step, counts, len(x))
+        if metric is not None:
+            logs["reinit_metric"] = metric
+        for n in chosen:
+            self._reinit_member(n)
+        if chosen:
+            logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
         return {"loss": loss.detach(), "mse": mse.detach(), "l0": (acts > 0).sum(-1).float().mean(-1), **logs}
 
@@ -186,12 +183,14 @@ class Trainer:
             while self.step < n_steps:
                 logs = self.train_step(next(batches).to(self.device))
                 bar.update(1)
-                if (self.step % cfg.train.log_every == 0 or self.step == n_steps
-                        or "reinit_metric" in logs):
+                if self.step % cfg.train.log_every == 0 or self.step == n_steps:
                     record = self._log_record(logs)
                     self._write(log, record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{sum(record['l0']) / len(record['l0']):.1f}",
                                     dead=f"{100 * sum(record['dead_frac']) / len(record['dead_frac']):.1f}%")
+                elif "reinit_metric" in logs or "reinit" in logs:  # every step of the window (Figure 7)
+                    self._write(log, {"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
+                                                            if k in logs}})
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
                     self._write(log, {"step": self.step, "eval": self.evaluate()})
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -207,8 +206,8 @@ class Trainer:
             "train_seconds": round(time.perf_counter() - started, 3),
             "mfr": cfg.mfr.enabled,
             **pairwise_mmcs(self.ensemble.decoder().detach()),
-            "beta": self.mfr.beta if self.mfr is not None else None,
-            "reinit_events": self.mfr.events if self.mfr is not None else [],
+            "beta": self.mfr.beta,
+            "reinit_events": self.mfr.events,
             "members": members,
             "config": cfg.to_dict(),
         }
