@@ -8,10 +8,11 @@ from pathlib import Path
 
 from mfr_sae.checkpoint import CheckpointError
 from mfr_sae.config import ConfigError, help_text, load_config
+from mfr_sae.data import DataError
 from mfr_sae.report import markdown_table
 from mfr_sae.train import TrainingError, resume, train
 
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
     p.add_argument("--seeds", type=int, help="number of seeds (default: 3 with --quick, else 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = commands.add_parser("compare", help="agreement between runs: PW-MCC and shared-latent fraction",
+                            description="Compare runs member by member (same k with same k): PW-MCC and "
+                                        "the shared-latent fraction, in DIR/compare.json, with a histogram "
+                                        "of matched cosines in DIR/matched_cosines.png.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (or checkpoint folders)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.7, help="cosine above which a latent is shared")
     return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from mfr_sae.compare import compare
+
+    summary = compare(args.runs, args.out, args.threshold)
+    rows = [{k: m[k] for k in ("k", "member_of_k", "pw_mcc", "shared_frac")} for m in summary["members"]]
+    print(markdown_table(rows, ["k", "member_of_k", "pw_mcc", "shared_frac"]))
+    print(f"\nmean over members and run pairs: pw_mcc={summary['pw_mcc']:.4f}, "
+          f"shared_frac={summary['shared_frac']:.4f}; written to {args.out / 'compare.json'}")
+    return 0
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
@@ -71,7 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": run_train, "reproduce": run_reproduce}[args.command](args)
+        return {"train": run_train, "reproduce": run_reproduce, "compare": run_compare}[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
         return 2

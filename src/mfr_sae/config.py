@@ -25,9 +25,15 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "synthetic"
-    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1)."""
+    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1) or `vectors` (your files)."""
+    path: str = ""
+    """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d]."""
+    holdout: int = 10_000
+    """vectors: this many rows at the end of the data are kept out of training, for evaluation."""
+    shuffle_buffer: int = 131_072
+    """vectors: rows per shuffle buffer (drawn as 8 chunks of contiguous rows from random places)."""
     d: int = 256
-    """Dimension of the input vectors."""
+    """Dimension of the input vectors (synthetic; other sources take it from their data)."""
     n_features: int = 512
     """Number of true features (columns of the feature matrix F, d x n)."""
     n_groups: int = 12
@@ -112,6 +118,8 @@ class EvalConfig:
     """A true feature counts as recovered when some latent has cosine >= this with it."""
     dead_window: int = 1_000_000
     """A latent is dead when it has not fired on the last this-many training vectors."""
+    ground_truth: str = ""
+    """True feature directions, [n_true, d] (or [d, n_true]) in a .npy or .safetensors file, for any data."""
 
 
 @dataclass
@@ -146,6 +154,10 @@ class RunConfig:
                             ("eval.n_samples", e.n_samples), ("eval.batch_size", e.batch_size),
                             ("eval.dead_window", e.dead_window)]:
             _check(value >= 1, f"{name}={value}: must be >= 1")
+        if d.kind == "vectors":
+            _check(bool(d.path), "data.kind=vectors needs data.path (a .npy/.safetensors file or a folder)")
+            _check(d.holdout >= 1, f"data.holdout={d.holdout}: must be >= 1")
+            _check(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 1")
         if d.kind == "synthetic":
             smallest_group = d.n_features // d.n_groups
             _check(d.n_groups <= d.n_features,
@@ -183,7 +195,7 @@ class RunConfig:
         return self
 
 
-DATA_KINDS = ("synthetic",)
+DATA_KINDS = ("synthetic", "vectors")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -52,14 +52,18 @@ def hungarian_match(a: Tensor, b: Tensor, absolute: bool = False) -> tuple[np.nd
 def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9) -> dict[str, float]:
     """How well one SAE's decoder rows [h, d] recover true features [n, d].
 
-    gt_mmcs: mean over true features of the max cosine to any latent; gt_mmcs_hungarian: mean cosine
-    of a one-to-one matching; gt_recovered_frac: share of true features with max cosine >= threshold."""
+    gt_mmcs: mean over true features of the max cosine to any latent; gt_mmcs_hungarian: the cosines of
+    a one-to-one matching summed over true features / n_true (an unmatched feature counts 0);
+    gt_recovered_frac: share of true features with max cosine >= threshold; gt_mcc: mean absolute
+    cosine over a one-to-one matching on absolute cosine (the mean correlation coefficient, MCC)."""
     best, _ = max_cosine(truth, decoder)
     _, _, matched = hungarian_match(truth, decoder)
+    _, _, matched_abs = hungarian_match(truth, decoder, absolute=True)
     return {
         "gt_mmcs": best.mean().item(),
         "gt_mmcs_hungarian": float(matched.sum() / len(truth)),
         "gt_recovered_frac": (best >= threshold).float().mean().item(),
+        "gt_mcc": float(np.abs(matched_abs).mean()),
     }
 
 

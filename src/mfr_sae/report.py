@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "gt_mmcs", "gt_mmcs_hungarian",
-                  "gt_recovered_frac"]
+                  "gt_recovered_frac", "gt_mcc"]
 
 
 def _cell(value: Any) -> str:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae.config import ConfigError, RunConfig, load_config, save_config
-from mfr_sae.data import VectorSource, make_source
+from mfr_sae.data import VectorSource, load_ground_truth, make_source
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer, pairwise_mmcs
@@ -54,8 +54,14 @@ class Trainer:
                 raise ConfigError("train.wandb_project is set but wandb is not installed "
                                   "(pip install wandb)") from None
         self.source = source if source is not None else make_source(cfg.data, self.device)
-        if self.source.d != cfg.data.d:
+        if cfg.data.kind != "synthetic":
+            cfg.data.d = self.source.d
+        elif self.source.d != cfg.data.d:
             raise ConfigError(f"data.d={cfg.data.d} but the data source gives vectors of size {self.source.d}")
+        self.ground_truth, self.ground_truth_layout = self.source.ground_truth, None
+        if cfg.eval.ground_truth:
+            self.ground_truth, self.ground_truth_layout = load_ground_truth(cfg.eval.ground_truth, cfg.data.d)
+            self.ground_truth = self.ground_truth.to(self.device)
         self.ensemble = Ensemble(cfg.data.d, cfg.sae.d_sae, cfg.ks, cfg.sae.tied, cfg.sae.decoder_bias,
                                  seed=cfg.train.seed, device=self.device)
         self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
@@ -165,7 +171,7 @@ class Trainer:
     def evaluate(self) -> list[dict[str, Any]]:
         if not hasattr(self, "_eval_vectors"):
             self._eval_vectors = self.source.eval_vectors(self.cfg.eval.n_samples).to(self.device)
-        return evaluate(self.ensemble, self._eval_vectors, self.source.ground_truth,
+        return evaluate(self.ensemble, self._eval_vectors, self.ground_truth,
                         self.dead_mask(), self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size)
 
     def fit(self) -> dict[str, Any]:
@@ -208,6 +214,9 @@ class Trainer:
             **pairwise_mmcs(self.ensemble.decoder().detach()),
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
+            "ground_truth": None if self.ground_truth is None else {
+                "source": self.cfg.eval.ground_truth or self.cfg.data.kind,
+                "n_true": len(self.ground_truth), "layout": self.ground_truth_layout},
             "members": members,
             "config": cfg.to_dict(),
         }

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from mfr_sae.config import DataConfig
 from mfr_sae.data.synthetic import SyntheticData
+from mfr_sae.data.vectors import DataError, VectorsData, load_ground_truth
 
 
 class VectorSource(Protocol):
@@ -30,7 +31,9 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
     if cfg.kind == "synthetic":
         return SyntheticData(cfg.d, cfg.n_features, cfg.n_groups, cfg.n_active, cfg.decay,
                              cfg.normalize_features, cfg.seed, device)
+    if cfg.kind == "vectors":
+        return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
     raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
 
 
-__all__ = ["SyntheticData", "VectorSource", "make_source"]
+__all__ = ["DataError", "SyntheticData", "VectorSource", "VectorsData", "load_ground_truth", "make_source"]

@@ -1,0 +1,61 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mfr_sae.checkpoint import CheckpointError, save_checkpoint
+from mfr_sae.cli import main
+from mfr_sae.compare import compare, decoder_agreement
+from mfr_sae.ensemble import Ensemble
+
+
+def test_a_permuted_copy_agrees_fully():
+    a = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
+    mcc, shared, cos = decoder_agreement(a, a[torch.randperm(50)])
+    assert mcc == pytest.approx(1.0) and shared == 1.0 and len(cos) == 50
+
+
+def test_random_directions_agree_as_chance_predicts():
+    gen = torch.Generator().manual_seed(0)
+    d, h = 256, 128
+    a, b = torch.randn(h, d, generator=gen), torch.randn(h, d, generator=gen)
+    mcc, shared, _ = decoder_agreement(a, b)
+    # matched cosines of random directions are at most the expected max of h N(0, 1/d) cosines
+    assert 0 < mcc < math.sqrt(2 * math.log(h * h) / d)
+    assert shared == 0.0
+    # one latent each: the matched cosine is a plain random cosine, mean 0, sd 1/sqrt(d)
+    single = [decoder_agreement(torch.randn(1, d, generator=gen), torch.randn(1, d, generator=gen))[0]
+              for _ in range(400)]
+    assert abs(np.mean(single)) < 3 / math.sqrt(d * 400)
+    assert np.std(single) == pytest.approx(1 / math.sqrt(d), rel=0.15)
+
+
+def _run(path, ks, seed, d=16, h=40):
+    save_checkpoint(path, Ensemble(d, h, ks, seed=seed))
+    return path
+
+
+def test_compare_runs_member_by_member(tmp_path):
+    a = _run(tmp_path / "a", [2, 4], seed=0)
+    b = _run(tmp_path / "b", [4, 2], seed=1)
+    summary = compare([a, a], tmp_path / "self")
+    assert summary["pw_mcc"] == pytest.approx(1.0) and summary["shared_frac"] == 1.0
+    summary = compare([a, b], tmp_path / "ab")
+    assert [m["k"] for m in summary["members"]] == [2, 4]
+    assert summary["pw_mcc"] < 0.9
+    saved = json.loads((tmp_path / "ab" / "compare.json").read_text())
+    assert set(saved) >= {"pw_mcc", "shared_frac", "members"}
+    assert set(saved["members"][0]) >= {"k", "pw_mcc", "shared_frac"}
+    assert (tmp_path / "ab" / "matched_cosines.png").stat().st_size > 0
+
+
+def test_different_shapes_or_no_common_k_are_clear_errors(tmp_path, capsys):
+    a = _run(tmp_path / "a", [2], seed=0)
+    with pytest.raises(CheckpointError, match="runs differ in d or h"):
+        compare([a, _run(tmp_path / "b", [2], seed=0, h=41)], tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no k in common"):
+        compare([a, _run(tmp_path / "c", [3], seed=0)], tmp_path / "out")
+    assert main(["compare", str(a), "--out", str(tmp_path / "out")]) == 2
+    assert "at least two runs" in capsys.readouterr().err
