@@ -68,3 +68,11 @@ def test_wrong_input_shape_is_a_clear_error():
     ens = Ensemble(8, 20, [3])
     with pytest.raises(ValueError, match=r"expected input of shape \[batch, 8\], got \[4, 7\]"):
         ens(torch.randn(4, 7))
+
+
+def test_shared_init_starts_every_member_from_member_0():
+    ens = Ensemble(8, 20, [3, 3, 3], seed=2, shared_init=True)
+    assert torch.equal(ens.W_enc[0], ens.W_enc[2])
+    assert torch.equal(ens.W_enc[0], Ensemble(8, 20, [3], seed=2).W_enc[0])
+    ens.reset_member(2, attempt=1)  # a reinitialisation is the member's own
+    assert not torch.equal(ens.W_enc[0], ens.W_enc[2])

@@ -60,6 +60,8 @@ class SAEConfig:
     """Decoder rows are the unit-normalised encoder rows (the paper). False: a separate decoder."""
     decoder_bias: bool = False
     """Learn a decoder bias b_dec, subtracted from the input before encoding (SAELens convention)."""
+    shared_init: bool = False
+    """Start every member from one shared initialisation (member 0's); reinitialisations stay distinct."""
 
 
 @dataclass

@@ -35,10 +35,11 @@ class EnsembleOutput:
 class Ensemble(nn.Module):
     def __init__(self, d_in: int, d_sae: int, ks: list[int], tied: bool = True,
                  decoder_bias: bool = False, seed: int = 0, member_ids: list[int] | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, shared_init: bool = False):
         super().__init__()
         n = len(ks)
         self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
+        self.shared_init = shared_init
         self.member_ids = list(range(n)) if member_ids is None else list(member_ids)
         if len(self.member_ids) != n:
             raise ValueError(f"{len(self.member_ids)} member ids for {n} members")
@@ -63,8 +64,10 @@ class Ensemble(nn.Module):
     def reset_member(self, i: int, attempt: int = 0) -> None:
         """(Re)initialise member i: encoder ~ U(-1/sqrt(d), 1/sqrt(d)) as nn.Linear, biases zero.
 
-        `attempt` > 0 draws a fresh initialisation (MFR reinitialisation), still seeded."""
-        gen = seeded_generator(self.seed, INIT_STREAM, self.member_ids[i], attempt)
+        `attempt` > 0 draws a fresh initialisation (MFR reinitialisation), still seeded. With
+        shared_init, every member's first initialisation is member 0's."""
+        key = 0 if self.shared_init and attempt == 0 else self.member_ids[i]
+        gen = seeded_generator(self.seed, INIT_STREAM, key, attempt)
         bound = 1 / math.sqrt(self.d_in)
         weight = (torch.rand(self.d_sae, self.d_in, generator=gen) * 2 - 1) * bound
         self.W_enc[i].copy_(weight)
@@ -116,7 +119,7 @@ class Ensemble(nn.Module):
         """A new ensemble holding copies of the given members (a shard of the member axis)."""
         part = Ensemble(self.d_in, self.d_sae, [self.ks[i] for i in members], self.tied,
                         self.b_dec is not None, self.seed, [self.member_ids[i] for i in members],
-                        self.W_enc.device)
+                        self.W_enc.device, self.shared_init)
         with torch.no_grad():
             for name, param in part.named_parameters():
                 param.copy_(getattr(self, name)[members])

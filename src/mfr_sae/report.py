@@ -33,17 +33,25 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def fmt_mean_sd(values: Sequence[float], digits: int = 4) -> str:
+def fmt_mean_sd(values: Sequence[float | None], digits: int = 4) -> str:
+    """`mean ± sd` of the values given (None, for undefined, is left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
     mean, sd = mean_sd(values)
     return f"{mean:.{digits}g} ± {sd:.{digits}g}" if len(values) > 1 else f"{mean:.{digits}g}"
 
 
 def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str, float | None]:
     """Paired comparison across seeds: mean difference, paired t-test and Wilcoxon signed-rank p-values
-    (two-sided; None where too few pairs or no differences)."""
+    (two-sided; None where too few pairs or no differences). Pairs with a None are left out."""
     import numpy as np
     from scipy import stats
 
+    kept = [(t, c) for t, c in zip(treated, control) if t is not None and c is not None]
+    treated, control = [t for t, _ in kept], [c for _, c in kept]
+    if not kept:
+        return {"n": 0, "mean_diff": 0.0, "sd_diff": None, "t_test_p": None, "wilcoxon_p": None}
     diff = np.asarray(treated, float) - np.asarray(control, float)
     out: dict[str, float | None] = {"n": len(diff), "mean_diff": float(diff.mean()),
                                     "sd_diff": float(diff.std(ddof=1)) if len(diff) > 1 else None,

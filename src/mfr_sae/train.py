@@ -63,7 +63,7 @@ class Trainer:
             self.ground_truth, self.ground_truth_layout = load_ground_truth(cfg.eval.ground_truth, cfg.data.d)
             self.ground_truth = self.ground_truth.to(self.device)
         self.ensemble = Ensemble(cfg.data.d, cfg.sae.d_sae, cfg.ks, cfg.sae.tied, cfg.sae.decoder_bias,
-                                 seed=cfg.train.seed, device=self.device)
+                                 seed=cfg.train.seed, device=self.device, shared_init=cfg.sae.shared_init)
         self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         n, h = self.ensemble.n_members, cfg.sae.d_sae

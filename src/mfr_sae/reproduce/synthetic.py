@@ -1,9 +1,13 @@
 """`mfr-sae reproduce synthetic`: baseline vs MFR on the paper's synthetic data (paper Section 3).
 
-Three methods, each trained once per seed (the seed sets both the data and the initialisation, so the
-methods are compared in pairs): `baseline` (penalty and reinitialisation off), `reinit` (the
-reinitialisation alone, mfr.beta=0) and `mfr` (reinitialisation and penalty). Runs already finished in
-DIR/runs are reused and interrupted ones resumed, so the command can be re-run after a stop.
+Four methods, each trained once per seed on the same data (data.seed=0; the seed sets the members'
+initialisation, so methods are compared in pairs): `baseline` (penalty and reinitialisation off),
+`reinit` (the reinitialisation alone, mfr.beta=0), `mfr` (reinitialisation and penalty) and
+`shared_init` (no penalty; the members start from one shared initialisation: the cheap way to make
+members agree). Besides ground-truth recovery, the report measures agreement INSIDE an ensemble (its
+two members) and ACROSS independently seeded ensembles of a method (PW-MCC and shared-latent fraction,
+member m of one seed against member m of another): agreement that is real should show across seeds.
+Runs already finished in DIR/runs are reused and interrupted ones resumed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from itertools import combinations  # noqa: E402
+
 from mfr_sae.checkpoint import load, write_json  # noqa: E402
+from mfr_sae.compare import decoder_agreement  # noqa: E402
 from mfr_sae.config import RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
@@ -33,23 +40,27 @@ METHODS = {
     "baseline": ["mfr.enabled=false"],
     "reinit": ["mfr.enabled=true", "mfr.beta=0"],
     "mfr": ["mfr.enabled=true"],
+    "shared_init": ["mfr.enabled=false", "sae.shared_init=true"],
 }
+DATA_SEED = 0
 # The paper's setting is the config defaults (SPEC sections 1-3); only the logging is added.
 FULL = ["eval.every=100", "train.checkpoint_every=100"]
-# --quick: the same data and SAEs, 1M vectors in batches of 2,000 (the paper's batch is lost; the
-# reference code used 10,000), so that 3 seeds x 3 methods finish in minutes on 2 CPU cores.
-QUICK = ["train.n_samples=1000000", "train.batch_size=2000", "eval.every=50", "eval.n_samples=10000",
+# --quick: the same data and SAEs, 800k vectors in batches of 2,000 (the paper's batch is lost; the
+# reference code used 10,000), so that 3 seeds x 4 methods finish in minutes on 2 CPU cores.
+QUICK = ["train.n_samples=800000", "train.batch_size=2000", "eval.every=50", "eval.n_samples=10000",
          "train.checkpoint_every=100", "mfr.reinit_samples=10000"]
 # Paper Figure 5's cluster: latents that another SAE also learned but that match no true feature.
 CLUSTER_CROSS_MIN = 0.9
 CLUSTER_GT_MAX = 0.5
-SUMMARY_KEYS = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "mse", "fvu", "dead_frac",
-                "pairwise_mmcs", "pearson_r", "cluster_size", "reinit_events"]
+SUMMARY_KEYS = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "dead_frac",
+                "pairwise_mmcs", "within_pw_mcc", "within_shared_frac", "pearson_r", "cluster_size",
+                "reinit_events"]
+ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 
 
 def run_config(method: str, seed: int, quick: bool, overrides: list[str] = ()) -> RunConfig:
     return load_config(None, (QUICK if quick else FULL) + list(overrides) + METHODS[method]
-                       + [f"data.seed={seed}", f"train.seed={seed}"])
+                       + [f"data.seed={DATA_SEED}", f"train.seed={seed}"])
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -74,15 +85,20 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> dict[
         gt.append(y)
         fire.append(firing[a].numpy())
         cluster_sizes.append(int(((x >= CLUSTER_CROSS_MIN) & (y < CLUSTER_GT_MAX)).sum()))
-        rs.append(stats.pearsonr(x, y).statistic)
+        rs.append(stats.pearsonr(x, y).statistic if np.ptp(x) > 1e-6 else None)  # identical members: no r
     log = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     members = results["members"]
     summary = {key: float(np.mean([m[key] for m in members]))
-               for key in ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "mse", "fvu", "dead_frac"]}
-    summary.update(pairwise_mmcs=results["pairwise_mmcs"], pearson_r=float(np.mean(rs)),
+               for key in ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu",
+                           "dead_frac"]}
+    within_mcc, within_shared, _ = decoder_agreement(decoder[0], decoder[1])
+    rs = [r for r in rs if r is not None]
+    summary.update(pairwise_mmcs=results["pairwise_mmcs"], within_pw_mcc=within_mcc,
+                   within_shared_frac=within_shared, pearson_r=float(np.mean(rs)) if rs else None,
                    cluster_size=float(np.mean(cluster_sizes)), reinit_events=len(results["reinit_events"]))
     return {
         "summary": summary,
+        "decoder": decoder,
         "beta": results["beta"],
         "cluster_sizes": cluster_sizes,
         "cross": np.concatenate(cross), "gt": np.concatenate(gt), "firing": np.concatenate(fire),
@@ -174,31 +190,61 @@ def figure_recovery(runs: dict[str, list[dict]], path: Path) -> None:
 
 # ---------------------------------------------------------------- report
 
-def verdict(test: dict[str, Any], higher_is_better: bool = True) -> str:
+LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac"}
+
+
+def verdict(test: dict[str, Any], higher_is_better: bool = True, name: str = "MFR") -> str:
     p = test["t_test_p"]
     better = (test["mean_diff"] > 0) == higher_is_better
     if p is None:
         return "no difference measured" if test["mean_diff"] == 0 else "too few seeds for a test"
     if p < 0.05:
-        return "MFR better (p < 0.05)" if better else "MFR worse (p < 0.05)"
+        return f"{name} better (p < 0.05)" if better else f"{name} worse (p < 0.05)"
     return f"no significant difference (p = {p:.2g})"
+
+
+def values_of(method_stats: dict[str, Any], key: str) -> list:
+    return (method_stats["per_seed_pair"] if key in ACROSS_KEYS else method_stats["per_seed"])[key]
+
+
+def winners(methods: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
+    """For each measure: the method with the best mean, and its paired test against the runner-up."""
+    rows = []
+    for key in keys:
+        sign = -1 if key in LOWER_IS_BETTER else 1
+        means = {m: np.mean([v for v in values_of(st, key) if v is not None] or [np.nan])
+                 for m, st in methods.items()}
+        ranked = sorted((m for m in means if np.isfinite(means[m])), key=lambda m: -sign * means[m])
+        best, second = ranked[0], ranked[1]
+        test = paired_test(values_of(methods[best], key), values_of(methods[second], key))
+        p = test["t_test_p"]
+        rows.append({"measure": key, "best": best, "mean": float(means[best]), "runner-up": second,
+                     "runner-up mean": float(means[second]),
+                     "t-test p": "-" if p is None else f"{p:.3g}",
+                     "clear win": "yes" if p is not None and p < 0.05 else "no"})
+    return rows
 
 
 def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -> None:
     s = summary
-    methods = list(s["methods"])
-    rows = [{"method": m, **{k: fmt_mean_sd(v) for k, v in s["methods"][m]["per_seed"].items()}}
-            for m in methods]
-    cols = ["method", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "mse", "fvu", "pairwise_mmcs",
-            "pearson_r", "cluster_size", "reinit_events"]
+    methods = s["methods"]
+    mfr, base = methods["mfr"]["per_seed"], methods["baseline"]["per_seed"]
+    rows = [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed"].items()}} for m, st in methods.items()]
+    cols = ["method", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu",
+            "pairwise_mmcs", "pearson_r", "cluster_size", "reinit_events"]
+    agreement_rows = [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed_pair"].items()},
+                       **{k: fmt_mean_sd(st["per_seed"][k]) for k in ("within_pw_mcc", "within_shared_frac",
+                                                                      "gt_mcc", "gt_recovered_frac")}}
+                      for m, st in methods.items()]
     test_rows = []
     for name, test in s["tests"].items():
         for key, t in test.items():
             test_rows.append({"comparison": name, "metric": key, "mean difference": t["mean_diff"],
-                              "t-test p": "-" if t["t_test_p"] is None else f"{t['t_test_p']:.3g}",
+                              "n": t["n"], "t-test p": "-" if t["t_test_p"] is None else f"{t['t_test_p']:.3g}",
                               "Wilcoxon p": "-" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.3g}",
-                              "verdict": verdict(t, key not in ("mse", "fvu", "cluster_size"))})
+                              "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0])})
     main = s["tests"]["mfr vs baseline"]
+    n_reinit = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
     lines = [
         "# Reproduction: MFR on the paper's synthetic data",
         "",
@@ -207,43 +253,60 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         "## Verdict",
         "",
-        f"Across {len(s['seeds'])} seeds, MFR vs baseline: ground-truth MMCS "
-        f"{fmt_mean_sd(s['methods']['mfr']['per_seed']['gt_mmcs'])} vs "
-        f"{fmt_mean_sd(s['methods']['baseline']['per_seed']['gt_mmcs'])} "
-        f"({verdict(main['gt_mmcs'])}); fraction of true features recovered at cosine >= "
-        f"{s['threshold']} {fmt_mean_sd(s['methods']['mfr']['per_seed']['gt_recovered_frac'])} vs "
-        f"{fmt_mean_sd(s['methods']['baseline']['per_seed']['gt_recovered_frac'])} "
-        f"({verdict(main['gt_recovered_frac'])}); reconstruction MSE "
-        f"{fmt_mean_sd(s['methods']['mfr']['per_seed']['mse'])} vs "
-        f"{fmt_mean_sd(s['methods']['baseline']['per_seed']['mse'])} ({verdict(main['mse'], False)}).",
+        f"Across {len(s['seeds'])} seeds, MFR vs baseline: ground-truth MMCS {fmt_mean_sd(mfr['gt_mmcs'])} vs "
+        f"{fmt_mean_sd(base['gt_mmcs'])} ({verdict(main['gt_mmcs'])}); fraction of true features recovered "
+        f"at cosine >= {s['threshold']} {fmt_mean_sd(mfr['gt_recovered_frac'])} vs "
+        f"{fmt_mean_sd(base['gt_recovered_frac'])} ({verdict(main['gt_recovered_frac'])}); reconstruction MSE "
+        f"{fmt_mean_sd(mfr['mse'])} vs {fmt_mean_sd(base['mse'])} ({verdict(main['mse'], False)}); agreement "
+        f"across independently seeded ensembles (PW-MCC) "
+        f"{fmt_mean_sd(methods['mfr']['per_seed_pair']['across_pw_mcc'])} vs "
+        f"{fmt_mean_sd(methods['baseline']['per_seed_pair']['across_pw_mcc'])} "
+        f"({verdict(main['across_pw_mcc'])}).",
         "",
-        f"Reinitialisation events: {int(sum(s['methods']['reinit']['per_seed']['reinit_events']))} in the "
-        f"`reinit` runs and {int(sum(s['methods']['mfr']['per_seed']['reinit_events']))} in the `mfr` runs "
-        f"(threshold {s['reinit_threshold']}).",
+        f"Reinitialisation events: {n_reinit['reinit']} in the `reinit` runs and {n_reinit['mfr']} in the "
+        f"`mfr` runs (threshold {s['reinit_threshold']}).",
         "",
         "## Setup",
         "",
-        "Data (SPEC section 1): " + ", ".join(f"{k}={v}" for k, v in s["config"]["data"].items() if k != "seed"),
+        "Data (SPEC section 1): " + ", ".join(f"{k}={v}" for k, v in s["config"]["data"].items()
+                                               if k in ("d", "n_features", "n_groups", "n_active", "decay",
+                                                        "normalize_features", "seed")),
         "",
-        "SAEs: " + ", ".join(f"{k}={v}" for k, v in s["config"]["sae"].items()) + "; training: "
-        + ", ".join(f"{k}={v}" for k, v in s["config"]["train"].items()
-                    if k in ("n_samples", "batch_size", "lr", "weight_decay")),
+        "SAEs: " + ", ".join(f"{k}={v}" for k, v in s["config"]["sae"].items() if k != "shared_init")
+        + "; training: " + ", ".join(f"{k}={v}" for k, v in s["config"]["train"].items()
+                                     if k in ("n_samples", "batch_size", "lr", "weight_decay")),
         "",
         "MFR: " + ", ".join(f"{k}={v}" for k, v in s["config"]["mfr"].items() if k != "enabled"),
         "",
         "Methods: `baseline` (no penalty, no reinitialisation), `reinit` (reinitialisation alone, beta=0), "
-        "`mfr` (reinitialisation and penalty). A seed sets the feature matrix, the sample stream and the "
-        f"initialisation; seeds {s['seeds']}. Evaluation on {s['config']['eval']['n_samples']} held-out vectors.",
+        "`mfr` (reinitialisation and penalty), `shared_init` (no penalty; both members start from one "
+        "initialisation). All runs see the same data (data.seed=0); a seed sets the initialisation; seeds "
+        f"{s['seeds']}. Evaluation on {s['config']['eval']['n_samples']} held-out vectors.",
         "",
-        "## Results (mean ± sd over seeds; each seed's value is the mean over the ensemble's members)",
+        "## Ground truth and reconstruction (mean ± sd over seeds; a seed's value is the mean over its members)",
         "",
         markdown_table(rows, cols),
         "",
-        "`pearson_r`: Pearson correlation of Figure 3 (paper: 0.625 baseline, 0.668 with reinitialisation); "
+        "`pearson_r`: Pearson correlation of Figure 3 (paper: 0.625 baseline, 0.668 with reinitialisation; "
+        "undefined when the members are identical); "
         f"`cluster_size`: latents per SAE with cross-SAE cosine >= {CLUSTER_CROSS_MIN} and true-feature "
         f"cosine < {CLUSTER_GT_MAX} (paper: about 15 or about 5).",
         "",
-        "## Significance (paired across seeds, two-sided)",
+        "## Agreement inside an ensemble and across ensembles (the honest test)",
+        "",
+        "`within_*`: the two members of one ensemble (mean ± sd over seeds). `across_*`: member m of the "
+        "ensemble of one seed against member m of another seed's ensemble of the same method (mean ± sd over "
+        f"seed pairs). PW-MCC: mean cosine of one-to-one matched latents; shared fraction: matched cosine > "
+        f"{s['shared_threshold']}.",
+        "",
+        markdown_table(agreement_rows, ["method", "across_pw_mcc", "across_shared_frac", "within_pw_mcc",
+                                        "within_shared_frac", "gt_mcc", "gt_recovered_frac"]),
+        "",
+        "Which method wins on which measure (best mean; paired t-test against the runner-up):",
+        "",
+        markdown_table(s["winners"], list(s["winners"][0])),
+        "",
+        "## Significance (paired across seeds, or across seed pairs for the across_* measures; two-sided)",
         "",
         markdown_table(test_rows, list(test_rows[0])),
         "",
@@ -255,8 +318,20 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
     (out / "report.md").write_text("\n".join(lines))
 
 
+def across_agreement(seeds: list[dict], threshold: float) -> dict[str, list[float]]:
+    """Member m of one seed's ensemble against member m of another's, averaged over m: per seed pair."""
+    pw, shared = [], []
+    for a, b in combinations(seeds, 2):
+        pairs = [decoder_agreement(a["decoder"][m], b["decoder"][m], threshold)
+                 for m in range(len(a["decoder"]))]
+        pw.append(float(np.mean([p[0] for p in pairs])))
+        shared.append(float(np.mean([p[1] for p in pairs])))
+    return {"across_pw_mcc": pw, "across_shared_frac": shared}
+
+
 def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | None = None,
-                        progress: bool = True, overrides: list[str] = ()) -> dict[str, Any]:
+                        progress: bool = True, overrides: list[str] = (),
+                        shared_threshold: float = 0.7) -> dict[str, Any]:
     """Train every method on every seed, analyse, and write report.md, results.json and the figures.
     `overrides` (section.field=value) change the setting of every run, e.g. for a smaller test."""
     out = Path(out)
@@ -274,19 +349,22 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
             runs[method].append(analyse_run(cfg, run_dir, results))
     cfg = run_config("mfr", 0, quick, overrides)
     per_method = {m: {"per_seed": {k: [r["summary"][k] for r in rs] for k in SUMMARY_KEYS},
+                      "per_seed_pair": across_agreement(rs, shared_threshold),
                       "beta": [r["beta"] for r in rs]} for m, rs in runs.items()}
-    compare = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "mse", "fvu", "pearson_r", "cluster_size"]
-    tests = {f"{m} vs baseline": {k: paired_test(per_method[m]["per_seed"][k],
-                                                  per_method["baseline"]["per_seed"][k]) for k in compare}
-             for m in ("mfr", "reinit")}
+    compare = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "pearson_r",
+               "cluster_size", "within_pw_mcc"] + ACROSS_KEYS
+    tests = {f"{m} vs baseline": {k: paired_test(values_of(per_method[m], k), values_of(per_method["baseline"], k))
+                                  for k in compare}
+             for m in ("mfr", "reinit", "shared_init")}
     figures = {
         "Figure 3": out / "fig3_agreement.png",
         "Figure 5": out / "fig5_cluster_firing.png",
         "Figure 7": out / "fig7_reinit_metric.png",
         "Figure 8": out / "fig8_recovery.png",
     }
-    figure_agreement(runs, figures["Figure 3"])
-    figure_cluster_firing(runs, figures["Figure 5"])
+    paper_methods = {m: runs[m] for m in ("baseline", "reinit", "mfr")}
+    figure_agreement(paper_methods, figures["Figure 3"])
+    figure_cluster_firing(paper_methods, figures["Figure 5"])
     figure_reinit_metric(runs["baseline"], cfg.mfr.reinit_threshold, figures["Figure 7"])
     figure_recovery(runs, figures["Figure 8"])
     summary = {
@@ -297,10 +375,13 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
         else torch.cuda.get_device_name(),
         "seconds": round(time.perf_counter() - started, 1),
         "threshold": cfg.eval.recovered_threshold,
+        "shared_threshold": shared_threshold,
         "reinit_threshold": cfg.mfr.reinit_threshold,
         "config": cfg.to_dict(),
         "methods": per_method,
         "tests": tests,
+        "winners": winners(per_method, ["across_pw_mcc", "across_shared_frac", "within_pw_mcc", "gt_mcc",
+                                        "gt_mmcs", "gt_recovered_frac", "mse"]),
         "figures": {k: v.name for k, v in figures.items()},
     }
     write_json(out / "results.json", summary)
