@@ -266,6 +266,10 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         f"Reinitialisation events: {n_reinit['reinit']} in the `reinit` runs and {n_reinit['mfr']} in the "
         f"`mfr` runs (threshold {s['reinit_threshold']}).",
         "",
+        *(["This is the `--quick` setting: "
+           f"{s['config']['train']['n_samples']:,} training vectors, far below the paper's scale, so the SAEs "
+           "are not converged and these numbers describe early training. The paper-scale run is the same "
+           "command without `--quick`.", ""] if s["quick"] else []),
         "## Setup",
         "",
         "Data (SPEC section 1): " + ", ".join(f"{k}={v}" for k, v in s["config"]["data"].items()
