@@ -64,9 +64,10 @@ def test_evaluate_reports_every_field_per_member():
     ens = Ensemble(4, 6, [2, 3])
     dead = torch.zeros(2, 6, dtype=torch.bool)
     dead[1, :3] = True
-    members = evaluate(ens, torch.randn(20, 4), torch.randn(5, 4), dead)
+    members, firing = evaluate(ens, torch.randn(20, 4), torch.randn(5, 4), dead)
+    assert firing.shape == (2, 6) and (firing.sum(1) <= torch.tensor([2.0, 3.0]) + 1e-6).all()
     assert [m["k"] for m in members] == [2, 3]
     assert members[0]["dead_frac"] == 0.0 and members[1]["dead_frac"] == 0.5
     for key in ["mse", "fvu", "l0", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac"]:
         assert key in members[0]
-    assert "gt_mmcs" not in evaluate(ens, torch.randn(20, 4), None, dead)[0]
+    assert "gt_mmcs" not in evaluate(ens, torch.randn(20, 4), None, dead)[0][0]

@@ -38,6 +38,11 @@ def test_results_logs_and_checkpoint_of_a_run(tmp_path, easy_overrides):
     assert [r["step"] for r in lines if "loss" in r] == [5, 10, 15, 20]
     assert [r["step"] for r in lines if "eval" in r] == [10, 20]
     assert load(run).ks == [2, 4]
+    from safetensors.torch import load_file
+    sparsity = load_file(run / "checkpoint" / "member_1" / "sparsity.safetensors")["sparsity"]
+    assert sparsity.shape == (128,) and (sparsity <= 0).all()
+    # log10 firing probabilities of a k=4 member sum (as probabilities) to its L0 of at most 4
+    assert 0 < (10 ** sparsity).sum() <= 4.01
     assert load_config(run / "config.yaml").sae.k == [2, 4]
 
 

@@ -30,6 +30,7 @@ from mfr_sae.ensemble import Ensemble
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"  # SAELens' name: log10 of each latent's firing probability
 STATE_FILE = "trainer_state.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout SAELens 6.x reads (checked with sae-lens 6.54.12)
 
@@ -105,16 +106,22 @@ def member_tensors(ensemble: Ensemble, i: int) -> dict[str, Tensor]:
         return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) -> None:
+def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None,
+                firing_prob: Tensor | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(member_tensors(ensemble, i), folder / WEIGHTS_FILE)
     _fsync(folder / WEIGHTS_FILE)
+    if firing_prob is not None:
+        sparsity = firing_prob.detach().float().cpu().clamp_min(1e-10).log10().contiguous()
+        save_file({"sparsity": sparsity}, folder / SPARSITY_FILE)
     write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))
 
 
 def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] | None = None,
-                    state_meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write run_dir/checkpoint atomically: build it beside, then rename it into place."""
+                    state_meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    firing_prob: Tensor | None = None) -> Path:
+    """Write run_dir/checkpoint atomically: build it beside, then rename it into place. `firing_prob`
+    [N, h] (from the last evaluation) is saved per member as SAELens' sparsity.safetensors."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / f"{CHECKPOINT_DIR}.tmp"
@@ -122,7 +129,8 @@ def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for i, member_id in enumerate(ensemble.member_ids):
-        save_member(tmp / f"member_{member_id}", ensemble, i, extra)
+        save_member(tmp / f"member_{member_id}", ensemble, i, extra,
+                    None if firing_prob is None else firing_prob[i])
     if state is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})

@@ -97,10 +97,10 @@ def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int 
 
 
 def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
-             threshold: float = 0.9, batch_size: int = 5000) -> list[dict[str, float]]:
-    """One dict per member: k, mse, fvu, l0, dead_frac, and the ground-truth metrics when known.
-
-    `dead` [N, h] marks latents that never fired over the training window."""
+             threshold: float = 0.9, batch_size: int = 5000) -> tuple[list[dict[str, float]], Tensor]:
+    """One dict per member (k, mse, fvu, l0, dead_frac, and the ground-truth metrics when known), and
+    the firing probability of every latent [N, h]. `dead` [N, h] marks latents that never fired over
+    the training window."""
     rec = reconstruction_metrics(ensemble, vectors, batch_size)
     decoder = ensemble.decoder().detach()
     members = []
@@ -116,7 +116,7 @@ def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, d
         if ground_truth is not None:
             member.update(ground_truth_metrics(decoder[i], ground_truth.to(decoder.device), threshold))
         members.append(member)
-    return members
+    return members, rec["firing_prob"]
 
 
 def feature_agreement(decoder_a: Tensor, decoder_b: Tensor, truth: Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -69,6 +69,7 @@ class Trainer:
         n, h = self.ensemble.n_members, cfg.sae.d_sae
         self.samples_since_fired = torch.zeros(n, h, dtype=torch.long, device=self.device)
         self.mfr = MutualRegularizer(cfg.mfr, cfg.ks)
+        self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self.step = 0
         self.wandb_run = None
         if resume:
@@ -110,7 +111,8 @@ class Trainer:
         mfr_tensors, mfr_meta = self.mfr.state()
         state.update(mfr_tensors)
         meta = {"step": self.step, "mfr": mfr_meta}
-        ckpt.save_checkpoint(self.run_dir, self.ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled})
+        ckpt.save_checkpoint(self.run_dir, self.ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled},
+                             firing_prob=self.firing_prob)
 
     # ------------------------------------------------------------------ training
 
@@ -171,8 +173,10 @@ class Trainer:
     def evaluate(self) -> list[dict[str, Any]]:
         if not hasattr(self, "_eval_vectors"):
             self._eval_vectors = self.source.eval_vectors(self.cfg.eval.n_samples).to(self.device)
-        return evaluate(self.ensemble, self._eval_vectors, self.ground_truth,
-                        self.dead_mask(), self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size)
+        members, self.firing_prob = evaluate(self.ensemble, self._eval_vectors, self.ground_truth,
+                                             self.dead_mask(), self.cfg.eval.recovered_threshold,
+                                             self.cfg.eval.batch_size)
+        return members
 
     def fit(self) -> dict[str, Any]:
         cfg, n_steps = self.cfg, self.cfg.n_steps
