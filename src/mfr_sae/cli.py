@@ -40,6 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds (default: 3 with --quick, else 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = commands.add_parser("cache", help="cache activations of a language model on disk",
+                            description="Run a Hugging Face causal LM over text and store the output of "
+                                        "one module as sharded .npy arrays with a manifest; train on it "
+                                        "with --set data.kind=activations --set data.path=DIR.")
+    p.add_argument("--model", default="gpt2", help="HF model name or local path (folder or .gguf file)")
+    p.add_argument("--hook", default="blocks.0.hook_mlp_out",
+                   help="HF module path (transformer.h.0.mlp) or TransformerLens alias (blocks.0.hook_mlp_out)")
+    p.add_argument("--text", default="Skylion007/openwebtext",
+                   help="HF dataset name (streamed) or a local .txt / .jsonl file or folder")
+    p.add_argument("--out", type=Path, required=True, help="cache folder (a matching cache there is reused)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="activation vectors to store")
+    p.add_argument("--context", type=int, default=128, help="tokens per sequence, BOS included")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--shard-tokens", type=int, default=1_000_000, help="vectors per shard file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
     p = commands.add_parser("compare", help="agreement between runs: PW-MCC and shared-latent fraction",
                             description="Compare runs member by member (same k with same k): PW-MCC and "
                                         "the shared-latent fraction, in DIR/compare.json, with a histogram "
@@ -58,6 +76,19 @@ def run_compare(args: argparse.Namespace) -> int:
     print(markdown_table(rows, ["k", "member_of_k", "pw_mcc", "shared_frac"]))
     print(f"\nmean over members and run pairs: pw_mcc={summary['pw_mcc']:.4f}, "
           f"shared_frac={summary['shared_frac']:.4f}; written to {args.out / 'compare.json'}")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from mfr_sae.data.activations import build_cache, read_manifest
+
+    if args.tokens < 1 or args.context < 2:
+        raise ConfigError("cache needs --tokens >= 1 and --context >= 2")
+    out = build_cache(args.model, args.hook, args.text, args.out, args.tokens, args.context, args.batch_size,
+                      args.dtype, args.shard_tokens, args.device, not args.no_progress)
+    manifest = read_manifest(out, verify=False)
+    print(f"cache: {out} ({manifest['n_tokens']} vectors of d={manifest['d']} from {manifest['module']}, "
+          f"{len(manifest['shards'])} shards)")
     return 0
 
 
@@ -91,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": run_train, "reproduce": run_reproduce, "compare": run_compare}[args.command](args)
+        return {"train": run_train, "reproduce": run_reproduce, "compare": run_compare, "cache": run_cache}[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
         return 2

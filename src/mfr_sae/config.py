@@ -25,9 +25,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "synthetic"
-    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1) or `vectors` (your files)."""
+    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1), `vectors` (your
+    files) or `activations` (a cache built by `mfr-sae cache`)."""
     path: str = ""
-    """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d]."""
+    """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d];
+    activations: the cache folder."""
+    verify: bool = True
+    """activations: check every shard's SHA-256 against the cache manifest before training."""
     holdout: int = 10_000
     """vectors: this many rows at the end of the data are kept out of training, for evaluation."""
     shuffle_buffer: int = 131_072
@@ -122,6 +126,10 @@ class EvalConfig:
     """A latent is dead when it has not fired on the last this-many training vectors."""
     ground_truth: str = ""
     """True feature directions, [n_true, d] (or [d, n_true]) in a .npy or .safetensors file, for any data."""
+    lm_sequences: int = 100
+    """activations: held-out text sequences for loss recovered (CE clean / zero-ablated / spliced); 0: off."""
+    lm_batch_size: int = 8
+    """activations: sequences per forward pass of the language model during loss recovered."""
 
 
 @dataclass
@@ -156,8 +164,8 @@ class RunConfig:
                             ("eval.n_samples", e.n_samples), ("eval.batch_size", e.batch_size),
                             ("eval.dead_window", e.dead_window)]:
             _check(value >= 1, f"{name}={value}: must be >= 1")
-        if d.kind == "vectors":
-            _check(bool(d.path), "data.kind=vectors needs data.path (a .npy/.safetensors file or a folder)")
+        if d.kind in ("vectors", "activations"):
+            _check(bool(d.path), f"data.kind={d.kind} needs data.path (a file or folder of vectors, or a cache)")
             _check(d.holdout >= 1, f"data.holdout={d.holdout}: must be >= 1")
             _check(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 1")
         if d.kind == "synthetic":
@@ -197,7 +205,7 @@ class RunConfig:
         return self
 
 
-DATA_KINDS = ("synthetic", "vectors")
+DATA_KINDS = ("synthetic", "vectors", "activations")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -208,7 +208,8 @@ class Trainer:
                     self.save()
             bar.close()
             members = self.evaluate()
-            self._write(log, {"step": self.step, "eval": members})
+            lm = self._loss_recovered(members)
+            self._write(log, {"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
         self.save()
         results = {
             "steps": self.step,
@@ -218,6 +219,7 @@ class Trainer:
             **pairwise_mmcs(self.ensemble.decoder().detach()),
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
+            "lm": lm,
             "ground_truth": None if self.ground_truth is None else {
                 "source": self.cfg.eval.ground_truth or self.cfg.data.kind,
                 "n_true": len(self.ground_truth), "layout": self.ground_truth_layout},
@@ -228,6 +230,20 @@ class Trainer:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         return results
+
+    def _loss_recovered(self, members: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """On an activation cache: CE clean / zero-ablated / spliced per member, added to `members`."""
+        if self.cfg.data.kind != "activations" or not self.cfg.eval.lm_sequences:
+            return None
+        from mfr_sae.lm_eval import evaluate_on_lm
+
+        result = evaluate_on_lm(self.cfg.data.path, self.ensemble, self.cfg.eval.lm_sequences,
+                                self.cfg.eval.lm_batch_size, self.device, self.progress)
+        if result is None:
+            return {"skipped": "the cache's text has no sequences left after those cached"}
+        for member, scores in zip(members, result.pop("members")):
+            member.update(ce_clean=result["ce_clean"], ce_zero=result["ce_zero"], **scores)
+        return result
 
     def _log_record(self, logs: dict[str, Any]) -> dict[str, Any]:
         dead = self.dead_mask().float().mean(-1)

@@ -33,6 +33,10 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
                              cfg.normalize_features, cfg.seed, device)
     if cfg.kind == "vectors":
         return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
+    if cfg.kind == "activations":
+        from mfr_sae.data.activations import ActivationCache
+
+        return ActivationCache(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer, cfg.verify)
     raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
 
 

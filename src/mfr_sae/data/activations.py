@@ -1,0 +1,300 @@
+"""Language-model activations: a Hugging Face causal LM, a hooked module, text, and a cache on disk.
+
+- `load_model`: any `transformers` causal LM by hub name or local path (a folder saved with
+  `save_pretrained`, or a `.gguf` file), in eval mode.
+- `resolve_hook`: an HF module path (`transformer.h.0.mlp`) or a TransformerLens-style alias
+  (`blocks.0.hook_mlp_out`, `hook_attn_out`, `hook_resid_post`) for GPT-2 and Llama-style models.
+- `capture`: the hooked module's output, read with a forward hook that stops the forward right there,
+  so extracting layer 0 costs one layer, not the whole model (the embeddings, token and position,
+  run as in the real model).
+- Text: documents from a `.txt` file (one per non-empty line), a `.jsonl` file (field `text`), a folder
+  of those, or a Hugging Face dataset name (streamed; needs `datasets`). BOS handling: documents are
+  tokenised, joined with EOS, cut into sequences of `context - 1` tokens and each gets BOS in front;
+  the BOS position is left out of the cache (its activations are outliers) and left clean when
+  splicing, so the SAE is trained and scored on the same positions.
+- The cache: `shard_*.npy` arrays of [rows, d] plus `manifest.json` (model, revision, hook, dtype,
+  context length, token count, a SHA-256 per shard). Built in a folder beside and renamed into place;
+  a matching cache is reused; a mismatched or corrupt one is a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mfr_sae.data.vectors import DataError, VectorsData
+
+MANIFEST = "manifest.json"
+ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(mlp_out|attn_out|resid_post)$")
+BLOCK_PATHS = {"gpt2": "transformer.h", "llama": "model.layers"}
+PART_NAMES = {"gpt2": {"mlp_out": "mlp", "attn_out": "attn"}, "llama": {"mlp_out": "mlp", "attn_out": "self_attn"}}
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) from a hub name, a local folder, or a local .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    kwargs: dict[str, Any] = {}
+    location = name_or_path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DataError(f"model file not found: {path}")
+        location, kwargs = str(path.parent), {"gguf_file": path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0][:160]}); without access to the "
+            f"Hugging Face hub, pass a local path: a folder saved with save_pretrained or a .gguf file") from None
+    return model.to(device).eval(), tokenizer
+
+
+def model_family(model: nn.Module) -> str:
+    for family, path in BLOCK_PATHS.items():
+        try:
+            model.get_submodule(path)
+            return family
+        except AttributeError:
+            continue
+    return "unknown"
+
+
+def resolve_hook(model: nn.Module, hook: str) -> tuple[str, nn.Module]:
+    """(HF module path, module) for an HF path or a TransformerLens-style alias."""
+    match = ALIAS.match(hook)
+    path = hook
+    if match:
+        family = model_family(model)
+        if family == "unknown":
+            raise DataError(f"hook {hook!r}: TransformerLens aliases are known for GPT-2 and Llama-style "
+                            f"models only; give the HF module path (e.g. model.layers.0.mlp)")
+        layer, part = match.groups()
+        path = f"{BLOCK_PATHS[family]}.{layer}"
+        if part != "resid_post":
+            path += "." + PART_NAMES[family][part]
+    try:
+        return path, model.get_submodule(path)
+    except AttributeError:
+        raise DataError(f"hook {hook!r}: the model has no module {path!r}") from None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
+    """The module's output [B, L, d] for these tokens; the forward stops right after the module."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        seen["acts"] = _first(output)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen["acts"]
+
+
+@contextmanager
+def splice(module: nn.Module, replace):
+    """Within the block, the module's output is replace(output) (first element, for tuple outputs)."""
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (replace(output[0]), *output[1:])
+        return replace(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- text
+
+def read_texts(source: str) -> Iterator[str]:
+    """Documents from a .txt file (one per non-empty line), a .jsonl file (`text`), a folder of those,
+    or a Hugging Face dataset name (streamed)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise DataError(f"{path}: no .txt or .jsonl files in this folder")
+        for file in files:
+            yield from read_texts(str(file))
+    elif path.suffix == ".txt" and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            yield from (line.strip() for line in f if line.strip())
+    elif path.suffix == ".jsonl" and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise DataError(f"{path}: line {number} is not a JSON object with a 'text' field") from None
+    elif path.suffix in (".txt", ".jsonl"):
+        raise DataError(f"text file not found: {path}")
+    else:
+        yield from _hub_texts(source)
+
+
+def _hub_texts(name: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"text {name!r} is not a local .txt/.jsonl file or folder; reading a Hugging Face "
+                        f"dataset needs `pip install datasets`") from None
+    try:
+        rows = datasets.load_dataset(name, split="train", streaming=True)
+        for row in rows:
+            yield row["text"]
+    except Exception as err:  # noqa: BLE001 (the hub raises many kinds)
+        raise DataError(f"cannot stream dataset {name!r} ({str(err).splitlines()[0][:160]}); without access to "
+                        f"the Hugging Face hub, pass a local .txt or .jsonl file") from None
+
+
+def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Iterator[Tensor]:
+    """Sequences of `context` token ids: BOS followed by `context - 1` tokens of the joined documents."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    if bos is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token")
+    buffer: list[int] = []
+    for text in texts:
+        buffer += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        while len(buffer) >= context - 1:
+            yield torch.tensor([bos] + buffer[: context - 1])
+            buffer = buffer[context - 1:]
+
+
+def batched(sequences: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
+    batch = []
+    for seq in sequences:
+        batch.append(seq)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+# ---------------------------------------------------------------- the cache
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(model: str, hook: str, text: str, context: int, n_tokens: int, dtype: str) -> dict[str, Any]:
+    return {"model": model, "hook": hook, "text": text, "context": context, "n_tokens": n_tokens, "dtype": dtype}
+
+
+def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens: int, context: int = 128,
+                batch_size: int = 8, dtype: str = "float32", shard_tokens: int = 1_000_000,
+                device: str | torch.device = "cpu", progress: bool = True) -> Path:
+    """Write n_tokens activation vectors of `hook` to `out` (reusing a matching cache there)."""
+    out = Path(out)
+    key = cache_key(model_name, hook, text, context, n_tokens, dtype)
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if all(manifest.get(k) == v for k, v in key.items()):
+            return out
+        differ = ", ".join(f"{k}: {manifest.get(k)!r} vs {v!r}" for k, v in key.items() if manifest.get(k) != v)
+        raise DataError(f"{out} holds a different cache ({differ}); choose another folder")
+    if dtype not in ("float32", "float16"):
+        raise DataError(f"cache dtype {dtype!r}: must be float32 or float16")
+    model, tokenizer = load_model(model_name, device)
+    module_path, module = resolve_hook(model, hook)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, shard, filled, written = [], None, 0, 0
+    bar = tqdm(total=n_tokens, desc="cache", unit="tok", disable=not progress)
+    for ids in batched(token_sequences(read_texts(text), tokenizer, context), batch_size):
+        acts = capture(model, module, ids.to(device))[:, 1:]  # drop the BOS position
+        width = acts.shape[-1]
+        acts = acts.reshape(-1, width).float().cpu().numpy()
+        while len(acts) and written < n_tokens:
+            if shard is None:
+                rows = min(shard_tokens, n_tokens - written)
+                name = f"shard_{len(shards):05d}.npy"
+                shard = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=(rows, acts.shape[1]))
+                shards.append({"file": name, "rows": rows})
+                filled = 0
+            take = min(len(acts), len(shard) - filled)
+            shard[filled:filled + take] = acts[:take]
+            acts, filled, written = acts[take:], filled + take, written + take
+            bar.update(take)
+            if filled == len(shard):
+                shard.flush()
+                shard = None
+        if written >= n_tokens:
+            break
+    bar.close()
+    if written < n_tokens:
+        shutil.rmtree(tmp)
+        raise DataError(f"text {text!r} gave {written} tokens, fewer than the {n_tokens} asked for")
+    for entry in shards:
+        entry["sha256"] = _sha256(tmp / entry["file"])
+    manifest = {**key, "module": module_path, "revision": getattr(model.config, "_commit_hash", None) or "local",
+                "d": int(width),
+                "bos": "each sequence starts with BOS; the BOS position is not cached", "shards": shards}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The cache's manifest, after checking every shard's size (and SHA-256, when verify)."""
+    cache = Path(cache)
+    if not (cache / MANIFEST).is_file():
+        raise DataError(f"{cache}: not an activation cache (no {MANIFEST}); build one with `mfr-sae cache`")
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text())
+        shards = manifest["shards"]
+    except (json.JSONDecodeError, KeyError):
+        raise DataError(f"{cache / MANIFEST}: corrupt manifest") from None
+    for entry in shards:
+        path = cache / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard missing from the cache")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: checksum mismatch, the shard is corrupt; rebuild the cache")
+    return manifest
+
+
+class ActivationCache(VectorsData):
+    """Training vectors from a cache built by `build_cache` (checked against its manifest)."""
+
+    def __init__(self, cache: str | Path, seed: int = 0, holdout: int = 10_000,
+                 shuffle_buffer: int = 131_072, verify: bool = True):
+        self.manifest = read_manifest(cache, verify)
+        super().__init__(cache, seed, holdout, shuffle_buffer)

@@ -1,0 +1,99 @@
+"""Loss recovered on a language model (SPEC section 5): next-token cross-entropy with the hooked
+activation replaced by each SAE's reconstruction, against the clean model and zero ablation.
+
+frac_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); kl is KL(clean || spliced) of the
+next-token distributions, mean over tokens. The BOS position is left clean in every splice (the SAE
+never saw it; see data/activations.py), so all three losses differ only where the SAE works.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from mfr_sae.data.activations import (batched, capture, load_model, read_manifest, read_texts, resolve_hook,
+                                      splice, token_sequences)
+from mfr_sae.ensemble import Ensemble
+
+
+def _next_token_losses(logits: Tensor, ids: Tensor, clean_logprobs: Tensor | None) -> tuple[float, float]:
+    """(summed next-token CE, summed KL(clean || these)) over every predicted position."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ce = -logprobs.gather(-1, ids[:, 1:, None]).sum().item()
+    kl = 0.0
+    if clean_logprobs is not None:
+        kl = F.kl_div(logprobs, clean_logprobs, log_target=True, reduction="sum").item()
+    return ce, kl
+
+
+@torch.no_grad()
+def loss_recovered(model: nn.Module, module: nn.Module, ensemble: Ensemble, sequences: Tensor,
+                   batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Clean, zero-ablated and per-member spliced next-token losses on token sequences [S, L]."""
+    device = next(model.parameters()).device
+    n = ensemble.n_members
+    ce_clean = ce_zero = 0.0
+    ce_sae, kl_sae = [0.0] * n, [0.0] * n
+    tokens = 0
+    for ids in tqdm(sequences.split(batch_size), desc="loss recovered", disable=not progress):
+        ids = ids.to(device)
+        clean = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        ce_clean += -clean.gather(-1, ids[:, 1:, None]).sum().item()
+        tokens += ids[:, 1:].numel()
+        acts = capture(model, module, ids)
+        b, length, d = acts.shape
+        recon = ensemble(acts[:, 1:].reshape(-1, d).float()).x_hat.view(n, b, length - 1, d)
+
+        def keep_bos(rest: Tensor):
+            return lambda out: torch.cat([out[:, :1], rest.to(out.dtype)], dim=1)
+
+        with splice(module, keep_bos(torch.zeros_like(acts[:, 1:]))):
+            ce_zero += _next_token_losses(model(input_ids=ids).logits, ids, None)[0]
+        for i in range(n):
+            with splice(module, keep_bos(recon[i])):
+                ce, kl = _next_token_losses(model(input_ids=ids).logits, ids, clean)
+            ce_sae[i] += ce
+            kl_sae[i] += kl
+    ce_clean, ce_zero = ce_clean / tokens, ce_zero / tokens
+    members = []
+    for i in range(n):
+        ce = ce_sae[i] / tokens
+        gap = ce_zero - ce_clean
+        members.append({"ce_sae": ce, "frac_recovered": (ce_zero - ce) / gap if gap else math.nan,
+                        "kl": kl_sae[i] / tokens})
+    return {"ce_clean": ce_clean, "ce_zero": ce_zero, "tokens": tokens, "members": members}
+
+
+def heldout_sequences(manifest: dict[str, Any], n_sequences: int, tokenizer: Any) -> Tensor:
+    """n sequences of the cache's text that come after those the cache was built from."""
+    context = manifest["context"]
+    used = math.ceil(manifest["n_tokens"] / (context - 1))
+    sequences = []
+    for i, seq in enumerate(token_sequences(read_texts(manifest["text"]), tokenizer, context)):
+        if i >= used:
+            sequences.append(seq)
+            if len(sequences) == n_sequences:
+                break
+    if not sequences:
+        return torch.empty(0, context, dtype=torch.long)
+    return torch.stack(sequences)
+
+
+def evaluate_on_lm(cache: str | Path, ensemble: Ensemble, n_sequences: int, batch_size: int = 8,
+                   device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any] | None:
+    """Loss recovered for a run trained on an activation cache, on held-out text of the same source."""
+    manifest = read_manifest(cache, verify=False)
+    model, tokenizer = load_model(manifest["model"], device)
+    _, module = resolve_hook(model, manifest["hook"])
+    sequences = heldout_sequences(manifest, n_sequences, tokenizer)
+    if len(sequences) == 0:
+        return None
+    result = loss_recovered(model, module, ensemble.to(device), sequences, batch_size, progress)
+    result["sequences"] = len(sequences)
+    return result
