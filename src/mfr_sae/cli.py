@@ -34,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("reproduce", help="reproduce one of the paper's experiments",
                             description="Reproduce an experiment of the paper: writes DIR/report.md, "
                                         "DIR/results.json, figures (PNG) and the runs (DIR/runs/).")
-    p.add_argument("experiment", choices=["synthetic"])
+    p.add_argument("experiment", choices=["synthetic", "gpt2"])
     p.add_argument("--out", type=Path, required=True, help="output folder (finished runs in it are reused)")
     p.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: 3 with --quick, else 5)")
+    p.add_argument("--seeds", type=int, help="synthetic: number of seeds (default: 3 with --quick, else 5)")
+    p.add_argument("--model", default="gpt2", help="gpt2: HF model name or local path (folder or .gguf file)")
+    p.add_argument("--text", default="Skylion007/openwebtext",
+                   help="gpt2: HF dataset name (streamed) or a local .txt / .jsonl file or folder")
+    p.add_argument("--hook", default="blocks.0.hook_mlp_out", help="gpt2: the hooked module")
+    p.add_argument("--tokens", type=int, help="gpt2: training tokens (default 2,000,000; --quick 100,000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = commands.add_parser("cache", help="cache activations of a language model on disk",
@@ -93,11 +98,19 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from mfr_sae.reproduce.synthetic import reproduce_synthetic
+    if args.experiment == "gpt2":
+        from mfr_sae.reproduce.gpt2 import reproduce_gpt2
 
-    if args.seeds is not None and args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
-    reproduce_synthetic(args.out, args.quick, args.seeds, progress=not args.no_progress)
+        if args.tokens is not None and args.tokens < 500:
+            raise ConfigError(f"--tokens {args.tokens}: must be at least one batch (500)")
+        reproduce_gpt2(args.out, args.quick, args.model, args.text, args.hook, not args.no_progress,
+                       tokens=args.tokens)
+    else:
+        from mfr_sae.reproduce.synthetic import reproduce_synthetic
+
+        if args.seeds is not None and args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
+        reproduce_synthetic(args.out, args.quick, args.seeds, progress=not args.no_progress)
     print(f"report: {args.out / 'report.md'}")
     return 0
 

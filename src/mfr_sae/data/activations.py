@@ -232,6 +232,9 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
         raise DataError(f"cache dtype {dtype!r}: must be float32 or float16")
     model, tokenizer = load_model(model_name, device)
     module_path, module = resolve_hook(model, hook)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        raise DataError(f"context {context} is longer than the model's {limit} positions")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

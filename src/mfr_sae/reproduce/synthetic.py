@@ -34,7 +34,8 @@ from mfr_sae.config import RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
 from mfr_sae.report import embed_png, fmt_mean_sd, markdown_table, paired_test  # noqa: E402
-from mfr_sae.train import METRICS_FILE, RESULTS_FILE, resume, train  # noqa: E402
+from mfr_sae.reproduce import train_or_reuse  # noqa: E402
+from mfr_sae.train import METRICS_FILE  # noqa: E402
 
 METHODS = {
     "baseline": ["mfr.enabled=false"],
@@ -61,14 +62,6 @@ ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 def run_config(method: str, seed: int, quick: bool, overrides: list[str] = ()) -> RunConfig:
     return load_config(None, (QUICK if quick else FULL) + list(overrides) + METHODS[method]
                        + [f"data.seed={DATA_SEED}", f"train.seed={seed}"])
-
-
-def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-    if (run_dir / RESULTS_FILE).is_file():
-        return json.loads((run_dir / RESULTS_FILE).read_text())
-    if run_dir.exists():
-        return resume(run_dir, progress=progress)
-    return train(cfg, run_dir, progress=progress)
 
 
 def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
