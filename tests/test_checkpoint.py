@@ -88,3 +88,13 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="W_enc has shape \\[6, 10\\], expected \\[6, 11\\]"):
         load(tmp_path / "checkpoint" / "member_0")
+
+
+def test_saelens_loads_a_saved_member_and_agrees(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")  # a 700 MB install: not in CI; run where it is installed
+    ens = _trained_like()
+    save_checkpoint(tmp_path, ens)
+    sae = sae_lens.SAE.load_from_disk(str(tmp_path / "checkpoint" / "member_1"), device="cpu")
+    assert type(sae).__name__ == "TopKSAE"
+    x = torch.randn(9, 6)
+    torch.testing.assert_close(sae(x), ens(x).x_hat[1], atol=1e-5, rtol=1e-5)
