@@ -168,13 +168,21 @@ def _hub_texts(name: str) -> Iterator[str]:
     except ImportError:
         raise DataError(f"text {name!r} is not a local .txt/.jsonl file or folder; reading a Hugging Face "
                         f"dataset needs `pip install datasets`") from None
-    try:
+    try:  # streaming needs the hub; a copy in the local Hugging Face cache serves without it
         rows = datasets.load_dataset(name, split="train", streaming=True)
-        for row in rows:
-            yield row["text"]
-    except Exception as err:  # noqa: BLE001 (the hub raises many kinds)
-        raise DataError(f"cannot stream dataset {name!r} ({str(err).splitlines()[0][:160]}); without access to "
-                        f"the Hugging Face hub, pass a local .txt or .jsonl file") from None
+        first = next(iter(rows))
+    except Exception:  # noqa: BLE001 (the hub raises many kinds)
+        try:
+            rows = datasets.load_dataset(name, split="train")
+            first = None
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"cannot read dataset {name!r} from the hub or the local cache "
+                            f"({str(err).splitlines()[0][:160]}); pass a local .txt or .jsonl file") from None
+    if first is not None:
+        yield first["text"]
+        rows = rows.skip(1)
+    for row in rows:
+        yield row["text"]
 
 
 def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Iterator[Tensor]:
