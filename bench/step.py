@@ -1,0 +1,88 @@
+"""Throughput of the ensemble training step against the encoder-product floor, in one run.
+
+At d=768, h=3072, batch 500, k=12, N=5 (fp32; CPU here, CUDA where present) this times:
+- the floor: the batched encoder product alone (one [500 x 768] x [768 x 3072] product per member);
+- the baseline ensemble step (forward, sparse backward, AdamW) and the MFR step;
+- the same baseline step written with plain autograd (dense TopK gradient, dense decoder), the
+  reference implementation the fused step replaces.
+
+    python bench/step.py [--steps 10] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+
+from mfr_sae.config import load_config
+from mfr_sae.kernels import reference_decode, reference_encode
+from mfr_sae.train import Trainer
+
+D, H, BATCH, K, N = 768, 3072, 500, 12, 5
+
+
+def timed(fn, steps: int, device: torch.device, warmup: int = 2) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def trainer(device: str, extra: list[str]) -> Trainer:
+    overrides = [f"data.d={D}", f"data.n_features={H}", "data.n_groups=12", f"data.n_active={K}",
+                 f"sae.n_members={N}", f"sae.d_sae={H}", f"sae.k={K}", f"train.batch_size={BATCH}",
+                 "train.n_samples=10000000", "train.checkpoint_every=0", f"train.device={device}"]
+    return Trainer(load_config(None, overrides + extra), tempfile.mkdtemp() + "/run", progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
+    print(f"setting: d={D}, h={H}, batch {BATCH}, k={K}, N={N}, fp32\n")
+
+    base = trainer(args.device, [])
+    x = next(base.source.batches(BATCH)).to(device)
+    w, b = base.ensemble.W_enc.detach(), base.ensemble.b_enc.detach()
+    floor = timed(lambda: torch.baddbmm(b.unsqueeze(1), x.expand(N, *x.shape), w.transpose(1, 2)), args.steps, device)
+
+    ref = base.ensemble.__class__(D, H, [K] * N, device=device)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+
+    def reference_step():
+        acts, idx = reference_encode(x, ref.W_enc, ref.b_enc, K)
+        loss = (reference_decode(acts, idx, ref.decoder()) - x).pow(2).mean(dim=(1, 2)).mean()
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+
+    rows = [("encoder product alone (floor)", floor)]
+    rows.append(("baseline step, plain autograd (reference)", timed(reference_step, args.steps, device)))
+    rows.append(("baseline step, mfr-sae", timed(lambda: base.train_step(x), args.steps, device)))
+    for every in (1, 50):
+        mfr = trainer(args.device, ["mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
+        steps = max(args.steps, every)
+        rows.append((f"MFR step, mfr-sae, match_every={every}", timed(lambda: mfr.train_step(x), steps, device)))
+    print(f"{'':44s} {'ms/step':>9s} {'tokens/s':>10s} {'x floor':>8s}")
+    for name, seconds in rows:
+        print(f"{name:44s} {1000 * seconds:9.1f} {BATCH / seconds:10.0f} {seconds / floor:8.2f}")
+    baseline = rows[2][1]
+    print(f"\nbaseline step / floor: {baseline / floor:.2f} (goal <= 2); reference / mfr-sae: {rows[1][1] / baseline:.2f}x; "
+          f"MFR (match_every=50) / baseline: {rows[4][1] / baseline:.2f} (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
