@@ -64,7 +64,8 @@ def main() -> None:
 
     def reference_step():
         acts, idx = reference_encode(x, ref.W_enc, ref.b_enc, K)
-        loss = (reference_decode(acts, idx, ref.decoder()) - x).pow(2).mean(dim=(1, 2)).mean()
+        decoder = torch.nn.functional.normalize(ref.W_enc, dim=-1)
+        loss = (reference_decode(acts, idx, decoder) - x).pow(2).mean(dim=(1, 2)).mean()
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()

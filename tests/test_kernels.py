@@ -44,3 +44,17 @@ def test_relu_after_topk_zeroes_negative_kept_values_and_their_gradient():
 def test_gradcheck_of_the_sparse_backward():
     x, w, bias, _ = _inputs(n=2, b=5, d=3, h=7)
     torch.autograd.gradcheck(lambda x, w, b: topk_encode(x, w, b, 2)[0], (x, w, bias))
+
+
+def test_unit_rows_matches_normalize_in_value_and_gradient():
+    from torch.nn import functional as F
+
+    from mfr_sae.kernels import unit_rows
+
+    w = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 5, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((unit_rows(w) * g).sum(), w)
+    (ref,) = torch.autograd.grad((F.normalize(w, dim=-1) * g).sum(), w)
+    torch.testing.assert_close(unit_rows(w), F.normalize(w, dim=-1))
+    torch.testing.assert_close(ours, ref)
+    torch.autograd.gradcheck(unit_rows, (w,))

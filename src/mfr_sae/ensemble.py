@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mfr_sae.data.synthetic import seeded_generator
-from mfr_sae.kernels import sparse_decode, topk_encode
+from mfr_sae.kernels import sparse_decode, topk_encode, unit_rows
 
 INIT_STREAM = 7
 
@@ -79,7 +79,7 @@ class Ensemble(nn.Module):
 
     def decoder(self) -> Tensor:
         """Decoder rows, unit norm: [N, h, d]."""
-        return F.normalize(self.W_enc if self.W_dec is None else self.W_dec, dim=-1)
+        return unit_rows(self.W_enc if self.W_dec is None else self.W_dec)
 
     @torch.no_grad()
     def renormalize_decoder(self) -> None:
