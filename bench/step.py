@@ -81,7 +81,8 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:44s} {1000 * seconds:9.1f} {BATCH / seconds:10.0f} {seconds / floor:8.2f}")
     baseline = rows[2][1]
-    print(f"\nbaseline step / floor: {baseline / floor:.2f} (goal <= 2); reference / mfr-sae: {rows[1][1] / baseline:.2f}x; "
+    print(f"\nbaseline step / floor: {baseline / floor:.2f} (goal <= 2); "
+          f"reference / mfr-sae: {rows[1][1] / baseline:.2f}x; "
           f"MFR (match_every=50) / baseline: {rows[4][1] / baseline:.2f} (goal <= 1.15)")
 
 

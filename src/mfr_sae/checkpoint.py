@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -163,8 +163,6 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 def load_trainer_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(folder) / STATE_FILE
     tensors = _load_safetensors(path)
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     return tensors, meta

@@ -135,7 +135,8 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": run_train, "reproduce": run_reproduce, "compare": run_compare, "cache": run_cache}[args.command](args)
+        commands = {"train": run_train, "reproduce": run_reproduce, "compare": run_compare, "cache": run_cache}
+        return commands[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
         return 2

@@ -51,7 +51,8 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
     if len(shapes) > 1:
         described = ", ".join(f"{r}: d={e.d_in}, h={e.d_sae}" for r, e in zip(runs, ensembles))
         raise CheckpointError(f"runs differ in d or h ({described})")
-    slots = [s for s in member_slots(ensembles[0]) if all(s in member_slots(e) for e in ensembles[1:])]
+    position = [{slot: i for i, slot in enumerate(member_slots(e))} for e in ensembles]  # slot -> member
+    slots = [s for s in member_slots(ensembles[0]) if all(s in p for p in position[1:])]
     if not slots:
         raise CheckpointError("the runs have no k in common, so no members to compare")
     decoders = [e.decoder().detach() for e in ensembles]
@@ -59,9 +60,8 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
     for slot in slots:
         values, shared, pooled = [], [], []
         for i, j in combinations(range(len(runs)), 2):
-            a = decoders[i][member_slots(ensembles[i]).index(slot)]
-            b = decoders[j][member_slots(ensembles[j]).index(slot)]
-            mcc, frac, cos = decoder_agreement(a, b, threshold)
+            mcc, frac, cos = decoder_agreement(decoders[i][position[i][slot]], decoders[j][position[j][slot]],
+                                               threshold)
             values.append(mcc)
             shared.append(frac)
             pooled.append(cos)

@@ -17,19 +17,24 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from mfr_sae.data.activations import (batched, capture, load_model, read_manifest, read_texts, resolve_hook,
-                                      splice, token_sequences)
+from mfr_sae.data.activations import (capture, load_model, read_manifest, read_texts, resolve_hook, splice,
+                                      token_sequences)
 from mfr_sae.ensemble import Ensemble
 
 
-def _next_token_losses(logits: Tensor, ids: Tensor, clean_logprobs: Tensor | None) -> tuple[float, float]:
-    """(summed next-token CE, summed KL(clean || these)) over every predicted position."""
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    ce = -logprobs.gather(-1, ids[:, 1:, None]).sum().item()
-    kl = 0.0
-    if clean_logprobs is not None:
-        kl = F.kl_div(logprobs, clean_logprobs, log_target=True, reduction="sum").item()
-    return ce, kl
+def _logprobs(logits: Tensor) -> Tensor:
+    """Log-probabilities of the next token at every position that has one."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _ce_sum(logprobs: Tensor, ids: Tensor) -> float:
+    """Summed next-token cross-entropy."""
+    return -logprobs.gather(-1, ids[:, 1:, None]).sum().item()
+
+
+def _keep_bos(rest: Tensor):
+    """A splice that keeps the module's BOS position and puts `rest` after it."""
+    return lambda out: torch.cat([out[:, :1], rest.to(out.dtype)], dim=1)
 
 
 @torch.no_grad()
@@ -43,30 +48,24 @@ def loss_recovered(model: nn.Module, module: nn.Module, ensemble: Ensemble, sequ
     tokens = 0
     for ids in tqdm(sequences.split(batch_size), desc="loss recovered", disable=not progress):
         ids = ids.to(device)
-        clean = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        ce_clean += -clean.gather(-1, ids[:, 1:, None]).sum().item()
+        clean = _logprobs(model(input_ids=ids).logits)
+        ce_clean += _ce_sum(clean, ids)
         tokens += ids[:, 1:].numel()
         acts = capture(model, module, ids)
         b, length, d = acts.shape
         recon = ensemble(acts[:, 1:].reshape(-1, d).float()).x_hat.view(n, b, length - 1, d)
-
-        def keep_bos(rest: Tensor):
-            return lambda out: torch.cat([out[:, :1], rest.to(out.dtype)], dim=1)
-
-        with splice(module, keep_bos(torch.zeros_like(acts[:, 1:]))):
-            ce_zero += _next_token_losses(model(input_ids=ids).logits, ids, None)[0]
+        with splice(module, _keep_bos(torch.zeros_like(acts[:, 1:]))):
+            ce_zero += _ce_sum(_logprobs(model(input_ids=ids).logits), ids)
         for i in range(n):
-            with splice(module, keep_bos(recon[i])):
-                ce, kl = _next_token_losses(model(input_ids=ids).logits, ids, clean)
-            ce_sae[i] += ce
-            kl_sae[i] += kl
+            with splice(module, _keep_bos(recon[i])):
+                spliced = _logprobs(model(input_ids=ids).logits)
+            ce_sae[i] += _ce_sum(spliced, ids)
+            kl_sae[i] += F.kl_div(spliced, clean, log_target=True, reduction="sum").item()
     ce_clean, ce_zero = ce_clean / tokens, ce_zero / tokens
-    members = []
-    for i in range(n):
-        ce = ce_sae[i] / tokens
-        gap = ce_zero - ce_clean
-        members.append({"ce_sae": ce, "frac_recovered": (ce_zero - ce) / gap if gap else math.nan,
-                        "kl": kl_sae[i] / tokens})
+    gap = ce_zero - ce_clean
+    members = [{"ce_sae": ce_sae[i] / tokens,
+                "frac_recovered": (ce_zero - ce_sae[i] / tokens) / gap if gap else math.nan,
+                "kl": kl_sae[i] / tokens} for i in range(n)]
     return {"ce_clean": ce_clean, "ce_zero": ce_zero, "tokens": tokens, "members": members}
 
 

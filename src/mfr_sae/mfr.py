@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig
-from mfr_sae.metrics import CHUNK_ROWS
+from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
 
 
 def warmup_weight(step: int, warmup_steps: int) -> float:
@@ -47,8 +46,7 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS)
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
     directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse."""
     if mode == "hungarian":
-        sims = (a @ b.T).float().cpu().numpy()
-        rows, cols = linear_sum_assignment(sims, maximize=True)
+        rows, cols, _ = hungarian_match(a, b)
         a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
         return torch.stack([a_to_b, torch.argsort(a_to_b)])
     best_for_b = torch.full((len(b),), -torch.inf, device=a.device, dtype=a.dtype)
@@ -196,18 +194,17 @@ class MutualRegularizer:
         cfg = self.cfg
         for n in range(len(self.ks)):
             self.steps_since_init[n] += 1
-        if cfg.reinit_window == 0:
+        # once every member is past its window nothing can happen again (only a reinit restarts one)
+        inside = [n for n in range(len(self.ks)) if self.steps_since_init[n] <= cfg.reinit_window]
+        if not inside:
             return [], None
-        self.history.append((batch_size, counts.detach()))
+        self.history.append((batch_size, counts))
         while sum(b for b, _ in self.history) - self.history[0][0] >= cfg.reinit_samples:
             self.history.popleft()
         window = sum(b for b, _ in self.history)
         if window < cfg.reinit_samples:
             return [], None
         metric = reinit_metric(sum(c for _, c in self.history) / window, self.ks)
-        inside = [n for n in range(len(self.ks)) if self.steps_since_init[n] <= cfg.reinit_window]
-        if not inside:
-            return [], None
         chosen = []
         for n in inside:
             if self.enabled and metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+from scipy import stats
 
 MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "gt_mmcs", "gt_mmcs_hungarian",
                   "gt_recovered_frac", "gt_mcc"]
@@ -27,8 +32,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
-    import numpy as np
-
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
@@ -45,9 +48,6 @@ def fmt_mean_sd(values: Sequence[float | None], digits: int = 4) -> str:
 def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str, float | None]:
     """Paired comparison across seeds: mean difference, paired t-test and Wilcoxon signed-rank p-values
     (two-sided; None where too few pairs or no differences). Pairs with a None are left out."""
-    import numpy as np
-    from scipy import stats
-
     kept = [(t, c) for t, c in zip(treated, control) if t is not None and c is not None]
     treated, control = [t for t, _ in kept], [c for _, c in kept]
     if not kept:
@@ -64,8 +64,5 @@ def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str,
 
 def embed_png(path) -> str:
     """A Markdown image with the PNG inlined as a data URI, so the page stands alone."""
-    import base64
-    from pathlib import Path
-
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{Path(path).stem}](data:image/png;base64,{data})"

@@ -284,7 +284,7 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
 
 
 def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The cache's manifest, after checking every shard's size (and SHA-256, when verify)."""
+    """The cache's manifest, after checking that every shard exists (and its SHA-256, when verify)."""
     cache = Path(cache)
     if not (cache / MANIFEST).is_file():
         raise DataError(f"{cache}: not an activation cache (no {MANIFEST}); build one with `mfr-sae cache`")

@@ -111,40 +111,41 @@ class VectorsData:
                 parts.append(part)
         return torch.cat(parts)
 
-    def _buffer(self, epoch: int, index: int) -> Tensor:
+    def _chunk_order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n_chunks, generator=seeded_generator(self.seed, 10, epoch)).tolist()
+
+    def _chunk_range(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_train)
+
+    def _buffer_chunks(self, epoch: int) -> list[list[int]]:
+        """The chunks of each buffer of an epoch."""
+        order = self._chunk_order(epoch)
+        return [order[i:i + self.chunks_per_buffer] for i in range(0, self.n_chunks, self.chunks_per_buffer)]
+
+    def _buffer(self, epoch: int, index: int, chunks: list[int]) -> Tensor:
         """Buffer `index` of `epoch`: its chunks' rows, permuted."""
-        order = torch.randperm(self.n_chunks, generator=seeded_generator(self.seed, 10, epoch))
-        chunks = order[index * self.chunks_per_buffer:(index + 1) * self.chunks_per_buffer].tolist()
-        rows = torch.cat([self.read_rows(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n_train))
-                          for c in sorted(chunks)])
+        rows = torch.cat([self.read_rows(*self._chunk_range(c)) for c in sorted(chunks)])
         return rows[torch.randperm(len(rows), generator=seeded_generator(self.seed, 11, epoch, index))]
 
     def batches(self, batch_size: int, start_step: int = 0) -> Iterator[Tensor]:
         """Batches of the shuffled stream from step `start_step` on (epochs repeat with new orders)."""
         offset = start_step * batch_size
         epoch, within = divmod(offset, self.n_train)
-        # find the buffer holding `within` from the buffer sizes alone, then read only that one
-        index, sizes = 0, self._buffer_sizes(epoch)
+        # find the buffer holding `within` from the chunk sizes alone, then read only that one
+        index, buffers = 0, self._buffer_chunks(epoch)
+        sizes = [sum(stop - start for start, stop in map(self._chunk_range, chunks)) for chunks in buffers]
         while within >= sizes[index]:
             within -= sizes[index]
             index += 1
-        pending = self._buffer(epoch, index)[within:]
+        pending = self._buffer(epoch, index, buffers[index])[within:]
         while True:
             while len(pending) < batch_size:
                 index += 1
-                if index == len(sizes):
-                    epoch, index = epoch + 1, 0
-                    sizes = self._buffer_sizes(epoch)
-                pending = torch.cat([pending, self._buffer(epoch, index)])
+                if index == len(buffers):
+                    epoch, index, buffers = epoch + 1, 0, self._buffer_chunks(epoch + 1)
+                pending = torch.cat([pending, self._buffer(epoch, index, buffers[index])])
             yield pending[:batch_size]
             pending = pending[batch_size:]
-
-    def _buffer_sizes(self, epoch: int) -> list[int]:
-        order = torch.randperm(self.n_chunks, generator=seeded_generator(self.seed, 10, epoch)).tolist()
-        last_chunk_rows = self.n_train - (self.n_chunks - 1) * self.chunk_rows
-        size = lambda c: last_chunk_rows if c == self.n_chunks - 1 else self.chunk_rows  # noqa: E731
-        return [sum(size(c) for c in order[i:i + self.chunks_per_buffer])
-                for i in range(0, self.n_chunks, self.chunks_per_buffer)]
 
     def eval_vectors(self, n: int) -> Tensor:
         """The first min(n, holdout) held-out vectors (never trained on)."""
@@ -154,9 +155,9 @@ class VectorsData:
 def load_ground_truth(path: str | Path, d: int) -> tuple[Tensor, str]:
     """True feature directions [n_true, d] from a .npy or .safetensors file; a [d, n_true] matrix is
     accepted when that reading is the only one that fits d. Returns (matrix, which layout was used)."""
-    shard = _Shard(find_shards(path)[0]) if Path(path).is_file() else None
-    if shard is None:
+    if not Path(path).is_file():
         raise DataError(f"ground-truth file not found: {path}")
+    shard = _Shard(find_shards(path)[0])
     matrix = shard.read(0, shard.rows)
     if not torch.isfinite(matrix).all():
         raise DataError(f"{path}: ground truth holds NaN or inf")
