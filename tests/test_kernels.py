@@ -58,3 +58,27 @@ def test_unit_rows_matches_normalize_in_value_and_gradient():
     torch.testing.assert_close(unit_rows(w), F.normalize(w, dim=-1))
     torch.testing.assert_close(ours, ref)
     torch.autograd.gradcheck(unit_rows, (w,))
+
+
+def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 32, generator=gen)
+    w = torch.randn(2, 96, 32, generator=gen, requires_grad=True)
+    bias = torch.zeros(2, 96, requires_grad=True)
+    dec = torch.randn(2, 96, 32, generator=gen, requires_grad=True)
+
+    def run(autocast):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            acts, idx = topk_encode(x, w, bias, 8)
+            out = sparse_decode(acts, idx, dec)
+        loss = (out.float() - x).pow(2).mean()
+        return out, idx, torch.autograd.grad(loss, [w, bias, dec])
+
+    out, idx, grads = run(True)
+    ref_out, ref_idx, ref_grads = run(False)
+    assert out.dtype == torch.bfloat16 and ref_out.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert (idx.sort(-1).values == ref_idx.sort(-1).values).float().mean() > 0.9  # near-ties may swap
+    assert (out.float() - ref_out).norm() / ref_out.norm() < 0.1  # bf16 keeps 8 bits of mantissa
+    for name, g, r in zip(["W_enc", "b_enc", "W_dec"], grads, ref_grads):
+        assert (g - r).norm() / r.norm() < 0.1, name

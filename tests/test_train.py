@@ -65,10 +65,10 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_
     trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
     original = trainer.train_step
 
-    def step_then_stop(x):
+    def step_then_stop(*args):
         if trainer.step == 47:
             raise _Interrupt
-        return original(x)
+        return original(*args)
 
     trainer.train_step = step_then_stop
     with pytest.raises(_Interrupt):
@@ -126,3 +126,48 @@ def test_nan_in_the_data_stops_training_with_a_clear_error(tmp_path, easy_overri
     source = _NaNAfter(32, 64, 4, 3)
     with pytest.raises(TrainingError, match="batch of step 3 holds NaN"):
         train(cfg, tmp_path / "run", source=source, progress=False)
+
+
+class _NoisyPairs(SyntheticData):
+    """Synthetic vectors as denoising pairs: (clean + seeded Gaussian noise, clean)."""
+
+    def _noisy(self, clean, key):
+        return clean + 0.5 * clean.std() * torch.randn(clean.shape, generator=torch.Generator().manual_seed(key))
+
+    def batches(self, batch_size, start_step=0):
+        for step, clean in enumerate(super().batches(batch_size, start_step), start_step):
+            yield self._noisy(clean, step), clean
+
+    def eval_vectors(self, n):
+        clean = super().eval_vectors(n)
+        return self._noisy(clean, 10_000), clean
+
+
+def test_denoising_pairs_train_against_the_clean_target(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=100000"])
+    d = cfg.data
+    source = _NoisyPairs(d.d, d.n_features, d.n_groups, d.n_active, d.decay, seed=0)
+    trainer = Trainer(cfg, tmp_path / "run", source=source, progress=False)
+    noisy, clean = next(source.batches(1000))
+    with torch.no_grad():
+        x_hat = trainer.ensemble(noisy).x_hat
+    logs = trainer.train_step(noisy, clean)  # the loss of the weights before the step
+    torch.testing.assert_close(logs["mse"], (x_hat - clean).pow(2).mean(dim=(1, 2)))
+    assert not torch.allclose(logs["mse"], (x_hat - noisy).pow(2).mean(dim=(1, 2)))
+    results = trainer.fit()
+    for member in results["members"]:
+        assert member["snr_in_db"] == pytest.approx(6.0, abs=0.3)  # noise sd = half the signal's
+        assert member["snr_out_db"] > member["snr_in_db"] + 1  # the sparse code drops part of the noise
+
+
+def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, easy_overrides):
+    results = {}
+    for autocast in (False, True):
+        cfg = load_config(None, easy_overrides + ["train.n_samples=100000", "mfr.enabled=true",
+                                                  f"train.autocast={str(autocast).lower()}"])
+        trainer = Trainer(cfg, tmp_path / str(autocast), progress=False)
+        results[autocast] = trainer.fit()
+        assert all(p.dtype == torch.float32 for p in trainer.ensemble.parameters())
+    for fp32, bf16 in zip(results[False]["members"], results[True]["members"]):
+        assert bf16["fvu"] == pytest.approx(fp32["fvu"], rel=0.1, abs=0.01)
+        assert bf16["gt_mmcs"] == pytest.approx(fp32["gt_mmcs"], abs=0.03)

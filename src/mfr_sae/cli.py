@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mfr_sae.checkpoint import CheckpointError
-from mfr_sae.config import ConfigError, help_text, load_config
+from mfr_sae.config import EEG_NOISE_KINDS, ConfigError, help_text, load_config
 from mfr_sae.data import DataError
 from mfr_sae.report import markdown_table
 from mfr_sae.train import TrainingError, resume, train
@@ -34,15 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("reproduce", help="reproduce one of the paper's experiments",
                             description="Reproduce an experiment of the paper: writes DIR/report.md, "
                                         "DIR/results.json, figures (PNG) and the runs (DIR/runs/).")
-    p.add_argument("experiment", choices=["synthetic", "gpt2"])
+    p.add_argument("experiment", choices=["synthetic", "gpt2", "eeg"])
     p.add_argument("--out", type=Path, required=True, help="output folder (finished runs in it are reused)")
     p.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
-    p.add_argument("--seeds", type=int, help="synthetic: number of seeds (default: 3 with --quick, else 5)")
+    p.add_argument("--seeds", type=int, help="synthetic: number of seeds (default: 3 with --quick, else 5); "
+                                             "eeg: number of seeds (default 1)")
     p.add_argument("--model", default="gpt2", help="gpt2: HF model name or local path (folder or .gguf file)")
     p.add_argument("--text", default="Skylion007/openwebtext",
                    help="gpt2: HF dataset name (streamed) or a local .txt / .jsonl file or folder")
     p.add_argument("--hook", default="blocks.0.hook_mlp_out", help="gpt2: the hooked module")
     p.add_argument("--tokens", type=int, help="gpt2: training tokens (default 2,000,000; --quick 100,000)")
+    p.add_argument("--data", type=Path, help="eeg: EDF/BDF/FIF/BrainVision file or folder (e.g. your TUH EDF "
+                                             "folder); default: the real recordings of `python -m mfr_sae.offline eeg`")
+    p.add_argument("--noise", default="white", choices=EEG_NOISE_KINDS, help="eeg: corruption of the input")
+    p.add_argument("--snr-db", type=float, default=0.0, help="eeg: SNR of the corrupted input in dB")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = commands.add_parser("cache", help="cache activations of a language model on disk",
@@ -105,6 +110,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tokens {args.tokens}: must be at least one batch (500)")
         reproduce_gpt2(args.out, args.quick, args.model, args.text, args.hook, not args.no_progress,
                        tokens=args.tokens)
+    elif args.experiment == "eeg":
+        from mfr_sae.reproduce.eeg import reproduce_eeg
+
+        if args.seeds is not None and args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
+        reproduce_eeg(args.out, args.data, args.quick, args.seeds or 1, args.noise, args.snr_db,
+                      progress=not args.no_progress)
     else:
         from mfr_sae.reproduce.synthetic import reproduce_synthetic
 

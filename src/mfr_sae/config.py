@@ -26,10 +26,10 @@ class ConfigError(ValueError):
 class DataConfig:
     kind: str = "synthetic"
     """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1), `vectors` (your
-    files) or `activations` (a cache built by `mfr-sae cache`)."""
+    files), `activations` (a cache built by `mfr-sae cache`) or `eeg` (recordings, denoising)."""
     path: str = ""
     """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d];
-    activations: the cache folder."""
+    activations: the cache folder; eeg: an EDF/BDF/FIF/BrainVision file or a folder of them."""
     verify: bool = True
     """activations: check every shard's SHA-256 against the cache manifest before training."""
     holdout: int = 10_000
@@ -49,7 +49,24 @@ class DataConfig:
     normalize_features: bool = False
     """Scale the true features to unit L2 norm (off in the paper)."""
     seed: int = 0
-    """Seed of the feature matrix and of the sample stream."""
+    """Seed of the feature matrix and of the sample stream (and of the EEG noise)."""
+    channels: str | list[str] = "common"
+    """eeg: the EEG channels kept: `common` (those in every file) or a list of names."""
+    sfreq: float = 250.0
+    """eeg: every recording is resampled to this rate (Hz), after the 0.5-45 Hz band-pass."""
+    window_s: float = 1.0
+    """eeg: window length in seconds; a vector is one window, channels x samples, z-scored per channel."""
+    hop_s: float = 1.0
+    """eeg: seconds between the starts of consecutive windows (less than window_s: overlapping windows)."""
+    holdout_fraction: float = 0.1
+    """eeg: the last this fraction of every recording is kept out of training, for evaluation."""
+    noise: str = "none"
+    """eeg: corruption of the input (denoising; the loss is against the clean window): none, white, line,
+    emg or pops."""
+    snr_db: float = 0.0
+    """eeg: signal-to-noise ratio of the corrupted input, in dB, exact per window."""
+    line_freq: float = 50.0
+    """eeg: mains frequency of `line` noise (50 or 60 Hz)."""
 
 
 @dataclass
@@ -82,6 +99,9 @@ class TrainConfig:
     """Seed of the members' initialisation."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
+    autocast: bool = False
+    """bf16 autocast of the encoder and decoder products (weights, gradients and AdamW stay fp32). Faster on
+    GPUs and on CPUs with bf16 units; slower on CPUs without them (bench/RESULTS.md)."""
     log_every: int = 10
     """Steps between lines in metrics.jsonl."""
     checkpoint_every: int = 500
@@ -168,6 +188,16 @@ class RunConfig:
             _check(bool(d.path), f"data.kind={d.kind} needs data.path (a file or folder of vectors, or a cache)")
             _check(d.holdout >= 1, f"data.holdout={d.holdout}: must be >= 1")
             _check(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 1")
+        if d.kind == "eeg":
+            _check(bool(d.path), "data.kind=eeg needs data.path (an EEG file or a folder of recordings)")
+            for name, value in [("data.sfreq", d.sfreq), ("data.window_s", d.window_s), ("data.hop_s", d.hop_s)]:
+                _check(value > 0, f"{name}={value}: must be > 0")
+            _check(d.sfreq > 90, f"data.sfreq={d.sfreq}: must exceed 90 Hz (twice the 45 Hz band-pass edge)")
+            _check(0 < d.holdout_fraction < 1, f"data.holdout_fraction={d.holdout_fraction}: must be in (0, 1)")
+            _check(d.noise in EEG_NOISE_KINDS,
+                   f"data.noise={d.noise!r}: must be one of {', '.join(EEG_NOISE_KINDS)}")
+            _check(d.channels == "common" or isinstance(d.channels, list),
+                   f"data.channels={d.channels!r}: must be common or a list of channel names")
         if d.kind == "synthetic":
             smallest_group = d.n_features // d.n_groups
             _check(d.n_groups <= d.n_features,
@@ -205,7 +235,8 @@ class RunConfig:
         return self
 
 
-DATA_KINDS = ("synthetic", "vectors", "activations")
+DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
+EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -5,6 +5,9 @@ non-zeros per row. Plain autograd scatters it into a dense [N, B, h] tensor and 
 the input (as costly as the forward product); here the encoder's weight gradient is a sparse-dense
 product over the k kept entries, and the decoder is a gather of k rows per sample (embedding_bag).
 
+Under `torch.autocast` both run their products in the autocast dtype (bf16): the inputs are cast once
+on the way in, so the fp32 master weights receive fp32 gradients through the casts.
+
 `reference_encode` / `reference_decode` are the plain dense versions, kept for tests and benchmarks.
 """
 
@@ -13,6 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+
+def autocast_to(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device, else unchanged."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def member_offsets(n_members: int, d_sae: int, device: torch.device) -> Tensor:
@@ -60,12 +72,13 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool = 
 
     x [B, d], weight [N, h, d] (one latent per row), bias [N, h] -> (acts [N, B, k], idx [N, B, k]).
     """
-    return _TopKEncode.apply(x, weight, bias, k, sorted)
+    return _TopKEncode.apply(*autocast_to(x, weight, bias), k, sorted)
 
 
 def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
     """sum_j acts[n, b, j] * decoder[n, idx[n, b, j]]: a gather of k rows per sample -> [N, B, d]."""
     n_members, d_sae, d_in = decoder.shape
+    acts, decoder = autocast_to(acts, decoder)
     rows = idx + member_offsets(n_members, d_sae, idx.device)
     out = F.embedding_bag(rows.reshape(-1, idx.shape[-1]), decoder.reshape(-1, d_in),
                           per_sample_weights=acts.reshape(-1, idx.shape[-1]), mode="sum")

@@ -6,6 +6,8 @@ h = 16384 against h = 16384 never needs the whole h x h matrix at once.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -68,40 +70,52 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
 
 
 @torch.no_grad()
-def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int = 5000) -> dict[str, Tensor]:
-    """Per-member MSE, FVU, L0 and per-latent firing probability on held-out vectors.
+def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int = 5000,
+                           targets: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-member MSE, FVU, L0 and per-latent firing probability on held-out vectors; with `targets`
+    (denoising) the errors are against them, and the SNR of the input and of the output are added.
 
-    Returns tensors with a leading member axis: mse [N], fvu [N], l0 [N], firing_prob [N, h]."""
+    Returns tensors with a leading member axis: mse [N], fvu [N], l0 [N], firing_prob [N, h],
+    and with targets snr_out_db [N] and snr_in_db (one number)."""
     n = ensemble.n_members
     device = ensemble.W_enc.device
+    targets = vectors if targets is None else targets
     squared_error = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.zeros(n, dtype=torch.float64, device=device)
     fired = torch.zeros(n, ensemble.d_sae, dtype=torch.float64, device=device)
-    mean = vectors.double().mean(0).to(device)
-    total_variance = 0.0
+    mean = targets.double().mean(0).to(device)
+    total_variance = signal = input_error = 0.0
     for start in range(0, len(vectors), batch_size):
         x = vectors[start:start + batch_size].to(device)
+        target = targets[start:start + batch_size].to(device).double()
         out = ensemble(x)
-        squared_error += (out.x_hat - x).double().pow(2).sum(dim=(1, 2))
-        total_variance += (x.double() - mean).pow(2).sum().item()
+        squared_error += (out.x_hat - target).pow(2).sum(dim=(1, 2))
+        total_variance += (target - mean).pow(2).sum().item()
+        signal += target.pow(2).sum().item()
+        input_error += (x - target).pow(2).sum().item()
         on = out.acts > 0
         active += on.sum(dim=(1, 2)).double()
         fired.scatter_add_(1, out.idx.reshape(n, -1), on.reshape(n, -1).double())
     count = len(vectors)
-    return {
+    metrics = {
         "mse": (squared_error / (count * ensemble.d_in)).float().cpu(),
         "fvu": (squared_error / total_variance).float().cpu(),
         "l0": (active / count).float().cpu(),
         "firing_prob": (fired / count).float().cpu(),
     }
+    if targets is not vectors:
+        metrics["snr_out_db"] = (10 * torch.log10(signal / squared_error)).float().cpu()
+        metrics["snr_in_db"] = torch.tensor(10 * math.log10(signal / input_error) if input_error else math.inf)
+    return metrics
 
 
 def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
-             threshold: float = 0.9, batch_size: int = 5000) -> tuple[list[dict[str, float]], Tensor]:
-    """One dict per member (k, mse, fvu, l0, dead_frac, and the ground-truth metrics when known), and
-    the firing probability of every latent [N, h]. `dead` [N, h] marks latents that never fired over
-    the training window."""
-    rec = reconstruction_metrics(ensemble, vectors, batch_size)
+             threshold: float = 0.9, batch_size: int = 5000,
+             targets: Tensor | None = None) -> tuple[list[dict[str, float]], Tensor]:
+    """One dict per member (k, mse, fvu, l0, dead_frac, the ground-truth metrics when known, and with
+    denoising `targets` mse_clean, snr_in_db, snr_out_db), and the firing probability of every latent
+    [N, h]. `dead` [N, h] marks latents that never fired over the training window."""
+    rec = reconstruction_metrics(ensemble, vectors, batch_size, targets)
     decoder = ensemble.decoder().detach()
     members = []
     for i in range(ensemble.n_members):
@@ -113,6 +127,10 @@ def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, d
             "l0": rec["l0"][i].item(),
             "dead_frac": dead[i].float().mean().item(),
         }
+        if "snr_out_db" in rec:
+            snr_in = rec["snr_in_db"].item()
+            member.update(mse_clean=member["mse"], snr_in_db=snr_in if math.isfinite(snr_in) else None,
+                          snr_out_db=rec["snr_out_db"][i].item())
         if ground_truth is not None:
             member.update(ground_truth_metrics(decoder[i], ground_truth.to(decoder.device), threshold))
         members.append(member)

@@ -45,6 +45,11 @@ def fmt_mean_sd(values: Sequence[float | None], digits: int = 4) -> str:
     return f"{mean:.{digits}g} ± {sd:.{digits}g}" if len(values) > 1 else f"{mean:.{digits}g}"
 
 
+def fmt_p(p: float | None) -> str:
+    """A p-value to 3 significant digits; `-` where there is none."""
+    return "-" if p is None else f"{p:.3g}"
+
+
 def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str, float | None]:
     """Paired comparison across seeds: mean difference, paired t-test and Wilcoxon signed-rank p-values
     (two-sided; None where too few pairs or no differences). Pairs with a None are left out."""

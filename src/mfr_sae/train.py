@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae.config import ConfigError, RunConfig, load_config, save_config
-from mfr_sae.data import VectorSource, load_ground_truth, make_source
+from mfr_sae.data import VectorSource, load_ground_truth, make_source, split_batch
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer, pairwise_mmcs
@@ -116,13 +116,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, x: Tensor) -> dict[str, Any]:
-        if not torch.isfinite(x).all():
+    def train_step(self, x: Tensor, target: Tensor | None = None) -> dict[str, Any]:
+        """One step on input x; the loss is against `target` (denoising) or x itself."""
+        target = x if target is None else target
+        if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
         decoder = self.ensemble.decoder()
-        acts, idx = self.ensemble.encode(x)
-        x_hat = self.ensemble.decode(acts, idx, decoder)
-        mse = (x_hat - x).pow(2).mean(dim=(1, 2))
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
+            acts, idx = self.ensemble.encode(x)
+            x_hat = self.ensemble.decode(acts, idx, decoder)
+        mse = (x_hat.float() - target).pow(2).mean(dim=(1, 2))
         loss = mse.mean()
         logs: dict[str, Any] = {}
         if self.mfr.penalty_on:
@@ -171,11 +174,12 @@ class Trainer:
         return self.samples_since_fired >= self.cfg.eval.dead_window
 
     def evaluate(self) -> list[dict[str, Any]]:
-        if not hasattr(self, "_eval_vectors"):
-            self._eval_vectors = self.source.eval_vectors(self.cfg.eval.n_samples).to(self.device)
-        members, self.firing_prob = evaluate(self.ensemble, self._eval_vectors, self.ground_truth,
-                                             self.dead_mask(), self.cfg.eval.recovered_threshold,
-                                             self.cfg.eval.batch_size)
+        if not hasattr(self, "_eval_batch"):
+            self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
+        x, target = self._eval_batch
+        members, self.firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.dead_mask(),
+                                             self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
+                                             None if target is x else target)
         return members
 
     def fit(self) -> dict[str, Any]:
@@ -191,7 +195,8 @@ class Trainer:
                    dynamic_ncols=True)
         with open(self.run_dir / METRICS_FILE, "a") as log:
             while self.step < n_steps:
-                logs = self.train_step(next(batches).to(self.device))
+                x, target = split_batch(next(batches))
+                logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == n_steps:
                     record = self._log_record(logs)

@@ -2,12 +2,13 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 mne = pytest.importorskip("mne")
 
 from mfr_sae.data import DataError  # noqa: E402
-from mfr_sae.data.eeg import (NOISE_KINDS, add_noise, band_pass, cut_windows, load_eeg, snr_db,  # noqa: E402
-                              zscore)
+from mfr_sae.data.eeg import (NOISE_KINDS, EEGData, add_noise, band_pass, cut_windows, load_eeg,  # noqa: E402
+                              snr_db, split_holdout, zscore)
 
 SFREQ = 250.0
 
@@ -101,3 +102,53 @@ def test_real_recordings_show_the_berger_effect():
         return power[alpha].sum() / power[(freqs >= 1) & (freqs <= 45)].sum()
 
     assert alpha_share(closed) > 1.5 * alpha_share(opened)
+
+
+def _folder(tmp_path, seconds=40.0):
+    for i, name in enumerate(("a", "b")):
+        _raw(["Fz", "Cz", "Pz", "Oz"], seconds=seconds, seed=i, freqs=[7.0, 10.0, 13.0, 20.0]).save(
+            tmp_path / f"{name}_raw.fif", verbose="error")
+    return tmp_path
+
+
+def test_holdout_is_the_end_of_each_recording_and_never_overlaps_training(tmp_path):
+    eeg = load_eeg(_folder(tmp_path), sfreq=100.0, window_s=1.0, hop_s=0.25)
+    train, held = split_holdout(eeg, 0.2)
+    length = eeg.windows.shape[-1]
+    for r in (0, 1):
+        t, h = train[eeg.recording[train] == r], held[eeg.recording[held] == r]
+        assert len(t) and len(h)
+        assert (eeg.starts[t] + length).max() <= eeg.starts[h].min()  # no shared sample
+        assert eeg.starts[h].min() >= 0.8 * eeg.files[r]["samples"]
+    (tmp_path / "short").mkdir()
+    with pytest.raises(DataError, match="too short"):
+        split_holdout(load_eeg(_folder(tmp_path / "short", seconds=1.5), sfreq=100.0), 0.2)
+
+
+def test_denoising_pairs_are_seeded_restartable_and_at_the_snr(tmp_path):
+    folder = _folder(tmp_path)
+    data = EEGData(folder, sfreq=100.0, hop_s=0.5, noise="white", snr_db=3.0, seed=5)
+    assert data.d == 4 * 100 and data.describe()["train_windows"] == len(data.train)
+    stream = data.batches(32)
+    pairs = [next(stream) for _ in range(8)]  # more than one epoch of training windows
+    assert len(data.train) < 8 * 32
+    for noisy, clean in pairs:
+        assert noisy.shape == clean.shape == (32, 400)
+        shaped = (32, 4, 100)
+        assert snr_db(clean.numpy().reshape(shaped), noisy.numpy().reshape(shaped)) == pytest.approx(3.0, abs=1e-3)
+    resumed = data.batches(32, start_step=5)
+    again = EEGData(folder, sfreq=100.0, hop_s=0.5, noise="white", snr_db=3.0, seed=5).batches(32)
+    for step in range(8):
+        noisy, clean = next(again)
+        assert torch.equal(noisy, pairs[step][0]) and torch.equal(clean, pairs[step][1])
+        if step >= 5:
+            r_noisy, r_clean = next(resumed)
+            assert torch.equal(r_noisy, pairs[step][0]) and torch.equal(r_clean, pairs[step][1])
+    other = next(EEGData(folder, sfreq=100.0, hop_s=0.5, noise="white", snr_db=3.0, seed=6).batches(32))
+    assert not torch.equal(other[0], pairs[0][0])
+    held_noisy, held_clean = data.eval_vectors(10)
+    assert held_noisy.shape == (10, 400) and not torch.equal(held_noisy, held_clean)
+    assert torch.equal(held_noisy, data.eval_vectors(10)[0])
+    plain = EEGData(folder, sfreq=100.0, hop_s=0.5, noise="none")
+    noisy, clean = next(plain.batches(4))
+    assert torch.equal(noisy, clean)

@@ -1,6 +1,7 @@
 """Sources of training vectors. Each has `d`, `batches(batch_size, start_step)` (a deterministic
 stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) and `ground_truth`
-(true feature directions [n_true, d], or None when unknown)."""
+(true feature directions [n_true, d], or None when unknown). A denoising source (EEG) yields
+(input, target) pairs instead of vectors: the SAE reads the input and is scored against the target."""
 
 from __future__ import annotations
 
@@ -21,9 +22,17 @@ class VectorSource(Protocol):
     @property
     def ground_truth(self) -> Tensor | None: ...
 
-    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[Tensor]: ...
+    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[Batch]: ...
 
-    def eval_vectors(self, n: int) -> Tensor: ...
+    def eval_vectors(self, n: int) -> Batch: ...
+
+
+Batch = Tensor | tuple[Tensor, Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
+    """(input, target): a plain batch is its own target."""
+    return batch if isinstance(batch, tuple) else (batch, batch)
 
 
 def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSource:
@@ -37,7 +46,13 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
         from mfr_sae.data.activations import ActivationCache
 
         return ActivationCache(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer, cfg.verify)
+    if cfg.kind == "eeg":
+        from mfr_sae.data.eeg import EEGData
+
+        return EEGData(cfg.path, cfg.channels, cfg.sfreq, cfg.window_s, cfg.hop_s, cfg.holdout_fraction,
+                       cfg.noise, cfg.snr_db, cfg.line_freq, cfg.seed)
     raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
 
 
-__all__ = ["DataError", "SyntheticData", "VectorSource", "VectorsData", "load_ground_truth", "make_source"]
+__all__ = ["Batch", "DataError", "SyntheticData", "VectorSource", "VectorsData", "load_ground_truth", "make_source",
+           "split_batch"]

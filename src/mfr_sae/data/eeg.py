@@ -15,16 +15,20 @@ target SNR in dB; the SAE sees the noisy window and is scored against the clean 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from mfr_sae.config import EEG_NOISE_KINDS as NOISE_KINDS
+from mfr_sae.data.synthetic import seeded_generator
 from mfr_sae.data.vectors import DataError
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".edf", ".bdf", ".fif", ".vhdr")
-NOISE_KINDS = ("none", "white", "line", "emg", "pops")
 
 
 def find_recordings(path: str | Path) -> list[Path]:
@@ -54,11 +58,14 @@ def read_raw(path: Path):
 
 @dataclass
 class EEGWindows:
-    """Clean windows [n_windows, n_channels, n_samples] and what was made of each file."""
+    """Clean windows [n_windows, n_channels, n_samples], for each the recording it comes from and its
+    first sample, and what was made of each file."""
 
     windows: np.ndarray
     channels: list[str]
     sfreq: float
+    recording: np.ndarray
+    starts: np.ndarray
     files: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
@@ -73,9 +80,13 @@ def band_pass(raw, l_freq: float = 0.5, h_freq: float = 45.0, order: int = 5):
                       phase="zero", verbose="error")
 
 
+def window_starts(n_samples: int, length: int, hop: int) -> np.ndarray:
+    return np.arange(0, n_samples - length + 1, hop)
+
+
 def cut_windows(data: np.ndarray, length: int, hop: int) -> np.ndarray:
     """[channels, time] -> [windows, channels, length], a window every `hop` samples."""
-    starts = range(0, data.shape[1] - length + 1, hop)
+    starts = window_starts(data.shape[1], length, hop)
     return np.stack([data[:, s:s + length] for s in starts]) if len(starts) else np.empty((0, len(data), length))
 
 
@@ -101,7 +112,7 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
     else:
         names = list(channels)
     length, hop = round(window_s * sfreq), round(hop_s * sfreq)
-    parts, files = [], []
+    parts, recording, starts, files = [], [], [], []
     for file, raw in raws:
         missing = [c for c in names if c not in raw.ch_names]
         if missing or not names:
@@ -117,12 +128,91 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
             raw = raw.resample(sfreq, verbose="error")
         windows = zscore(cut_windows(raw.get_data(), length, hop))
         parts.append(windows.astype(np.float32))
-        files.append({"file": str(file), "windows": len(windows), "minutes": raw.n_times / sfreq / 60})
+        starts.append(window_starts(raw.n_times, length, hop))
+        recording.append(np.full(len(windows), len(files)))
+        files.append({"file": str(file), "windows": len(windows), "samples": int(raw.n_times),
+                      "minutes": float(raw.n_times / sfreq / 60)})
     for entry in skipped:
         log.warning("skipped %s: %s", entry["file"], entry["reason"])
     if not parts:
         raise DataError(f"{path}: no usable EEG recording ({'; '.join(s['reason'] for s in skipped)[:300]})")
-    return EEGWindows(np.concatenate(parts), names, sfreq, files, skipped)
+    return EEGWindows(np.concatenate(parts), names, sfreq, np.concatenate(recording), np.concatenate(starts),
+                      files, skipped)
+
+
+def split_holdout(eeg: EEGWindows, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and held-out windows: the last `fraction` of every recording is held out;
+    windows that straddle the cut are dropped, so no held-out sample is ever trained on."""
+    length = eeg.windows.shape[-1]
+    cut = np.array([int((1 - fraction) * f["samples"]) for f in eeg.files])[eeg.recording]
+    train = np.flatnonzero(eeg.starts + length <= cut)
+    held = np.flatnonzero(eeg.starts >= cut)
+    if not len(train) or not len(held):
+        raise DataError(f"the EEG recordings are too short to hold out {fraction:.0%} of each and train on "
+                        f"the rest with {length}-sample windows")
+    return train, held
+
+
+class EEGData:
+    """Denoising pairs from EEG recordings: batches of (noisy, clean) windows flattened to vectors.
+
+    The stream is a seeded permutation of the training windows per epoch, and each batch's noise is
+    seeded by (seed, step), so a resumed run sees the same pairs. The SAE is trained on the noisy
+    vectors with its loss against the clean ones; `noise=none` makes the two equal (reconstruction)."""
+
+    ground_truth = None
+
+    def __init__(self, path: str | Path, channels: str | list[str] = "common", sfreq: float = 250.0,
+                 window_s: float = 1.0, hop_s: float = 1.0, holdout_fraction: float = 0.1, noise: str = "none",
+                 snr_db: float = 0.0, line_freq: float = 50.0, seed: int = 0):
+        self.eeg = load_eeg(path, channels, sfreq, window_s, hop_s)
+        train, held = split_holdout(self.eeg, holdout_fraction)
+        vectors = torch.from_numpy(self.eeg.vectors)
+        self.train, self.held = vectors[train], vectors[held]
+        self.window_shape = self.eeg.windows.shape[1:]
+        self.d = vectors.shape[1]
+        self.noise, self.snr_db, self.line_freq, self.seed = noise, snr_db, line_freq, seed
+        self.holdout_fraction = holdout_fraction
+
+    def corrupt(self, clean: Tensor, *key: int) -> Tensor:
+        """The noisy copy of clean vectors, seeded by (seed, *key)."""
+        windows = clean.numpy().reshape(len(clean), *self.window_shape)
+        noisy = add_noise(windows, self.noise, self.snr_db, self.eeg.sfreq, seed=[self.seed, *key],
+                          line_freq=self.line_freq)
+        return torch.from_numpy(noisy.reshape(len(clean), -1))
+
+    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """(noisy, clean) batches from step `start_step` on; epochs repeat with new orders."""
+        n = len(self.train)
+        epoch, position = divmod(start_step * batch_size, n)
+        order = torch.randperm(n, generator=seeded_generator(self.seed, 30, epoch))
+        step = start_step
+        while True:
+            parts, needed = [], batch_size
+            while needed:
+                take = order[position:position + needed]
+                parts.append(take)
+                needed -= len(take)
+                position += len(take)
+                if position == n:
+                    epoch, position = epoch + 1, 0
+                    order = torch.randperm(n, generator=seeded_generator(self.seed, 30, epoch))
+            clean = self.train[torch.cat(parts)]
+            yield self.corrupt(clean, 31, step), clean
+            step += 1
+
+    def eval_vectors(self, n: int) -> tuple[Tensor, Tensor]:
+        """(noisy, clean): the first min(n, held-out) held-out windows, with their own seeded noise."""
+        clean = self.held[:n]
+        return self.corrupt(clean, 32), clean
+
+    def describe(self) -> dict:
+        """What was read: files, channels, rate, windows for training and evaluation, skipped files."""
+        return {"files": self.eeg.files, "skipped": self.eeg.skipped, "channels": self.eeg.channels,
+                "n_channels": len(self.eeg.channels), "sfreq": self.eeg.sfreq,
+                "window_samples": int(self.window_shape[1]), "train_windows": len(self.train),
+                "holdout_windows": len(self.held), "holdout_fraction": self.holdout_fraction,
+                "noise": self.noise, "snr_db": self.snr_db}
 
 
 # ---------------------------------------------------------------- noise
@@ -134,9 +224,9 @@ def _scaled(noise: np.ndarray, clean: np.ndarray, snr_db: float) -> np.ndarray:
     return noise * np.sqrt(p_clean / p_noise / 10 ** (snr_db / 10))
 
 
-def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: int = 0,
+def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: int | list[int] = 0,
               line_freq: float = 50.0) -> np.ndarray:
-    """Noisy copies of clean windows [n, channels, samples] at the target SNR (dB)."""
+    """Noisy copies of clean windows [n, channels, samples] at the target SNR (dB); seeded by `seed`."""
     if kind not in NOISE_KINDS:
         raise DataError(f"noise {kind!r}: must be one of {', '.join(NOISE_KINDS)}")
     if kind == "none":

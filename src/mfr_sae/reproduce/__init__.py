@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
-from mfr_sae.config import RunConfig
-from mfr_sae.train import RESULTS_FILE, resume, train
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mfr_sae.checkpoint import load  # noqa: E402
+from mfr_sae.config import RunConfig  # noqa: E402
+from mfr_sae.train import RESULTS_FILE, resume, train  # noqa: E402
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -17,3 +27,38 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, A
     if run_dir.exists():
         return resume(run_dir, progress=progress)
     return train(cfg, run_dir, progress=progress)
+
+
+def machine() -> str:
+    return (torch.cuda.get_device_name() if torch.cuda.is_available()
+            else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+
+
+def relative(a: float, b: float) -> str:
+    return f"{100 * (a - b) / b:+.2f}%"
+
+
+def decoder_distances(run_dir: Path) -> list[float]:
+    """Paper Section 4.3: for each member, the mean L2 (Frobenius) distance of its decoder matrix to
+    the other members' decoders (raw, without aligning latents, as in the paper)."""
+    decoder = load(run_dir).decoder().detach()
+    n = len(decoder)
+    dist = torch.zeros(n, n)
+    for a, b in itertools.combinations(range(n), 2):
+        dist[a, b] = dist[b, a] = (decoder[a] - decoder[b]).norm()
+    return (dist.sum(1) / (n - 1)).tolist()
+
+
+def figure_distances(dist: dict[str, list[float]], ks: list[int], path: Path) -> None:
+    """Bars of decoder_distances per member (one k each), baseline beside MFR."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(ks))
+    for offset, (name, values) in zip((-0.2, 0.2), dist.items()):
+        ax.bar(x + offset, values, width=0.4, label=name)
+    ax.set_xticks(x, [f"k={k}" for k in ks])
+    ax.set_ylabel("mean L2 distance to the other members' decoders")
+    ax.set_title("Decoder distances between members (paper Section 4.3)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

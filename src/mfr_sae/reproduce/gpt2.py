@@ -10,24 +10,17 @@ distance analysis of the paper's Section 4.3.
 
 from __future__ import annotations
 
-import itertools
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mfr_sae.checkpoint import load, write_json  # noqa: E402
-from mfr_sae.config import load_config  # noqa: E402
-from mfr_sae.data.activations import build_cache, read_manifest  # noqa: E402
-from mfr_sae.report import embed_png, markdown_table  # noqa: E402
-from mfr_sae.reproduce import train_or_reuse  # noqa: E402
+from mfr_sae.checkpoint import write_json
+from mfr_sae.config import load_config
+from mfr_sae.data.activations import build_cache, read_manifest
+from mfr_sae.report import embed_png, markdown_table
+from mfr_sae.reproduce import decoder_distances, figure_distances, machine, relative, train_or_reuse
 
 KS = [6, 12, 18, 24, 30]
 # Paper Tables 1 (MSE) and 2 (cross-entropy with the SAE spliced in), MFR and baseline, by k.
@@ -50,35 +43,6 @@ def run_overrides(cache: Path, mfr: bool, setting: dict[str, int], holdout: int)
             f"train.n_samples={setting['tokens']}", "train.checkpoint_every=200", f"eval.n_samples={holdout}",
             f"eval.lm_sequences={setting['lm_sequences']}", f"mfr.enabled={str(mfr).lower()}",
             f"mfr.match_every={setting['match_every']}"]
-
-
-def decoder_distances(run_dir: Path) -> list[float]:
-    """Paper Section 4.3: for each member, the mean L2 (Frobenius) distance of its decoder matrix to
-    the other members' decoders (raw, without aligning latents, as in the paper)."""
-    decoder = load(run_dir).decoder().detach()
-    n = len(decoder)
-    dist = torch.zeros(n, n)
-    for a, b in itertools.combinations(range(n), 2):
-        dist[a, b] = dist[b, a] = (decoder[a] - decoder[b]).norm()
-    return (dist.sum(1) / (n - 1)).tolist()
-
-
-def figure_distances(dist: dict[str, list[float]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = np.arange(len(KS))
-    for offset, (name, values) in zip((-0.2, 0.2), dist.items()):
-        ax.bar(x + offset, values, width=0.4, label=name)
-    ax.set_xticks(x, [f"k={k}" for k in KS])
-    ax.set_ylabel("mean L2 distance to the other members' decoders")
-    ax.set_title("Decoder distances between members (paper Section 4.3)", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def relative(a: float, b: float) -> str:
-    return f"{100 * (a - b) / b:+.2f}%"
 
 
 def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
@@ -107,14 +71,13 @@ def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
                for name in ("baseline", "mfr") for m in results[name]["members"]]
     dist = {name: decoder_distances(out / "runs" / name) for name in ("baseline", "mfr")}
     figure = out / "fig_decoder_distance.png"
-    figure_distances(dist, figure)
+    figure_distances(dist, KS, figure)
     summary = {
         "experiment": "gpt2",
         "quick": quick,
         "model": model, "text": text, "hook": hook, "module": manifest["module"],
         "tokens": setting["tokens"], "match_every": setting["match_every"], "context": context,
-        "machine": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "lm": {name: results[name]["lm"] for name in results},
         "beta": results["mfr"]["beta"],

@@ -13,7 +13,6 @@ Runs already finished in DIR/runs are reused and interrupted ones resumed.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from itertools import combinations  # noqa: E402
@@ -33,8 +31,8 @@ from mfr_sae.compare import decoder_agreement  # noqa: E402
 from mfr_sae.config import RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
-from mfr_sae.report import embed_png, fmt_mean_sd, markdown_table, paired_test  # noqa: E402
-from mfr_sae.reproduce import train_or_reuse  # noqa: E402
+from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test  # noqa: E402
+from mfr_sae.reproduce import machine, train_or_reuse  # noqa: E402
 from mfr_sae.train import METRICS_FILE  # noqa: E402
 
 METHODS = {
@@ -213,7 +211,7 @@ def winners(methods: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
         p = test["t_test_p"]
         rows.append({"measure": key, "best": best, "mean": float(means[best]), "runner-up": second,
                      "runner-up mean": float(means[second]),
-                     "t-test p": "-" if p is None else f"{p:.3g}",
+                     "t-test p": fmt_p(p),
                      "clear win": "yes" if p is not None and p < 0.05 else "no"})
     return rows
 
@@ -233,8 +231,8 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
     for name, test in s["tests"].items():
         for key, t in test.items():
             test_rows.append({"comparison": name, "metric": key, "mean difference": t["mean_diff"],
-                              "n": t["n"], "t-test p": "-" if t["t_test_p"] is None else f"{t['t_test_p']:.3g}",
-                              "Wilcoxon p": "-" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.3g}",
+                              "n": t["n"], "t-test p": fmt_p(t["t_test_p"]),
+                              "Wilcoxon p": fmt_p(t["wilcoxon_p"]),
                               "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0])})
     main = s["tests"]["mfr vs baseline"]
     n_reinit = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
@@ -368,8 +366,7 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
         "experiment": "synthetic",
         "quick": quick,
         "seeds": seeds,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
+        "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "threshold": cfg.eval.recovered_threshold,
         "shared_threshold": shared_threshold,

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+mne = pytest.importorskip("mne")
+
+from mfr_sae.cli import main  # noqa: E402
+from mfr_sae.reproduce.eeg import KS, reproduce_eeg  # noqa: E402
+
+SMALL = ["sae.d_sae=64", "train.batch_size=64", "train.n_samples=1280", "eval.n_samples=200", "mfr.reinit_samples=128"]
+
+
+def _recordings(folder, n=2, seconds=60.0, sfreq=200.0):
+    """Short FIF recordings made here (alpha-like rhythm plus noise on 6 scalp channels)."""
+    folder.mkdir()
+    names = ["Fz", "Cz", "Pz", "O1", "Oz", "O2"]
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        t = np.arange(int(seconds * sfreq)) / sfreq
+        data = [np.sin(2 * np.pi * rng.uniform(8, 12) * t + rng.uniform(0, 6)) + 0.5 * rng.standard_normal(len(t))
+                for _ in names]
+        raw = mne.io.RawArray(np.array(data) * 1e-5, mne.create_info(names, sfreq, "eeg"), verbose="error")
+        raw.save(folder / f"rec{i}_raw.fif", verbose="error")
+    return folder
+
+
+def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
+    data = _recordings(tmp_path / "eeg")
+    out = tmp_path / "out"
+    reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False, overrides=SMALL)
+    for name in ("report.md", "results.json", "fig_mse_by_k.png", "fig_decoder_distance.png",
+                 "fig_denoising_example.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["recordings"]["n_channels"] == 6 and len(results["recordings"]["files"]) == 2
+    assert len(results["members"]) == 2 * 10
+    for seed in (0, 1):
+        for mfr in (False, True):
+            assert sorted(m["k"] for m in results["members"] if m["seed"] == seed and m["mfr"] == mfr) == KS
+    for member in results["members"]:
+        assert member["snr_in_db"] == pytest.approx(5.0, abs=0.01)  # exact per window, so over the set
+        assert member["mse_clean"] > 0 and np.isfinite(member["snr_out_db"])
+        if not member["mfr"]:
+            assert member["reinits"] == 0 and member["last_reinit_step"] is None
+    events = sum(m["reinits"] for m in results["members"])
+    assert events == results["reinit_events"] and results["train_seconds"] > 0
+    report = (out / "report.md").read_text()
+    assert "Table 3" in report and "0.42" in report and "line noise at 5 dB SNR" in report
+    assert report.count("data:image/png") == 3 and " ± " in report
+    # a second call reuses the finished runs
+    again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False,
+                          overrides=SMALL)
+    assert again["members"] == results["members"]
+
+
+def test_a_folder_without_usable_recordings_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "eeg").mkdir()
+    (tmp_path / "eeg" / "a.edf").write_bytes(b"not an edf")
+    code = main(["reproduce", "eeg", "--quick", "--data", str(tmp_path / "eeg"), "--out", str(tmp_path / "out"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no usable EEG recording" in err and "cannot read" in err
+    assert len(err.strip().splitlines()) == 1
