@@ -39,7 +39,7 @@ def test_yaml_file_and_overrides(tmp_path):
     (["data.kind=eeg", "data.path=x", "data.sfreq=80"], "data.sfreq=80.0: must exceed 90 Hz"),
     (["data.kind=eeg", "data.path=x", "data.noise=pink"], "data.noise='pink': must be one of none, white"),
     (["data.kind=eeg", "data.path=x", "data.holdout_fraction=1"], "data.holdout_fraction=1.0: must be in (0, 1)"),
-    (["data.kind=eeg", "data.path=x", "data.channels=all"], "data.channels='all': must be common or a list"),
+    (["data.kind=eeg", "data.path=x", "data.channels=[]"], "data.channels=[]: must be common, an MNE montage"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:

@@ -51,7 +51,8 @@ class DataConfig:
     seed: int = 0
     """Seed of the feature matrix and of the sample stream (and of the EEG noise)."""
     channels: str | list[str] = "common"
-    """eeg: the EEG channels kept: `common` (those in every file) or a list of names."""
+    """eeg: the EEG channels kept: `common` (those in every file), the name of an MNE standard montage
+    (`colin27_1020`, `biosemi64`, ...: its channels that every file has), or a list of names."""
     sfreq: float = 250.0
     """eeg: every recording is resampled to this rate (Hz), after the 0.5-45 Hz band-pass."""
     window_s: float = 1.0
@@ -196,8 +197,8 @@ class RunConfig:
             _check(0 < d.holdout_fraction < 1, f"data.holdout_fraction={d.holdout_fraction}: must be in (0, 1)")
             _check(d.noise in EEG_NOISE_KINDS,
                    f"data.noise={d.noise!r}: must be one of {', '.join(EEG_NOISE_KINDS)}")
-            _check(d.channels == "common" or isinstance(d.channels, list),
-                   f"data.channels={d.channels!r}: must be common or a list of channel names")
+            _check(isinstance(d.channels, (str, list)) and bool(d.channels),
+                   f"data.channels={d.channels!r}: must be common, an MNE montage name or a list of channel names")
         if d.kind == "synthetic":
             smallest_group = d.n_features // d.n_groups
             _check(d.n_groups <= d.n_features,

@@ -8,7 +8,7 @@ mne = pytest.importorskip("mne")
 
 from mfr_sae.data import DataError  # noqa: E402
 from mfr_sae.data.eeg import (NOISE_KINDS, EEGData, add_noise, band_pass, cut_windows, load_eeg,  # noqa: E402
-                              snr_db, split_holdout, zscore)
+                              select_channels, snr_db, split_holdout, zscore)
 
 SFREQ = 250.0
 
@@ -79,6 +79,15 @@ def test_common_channels_are_those_in_every_file(tmp_path):
     _raw(["Fz", "Cz", "Pz"]).save(tmp_path / "a_raw.fif", verbose="error")
     _raw(["Pz", "Fz", "Oz"], seed=1).save(tmp_path / "b_raw.fif", verbose="error")
     assert load_eeg(tmp_path).channels == ["Fz", "Pz"]
+
+
+def test_a_named_montage_keeps_its_channels_that_every_file_has():
+    files = [["EKG", "Pz", "Fz", "Cz", "T3"], ["Cz", "Fz", "Pz", "EKG"]]
+    assert select_channels(files, "colin27_1020") == ["Fz", "Cz", "Pz"]  # the montage's order
+    assert select_channels(files, "common") == ["EKG", "Pz", "Fz", "Cz"]
+    assert select_channels(files, ["Cz", "Oz"]) == ["Cz", "Oz"]  # as given; files without Oz are skipped
+    with pytest.raises(DataError, match="neither `common`, a list of names, nor an MNE montage"):
+        select_channels(files, "standard_9999")
 
 
 def test_real_recordings_show_the_berger_effect():

@@ -1,7 +1,7 @@
 """EEG recordings as vectors (SPEC section 6, paper Section 4.2), read with MNE-Python.
 
 EDF/BDF (the TUH corpus is EDF), FIF and BrainVision files, or a folder of them. Per file: keep the EEG
-channels chosen (`common`: those present in every file, in the first file's order; or a list), band-pass
+channels chosen (`common`: those present in every file; a standard montage's name; or a list), band-pass
 0.5-45 Hz with MNE's Butterworth IIR filter (order 5, applied forward and backward: zero phase), resample
 to one rate, cut windows (`window_s` long every `hop_s`), z-score every channel of every window, and
 flatten channels x samples into one vector. Files that do not fit (missing channels, shorter than a
@@ -56,6 +56,25 @@ def read_raw(path: Path):
     return raw.pick("eeg")
 
 
+def select_channels(files: list[list[str]], channels: str | list[str]) -> list[str]:
+    """The channels kept: a list as given; `common`: those in every file, in the first file's order; the
+    name of an MNE standard montage (`colin27_1020`, `biosemi64`, ...): its channels found in every file,
+    in the montage's order."""
+    if not isinstance(channels, str):
+        return list(channels)
+    if channels == "common":
+        order = files[0] if files else []
+    else:
+        import mne
+
+        try:
+            order = mne.channels.make_standard_montage(channels).ch_names
+        except ValueError:
+            raise DataError(f"data.channels={channels!r}: neither `common`, a list of names, nor an MNE "
+                            f"montage ({', '.join(mne.channels.get_builtin_montages()[:6])}, ...)") from None
+    return [c for c in order if all(c in names for names in files)]
+
+
 @dataclass
 class EEGWindows:
     """Clean windows [n_windows, n_channels, n_samples], for each the recording it comes from and its
@@ -107,10 +126,7 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
             raws.append((file, read_raw(file)))
         except DataError as err:
             skipped.append({"file": str(file), "reason": str(err)})
-    if channels == "common":
-        names = [c for c in raws[0][1].ch_names if all(c in r.ch_names for _, r in raws)] if raws else []
-    else:
-        names = list(channels)
+    names = select_channels([raw.ch_names for _, raw in raws], channels)
     length, hop = round(window_s * sfreq), round(hop_s * sfreq)
     parts, recording, starts, files = [], [], [], []
     for file, raw in raws:
