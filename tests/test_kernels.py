@@ -82,3 +82,30 @@ def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_
     assert (out.float() - ref_out).norm() / ref_out.norm() < 0.1  # bf16 keeps 8 bits of mantissa
     for name, g, r in zip(["W_enc", "b_enc", "W_dec"], grads, ref_grads):
         assert (g - r).norm() / r.norm() < 0.1, name
+
+
+@pytest.mark.parametrize("ks", [[4, 4, 4], [2, 4, 11]])
+def test_fused_tied_reconstruction_matches_the_reference_values_and_gradients(ks):
+    from mfr_sae.kernels import tied_topk
+
+    x, w, bias, _ = _inputs()
+    target = torch.randn(3, 17, 6, dtype=torch.float64)
+    k = max(ks)
+    mask = (torch.arange(k) < torch.tensor(ks).view(-1, 1)).view(3, 1, k).double()
+    uniform = len(set(ks)) == 1
+
+    def reference(x, w, bias):
+        acts, idx = reference_encode(x, w, bias, k)
+        acts = acts if uniform else acts * mask
+        return reference_decode(acts, idx, torch.nn.functional.normalize(w, dim=-1)), acts
+
+    out, acts, _ = tied_topk(x, w, bias, k, None if uniform else mask)
+    ref_out, ref_acts = reference(x, w, bias)
+    torch.testing.assert_close(out, ref_out)
+    assert not acts.requires_grad and torch.allclose(acts.sort(-1).values, ref_acts.sort(-1).values)
+    grads = torch.autograd.grad((out - target).pow(2).sum(), [x, w, bias])
+    ref_grads = torch.autograd.grad((ref_out - target).pow(2).sum(), [x, w, bias])
+    for name, g, r in zip(["x", "W", "b_enc"], grads, ref_grads):
+        torch.testing.assert_close(g, r, msg=f"gradient of {name}")
+    assert torch.autograd.gradcheck(lambda x, w, b: tied_topk(x, w, b, k, None if uniform else mask)[0],
+                                    (x, w, bias))

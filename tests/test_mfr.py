@@ -47,6 +47,11 @@ def test_matched_penalty_equals_the_dense_one_in_value_and_gradient_at_a_matchin
     (g_fast,) = torch.autograd.grad(fast, raw)
     torch.testing.assert_close(fast, dense)
     torch.testing.assert_close(g_fast, g_dense)
+    # from the raw rows: the matched penalty normalises them itself, in value and gradient
+    links = link_matrix(match_all(F.normalize(raw, dim=-1).detach(), "max", 7), 3, 50)
+    raw_value = matched_mmcs(raw, links)
+    torch.testing.assert_close(raw_value, dense)
+    torch.testing.assert_close(torch.autograd.grad(raw_value, raw)[0], g_dense)
 
 
 def test_warmup_is_a_cosine_ramp():

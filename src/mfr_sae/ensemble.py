@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mfr_sae.data.synthetic import seeded_generator
-from mfr_sae.kernels import sparse_decode, topk_encode, unit_rows
+from mfr_sae.kernels import sparse_decode, tied_topk, topk_encode, unit_rows
 
 INIT_STREAM = 7
 
@@ -77,9 +77,14 @@ class Ensemble(nn.Module):
         if self.b_dec is not None:
             self.b_dec[i].zero_()
 
+    @property
+    def decoder_weight(self) -> Tensor:
+        """The parameter whose rows, scaled to unit norm, are the decoder: W_enc when tied. [N, h, d]"""
+        return self.W_enc if self.W_dec is None else self.W_dec
+
     def decoder(self) -> Tensor:
         """Decoder rows, unit norm: [N, h, d]."""
-        return unit_rows(self.W_enc if self.W_dec is None else self.W_dec)
+        return unit_rows(self.decoder_weight)
 
     @torch.no_grad()
     def renormalize_decoder(self) -> None:
@@ -87,16 +92,22 @@ class Ensemble(nn.Module):
         if self.W_dec is not None:
             self.W_dec.copy_(F.normalize(self.W_dec, dim=-1))
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, d] -> (acts [N, B, k_max], idx [N, B, k_max])."""
+    def _encoder_bias(self, x: Tensor) -> Tensor:
+        """Checks x [B, d]; the bias of the encoder product."""
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected input of shape [batch, {self.d_in}], got {list(x.shape)}")
-        bias = self.b_enc
-        if self.b_dec is not None:  # W (x - b_dec) + b_enc = W x + (b_enc - W b_dec)
-            bias = bias - torch.einsum("nhd,nd->nh", self.W_enc, self.b_dec)
-        uniform_k = len(set(self.ks)) == 1
-        acts, idx = topk_encode(x, self.W_enc, bias, self.k_max, sorted=not uniform_k)
-        if not uniform_k:
+        if self.b_dec is None:
+            return self.b_enc
+        return self.b_enc - torch.einsum("nhd,nd->nh", self.W_enc, self.b_dec)  # W (x - b_dec) + b_enc
+
+    @property
+    def _uniform_k(self) -> bool:
+        return len(set(self.ks)) == 1
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, d] -> (acts [N, B, k_max], idx [N, B, k_max])."""
+        acts, idx = topk_encode(x, self.W_enc, self._encoder_bias(x), self.k_max, sorted=not self._uniform_k)
+        if not self._uniform_k:
             acts = acts * self.k_mask
         return acts, idx
 
@@ -107,8 +118,16 @@ class Ensemble(nn.Module):
         return x_hat
 
     def forward(self, x: Tensor) -> EnsembleOutput:
-        acts, idx = self.encode(x)
-        return EnsembleOutput(self.decode(acts, idx), acts, idx)
+        """Every member's reconstruction of x [B, d]; tied ensembles take the fused kernel (one weight
+        gradient for encoder and decoder), untied ones encode then decode."""
+        if self.W_dec is not None:
+            acts, idx = self.encode(x)
+            return EnsembleOutput(self.decode(acts, idx), acts, idx)
+        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), self.k_max,
+                                     None if self._uniform_k else self.k_mask)
+        if self.b_dec is not None:
+            x_hat = x_hat + self.b_dec.unsqueeze(1)
+        return EnsembleOutput(x_hat, acts, idx)
 
     def dense_codes(self, x: Tensor) -> Tensor:
         """Latent activations as a dense [N, B, h] tensor (for analysis, not training)."""

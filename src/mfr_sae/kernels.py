@@ -75,6 +75,72 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool = 
     return _TopKEncode.apply(*autocast_to(x, weight, bias), k, sorted)
 
 
+class _TiedTopK(torch.autograd.Function):
+    """Encoder, TopK and the tied decoder (unit-norm encoder rows) in one function, so that the weight
+    gradient of both ends is written once: one sparse product over the kept (latent, sample) pairs,
+
+        dL/dw_r = sum_b g_pre[b, r] x_b + sum_b a[b, r] / n_r g_b - w_r / n_r^2 sum_b a[b, r] / n_r (g_b . w_r),
+
+    (n_r = ||w_r||, g_b = dL/dx_hat_b), with no dense normalised copy of the weights in either pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None):
+        n_members, d_sae, d_in = weight.shape
+        pre = torch.baddbmm(bias.unsqueeze(1), x.expand(n_members, *x.shape), weight.transpose(1, 2))
+        acts, idx = pre.topk(k, dim=-1, sorted=mask is not None)
+        acts = acts.relu_() if mask is None else acts.relu_().mul_(mask)
+        flat = weight.reshape(-1, d_in)
+        inv_norm = torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_()
+        rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1, k)
+        scaled = acts.reshape(-1, k) * inv_norm[rows]  # a / n: the weight of each gathered raw row
+        x_hat = F.embedding_bag(rows, flat, per_sample_weights=scaled, mode="sum")
+        ctx.save_for_backward(x, weight, acts, rows, inv_norm, scaled)
+        ctx.mark_non_differentiable(acts, idx)
+        return x_hat.view(n_members, -1, d_in), acts, idx
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_acts: Tensor | None, _grad_idx: Tensor | None):
+        x, weight, acts, rows, inv_norm, scaled = ctx.saved_tensors
+        n_members, d_sae, d_in = weight.shape
+        batch, k = x.shape[0], rows.shape[-1]
+        flat = weight.reshape(-1, d_in).detach()
+        grad_rows = grad_out.reshape(-1, d_in)
+        with torch.enable_grad():  # g_b . w_r for every kept pair: embedding_bag's own sparse backward
+            weights = scaled.detach().requires_grad_()
+            out = F.embedding_bag(rows, flat, per_sample_weights=weights, mode="sum")
+            (dot,) = torch.autograd.grad(out, weights, grad_rows)
+        grad_pre = (dot * inv_norm[rows]) * (acts.reshape(-1, k) > 0)
+        row_ids = rows.reshape(-1)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            samples = torch.arange(batch, device=x.device).repeat(n_members).repeat_interleave(k)
+            outputs = torch.arange(n_members * batch, device=x.device).repeat_interleave(k) + batch
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([row_ids.repeat(2), torch.cat([samples, outputs])]),
+                torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]),
+                (n_members * d_sae, batch + n_members * batch), is_coalesced=False, check_invariants=False)
+            grad_weight = torch.sparse.mm(sparse, torch.cat([x, grad_rows]))
+            along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, (scaled * dot).reshape(-1))
+            grad_weight.addcmul_(flat, (along * inv_norm.square()).unsqueeze(1), value=-1)
+            grad_weight = grad_weight.view_as(weight)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, grad_pre.reshape(-1))
+            grad_bias = grad_bias.view(n_members, d_sae)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(rows, flat, per_sample_weights=grad_pre, mode="sum")
+            grad_x = grad_x.view(n_members, batch, d_in).sum(0)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def tied_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """A tied ensemble's reconstruction: x_hat = sum of the kept ReLU(TopK(x W^T + b)) times the
+    unit-norm rows of W. mask [N, 1, k] (optional, sorts TopK) zeroes the slots beyond a member's k.
+    -> (x_hat [N, B, d], acts [N, B, k], idx [N, B, k]); acts and idx carry no gradient."""
+    x, weight, bias = autocast_to(x, weight, bias)
+    return _TiedTopK.apply(x, weight, bias, k, None if mask is None else mask.to(x.dtype))
+
+
 def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
     """sum_j acts[n, b, j] * decoder[n, idx[n, b, j]]: a gather of k rows per sample -> [N, B, d]."""
     n_members, d_sae, d_in = decoder.shape

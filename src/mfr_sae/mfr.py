@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig
+from mfr_sae.kernels import unit_rows
 from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
 
 
@@ -78,11 +79,11 @@ class Links:
     columns: Tensor
     values: Tensor
 
-    def times(self, decoder: Tensor) -> Tensor:
-        """L @ D as a weighted sum of rows per output row (embedding_bag: fast on CPU and CUDA)."""
-        flat = decoder.reshape(-1, decoder.shape[-1])
+    def times(self, flat: Tensor, scale: Tensor) -> Tensor:
+        """L @ (rows of `flat` [N * h, d] times `scale` [N * h]), as a weighted sum of rows per output row
+        (embedding_bag: fast on CPU and CUDA)."""
         return F.embedding_bag(self.columns, flat, offsets=self.offsets,
-                               per_sample_weights=self.values.to(flat.dtype), mode="sum")
+                               per_sample_weights=self.values.to(flat.dtype) * scale[self.columns], mode="sum")
 
 
 def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
@@ -105,24 +106,31 @@ def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
 
 
 class _LinkedSimilarity(torch.autograd.Function):
-    """sum(D * (L @ D)) for a fixed symmetric L; its gradient is 2 L @ D, the same product."""
+    """sum(D * (L @ D)) for a fixed symmetric L and D = W with rows scaled to unit norm, from the raw
+    rows W (no normalised copy): L @ D gathers raw rows weighted by L / ||w||, and the gradient,
+    2 (L @ D - (w . L @ D) w / ||w||^2) / ||w|| per row, reuses that product."""
 
     @staticmethod
-    def forward(ctx, decoder: Tensor, links: Links) -> Tensor:
-        product = links.times(decoder).view_as(decoder)
-        ctx.save_for_backward(product)
-        return (decoder * product).sum()
+    def forward(ctx, weight: Tensor, links: Links) -> Tensor:
+        flat = weight.reshape(-1, weight.shape[-1])
+        inv_norm = torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_()
+        product = links.times(flat, inv_norm)
+        along = torch.linalg.vecdot(flat, product)  # w_r . (L @ D)_r
+        ctx.save_for_backward(flat, product, inv_norm, along)
+        ctx.shape = weight.shape
+        return (along * inv_norm).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (product,) = ctx.saved_tensors
-        return 2 * grad * product, None
+        flat, product, inv_norm, along = ctx.saved_tensors
+        out = product.addcmul(flat, (along * inv_norm.square()).unsqueeze(1), value=-1)
+        return out.mul_((2 * grad * inv_norm).unsqueeze(1)).view(ctx.shape), None
 
 
-def matched_mmcs(decoder: Tensor, links: Links) -> Tensor:
-    """Mean over member pairs of MMCS from fixed matches, differentiable; decoder [N, h, d] with
-    unit-norm rows. One sparse product per step, O(P h d)."""
-    return _LinkedSimilarity.apply(decoder, links)
+def matched_mmcs(weight: Tensor, links: Links) -> Tensor:
+    """Mean over member pairs of MMCS from fixed matches, differentiable; weight [N, h, d]: decoder rows
+    of any norm (the cosines are taken of their directions). One sparse product per step, O(P h d)."""
+    return _LinkedSimilarity.apply(weight, links)
 
 
 def dense_mmcs(decoder: Tensor) -> Tensor:
@@ -164,17 +172,17 @@ class MutualRegularizer:
 
     # ------------------------------------------------------------------ penalty
 
-    def penalty(self, decoder: Tensor, step: int, recon_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """beta * w(step) * mean over pairs (1 - MMCS); decoder [N, h, d] with unit-norm rows."""
+    def penalty(self, weight: Tensor, step: int, recon_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """beta * w(step) * mean over pairs (1 - MMCS); weight [N, h, d]: the decoder rows (any norm)."""
         if self.cfg.match_every == 0:
-            mmcs = dense_mmcs(decoder)
+            mmcs = dense_mmcs(unit_rows(weight))
         else:
             if self.matches is None or step % self.cfg.match_every == 0:
-                self.matches = match_all(decoder.detach(), self.cfg.mmcs)
+                self.matches = match_all(F.normalize(weight.detach(), dim=-1), self.cfg.mmcs)
                 self.links = None
             if self.links is None:
-                self.links = link_matrix(self.matches, len(decoder), decoder.shape[1])
-            mmcs = matched_mmcs(decoder, self.links)
+                self.links = link_matrix(self.matches, len(weight), weight.shape[1])
+            mmcs = matched_mmcs(weight, self.links)
         distance = (1 - mmcs).mean()
         if self.beta is None:  # auto: the penalty equals the reconstruction loss at the start
             if distance.item() <= 1e-8:
