@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -137,7 +138,8 @@ def venv_python(root: Path, name: str) -> Path:
     package, module = PEERS[name]
     folder = root / name
     python = folder / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", f"import torch, {module}"], capture_output=True).returncode == 0:
+    check = subprocess.run([python, "-c", f"import torch, {module}"], capture_output=True) if python.exists() else None
+    if check is not None and check.returncode == 0:
         return python
     root.mkdir(parents=True, exist_ok=True)
     (root / ".gitignore").write_text("*\n")  # keep the venvs out of git
@@ -147,8 +149,8 @@ def venv_python(root: Path, name: str) -> Path:
     done = subprocess.run([sys.executable, "-m", "venv", "--clear", folder], capture_output=True, text=True)
     if done.returncode == 0:
         (folder / "constraints.txt").write_text(torch_pin + "\n")  # pip must not swap torch for another version
-        done = subprocess.run([python, "-m", "pip", "install", "-q", "-c", folder / "constraints.txt", torch_pin, package],
-                              capture_output=True, text=True)
+        done = subprocess.run([python, "-m", "pip", "install", "-q", "-c", folder / "constraints.txt", torch_pin,
+                               package], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"install failed: {last_line(done.stderr + done.stdout)}")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
@@ -163,7 +165,10 @@ def run_peer(name: str, root: Path, spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:
         return {"error": str(err)}
     print(f"timing {PEERS[name][0]} ({N} SAEs one after another) ...", flush=True)
-    done = subprocess.run([python, __file__, "--worker", name, json.dumps(spec)], capture_output=True, text=True)
+    # the same glibc setting as mfr-sae's trainer (train.keep_freed_cpu_memory), through its environment variables
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    done = subprocess.run([python, __file__, "--worker", name, json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
     try:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -218,7 +223,8 @@ def main() -> None:
     for dtype in dtypes:
         w, b = base.ensemble.W_enc.detach().to(DTYPES[dtype]), base.ensemble.b_enc.detach().to(DTYPES[dtype])
         xd = x.to(DTYPES[dtype]).expand(N, *x.shape)
-        seconds[dtype]["floor"] = timed(lambda: torch.baddbmm(b.unsqueeze(1), xd, w.transpose(1, 2)), args.steps, device)
+        seconds[dtype]["floor"] = timed(lambda: torch.baddbmm(b.unsqueeze(1), xd, w.transpose(1, 2)), args.steps,
+                                        device)
         extra = [] if dtype == "fp32" else bf16
         if extra is None:
             continue

@@ -9,10 +9,11 @@ from pathlib import Path
 from mfr_sae.checkpoint import CheckpointError
 from mfr_sae.config import EEG_NOISE_KINDS, ConfigError, help_text, load_config
 from mfr_sae.data import DataError
+from mfr_sae.distributed import RankLost, world_from_env
 from mfr_sae.report import markdown_table
 from mfr_sae.train import TrainingError, resume, train
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +140,9 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs --out DIR (or --resume DIR)")
         results = train(load_config(args.config, args.overrides), args.out, progress=progress)
         out = args.out
-    print(markdown_table(results["members"]))
-    print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
+    if world_from_env()[0] == 0:  # under torchrun, rank 0 speaks for all
+        print(markdown_table(results["members"]))
+        print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
     return 0
 
 

@@ -100,6 +100,8 @@ class TrainConfig:
     """Seed of the members' initialisation."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
+    dist_timeout_s: float = 600.0
+    """torchrun: seconds a collective waits for the other processes before the run stops with an error."""
     autocast: bool = False
     """bf16 autocast of the encoder and decoder products (weights, gradients and AdamW stay fp32). Faster on
     GPUs and on CPUs with bf16 units; slower on CPUs without them (bench/RESULTS.md)."""

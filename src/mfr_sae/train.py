@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mfr_sae import checkpoint as ckpt
+from mfr_sae import distributed
 from mfr_sae.config import ConfigError, RunConfig, load_config, save_config
 from mfr_sae.data import VectorSource, load_ground_truth, make_source, split_batch
+from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer, pairwise_mmcs
@@ -63,7 +66,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, source: VectorSource | None = None,
                  resume: bool = False, progress: bool = True):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self.device = resolve_device(cfg.train.device)
+        rank, world, self.device = distributed.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
+        self.shard = Shard(len(cfg.ks), rank, world)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
         if cfg.train.wandb_project:
@@ -81,14 +85,13 @@ class Trainer:
         if cfg.eval.ground_truth:
             self.ground_truth, self.ground_truth_layout = load_ground_truth(cfg.eval.ground_truth, cfg.data.d)
             self.ground_truth = self.ground_truth.to(self.device)
-        self.ensemble = Ensemble(cfg.data.d, cfg.sae.d_sae, cfg.ks, cfg.sae.tied, cfg.sae.decoder_bias,
-                                 seed=cfg.train.seed, device=self.device, shared_init=cfg.sae.shared_init)
+        self.ensemble = self._new_ensemble(self.shard.members, self.device)
         # fused: one pass over parameters, gradients and moments (8x faster than for-each on 2 CPU cores)
         self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))
-        n, h = self.ensemble.n_members, cfg.sae.d_sae
-        self.samples_since_fired = torch.zeros(n, h, dtype=torch.long, device=self.device)
+        # what is per member but small is held for all N members on every rank (identical everywhere)
+        self.samples_since_fired = torch.zeros(len(cfg.ks), cfg.sae.d_sae, dtype=torch.long, device=self.device)
         self.mfr = MutualRegularizer(cfg.mfr, cfg.ks)
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self.step = 0
@@ -98,15 +101,22 @@ class Trainer:
         else:
             self._start_new_run()
 
+    def _new_ensemble(self, members: list[int], device: torch.device) -> Ensemble:
+        cfg = self.cfg
+        return Ensemble(cfg.data.d, cfg.sae.d_sae, [cfg.ks[i] for i in members], cfg.sae.tied, cfg.sae.decoder_bias,
+                        seed=cfg.train.seed, member_ids=members, device=device, shared_init=cfg.sae.shared_init)
+
     # ------------------------------------------------------------------ run folder and resume
 
     def _start_new_run(self) -> None:
         if (self.run_dir / CONFIG_FILE).exists() or ckpt.checkpoint_dir(self.run_dir):
             raise TrainingError(f"{self.run_dir} already holds a run: continue it with --resume "
                                 f"{self.run_dir} or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / CONFIG_FILE)
-        (self.run_dir / METRICS_FILE).write_text("")
+        self.shard.barrier()  # every rank has looked before rank 0 writes
+        if self.shard.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+            (self.run_dir / METRICS_FILE).write_text("")
 
     def _restore(self) -> None:
         folder = ckpt.checkpoint_dir(self.run_dir)
@@ -114,26 +124,43 @@ class Trainer:
             (self.run_dir / METRICS_FILE).write_text("")
             return
         state, meta = ckpt.load_trainer_state(folder)
-        loaded = ckpt.load(folder, self.device)
+        loaded = ckpt.load(folder, self.device)  # all N members, whatever the number of processes that wrote it
         with torch.no_grad():
             for name, param in self.ensemble.named_parameters():
-                param.copy_(getattr(loaded, name))
+                param.copy_(self.shard.local(getattr(loaded, name)))
         self.step = meta["step"]
         self.samples_since_fired.copy_(state.pop("samples_since_fired"))
         self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
                             meta["mfr"])
-        state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
+        state = {k: v if v.ndim == 0 else self.shard.local(v) for k, v in state.items() if not k.startswith("mfr.")}
         self.optimizer.load_state_dict(_optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        self.shard.barrier()  # every rank has read before rank 0 truncates the log
+        if self.shard.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
     def save(self) -> None:
-        state = _optimizer_state_to_tensors(self.optimizer, self.ensemble)
-        state["samples_since_fired"] = self.samples_since_fired
-        mfr_tensors, mfr_meta = self.mfr.state()
-        state.update(mfr_tensors)
-        meta = {"step": self.step, "mfr": mfr_meta}
-        ckpt.save_checkpoint(self.run_dir, self.ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled},
-                             firing_prob=self.firing_prob)
+        """Write the checkpoint of all N members (gathered to rank 0, which writes it)."""
+        state = {k: v if v.ndim == 0 else self.shard.gather(v)
+                 for k, v in _optimizer_state_to_tensors(self.optimizer, self.ensemble).items()}
+        ensemble = self._gathered_ensemble()
+        if self.shard.is_main:
+            state["samples_since_fired"] = self.samples_since_fired
+            mfr_tensors, mfr_meta = self.mfr.state()
+            state.update(mfr_tensors)
+            meta = {"step": self.step, "mfr": mfr_meta}
+            ckpt.save_checkpoint(self.run_dir, ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled},
+                                 firing_prob=self.firing_prob)
+        self.shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+
+    @torch.no_grad()
+    def _gathered_ensemble(self) -> Ensemble:
+        """All N members in one Ensemble (this process's own when it holds them all)."""
+        if self.shard.world == 1:
+            return self.ensemble
+        full = self._new_ensemble(list(range(self.shard.n_members)), self.device)
+        for name, param in self.ensemble.named_parameters():
+            getattr(full, name).copy_(self.shard.gather(param.detach()))
+        return full
 
     # ------------------------------------------------------------------ training
 
@@ -146,13 +173,16 @@ class Trainer:
             out = self.ensemble(x)
         acts, idx = out.acts, out.idx
         mse = (out.x_hat.float() - target).pow(2).mean(dim=(1, 2))
-        loss = mse.mean()
-        logs: dict[str, Any] = {}
-        if self.mfr.penalty_on:
-            penalty, logs = self.mfr.penalty(self.ensemble.decoder_weight, self.step, loss.detach())
-            loss = loss + penalty
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {self.step} (try a lower train.lr); "
+        n_members = self.shard.n_members
+        loss = mse.sum() / n_members  # this rank's part of the mean over all members
+        recon = self.shard.sum(loss.detach())
+        total, logs = recon, {}
+        if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
+            penalty, logs = self.mfr.penalty(self.shard.gather_differentiable(self.ensemble.decoder_weight),
+                                             self.step, recon)
+            loss, total = loss + penalty, recon + penalty.detach()
+        if not torch.isfinite(total):
+            raise TrainingError(f"loss became {total.item()} at step {self.step} (try a lower train.lr); "
                                 f"the last checkpoint is intact")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,24 +197,30 @@ class Trainer:
         if chosen:
             logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
-        return {"loss": loss.detach(), "mse": mse.detach(), "l0": (acts > 0).sum(-1).float().mean(-1), **logs}
+        l0 = (acts > 0).sum(-1).float().mean(-1)
+        return {"loss": total, "mse": self.shard.gather(mse.detach()), "l0": self.shard.gather(l0), **logs}
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:
-        """Fresh weights for member n (seeded by its attempt number) and its AdamW moments zeroed."""
-        self.ensemble.reset_member(n, attempt=self.mfr.attempts[n])
+        """Fresh weights for member n (global index; on the rank that holds it, seeded by its attempt number)
+        and its AdamW moments zeroed."""
+        self.samples_since_fired[n] = 0
+        if n not in self.shard.members:
+            return
+        local = n - self.shard.start
+        self.ensemble.reset_member(local, attempt=self.mfr.attempts[n])
         for param in self.ensemble.parameters():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in self.optimizer.state.get(param, {}):
-                    self.optimizer.state[param][key][n].zero_()
-        self.samples_since_fired[n] = 0
+                    self.optimizer.state[param][key][local].zero_()
 
     @torch.no_grad()
     def _count_firing(self, acts: Tensor, idx: Tensor, batch: int) -> Tensor:
-        """Update samples-since-fired; return each latent's firing count in this batch [N, h]."""
+        """Update samples-since-fired; return each latent's firing count in this batch, all members [N, h]."""
         n = self.ensemble.n_members
         counts = torch.zeros(n, self.ensemble.d_sae, device=acts.device)
         counts.scatter_add_(1, idx.reshape(n, -1), (acts > 0).reshape(n, -1).float())
+        counts = self.shard.gather(counts)
         self.samples_since_fired += batch
         self.samples_since_fired[counts > 0] = 0
         return counts
@@ -193,27 +229,31 @@ class Trainer:
         """Latents that have not fired on the last eval.dead_window training vectors: [N, h]."""
         return self.samples_since_fired >= self.cfg.eval.dead_window
 
-    def evaluate(self) -> list[dict[str, Any]]:
+    def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
+        recovered on an activation cache's model."""
         if not hasattr(self, "_eval_batch"):
             self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
         x, target = self._eval_batch
-        members, self.firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.dead_mask(),
-                                             self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
-                                             None if target is x else target)
-        return members
+        members, firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.shard.local(self.dead_mask()),
+                                        self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
+                                        None if target is x else target)
+        lm_result = self._loss_recovered(members) if lm else None
+        self.firing_prob = self.shard.gather(firing_prob)
+        return [m for part in self.shard.gather_objects(members) for m in part], lm_result
 
     def fit(self) -> dict[str, Any]:
         cfg, n_steps = self.cfg, self.cfg.n_steps
-        if cfg.train.wandb_project:
+        if cfg.train.wandb_project and self.shard.is_main:
             import wandb
 
             self.wandb_run = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(),
                                         dir=str(self.run_dir))
         started = time.perf_counter()
         batches = self.source.batches(cfg.train.batch_size, self.step)
-        bar = tqdm(total=n_steps, initial=self.step, desc="train", disable=not self.progress,
+        bar = tqdm(total=n_steps, initial=self.step, desc="train", disable=not (self.progress and self.shard.is_main),
                    dynamic_ncols=True)
-        with open(self.run_dir / METRICS_FILE, "a") as log:
+        with open(self.run_dir / METRICS_FILE if self.shard.is_main else os.devnull, "a") as log:
             while self.step < n_steps:
                 x, target = split_batch(next(batches))
                 logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
@@ -227,13 +267,12 @@ class Trainer:
                     self._write(log, {"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
                                                             if k in logs}})
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
-                    self._write(log, {"step": self.step, "eval": self.evaluate()})
+                    self._write(log, {"step": self.step, "eval": self.evaluate()[0]})
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     log.flush()
                     self.save()
             bar.close()
-            members = self.evaluate()
-            lm = self._loss_recovered(members)
+            members, lm = self.evaluate(lm=True)
             self._write(log, {"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
         self.save()
         results = {
@@ -241,7 +280,7 @@ class Trainer:
             "samples": self.step * cfg.train.batch_size,
             "train_seconds": round(time.perf_counter() - started, 3),
             "mfr": cfg.mfr.enabled,
-            **pairwise_mmcs(self.ensemble.decoder().detach()),
+            **pairwise_mmcs(self.shard.gather(self.ensemble.decoder().detach())),
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
             "lm": lm,
@@ -251,7 +290,8 @@ class Trainer:
             "members": members,
             "config": cfg.to_dict(),
         }
-        ckpt.write_json(self.run_dir / RESULTS_FILE, results)
+        if self.shard.is_main:
+            ckpt.write_json(self.run_dir / RESULTS_FILE, results)
         if self.wandb_run is not None:
             self.wandb_run.finish()
         return results

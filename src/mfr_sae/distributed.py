@@ -1,0 +1,129 @@
+"""One ensemble across processes (torchrun, torch.distributed): the members are split between ranks.
+
+Launched by `torchrun --nproc_per_node R ...`, every rank holds a contiguous shard of the N members
+(sizes differ by at most one: N = 5 on 2 ranks is 3 + 2) with their parameters and AdamW state, reads
+the same data stream, and trains its members on every batch, as one process would. What couples the
+members travels between ranks: the MFR penalty's decoder rows (gathered, the rest stays local), and the
+small per-member numbers (firing counts, losses, metrics), so that the reinitialisation rule, beta,
+logs and checkpoints are those of one process. Rank 0 writes the run folder; its layout does not
+depend on R. Without torchrun (or with one process) every collective here is the identity.
+Backends: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mfr_sae.config import ConfigError
+
+
+class RankLost(RuntimeError):
+    """Another rank stopped answering: one-line message naming it."""
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the process group when launched by torchrun with more than one process; the device of this
+    rank (cuda:LOCAL_RANK on GPUs)."""
+    rank, world = world_from_env()
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+    return rank, world, device
+
+
+class Shard:
+    """The members this rank holds, and the collectives over the member axis (identity for one rank)."""
+
+    def __init__(self, n_members: int, rank: int = 0, world: int = 1):
+        if world > n_members:
+            raise ConfigError(f"{world} processes for sae.n_members={n_members}: at most one process per member "
+                              f"(data parallel over more processes than members is not supported)")
+        self.n_members, self.rank, self.world = n_members, rank, world
+        self.sizes = [n_members // world + (r < n_members % world) for r in range(world)]
+        self.start = sum(self.sizes[:rank])
+        self.stop = self.start + self.sizes[rank]
+        self.members = list(range(self.start, self.stop))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local(self, full: Tensor) -> Tensor:
+        """This rank's slice of a tensor with the member axis first."""
+        return full[self.start:self.stop]
+
+    def gather(self, local: Tensor) -> Tensor:
+        """[n_local, ...] on every rank -> [N, ...] on every rank, in member order."""
+        if self.world == 1:
+            return local
+        padded = local.new_zeros(max(self.sizes), *local.shape[1:])
+        padded[:len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        _collective(dist.all_gather, parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, self.sizes)])
+
+    def gather_differentiable(self, local: Tensor) -> Tensor:
+        """As gather, with the local rows still in the autograd graph (the others are constants)."""
+        if self.world == 1:
+            return local
+        full = self.gather(local.detach())
+        return torch.cat([full[:self.start], local, full[self.stop:]])
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum over ranks of a tensor, on every rank."""
+        if self.world == 1:
+            return value
+        value = value.detach().clone()
+        _collective(dist.all_reduce, value)
+        return value
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """One picklable value per rank, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        _collective(dist.all_gather_object, out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            _collective(dist.barrier)
+
+
+def _collective(fn, *args) -> None:
+    """Run a collective; a rank that died surfaces as RankLost naming it, not as a hang or a gloo trace."""
+    try:
+        fn(*args)
+    except (RuntimeError, dist.DistBackendError) as err:
+        raise RankLost(f"lost contact with the other processes ({lost_ranks()}): "
+                       f"{str(err).strip().splitlines()[0][:160]}; the last checkpoint is intact, "
+                       f"continue with --resume") from None
+
+
+def lost_ranks() -> str:
+    """Which ranks do not answer, as far as this rank can tell (gloo's monitored barrier names them)."""
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=10), wait_all_ranks=True)
+    except RuntimeError as err:
+        text = str(err)
+        start = text.find("Ranks ")
+        return text[start:start + 60].split(" failed")[0].lower() if start >= 0 else "unknown ranks"
+    except Exception:  # noqa: BLE001 (NCCL has no monitored barrier)
+        return "unknown ranks"
+    return "all ranks answered a barrier after the error"
