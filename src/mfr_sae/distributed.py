@@ -59,6 +59,7 @@ class Shard:
         self.start = sum(self.sizes[:rank])
         self.stop = self.start + self.sizes[rank]
         self.members = list(range(self.start, self.stop))
+        self.received_bytes = 0  # tensor bytes this rank received from the others (bench/distributed.py)
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +77,7 @@ class Shard:
         padded[:len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         _collective(dist.all_gather, parts, padded.contiguous())
+        self.received_bytes += (self.n_members - len(local)) * local[0].numel() * local.element_size()
         return torch.cat([part[:size] for part, size in zip(parts, self.sizes)])
 
     def gather_differentiable(self, local: Tensor) -> Tensor:
@@ -84,14 +86,6 @@ class Shard:
             return local
         full = self.gather(local.detach())
         return torch.cat([full[:self.start], local, full[self.stop:]])
-
-    def sum(self, value: Tensor) -> Tensor:
-        """The sum over ranks of a tensor, on every rank."""
-        if self.world == 1:
-            return value
-        value = value.detach().clone()
-        _collective(dist.all_reduce, value)
-        return value
 
     def gather_objects(self, value: Any) -> list[Any]:
         """One picklable value per rank, in rank order, on every rank."""

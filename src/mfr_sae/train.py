@@ -173,9 +173,9 @@ class Trainer:
             out = self.ensemble(x)
         acts, idx = out.acts, out.idx
         mse = (out.x_hat.float() - target).pow(2).mean(dim=(1, 2))
-        n_members = self.shard.n_members
-        loss = mse.sum() / n_members  # this rank's part of the mean over all members
-        recon = self.shard.sum(loss.detach())
+        loss = mse.sum() / self.shard.n_members  # this rank's part of the mean over all members
+        all_mse = self.shard.gather(mse.detach())
+        recon = all_mse.sum() / self.shard.n_members  # summed in member order: bit-equal to one process
         total, logs = recon, {}
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
             penalty, logs = self.mfr.penalty(self.shard.gather_differentiable(self.ensemble.decoder_weight),
@@ -198,7 +198,7 @@ class Trainer:
             logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
         l0 = (acts > 0).sum(-1).float().mean(-1)
-        return {"loss": total, "mse": self.shard.gather(mse.detach()), "l0": self.shard.gather(l0), **logs}
+        return {"loss": total, "mse": all_mse, "l0": self.shard.gather(l0), **logs}
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:

@@ -1,0 +1,123 @@
+"""One ensemble across processes: 2 local gloo processes (torchrun) against one process."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfr_sae import load
+from mfr_sae.checkpoint import load_trainer_state
+from mfr_sae.config import ConfigError
+from mfr_sae.distributed import Shard
+
+SMALL = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
+         "sae.n_members=3", "sae.k=[2, 3, 4]", "train.batch_size=200", "train.n_samples=16000",
+         "train.checkpoint_every=20", "eval.n_samples=1000", "mfr.reinit_samples=400",
+         "mfr.reinit_threshold=0.5"]  # a low threshold, so that members are re-initialised on both ranks
+
+
+def test_members_are_split_in_contiguous_shards_of_near_equal_size():
+    shards = [Shard(5, rank, 2) for rank in range(2)]
+    assert [s.members for s in shards] == [[0, 1, 2], [3, 4]]
+    assert [Shard(7, r, 3).members for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    full = torch.arange(5 * 2).view(5, 2)
+    assert torch.equal(shards[1].local(full), full[3:]) and torch.equal(Shard(5).gather(full), full)
+    with pytest.raises(ConfigError, match="3 processes for sae.n_members=2: at most one process per member"):
+        Shard(2, 0, 3)
+
+
+def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = False,
+           wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    args = ["--resume", str(out)] if resume else ["--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+    command = launcher + ["-m", "mfr_sae", "train", "--no-progress", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    one, two = load(a), load(b)
+    return max((p - getattr(two, name)).abs().max().item() for name, p in one.named_parameters())
+
+
+@pytest.mark.parametrize("mfr", [False, True])
+def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr):
+    overrides = SMALL + [f"mfr.enabled={str(mfr).lower()}"]
+    _train(tmp_path / "one", overrides)
+    _train(tmp_path / "two", overrides, processes=2)
+    assert _max_difference(tmp_path / "one", tmp_path / "two") <= 1e-4
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert one["reinit_events"] == two["reinit_events"] and one["beta"] == two["beta"]  # the same decisions
+    if mfr:
+        assert one["reinit_events"] and {e["member"] for e in one["reinit_events"]} - {0, 1}  # on both ranks
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
+
+
+def test_a_run_moves_between_one_and_two_processes(tmp_path):
+    """Started on 2 processes, resumed on 1 (and the other way round): the weights of one process."""
+    overrides = SMALL + ["mfr.enabled=true"]
+    _train(tmp_path / "whole", overrides)
+    for first, then in ((2, 1), (1, 2)):
+        run = tmp_path / f"{first}to{then}"
+        _train(run, [o for o in overrides if not o.startswith("train.n_samples")] + ["train.n_samples=8000"],
+               processes=first)
+        config = run / "config.yaml"  # the same run, made longer: resume continues from step 40
+        config.write_text(config.read_text().replace("n_samples: 8000", "n_samples: 16000"))
+        (run / "results.json").unlink()
+        _train(run, [], processes=then, resume=True)
+        assert _max_difference(tmp_path / "whole", run) <= 1e-4, (first, then)
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (Linux /proc)."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if (proc / "stat").read_text().split()[3] != str(launcher_pid):
+                continue
+        except OSError:
+            continue
+        rank = [e for e in environ if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = int(proc.name)
+    return ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_a_killed_rank_stops_the_run_with_its_name_and_resume_continues(tmp_path):
+    overrides = SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"]
+    run = tmp_path / "run"
+    launcher = _train(run, overrides, processes=2, wait=False)
+    deadline = time.time() + 120
+    while not (run / "checkpoint").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (run / "checkpoint").exists(), "no checkpoint within 2 minutes"
+    workers = _worker_pids(launcher.pid)
+    assert set(workers) == {0, 1}
+    os.kill(workers[1], signal.SIGKILL)
+    started = time.time()
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and time.time() - started < 60
+    assert re.search(r"rank\s*:\s*1\b", stderr), stderr[-1500:]  # torchrun names the lost rank
+    _, meta = load_trainer_state(run / "checkpoint")  # the checkpoint written before the kill is whole
+    config = run / "config.yaml"  # end 20 steps after it, on one process
+    config.write_text(config.read_text().replace("n_samples: 400000", f"n_samples: {(meta['step'] + 20) * 200}"))
+    _train(run, [], resume=True)
+    assert json.loads((run / "results.json").read_text())["steps"] == meta["step"] + 20
