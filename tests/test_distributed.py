@@ -18,9 +18,12 @@ from mfr_sae.config import ConfigError
 from mfr_sae.distributed import Shard
 
 SMALL = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
-         "sae.n_members=3", "sae.k=[2, 3, 4]", "train.batch_size=200", "train.n_samples=16000",
+         "sae.n_members=3", "sae.k=[4, 3, 2]", "train.batch_size=200", "train.n_samples=16000",
          "train.checkpoint_every=20", "eval.n_samples=1000", "mfr.reinit_samples=400",
-         "mfr.reinit_threshold=0.5"]  # a low threshold, so that members are re-initialised on both ranks
+         # member 2 (k=2, on rank 1) is re-initialised twice early on (its M is 0.7-1.5 against a threshold
+         # of 0.6; the others stay under 0.55): decisions far from the threshold, so that float noise
+         # between 1 and 2 processes (1e-8) cannot flip them
+         "mfr.reinit_threshold=0.6", "mfr.reinit_max=2", "mfr.reinit_window=20"]
 
 
 def test_members_are_split_in_contiguous_shards_of_near_equal_size():
@@ -58,11 +61,13 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr):
     overrides = SMALL + [f"mfr.enabled={str(mfr).lower()}"]
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "two", overrides, processes=2)
-    assert _max_difference(tmp_path / "one", tmp_path / "two") <= 1e-4
+    difference = _max_difference(tmp_path / "one", tmp_path / "two")
+    print(f"1 vs 2 processes: max difference {difference}")
+    assert difference <= 1e-4, difference
     one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert one["reinit_events"] == two["reinit_events"] and one["beta"] == two["beta"]  # the same decisions
-    if mfr:
-        assert one["reinit_events"] and {e["member"] for e in one["reinit_events"]} - {0, 1}  # on both ranks
+    if mfr:  # re-initialised on rank 1, decided with the firing counts of both ranks
+        assert [e["member"] for e in one["reinit_events"]] == [2, 2]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
 
@@ -79,7 +84,9 @@ def test_a_run_moves_between_one_and_two_processes(tmp_path):
         config.write_text(config.read_text().replace("n_samples: 8000", "n_samples: 16000"))
         (run / "results.json").unlink()
         _train(run, [], processes=then, resume=True)
-        assert _max_difference(tmp_path / "whole", run) <= 1e-4, (first, then)
+        difference = _max_difference(tmp_path / "whole", run)
+        print(f"{first} -> {then} processes: max difference {difference}")
+        assert difference <= 1e-4, (first, then, difference)
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
