@@ -32,8 +32,11 @@ def test_members_are_split_in_contiguous_shards_of_near_equal_size():
     assert [Shard(7, r, 3).members for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     full = torch.arange(5 * 2).view(5, 2)
     assert torch.equal(shards[1].local(full), full[3:]) and torch.equal(Shard(5).gather(full), full)
-    with pytest.raises(ConfigError, match="3 processes for sae.n_members=2: at most one process per member"):
+    with pytest.raises(ConfigError, match="3 processes for sae.n_members=2: use at most 2 processes, or a multiple"):
         Shard(2, 0, 3)
+    replicas = [Shard(2, rank, 4) for rank in range(4)]  # data parallel: 2 processes per member
+    assert [s.members for s in replicas] == [[0], [0], [1], [1]] and [s.replica for s in replicas] == [0, 1, 0, 1]
+    assert [s.batch_rows(7) for s in replicas] == [slice(0, 3), slice(3, 7)] * 2
 
 
 def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = False,
@@ -70,6 +73,20 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr):
         assert [e["member"] for e in one["reinit_events"]] == [2, 2]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
+
+
+def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
+    """4 processes for 2 members: each member splits its batch over 2 processes, gradients summed."""
+    overrides = [o for o in SMALL if not o.startswith(("sae.", "train.n_samples", "mfr.reinit"))] + [
+        "sae.d_sae=64", "sae.n_members=2", "sae.k=[3, 4]", "train.n_samples=6000", "mfr.enabled=true",
+        "mfr.reinit_window=0"]  # float sums now differ in order: no threshold decision to flip
+    _train(tmp_path / "one", overrides)
+    _train(tmp_path / "four", overrides, processes=4)
+    difference = _max_difference(tmp_path / "one", tmp_path / "four")
+    print(f"1 vs 4 processes (data parallel): max difference {difference}")
+    assert difference <= 1e-4, difference
+    one, four = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "four"))
+    assert [m["mse"] for m in four["members"]] == pytest.approx([m["mse"] for m in one["members"]], rel=1e-4)
 
 
 def test_a_run_moves_between_one_and_two_processes(tmp_path):

@@ -2,7 +2,9 @@
 
 Launched by `torchrun --nproc_per_node R ...`, every rank holds a contiguous shard of the N members
 (sizes differ by at most one: N = 5 on 2 ranks is 3 + 2) with their parameters and AdamW state, reads
-the same data stream, and trains its members on every batch, as one process would. What couples the
+the same data stream, and trains its members on every batch, as one process would. With R a multiple
+of N above N, each member is also data parallel: its R / N processes take equal slices of every batch
+and sum their (slice-weighted) gradients. What couples the
 members travels between ranks: the MFR penalty's decoder rows (gathered, the rest stays local), and the
 small per-member numbers (firing counts, losses, metrics), so that the reinitialisation rule, beta,
 logs and checkpoints are those of one process. Rank 0 writes the run folder; its layout does not
@@ -51,15 +53,37 @@ class Shard:
     """The members this rank holds, and the collectives over the member axis (identity for one rank)."""
 
     def __init__(self, n_members: int, rank: int = 0, world: int = 1):
-        if world > n_members:
-            raise ConfigError(f"{world} processes for sae.n_members={n_members}: at most one process per member "
-                              f"(data parallel over more processes than members is not supported)")
+        """R <= N processes: contiguous shards of members. R > N (a multiple of N): data parallel as well,
+        each member on R / N processes ("replicas"), each taking an equal slice of every batch."""
+        if world > n_members and world % n_members:
+            raise ConfigError(f"{world} processes for sae.n_members={n_members}: use at most {n_members} "
+                              f"processes, or a multiple of {n_members} (each member then splits its batch)")
         self.n_members, self.rank, self.world = n_members, rank, world
-        self.sizes = [n_members // world + (r < n_members % world) for r in range(world)]
-        self.start = sum(self.sizes[:rank])
+        self.replicas = max(1, world // n_members)
+        self.replica = rank % self.replicas
+        self.sizes = ([n_members // world + (r < n_members % world) for r in range(world)]
+                      if self.replicas == 1 else [1] * world)
+        self.start = sum(self.sizes[:rank]) if self.replicas == 1 else rank // self.replicas
         self.stop = self.start + self.sizes[rank]
         self.members = list(range(self.start, self.stop))
+        self.group = None  # the processes that hold this rank's member (data parallel)
+        if self.replicas > 1 and dist.is_initialized():
+            groups = [dist.new_group(list(range(m * self.replicas, (m + 1) * self.replicas)))
+                      for m in range(n_members)]  # every rank creates every group, in the same order
+            self.group = groups[self.start]
         self.received_bytes = 0  # tensor bytes this rank received from the others (bench/distributed.py)
+
+    def batch_rows(self, batch: int) -> slice:
+        """The rows of a batch this rank trains on: all of them, or its replica's equal slice."""
+        bounds = [batch * g // self.replicas for g in range(self.replicas + 1)]
+        return slice(bounds[self.replica], bounds[self.replica + 1])
+
+    def reduce_gradients(self, params) -> None:
+        """Data parallel: each member's gradient summed over its replicas (each weighted its slice)."""
+        if self.group is not None:
+            for param in params:
+                if param.grad is not None:
+                    _collective(dist.all_reduce, param.grad, dist.ReduceOp.SUM, self.group)
 
     @property
     def is_main(self) -> bool:
@@ -69,16 +93,27 @@ class Shard:
         """This rank's slice of a tensor with the member axis first."""
         return full[self.start:self.stop]
 
-    def gather(self, local: Tensor) -> Tensor:
-        """[n_local, ...] on every rank -> [N, ...] on every rank, in member order."""
-        if self.world == 1:
-            return local
+    def _all_parts(self, local: Tensor) -> list[Tensor]:
         padded = local.new_zeros(max(self.sizes), *local.shape[1:])
         padded[:len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         _collective(dist.all_gather, parts, padded.contiguous())
-        self.received_bytes += (self.n_members - len(local)) * local[0].numel() * local.element_size()
-        return torch.cat([part[:size] for part, size in zip(parts, self.sizes)])
+        self.received_bytes += (self.world - 1) * padded.numel() * padded.element_size()
+        return [part[:size] for part, size in zip(parts, self.sizes)]
+
+    def gather(self, local: Tensor) -> Tensor:
+        """[n_local, ...] on every rank -> [N, ...] on every rank, in member order (of replicated members,
+        replica 0's: they hold the same values)."""
+        if self.world == 1:
+            return local
+        return torch.cat(self._all_parts(local)[::self.replicas])
+
+    def gather_sum(self, local: Tensor) -> Tensor:
+        """As gather, for values of this rank's slice of the batch: summed over each member's replicas."""
+        if self.replicas == 1:
+            return self.gather(local)
+        parts = torch.stack(self._all_parts(local))
+        return parts.view(self.n_members, self.replicas, *local.shape).sum(1).flatten(0, 1)
 
     def gather_differentiable(self, local: Tensor) -> Tensor:
         """As gather, with the local rows still in the autograd graph (the others are constants)."""
@@ -88,12 +123,12 @@ class Shard:
         return torch.cat([full[:self.start], local, full[self.stop:]])
 
     def gather_objects(self, value: Any) -> list[Any]:
-        """One picklable value per rank, in rank order, on every rank."""
+        """One picklable value per member shard (replica 0's), in member order, on every rank."""
         if self.world == 1:
             return [value]
         out: list[Any] = [None] * self.world
         _collective(dist.all_gather_object, out, value)
-        return out
+        return out[::self.replicas]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -169,23 +169,28 @@ class Trainer:
         target = x if target is None else target
         if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
+        rows = self.shard.batch_rows(len(x))  # data parallel: this replica's slice; else the whole batch
+        share = (rows.stop - rows.start) / len(x)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
-            out = self.ensemble(x)
+            out = self.ensemble(x[rows])
         acts, idx = out.acts, out.idx
-        mse = (out.x_hat.float() - target).pow(2).mean(dim=(1, 2))
+        mse = (out.x_hat.float() - target[rows]).pow(2).mean(dim=(1, 2)) * share  # this slice's part
         loss = mse.sum() / self.shard.n_members  # this rank's part of the mean over all members
-        all_mse = self.shard.gather(mse.detach())
+        all_mse = self.shard.gather_sum(mse.detach())
         recon = all_mse.sum() / self.shard.n_members  # summed in member order: bit-equal to one process
         total, logs = recon, {}
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
             penalty, logs = self.mfr.penalty(self.shard.gather_differentiable(self.ensemble.decoder_weight),
                                              self.step, recon)
-            loss, total = loss + penalty, recon + penalty.detach()
+            total = recon + penalty.detach()
+            if self.shard.replica == 0:  # once per member: the replicas' gradients are summed
+                loss = loss + penalty
         if not torch.isfinite(total):
             raise TrainingError(f"loss became {total.item()} at step {self.step} (try a lower train.lr); "
                                 f"the last checkpoint is intact")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.shard.reduce_gradients(self.ensemble.parameters())
         self.optimizer.step()
         self.ensemble.renormalize_decoder()
         counts = self._count_firing(acts, idx, len(x))
@@ -197,8 +202,8 @@ class Trainer:
         if chosen:
             logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
-        l0 = (acts > 0).sum(-1).float().mean(-1)
-        return {"loss": total, "mse": all_mse, "l0": self.shard.gather(l0), **logs}
+        l0 = (acts > 0).sum(-1).float().mean(-1) * share
+        return {"loss": total, "mse": all_mse, "l0": self.shard.gather_sum(l0), **logs}
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:
@@ -220,7 +225,7 @@ class Trainer:
         n = self.ensemble.n_members
         counts = torch.zeros(n, self.ensemble.d_sae, device=acts.device)
         counts.scatter_add_(1, idx.reshape(n, -1), (acts > 0).reshape(n, -1).float())
-        counts = self.shard.gather(counts)
+        counts = self.shard.gather_sum(counts)
         self.samples_since_fired += batch
         self.samples_since_fired[counts > 0] = 0
         return counts
