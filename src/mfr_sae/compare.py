@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from mfr_sae.checkpoint import CheckpointError, load, write_json  # noqa: E402
 from mfr_sae.ensemble import Ensemble  # noqa: E402
 from mfr_sae.metrics import hungarian_match  # noqa: E402
+from mfr_sae.report import save_figure  # noqa: E402
 
 
 def member_slots(ensemble: Ensemble) -> list[tuple[int, int]]:
@@ -88,9 +89,7 @@ def histogram(cosines: dict, threshold: float, path: Path) -> None:
     ax.set_xlabel("cosine of one-to-one matched latents across runs")
     ax.set_ylabel("latents")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare(runs: list[str | Path], out: str | Path, threshold: float = 0.7) -> dict[str, Any]:

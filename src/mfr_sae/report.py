@@ -67,6 +67,15 @@ def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str,
     return out
 
 
+def save_figure(fig, path) -> None:
+    """Every report figure the same way: tight layout, a PNG at 110 dpi, the figure released."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def embed_png(path) -> str:
     """A Markdown image with the PNG inlined as a data URI, so the page stands alone."""
     data = base64.b64encode(Path(path).read_bytes()).decode()

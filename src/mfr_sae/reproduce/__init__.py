@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from mfr_sae.checkpoint import load  # noqa: E402
 from mfr_sae.config import RunConfig  # noqa: E402
+from mfr_sae.report import save_figure  # noqa: E402
 from mfr_sae.train import RESULTS_FILE, resume, train  # noqa: E402
 
 
@@ -59,6 +60,4 @@ def figure_distances(dist: dict[str, list[float]], ks: list[int], path: Path) ->
     ax.set_ylabel("mean L2 distance to the other members' decoders")
     ax.set_title("Decoder distances between members (paper Section 4.3)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

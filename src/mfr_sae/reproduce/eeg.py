@@ -25,7 +25,7 @@ from mfr_sae.checkpoint import load, write_json
 from mfr_sae.config import load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
-from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test
+from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test, save_figure
 from mfr_sae.reproduce import decoder_distances, figure_distances, machine, relative, train_or_reuse
 
 KS = [12, 24, 36, 48, 60]
@@ -123,16 +123,14 @@ def figure_mse(members: list[dict], path: Path) -> None:
     """Paper Figure 10: MSE to the clean signal by k, baseline and MFR (mean and sd over seeds)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for mfr, label in ((False, "baseline"), (True, "MFR")):
-        stats = np.array([[np.mean(values(members, mfr, k, "mse_clean")), np.std(values(members, mfr, k, "mse_clean"))]
-                          for k in KS])
+        per_k = [values(members, mfr, k, "mse_clean") for k in KS]
+        stats = np.array([[np.mean(v), np.std(v)] for v in per_k])
         ax.errorbar(KS, stats[:, 0], yerr=stats[:, 1], marker="o", capsize=3, label=label)
     ax.set_xlabel("k")
     ax.set_ylabel("MSE to the clean window (held out)")
     ax.set_title("EEG denoising: reconstruction error by k (paper Figure 10)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -152,9 +150,7 @@ def figure_example(source: EEGData, run_dirs: dict[str, Path], path: Path) -> No
     ax.set_xlabel("seconds")
     ax.set_ylabel(f"{source.eeg.channels[channel]} (z-scored)")
     ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None:

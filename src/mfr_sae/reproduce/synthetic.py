@@ -31,7 +31,7 @@ from mfr_sae.compare import decoder_agreement  # noqa: E402
 from mfr_sae.config import RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
-from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test  # noqa: E402
+from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test, save_figure  # noqa: E402
 from mfr_sae.reproduce import machine, train_or_reuse  # noqa: E402
 from mfr_sae.train import METRICS_FILE  # noqa: E402
 
@@ -113,9 +113,7 @@ def figure_agreement(runs: dict[str, list[dict]], path: Path) -> None:
         ax.axhline(CLUSTER_GT_MAX, color="grey", lw=0.5)
     axes[0].set_ylabel("cosine to matched true feature")
     fig.suptitle("Figure 3: agreement across SAEs vs agreement with the true features (Hungarian pairs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_cluster_firing(runs: dict[str, list[dict]], path: Path) -> None:
@@ -133,9 +131,7 @@ def figure_cluster_firing(runs: dict[str, list[dict]], path: Path) -> None:
     ax.set_title(f"Figure 5: latents with cross-SAE cosine >= {CLUSTER_CROSS_MIN} "
                  f"and true-feature cosine < {CLUSTER_GT_MAX}", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_reinit_metric(seeds: list[dict], threshold: float, path: Path) -> None:
@@ -156,9 +152,7 @@ def figure_reinit_metric(seeds: list[dict], threshold: float, path: Path) -> Non
     fig.colorbar(sm, ax=ax, label="final cluster size of the member (latents)")
     ax.legend()
     ax.set_title("Figure 7: reinitialisation metric over the first steps (baseline members)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_recovery(runs: dict[str, list[dict]], path: Path) -> None:
@@ -174,9 +168,7 @@ def figure_recovery(runs: dict[str, list[dict]], path: Path) -> None:
             ax.set_ylabel(name)
     axes[0].legend()
     fig.suptitle("Figure 8: ground-truth recovery over training (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- report
