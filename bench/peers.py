@@ -34,24 +34,13 @@ from typing import Any, Callable
 
 import torch
 
+from timing import timed  # bench/timing.py (no mfr_sae: workers run in the peers' venvs)
+
 D, H, BATCH, K, N = 768, 3072, 500, 12, 5
 LR = 1e-3
 HERE = Path(__file__).resolve().parent
 PEERS = {"saelens": ("sae-lens", "sae_lens"), "sparsify": ("eai-sparsify", "sparsify")}  # name: (pip, module)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def per_step(fn: Callable[[], Any], steps: int, device: torch.device, warmup: int = 2) -> float:
-    """Seconds per call of fn (same as bench/step.py's `timed`, which the workers cannot import)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / steps
 
 
 # ---------------------------------------------------------------- workers (run inside a peer's venv)
@@ -119,7 +108,7 @@ def worker(name: str, spec: dict[str, Any]) -> None:
     result: dict[str, Any] = {"version": version(PEERS[name][0]), "torch": torch.__version__}
     for dtype in spec["dtypes"]:
         try:
-            seconds = [per_step(make(x, spec["seed"] + i, dtype), spec["steps"], device) for i in range(N)]
+            seconds = [timed(make(x, spec["seed"] + i, dtype), spec["steps"], device) for i in range(N)]
             result[dtype] = {"seconds": sum(seconds), "per_sae": seconds}
         except Exception as err:  # a dtype the tool does not allow: say why
             result[dtype] = {"error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"}
@@ -205,7 +194,7 @@ def main() -> None:
         parser.error(f"unknown dtype(s): {', '.join(sorted(unknown))}")
 
     sys.path.insert(0, str(HERE))
-    from step import timed, trainer  # bench/step.py
+    from step import trainer  # bench/step.py
 
     device = torch.device(args.device)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

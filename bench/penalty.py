@@ -12,35 +12,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import tempfile
-import time
 
 import torch
 
-from mfr_sae.config import load_config
 from mfr_sae.mfr import match_all
 from mfr_sae.train import Trainer
+from step import BATCH, trainer  # bench/step.py
+from timing import timed  # bench/timing.py
 
 
-def trainer_for(overrides: list[str], device: str) -> Trainer:
-    base = ["data.d=768", "data.n_features=3072", "data.n_groups=12", "data.n_active=12",
-            "sae.n_members=5", "sae.d_sae=3072", "sae.k=12", "train.batch_size=500",
-            "train.n_samples=10000000", "train.checkpoint_every=0", f"train.device={device}"]
-    return Trainer(load_config(None, base + overrides), tempfile.mkdtemp() + "/run", progress=False)
-
-
-def seconds_per_step(trainer: Trainer, steps: int, warmup: int = 2) -> float:
-    batches = trainer.source.batches(trainer.cfg.train.batch_size)
-    x = next(batches).to(trainer.device)
-    for _ in range(warmup):
-        trainer.train_step(x)
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(x)
-    sync()
-    return (time.perf_counter() - start) / steps
+def seconds_per_step(run: Trainer, steps: int, warmup: int = 2) -> float:
+    x = next(run.source.batches(BATCH)).to(run.device)
+    return timed(lambda: run.train_step(x), steps, run.device, warmup)
 
 
 def main() -> None:
@@ -53,28 +36,28 @@ def main() -> None:
           f"device {args.device}")
     print("setting: d=768, h=3072, N=5 (10 pairs), batch 500, k=12, fp32\n")
 
-    base = seconds_per_step(trainer_for([], args.device), args.steps)
+    base = seconds_per_step(trainer(args.device, []), args.steps)
     print(f"{'step':32s} {'s/step':>8s} {'penalty / SAE step':>20s}")
     print(f"{'baseline (no penalty)':32s} {base:8.3f} {'-':>20s}")
     mfr = ["mfr.enabled=true", "mfr.reinit_window=0"]
-    dense = seconds_per_step(trainer_for(mfr + ["mfr.match_every=0"], args.device), max(2, args.steps // 3))
+    dense = seconds_per_step(trainer(args.device, mfr + ["mfr.match_every=0"]), max(2, args.steps // 3))
     print(f"{'MFR, naive dense penalty':32s} {dense:8.3f} {(dense - base) / base:19.1%}")
     for every in args.match_every:
-        trainer = trainer_for(mfr + [f"mfr.match_every={every}"], args.device)
+        run = trainer(args.device, mfr + [f"mfr.match_every={every}"])
         # time whole matching periods, so the re-matching cost is amortised as in training
         steps = max(args.steps, every)
-        t = seconds_per_step(trainer, steps, warmup=1)
+        t = seconds_per_step(run, steps, warmup=1)
         print(f"{f'MFR, matched, match_every={every}':32s} {t:8.3f} {(t - base) / base:19.1%}")
 
     # staleness: how many arg-max matches move between re-matchings during real training
-    trainer = trainer_for(mfr + ["mfr.match_every=1"], args.device)
-    batches = trainer.source.batches(500)
-    previous = match_all(trainer.ensemble.decoder().detach())
+    run = trainer(args.device, mfr + ["mfr.match_every=1"])
+    batches = run.source.batches(BATCH)
+    previous = match_all(run.ensemble.decoder().detach())
     print("\narg-max matches that moved over 10 steps of MFR training (share of all matches):")
     for block in range(3):
         for _ in range(10):
-            trainer.train_step(next(batches).to(trainer.device))
-        current = match_all(trainer.ensemble.decoder().detach())
+            run.train_step(next(batches).to(run.device))
+        current = match_all(run.ensemble.decoder().detach())
         print(f"  steps {10 * block:3d}-{10 * block + 10:3d}: {(current != previous).float().mean().item():.2%}")
         previous = current
 

@@ -14,27 +14,15 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 
 import torch
 
 from mfr_sae.config import load_config
 from mfr_sae.kernels import reference_decode, reference_encode
 from mfr_sae.train import Trainer
+from timing import timed  # bench/timing.py
 
 D, H, BATCH, K, N = 768, 3072, 500, 12, 5
-
-
-def timed(fn, steps: int, device: torch.device, warmup: int = 2) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / steps
 
 
 def trainer(device: str, extra: list[str]) -> Trainer:

@@ -1,0 +1,22 @@
+"""The one timer of the bench scripts. No mfr_sae import: the peers' workers (bench/peers.py) run it in
+virtual environments without mfr-sae."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def timed(fn: Callable[[], Any], steps: int, device: torch.device, warmup: int = 2) -> float:
+    """Seconds per call of fn, after `warmup` calls (CUDA synchronised around the timed calls)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / steps
