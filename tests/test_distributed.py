@@ -54,9 +54,16 @@ def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = F
     return done
 
 
-def _max_difference(a: Path, b: Path) -> float:
+def _assert_same_weights(a: Path, b: Path, label: str) -> None:
+    """Every weight of run b within 1e-4 (max abs) of run a; the difference is printed (pytest -s)."""
     one, two = load(a), load(b)
-    return max((p - getattr(two, name)).abs().max().item() for name, p in one.named_parameters())
+    difference = max((p - getattr(two, name)).abs().max().item() for name, p in one.named_parameters())
+    print(f"{label}: max difference {difference}")
+    assert difference <= 1e-4, (label, difference)
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
 
 
 @pytest.mark.parametrize("mfr", [False, True])
@@ -64,10 +71,8 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr):
     overrides = SMALL + [f"mfr.enabled={str(mfr).lower()}"]
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "two", overrides, processes=2)
-    difference = _max_difference(tmp_path / "one", tmp_path / "two")
-    print(f"1 vs 2 processes: max difference {difference}")
-    assert difference <= 1e-4, difference
-    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", "1 vs 2 processes")
+    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
     assert one["reinit_events"] == two["reinit_events"] and one["beta"] == two["beta"]  # the same decisions
     if mfr:  # re-initialised on rank 1, decided with the firing counts of both ranks
         assert [e["member"] for e in one["reinit_events"]] == [2, 2]
@@ -82,10 +87,8 @@ def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
         "mfr.reinit_window=0"]  # float sums now differ in order: no threshold decision to flip
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "four", overrides, processes=4)
-    difference = _max_difference(tmp_path / "one", tmp_path / "four")
-    print(f"1 vs 4 processes (data parallel): max difference {difference}")
-    assert difference <= 1e-4, difference
-    one, four = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "four"))
+    _assert_same_weights(tmp_path / "one", tmp_path / "four", "1 vs 4 processes (data parallel)")
+    one, four = _results(tmp_path / "one"), _results(tmp_path / "four")
     assert [m["mse"] for m in four["members"]] == pytest.approx([m["mse"] for m in one["members"]], rel=1e-4)
 
 
@@ -101,9 +104,7 @@ def test_a_run_moves_between_one_and_two_processes(tmp_path):
         config.write_text(config.read_text().replace("n_samples: 8000", "n_samples: 16000"))
         (run / "results.json").unlink()
         _train(run, [], processes=then, resume=True)
-        difference = _max_difference(tmp_path / "whole", run)
-        print(f"{first} -> {then} processes: max difference {difference}")
-        assert difference <= 1e-4, (first, then, difference)
+        _assert_same_weights(tmp_path / "whole", run, f"{first} -> {then} processes")
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
@@ -144,4 +145,4 @@ def test_a_killed_rank_stops_the_run_with_its_name_and_resume_continues(tmp_path
     config = run / "config.yaml"  # end 20 steps after it, on one process
     config.write_text(config.read_text().replace("n_samples: 400000", f"n_samples: {(meta['step'] + 20) * 200}"))
     _train(run, [], resume=True)
-    assert json.loads((run / "results.json").read_text())["steps"] == meta["step"] + 20
+    assert _results(run)["steps"] == meta["step"] + 20
