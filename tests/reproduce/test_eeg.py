@@ -47,6 +47,7 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     assert events == results["reinit_events"] and results["train_seconds"] > 0
     report = (out / "report.md").read_text()
     assert "Table 3" in report and "0.42" in report and "line noise at 5 dB SNR" in report
+    assert "SNR gain MFR (dB)" in report
     assert report.count("data:image/png") == 3 and " ± " in report
     # a second call reuses the finished runs
     again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False,
