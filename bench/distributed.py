@@ -2,8 +2,8 @@
 
 At d=768, h=3072, batch 500, k=12, N=5 (the paper's GPT-2 scale, synthetic vectors), this launches
 `torchrun --standalone --nproc_per_node R` for each R in --procs, times the baseline step and the MFR
-step (match_every=50) on every rank, and prints tokens/s, the speed-up over R=1, and the bytes one rank
-receives per step (as a fraction of the ensemble's parameter bytes). On CPU the cores are shared:
+step (match_every=50) on every rank, and prints tokens/s, the speed-up over R=1, and the bytes a rank
+receives per step (the mean over ranks) (as a fraction of the ensemble's parameter bytes). On CPU the cores are shared:
 each process gets cores / R threads.
 
     python bench/distributed.py [--procs 1,2] [--steps 10]
@@ -49,6 +49,7 @@ def worker(steps: int) -> None:
             torch.cuda.synchronize()
         run.shard.barrier()
         seconds, received = (time.perf_counter() - start) / n, (run.shard.received_bytes - received) / n
+        received = sum(run.shard.gather_objects(received)) / world  # the mean over ranks
         params = sum(p.numel() * p.element_size() for p in run._gathered_ensemble().parameters())
         result[name] = {"seconds": seconds, "received_bytes": received, "param_bytes": params}
     if run.shard.is_main:

@@ -50,8 +50,13 @@ def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = F
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, _worker_errors(done.stderr)
     return done
+
+
+def _worker_errors(stderr: str) -> str:
+    """What the workers said before torchrun's summary (without torchrun's warnings)."""
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith(("W1", "*****")))[:3000]
 
 
 def _assert_same_weights(a: Path, b: Path, label: str) -> None:
@@ -62,16 +67,28 @@ def _assert_same_weights(a: Path, b: Path, label: str) -> None:
     assert difference <= 1e-4, (label, difference)
 
 
+def _assert_same_log(a: Path, b: Path) -> None:
+    """metrics.jsonl of run b has the lines of run a: the same steps and keys, numbers within 1e-4."""
+    one, two = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b))
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]
+    for r1, r2 in zip(one, two):
+        for key in ("loss", "mse", "l0", "dead_frac", "penalty", "pairwise_mmcs", "reinit_metric"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+
+
 def _results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
-@pytest.mark.parametrize("mfr", [False, True])
-def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr):
-    overrides = SMALL + [f"mfr.enabled={str(mfr).lower()}"]
+@pytest.mark.parametrize("mfr, autocast", [(False, False), (True, False), (True, True)])
+def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
+    """Under autocast the decoder rows travel (and are matched) in bf16, in one process as on two."""
+    overrides = SMALL + [f"mfr.enabled={str(mfr).lower()}", f"train.autocast={str(autocast).lower()}"]
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "two", overrides, processes=2)
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "1 vs 2 processes")
+    _assert_same_log(tmp_path / "one", tmp_path / "two")
     one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
     assert one["reinit_events"] == two["reinit_events"] and one["beta"] == two["beta"]  # the same decisions
     if mfr:  # re-initialised on rank 1, decided with the firing counts of both ranks
@@ -146,3 +163,77 @@ def test_a_killed_rank_stops_the_run_with_its_name_and_resume_continues(tmp_path
     config.write_text(config.read_text().replace("n_samples: 400000", f"n_samples: {(meta['step'] + 20) * 200}"))
     _train(run, [], resume=True)
     assert _results(run)["steps"] == meta["step"] + 20
+
+
+def _launch_ranks(out: Path, overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """`world` ranks started by hand (as a cluster scheduler would: RANK, WORLD_SIZE, MASTER_ADDR set),
+    without torchrun to stop the others when one dies."""
+    port = 29500 + os.getpid() % 1000
+    args = ["--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+    return [subprocess.Popen([sys.executable, "-m", "mfr_sae", "train", "--no-progress", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                  "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank in range(world)]
+
+
+def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error(tmp_path):
+    """No launcher to end the run: the collective itself fails, and the survivor names the lost rank."""
+    run = tmp_path / "run"
+    ranks = _launch_ranks(run, SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"])
+    deadline = time.time() + 120
+    while not (run / "checkpoint").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (run / "checkpoint").exists(), "no checkpoint within 2 minutes"
+    ranks[1].kill()
+    started = time.time()
+    _, stderr = ranks[0].communicate(timeout=120)
+    ranks[1].communicate()
+    assert ranks[0].returncode != 0 and time.time() - started < 60
+    last = stderr.strip().splitlines()[-1]
+    assert "error: lost contact with the other processes (rank 1 stopped answering)" in last, \
+        stderr[-1500:]
+    assert "Traceback" not in stderr
+    load_trainer_state(run / "checkpoint")  # the checkpoint written before the kill is whole
+
+
+_COUNTING_WORKER = """
+import json, sys
+from mfr_sae.config import load_config
+from mfr_sae.train import Trainer
+trainer = Trainer(load_config(None, json.loads(sys.argv[2])), sys.argv[1], progress=False)
+x = next(trainer.source.batches(trainer.cfg.train.batch_size))
+received = []
+for _ in range(4):
+    before = trainer.shard.received_bytes
+    trainer.train_step(x)
+    received.append(trainer.shard.received_bytes - before)
+print("RECEIVED", trainer.shard.rank, json.dumps(received), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mfr", [False, True])
+def test_what_travels_between_ranks_per_step(tmp_path, mfr):
+    """Baseline: nothing between log steps. MFR (re-matching every 2 steps): the other rank's decoders,
+    unpadded, one number per member and, at a re-matching step, the matches of the other rank's pairs
+    (counted: the tensors a rank receives)."""
+    script = tmp_path / "worker.py"
+    script.write_text(_COUNTING_WORKER)
+    overrides = SMALL + ["mfr.reinit_window=0", f"mfr.enabled={str(mfr).lower()}", "mfr.match_every=2"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "run"), json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, _worker_errors(done.stderr)
+    received = {int(rank): json.loads(values) for _, rank, values in
+                (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))}
+    h, d = 64, 32  # SMALL; members 0, 1 on rank 0, member 2 on rank 1; pairs (0, 1) on rank 0, (0, 2), (1, 2) on 1
+    if not mfr:
+        assert received == {0: [0] * 4, 1: [0] * 4}
+        return
+    remote = {0: 1, 1: 2}  # members held by the other rank
+    remote_pairs = {0: 2, 1: 1}
+    for rank in (0, 1):
+        between = remote[rank] * (h * d * 4 + 4)  # fp32 decoder rows + the member's part of the penalty
+        matching = between + remote_pairs[rank] * 2 * h * 8  # + [2, h] int64 matches per pair
+        beta_auto = remote[rank] * 4  # step 0: the members' MSE, for beta = auto
+        assert received[rank] == [matching + beta_auto, between, matching, between], rank

@@ -65,11 +65,11 @@ def test_warmup_is_a_cosine_ramp():
 def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
     reg = MutualRegularizer(MFRConfig(enabled=True, warmup_steps=0), [2, 2])
     decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
-    penalty, logs = reg.penalty(decoder, 0, torch.tensor(0.37))
+    penalty, logs = reg.penalty(decoder, 0, lambda: 0.37)
     assert penalty.item() == pytest.approx(0.37, rel=1e-5)
     assert reg.beta == pytest.approx(0.37 / (1 - logs["pairwise_mmcs"]), rel=1e-5)
     fixed = MutualRegularizer(MFRConfig(enabled=True, beta=2.0, warmup_steps=100), [2, 2])
-    penalty, logs = fixed.penalty(decoder, 50, torch.tensor(0.37))
+    penalty, logs = fixed.penalty(decoder, 50, lambda: 0.37)
     assert logs["penalty_weight"] == pytest.approx(1.0)  # beta * w(50) = 2 * 0.5
     assert penalty.item() == pytest.approx(1 - logs["pairwise_mmcs"], rel=1e-5)
 
@@ -78,7 +78,7 @@ def test_auto_beta_refuses_identical_members():
     reg = MutualRegularizer(MFRConfig(enabled=True), [2, 2])
     decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
     with pytest.raises(ConfigError, match="members start identical"):
-        reg.penalty(decoder, 0, torch.tensor(1.0))
+        reg.penalty(decoder, 0, lambda: 1.0)
 
 
 def test_reinit_metric_by_hand():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
+        if isinstance(err, RankLost):  # leave at once: a broken process group cannot be torn down in order
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -103,8 +103,9 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     """torchrun: seconds a collective waits for the other processes before the run stops with an error."""
     autocast: bool = False
-    """bf16 autocast of the encoder and decoder products (weights, gradients and AdamW stay fp32). Faster on
-    GPUs and on CPUs with bf16 units; slower on CPUs without them (bench/RESULTS.md)."""
+    """bf16 autocast of the encoder and decoder products, and bf16 decoder rows in the MFR matching and
+    penalty (half the bytes between processes); weights, gradients and AdamW stay fp32. Faster on GPUs
+    and on CPUs with bf16 units; slower on CPUs without them (bench/RESULTS.md)."""
     log_every: int = 10
     """Steps between lines in metrics.jsonl."""
     checkpoint_every: int = 500

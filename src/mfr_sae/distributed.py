@@ -14,9 +14,13 @@ Backends: gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
+import re
+import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -46,7 +50,20 @@ def init(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
+        atexit.register(_close)
     return rank, world, device
+
+
+_broken = False  # a collective failed: the process group cannot be shut down in order
+
+
+def _close() -> None:
+    """Shut the process group down before the interpreter does. Left to the interpreter's teardown (the
+    process group, or objects in reference cycles freed by its last garbage collection), gloo sometimes
+    ends the process with SIGABRT ("terminate called without an active exception"; 2 exits in 25 here)."""
+    if dist.is_initialized() and not _broken:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 class Shard:
@@ -80,10 +97,9 @@ class Shard:
 
     def reduce_gradients(self, params) -> None:
         """Data parallel: each member's gradient summed over its replicas (each weighted its slice)."""
-        if self.group is not None:
-            for param in params:
-                if param.grad is not None:
-                    _collective(dist.all_reduce, param.grad, dist.ReduceOp.SUM, self.group)
+        for param in params:
+            if param.grad is not None:
+                self.sum_replicas(param.grad)
 
     @property
     def is_main(self) -> bool:
@@ -93,20 +109,60 @@ class Shard:
         """This rank's slice of a tensor with the member axis first."""
         return full[self.start:self.stop]
 
-    def _all_parts(self, local: Tensor) -> list[Tensor]:
-        padded = local.new_zeros(max(self.sizes), *local.shape[1:])
-        padded[:len(local)] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        _collective(dist.all_gather, parts, padded.contiguous())
-        self.received_bytes += (self.world - 1) * padded.numel() * padded.element_size()
-        return [part[:size] for part, size in zip(parts, self.sizes)]
+    def share(self, n_items: int) -> slice:
+        """This rank's contiguous share of n_items split over all R ranks (sizes differ by at most one)."""
+        return slice(n_items * self.rank // self.world, n_items * (self.rank + 1) // self.world)
+
+    def gather_shares(self, local: Tensor, n_items: int) -> Tensor:
+        """Every rank's `share(n_items)` of the rows of a tensor -> all n_items rows, on every rank."""
+        if self.world == 1:
+            return local
+        return torch.cat(self._all_parts(local, [n_items * (r + 1) // self.world - n_items * r // self.world
+                                                 for r in range(self.world)]))
+
+    def _start_parts(self, local: Tensor, sizes: list[int] | None = None) -> Callable[[], list[Tensor]]:
+        """Start sending every rank's `local` (sizes[r] rows from rank r) to every rank, without padding
+        (gloo's all-gather takes equal sizes only, so uneven shards travel as one broadcast per rank);
+        the function returned waits for the parts."""
+        sizes = self.sizes if sizes is None else sizes
+        local = local.contiguous()
+        if len(set(sizes)) == 1:
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            works = [_collective(dist.all_gather, parts, local, async_op=True)]
+        else:
+            parts = [local if r == self.rank else local.new_empty(size, *local.shape[1:])
+                     for r, size in enumerate(sizes)]
+            works = [_collective(dist.broadcast, part, r, async_op=True) for r, part in enumerate(parts)]
+        self.received_bytes += sum(p.numel() for r, p in enumerate(parts) if r != self.rank) * local.element_size()
+
+        def wait() -> list[Tensor]:
+            for work in works:
+                _collective(work.wait)
+            return parts
+        return wait
+
+    def _all_parts(self, local: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
+        return self._start_parts(local, sizes)()
+
+    def sum_replicas(self, local: Tensor) -> Tensor:
+        """Data parallel: a value of this rank's slice of the batch summed over the member's replicas
+        (in place); the identity without replicas."""
+        if self.group is not None:
+            _collective(dist.all_reduce, local, dist.ReduceOp.SUM, self.group)
+        return local
 
     def gather(self, local: Tensor) -> Tensor:
         """[n_local, ...] on every rank -> [N, ...] on every rank, in member order (of replicated members,
         replica 0's: they hold the same values)."""
+        return self.start_gather(local)()
+
+    def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
+        """As gather, started now and finished by the function returned, so that the transfer overlaps
+        what this rank computes meanwhile (`local` must not change until then)."""
         if self.world == 1:
-            return local
-        return torch.cat(self._all_parts(local)[::self.replicas])
+            return lambda: local
+        wait = self._start_parts(local)
+        return lambda: torch.cat(wait()[::self.replicas])
 
     def gather_sum(self, local: Tensor) -> Tensor:
         """As gather, for values of this rank's slice of the batch: summed over each member's replicas."""
@@ -135,24 +191,33 @@ class Shard:
             _collective(dist.barrier)
 
 
-def _collective(fn, *args) -> None:
-    """Run a collective; a rank that died surfaces as RankLost naming it, not as a hang or a gloo trace."""
+def _collective(fn, *args, **kwargs) -> Any:
+    """Run a collective (or wait for one); a rank that died surfaces as RankLost naming it, not as a hang
+    or a gloo trace."""
     try:
-        fn(*args)
+        return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as err:
-        raise RankLost(f"lost contact with the other processes ({lost_ranks()}): "
-                       f"{str(err).strip().splitlines()[0][:160]}; the last checkpoint is intact, "
-                       f"continue with --resume") from None
+        global _broken
+        _broken = True
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0])  # drop gloo's source location
+        raise RankLost(f"lost contact with the other processes ({lost_ranks()}): {reason.split('. ')[0][:120]}; "
+                       f"the last checkpoint is intact, continue with --resume") from None
 
 
-def lost_ranks() -> str:
-    """Which ranks do not answer, as far as this rank can tell (gloo's monitored barrier names them)."""
+def lost_ranks(wait_s: float = 10.0) -> str:
+    """Which ranks do not answer, as far as this rank can tell: every rank still alive checks in on the
+    rendezvous store (which torchrun or rank 0 hosts, apart from the broken process group) and waits a
+    few seconds for the others; those that never check in are named."""
+    rank, world = world_from_env()
     try:
-        dist.monitored_barrier(timeout=timedelta(seconds=10), wait_all_ranks=True)
-    except RuntimeError as err:
-        text = str(err)
-        start = text.find("Ranks ")
-        return text[start:start + 60].split(" failed")[0].lower() if start >= 0 else "unknown ranks"
-    except Exception:  # noqa: BLE001 (NCCL has no monitored barrier)
-        return "unknown ranks"
-    return "all ranks answered a barrier after the error"
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"mfr_sae/alive/{rank}", "1")
+        missing, deadline = list(range(world)), time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"mfr_sae/alive/{r}"])]
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 (the store went with the process that hosted it)
+        return "rank 0, which hosts the rendezvous store, or unknown ranks"
+    if not missing:
+        return "every rank is still alive"
+    return f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering"

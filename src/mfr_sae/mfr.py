@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig
+from mfr_sae.distributed import Shard
 from mfr_sae.kernels import unit_rows
 from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
 
@@ -63,10 +64,13 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS)
     return torch.stack([torch.cat(arg_for_a), arg_for_b])
 
 
-def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
-    """Matches of every member pair: [P, 2, h]."""
-    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk)
-                        for a, b in member_pairs(len(decoder))])
+def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS,
+              pairs: list[tuple[int, int]] | None = None) -> Tensor:
+    """Matches of every member pair (or of the pairs given): [P, 2, h]."""
+    pairs = member_pairs(len(decoder)) if pairs is None else pairs
+    if not pairs:
+        return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
+    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk) for a, b in pairs])
 
 
 @dataclass
@@ -84,6 +88,12 @@ class Links:
         (embedding_bag: fast on CPU and CUDA)."""
         return F.embedding_bag(self.columns, flat, offsets=self.offsets,
                                per_sample_weights=self.values.to(flat.dtype) * scale[self.columns], mode="sum")
+
+    def rows(self, start: int, stop: int) -> Links:
+        """The rows start..stop of L (their columns still index all N * h rows)."""
+        first = self.offsets[start]
+        last = self.offsets[stop] if stop < len(self.offsets) else len(self.columns)
+        return Links(self.offsets[start:stop] - first, self.columns[first:last], self.values[first:last])
 
 
 def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
@@ -106,31 +116,45 @@ def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
 
 
 class _LinkedSimilarity(torch.autograd.Function):
-    """sum(D * (L @ D)) for a fixed symmetric L and D = W with rows scaled to unit norm, from the raw
-    rows W (no normalised copy): L @ D gathers raw rows weighted by L / ||w||, and the gradient,
-    2 (L @ D - (w . L @ D) w / ||w||^2) / ||w|| per row, reuses that product."""
+    """Per member m of the rows given, sum over its rows r of d_r . (L @ D)_r, for a fixed symmetric L and
+    D = W with rows scaled to unit norm, from the raw rows W (no normalised copy). The rows given may be a
+    shard of all rows (one rank's members): L's columns then read the rows of all members (`columns`,
+    constants), and the gradient reaching row r is that of the whole sum over all rows, which for a
+    symmetric L is 2 (L @ D)_r projected off w_r and divided by ||w_r||: it reuses the forward product."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, links: Links) -> Tensor:
-        flat = weight.reshape(-1, weight.shape[-1])
-        inv_norm = torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_()
-        product = links.times(flat, inv_norm)
+    def forward(ctx, weight: Tensor, columns: Tensor, links: Links, first_row: int) -> Tensor:
+        flat, every = weight.reshape(-1, weight.shape[-1]), columns.reshape(-1, columns.shape[-1])
+        rounded = every.dtype != flat.dtype  # columns sent in bf16: products in fp32, own rows' norms exact
+        every = every.to(flat.dtype)
+        inv_norm_every = torch.linalg.vector_norm(every, dim=-1).clamp_min_(1e-12).reciprocal_()
+        inv_norm = (torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_() if rounded
+                    else inv_norm_every[first_row:first_row + len(flat)])
+        product = links.times(every, inv_norm_every)
         along = torch.linalg.vecdot(flat, product)  # w_r . (L @ D)_r
         ctx.save_for_backward(flat, product, inv_norm, along)
         ctx.shape = weight.shape
-        return (along * inv_norm).sum()
+        return (along * inv_norm).view(weight.shape[:2]).sum(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         flat, product, inv_norm, along = ctx.saved_tensors
         out = product.addcmul(flat, (along * inv_norm.square()).unsqueeze(1), value=-1)
-        return out.mul_((2 * grad * inv_norm).unsqueeze(1)).view(ctx.shape), None
+        per_row = grad.repeat_interleave(ctx.shape[1])  # each row takes its member's incoming gradient
+        return out.mul_((2 * per_row * inv_norm).unsqueeze(1)).view(ctx.shape), None, None, None
+
+
+def linked_similarity(weight: Tensor, columns: Tensor, links: Links, first_row: int = 0) -> Tensor:
+    """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: rows first_row.. of the
+    N * h rows (any norm; differentiable), columns [N, h, d]: all of them (constants), links: L's rows
+    for the given members (`Links.rows`)."""
+    return _LinkedSimilarity.apply(weight, columns, links, first_row)
 
 
 def matched_mmcs(weight: Tensor, links: Links) -> Tensor:
     """Mean over member pairs of MMCS from fixed matches, differentiable; weight [N, h, d]: decoder rows
     of any norm (the cosines are taken of their directions). One sparse product per step, O(P h d)."""
-    return _LinkedSimilarity.apply(weight, links)
+    return linked_similarity(weight, weight.detach(), links).sum()
 
 
 def dense_mmcs(decoder: Tensor) -> Tensor:
@@ -150,21 +174,28 @@ def reinit_metric(firing_prob: Tensor, ks: list[int]) -> Tensor:
 
 
 class MutualRegularizer:
-    """The MFR state of one run: beta, matches, firing history, reinitialisation record."""
+    """The MFR state of one run: beta, matches, firing history, reinitialisation record. Across processes
+    (`Shard`) each rank keeps the firing history of its own members and computes its own members' part of
+    the penalty; beta, matches and the reinitialisation record are the same on every rank."""
 
-    def __init__(self, cfg: MFRConfig, ks: list[int]):
+    def __init__(self, cfg: MFRConfig, ks: list[int], shard: Shard | None = None,
+                 column_dtype: torch.dtype | None = None):
         """With cfg.enabled false (the baseline) it only measures: the reinitialisation metric is
-        logged during the window, nothing is penalised or re-initialised."""
+        logged during the window, nothing is penalised or re-initialised. column_dtype: the dtype the
+        decoders of all members are matched and linked in (bf16 under autocast: half the bytes between
+        ranks); None keeps the weights' dtype."""
         if cfg.enabled and len(ks) < 2:
             raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
-        self.cfg, self.ks, self.enabled = cfg, list(ks), cfg.enabled
+        self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
+        self.shard = shard or Shard(len(ks))
         self.beta: float | None = None if cfg.beta == "auto" or not cfg.enabled else float(cfg.beta)
         self.matches: Tensor | None = None
-        self.links: Links | None = None
+        self.links: Links | None = None  # the rows of this rank's members
+        self.incoming: Callable[[], Tensor] | None = None  # the decoders of all members, on their way
         self.steps_since_init = [0] * len(ks)
         self.attempts = [0] * len(ks)
         self.events: list[dict[str, Any]] = []
-        self.history: deque[tuple[int, Tensor]] = deque()  # (batch size, firing counts [N, h])
+        self.history: deque[tuple[int, Tensor]] = deque()  # (batch size, own members' firing counts [n, h])
 
     @property
     def penalty_on(self) -> bool:
@@ -172,34 +203,54 @@ class MutualRegularizer:
 
     # ------------------------------------------------------------------ penalty
 
-    def penalty(self, weight: Tensor, step: int, recon_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """beta * w(step) * mean over pairs (1 - MMCS); weight [N, h, d]: the decoder rows (any norm)."""
-        if self.cfg.match_every == 0:
-            mmcs = dense_mmcs(unit_rows(weight))
+    def prefetch(self, weight: Tensor) -> None:
+        """Start gathering the decoders of all members for the next `penalty`, so that the transfer overlaps
+        the reconstruction's forward pass (the weights do not change in between)."""
+        if self.cfg.match_every and self.penalty_on:
+            self.incoming = self.shard.start_gather(weight.detach().to(self.column_dtype or weight.dtype))
+
+    def penalty(self, weight: Tensor, step: int, recon_loss: Callable[[], float]) -> tuple[Tensor, dict[str, float]]:
+        """beta * w(step) * mean over pairs (1 - MMCS); weight [n, h, d]: this rank's members' decoder rows
+        (any norm; all N in one process), the gradient reaching them being that of the whole penalty.
+        recon_loss: the mean reconstruction loss of all members (asked for once, by beta=auto)."""
+        shard = self.shard
+        if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
+            mmcs = dense_mmcs(unit_rows(shard.gather_differentiable(weight))).mean()
         else:
+            if self.incoming is None:
+                self.prefetch(weight)
+            every, self.incoming = self.incoming(), None  # [N, h, d]: the links' columns
             if self.matches is None or step % self.cfg.match_every == 0:
-                self.matches = match_all(F.normalize(weight.detach(), dim=-1), self.cfg.mmcs)
+                self.matches = self._match(F.normalize(every.to(weight.dtype), dim=-1))
                 self.links = None
+            h = weight.shape[1]
             if self.links is None:
-                self.links = link_matrix(self.matches, len(weight), weight.shape[1])
-            mmcs = matched_mmcs(weight, self.links)
-        distance = (1 - mmcs).mean()
+                self.links = link_matrix(self.matches, len(every), h).rows(shard.start * h, shard.stop * h)
+            own = linked_similarity(weight, every, self.links, shard.start * h)  # [n]
+            mmcs = shard.gather_differentiable(own).sum()  # summed in member order, whatever the shards
+        distance = 1 - mmcs
         if self.beta is None:  # auto: the penalty equals the reconstruction loss at the start
             if distance.item() <= 1e-8:
                 raise ConfigError("mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
                                   "so no beta makes the penalty equal the loss; set mfr.beta to a number")
-            self.beta = recon_loss.item() / distance.item()
+            self.beta = recon_loss() / distance.item()
         weight = self.beta * warmup_weight(step, self.cfg.warmup_steps)
         penalty = weight * distance
-        return penalty, {"penalty": penalty.item(), "penalty_weight": weight,
-                         "pairwise_mmcs": mmcs.mean().item()}
+        return penalty, {"penalty": penalty.item(), "penalty_weight": weight, "pairwise_mmcs": mmcs.item()}
+
+    def _match(self, unit: Tensor) -> Tensor:
+        """match_all over the member pairs, each rank matching its share of the pairs: [P, 2, h]."""
+        pairs = member_pairs(len(unit))
+        mine = match_all(unit, self.cfg.mmcs, pairs=pairs[self.shard.share(len(pairs))])
+        return self.shard.gather_shares(mine, len(pairs))
 
     # ------------------------------------------------------------------ reinitialisation
 
-    def reinit_check(self, step: int, counts: Tensor, batch_size: int) -> tuple[list[int], list[float] | None]:
-        """Record this step's firing counts [N, h]; return the members to re-initialise now and, while
-        any member is inside its window, the metric M of every member (None once all are past it)."""
-        cfg = self.cfg
+    def reinit_check(self, step: int, counts: Tensor, batch_size: int) -> tuple[list[int], Tensor | None]:
+        """Record this step's firing counts of this rank's members [n, h]; return the members (global
+        indices) to re-initialise now and, while any member is inside its window, the metric M of this
+        rank's members [n] (None once all are past it)."""
+        cfg, shard = self.cfg, self.shard
         for n in range(len(self.ks)):
             self.steps_since_init[n] += 1
         # once every member is past its window nothing can happen again (only a reinit restarts one)
@@ -212,10 +263,13 @@ class MutualRegularizer:
         window = sum(b for b, _ in self.history)
         if window < cfg.reinit_samples:
             return [], None
-        metric = reinit_metric(sum(c for _, c in self.history) / window, self.ks)
+        own = reinit_metric(sum(c for _, c in self.history) / window, self.ks[shard.start:shard.stop])
+        if not self.enabled:  # the baseline only logs it: no communication
+            return [], own
+        metric = shard.gather(own)  # every rank takes the same decisions
         chosen = []
         for n in inside:
-            if self.enabled and metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:
+            if metric[n] > cfg.reinit_threshold and self.attempts[n] < cfg.reinit_max:
                 self.attempts[n] += 1
                 self.steps_since_init[n] = 0
                 self.events.append({"step": step, "member": n, "metric": metric[n].item(),
@@ -223,27 +277,30 @@ class MutualRegularizer:
                 chosen.append(n)
         if chosen:  # a re-initialised member needs a fresh window: start the (shared) history again
             self.history.clear()
-        return chosen, metric.tolist()
+        return chosen, own
 
     # ------------------------------------------------------------------ checkpointing
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """All members' state (a collective across processes: every rank calls it)."""
         tensors = {}
         if self.matches is not None:
             tensors["mfr.matches"] = self.matches
         for i, (batch, counts) in enumerate(self.history):
-            tensors[f"mfr.history.{i}"] = counts
+            tensors[f"mfr.history.{i}"] = self.shard.gather(counts)
         meta = {"beta": self.beta, "steps_since_init": self.steps_since_init, "attempts": self.attempts,
                 "events": self.events, "history_batches": [b for b, _ in self.history]}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """From `state()` of a run on any number of processes."""
         self.beta = meta["beta"]
         self.steps_since_init, self.attempts = meta["steps_since_init"], meta["attempts"]
         self.events = meta["events"]
         self.matches = tensors.get("mfr.matches")
         self.links = None
-        self.history = deque((b, tensors[f"mfr.history.{i}"]) for i, b in enumerate(meta["history_batches"]))
+        self.history = deque((b, self.shard.local(tensors[f"mfr.history.{i}"]))
+                             for i, b in enumerate(meta["history_batches"]))
 
 
 @torch.no_grad()

@@ -90,9 +90,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))
-        # what is per member but small is held for all N members on every rank (identical everywhere)
-        self.samples_since_fired = torch.zeros(len(cfg.ks), cfg.sae.d_sae, dtype=torch.long, device=self.device)
-        self.mfr = MutualRegularizer(cfg.mfr, cfg.ks)
+        # per latent of this rank's members: training vectors since it last fired
+        self.samples_since_fired = torch.zeros(len(self.shard.members), cfg.sae.d_sae, dtype=torch.long,
+                                               device=self.device)
+        self.mfr = MutualRegularizer(cfg.mfr, cfg.ks, self.shard, torch.bfloat16 if cfg.train.autocast else None)
+        self.window_lines: list[dict[str, Any]] = []  # reinitialisation-window log lines not yet written
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self.step = 0
         self.wandb_run = None
@@ -129,7 +131,7 @@ class Trainer:
             for name, param in self.ensemble.named_parameters():
                 param.copy_(self.shard.local(getattr(loaded, name)))
         self.step = meta["step"]
-        self.samples_since_fired.copy_(state.pop("samples_since_fired"))
+        self.samples_since_fired.copy_(self.shard.local(state.pop("samples_since_fired")))
         self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
                             meta["mfr"])
         state = {k: v if v.ndim == 0 else self.shard.local(v) for k, v in state.items() if not k.startswith("mfr.")}
@@ -143,9 +145,9 @@ class Trainer:
         state = {k: v if v.ndim == 0 else self.shard.gather(v)
                  for k, v in _optimizer_state_to_tensors(self.optimizer, self.ensemble).items()}
         ensemble = self._gathered_ensemble()
+        state["samples_since_fired"] = self.shard.gather(self.samples_since_fired)
+        mfr_tensors, mfr_meta = self.mfr.state()
         if self.shard.is_main:
-            state["samples_since_fired"] = self.samples_since_fired
-            mfr_tensors, mfr_meta = self.mfr.state()
             state.update(mfr_tensors)
             meta = {"step": self.step, "mfr": mfr_meta}
             ckpt.save_checkpoint(self.run_dir, ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled},
@@ -165,28 +167,32 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: Tensor, target: Tensor | None = None) -> dict[str, Any]:
-        """One step on input x; the loss is against `target` (denoising) or x itself."""
+        """One step on input x; the loss is against `target` (denoising) or x itself. Returns this rank's
+        numbers as they are (`log_record` gathers them, at log steps only): the MSE and L0 of its members
+        [n] on its slice of the batch (weighted by the slice's share), the penalty's values (all members'),
+        inside the reinitialisation window the metric of its members [n], and reinitialisation events.
+        In one process, every member's."""
         target = x if target is None else target
         if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
         rows = self.shard.batch_rows(len(x))  # data parallel: this replica's slice; else the whole batch
         share = (rows.stop - rows.start) / len(x)
+        self.mfr.prefetch(self.ensemble.decoder_weight)  # the decoders travel while this rank encodes
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
             out = self.ensemble(x[rows])
         acts, idx = out.acts, out.idx
         mse = (out.x_hat.float() - target[rows]).pow(2).mean(dim=(1, 2)) * share  # this slice's part
-        loss = mse.sum() / self.shard.n_members  # this rank's part of the mean over all members
-        all_mse = self.shard.gather_sum(mse.detach())
-        recon = all_mse.sum() / self.shard.n_members  # summed in member order: bit-equal to one process
-        total, logs = recon, {}
+        n_members = self.shard.n_members
+        loss = mse.sum() / n_members  # this rank's part of the mean over all members
+        logs: dict[str, Any] = {"mse": mse.detach()}
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
-            penalty, logs = self.mfr.penalty(self.shard.gather_differentiable(self.ensemble.decoder_weight),
-                                             self.step, recon)
-            total = recon + penalty.detach()
+            penalty, values = self.mfr.penalty(self.ensemble.decoder_weight, self.step,
+                                               lambda: (self.shard.gather_sum(mse.detach()).sum() / n_members).item())
+            logs.update(values)
             if self.shard.replica == 0:  # once per member: the replicas' gradients are summed
                 loss = loss + penalty
-        if not torch.isfinite(total):
-            raise TrainingError(f"loss became {total.item()} at step {self.step} (try a lower train.lr); "
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {self.step} (try a lower train.lr); "
                                 f"the last checkpoint is intact")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,17 +208,17 @@ class Trainer:
         if chosen:
             logs["reinit"] = self.mfr.events[-len(chosen):]
         self.step += 1
-        l0 = (acts > 0).sum(-1).float().mean(-1) * share
-        return {"loss": total, "mse": all_mse, "l0": self.shard.gather_sum(l0), **logs}
+        logs["l0"] = (acts > 0).sum(-1).float().mean(-1) * share
+        return logs
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:
         """Fresh weights for member n (global index; on the rank that holds it, seeded by its attempt number)
         and its AdamW moments zeroed."""
-        self.samples_since_fired[n] = 0
         if n not in self.shard.members:
             return
         local = n - self.shard.start
+        self.samples_since_fired[local] = 0
         self.ensemble.reset_member(local, attempt=self.mfr.attempts[n])
         for param in self.ensemble.parameters():
             for key in ("exp_avg", "exp_avg_sq"):
@@ -221,17 +227,19 @@ class Trainer:
 
     @torch.no_grad()
     def _count_firing(self, acts: Tensor, idx: Tensor, batch: int) -> Tensor:
-        """Update samples-since-fired; return each latent's firing count in this batch, all members [N, h]."""
+        """Update samples-since-fired; return each latent's firing count in this batch, this rank's members
+        [n, h] (over the whole batch: summed over the replicas of data parallel)."""
         n = self.ensemble.n_members
         counts = torch.zeros(n, self.ensemble.d_sae, device=acts.device)
         counts.scatter_add_(1, idx.reshape(n, -1), (acts > 0).reshape(n, -1).float())
-        counts = self.shard.gather_sum(counts)
+        counts = self.shard.sum_replicas(counts)
         self.samples_since_fired += batch
         self.samples_since_fired[counts > 0] = 0
         return counts
 
     def dead_mask(self) -> Tensor:
-        """Latents that have not fired on the last eval.dead_window training vectors: [N, h]."""
+        """Latents of this rank's members that have not fired on the last eval.dead_window training
+        vectors: [n, h]."""
         return self.samples_since_fired >= self.cfg.eval.dead_window
 
     def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -240,7 +248,7 @@ class Trainer:
         if not hasattr(self, "_eval_batch"):
             self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
         x, target = self._eval_batch
-        members, firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.shard.local(self.dead_mask()),
+        members, firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.dead_mask(),
                                         self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
                                         None if target is x else target)
         lm_result = self._loss_recovered(members) if lm else None
@@ -263,17 +271,18 @@ class Trainer:
                 x, target = split_batch(next(batches))
                 logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
                 bar.update(1)
+                if "reinit_metric" in logs or "reinit" in logs:  # every step of the window (Figure 7)
+                    self.window_lines.append({"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
+                                                                    if k in logs}})
                 if self.step % cfg.train.log_every == 0 or self.step == n_steps:
                     record = self._log_record(logs)
                     self._write(log, record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{sum(record['l0']) / len(record['l0']):.1f}",
                                     dead=f"{100 * sum(record['dead_frac']) / len(record['dead_frac']):.1f}%")
-                elif "reinit_metric" in logs or "reinit" in logs:  # every step of the window (Figure 7)
-                    self._write(log, {"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
-                                                            if k in logs}})
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
                     self._write(log, {"step": self.step, "eval": self.evaluate()[0]})
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self._write(log, None)  # the window lines up to the checkpoint
                     log.flush()
                     self.save()
             bar.close()
@@ -316,20 +325,35 @@ class Trainer:
         return result
 
     def _log_record(self, logs: dict[str, Any]) -> dict[str, Any]:
-        dead = self.dead_mask().float().mean(-1)
+        """The log line of this step, all members' numbers (gathered from the ranks)."""
+        mse, l0 = self.shard.gather_sum(torch.stack([logs["mse"], logs["l0"]], dim=1)).T
+        dead = self.shard.gather(self.dead_mask().float().mean(-1))
         return {
             "step": self.step,
             "samples": self.step * self.cfg.train.batch_size,
-            **{k: v.item() if v.ndim == 0 else v.tolist() for k, v in logs.items() if isinstance(v, Tensor)},
-            **{k: v for k, v in logs.items() if not isinstance(v, Tensor)},
+            "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
+            "mse": mse.tolist(),
+            "l0": l0.tolist(),
+            **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
             "dead_frac": dead.tolist(),
         }
 
-    def _write(self, log, record: dict[str, Any]) -> None:
-        log.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            self.wandb_run.log(flat, step=self.step)
+    def _write(self, log, record: dict[str, Any] | None) -> None:
+        """Write the pending window lines (one gather of all their metrics), then `record`; a window line of
+        the record's step goes into the record."""
+        lines = self.window_lines
+        if lines:
+            local = torch.stack([line["reinit_metric"] for line in lines], dim=1)  # [n, lines]
+            for line, metric in zip(lines, self.shard.gather(local).T.tolist()):
+                line["reinit_metric"] = metric
+            if record is not None and lines[-1]["step"] == record["step"]:
+                record.update(lines.pop())
+            self.window_lines = []
+        for line in lines + ([record] if record is not None else []):
+            log.write(json.dumps(line) + "\n")
+            if self.wandb_run is not None:
+                flat = {k: v for k, v in line.items() if isinstance(v, (int, float))}
+                self.wandb_run.log(flat, step=line["step"])
 
 
 def train(cfg: RunConfig, out: str | Path, source: VectorSource | None = None,
