@@ -2,11 +2,12 @@
 
 At d=768, h=3072, batch 500, k=12, N=5 (the paper's GPT-2 scale, synthetic vectors), this launches
 `torchrun --standalone --nproc_per_node R` for each R in --procs, times the baseline step and the MFR
-step (match_every=50) on every rank, and prints tokens/s, the speed-up over R=1, and the bytes a rank
-receives per step (the mean over ranks) (as a fraction of the ensemble's parameter bytes). On CPU the cores are shared:
-each process gets cores / R threads.
+step (match_every=50, and the default 1: matching every step, the pairs split between ranks) on every
+rank, and prints tokens/s, the speed-up over R=1, and the bytes a rank receives per step (the mean over
+ranks; as a fraction of the ensemble's parameter bytes). On CPU the cores are shared: each process gets
+cores / R threads.
 
-    python bench/distributed.py [--procs 1,2] [--steps 10]
+    python bench/distributed.py [--procs 1,2] [--steps 10] [--autocast]
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+STEPS = [("baseline", None), ("MFR m=50", 50), ("MFR m=1", 1)]  # (name, mfr.match_every)
 
 
-def worker(steps: int) -> None:
+def worker(steps: int, autocast: bool) -> None:
     """One rank: time both steps; rank 0 prints one JSON line."""
     sys.path.insert(0, str(HERE))
     from step import BATCH, trainer  # bench/step.py
@@ -33,16 +35,16 @@ def worker(steps: int) -> None:
     torch.set_num_threads(max(1, int(os.environ["BENCH_CORES"]) // world))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"world": world, "threads": torch.get_num_threads()}
-    for name, extra in (("baseline", []), ("MFR m=50", ["mfr.enabled=true", "mfr.reinit_window=0",
-                                                        "mfr.match_every=50"])):
-        run = trainer(device, extra)
+    for name, every in STEPS:
+        extra = [] if every is None else ["mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
+        run = trainer(device, extra + ["train.autocast=true"] * autocast)
         x = next(run.source.batches(BATCH)).to(run.device)
         for _ in range(2):
             run.train_step(x)
         run.shard.barrier()
         received = run.shard.received_bytes
         start = time.perf_counter()
-        n = max(steps, 50) if "MFR" in name else steps  # MFR: a whole re-matching period
+        n = max(steps, every or 1)  # MFR: a whole re-matching period
         for _ in range(n):
             run.train_step(x)
         if run.device.type == "cuda":
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", default="1,2")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--autocast", action="store_true", help="bf16 products, decoders sent in bf16")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     print(f"machine: {os.uname().machine}, {cores} cores, torch {torch.__version__}, "
@@ -68,7 +71,8 @@ def main() -> None:
     for procs in map(int, args.procs.split(",")):
         env = {**os.environ, "BENCH_CORES": str(cores)}
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={procs}", __file__, "--worker", str(args.steps)],
+                               f"--nproc_per_node={procs}", __file__, "--worker", str(args.steps),
+                               str(int(args.autocast))],
                               capture_output=True, text=True, env=env)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
@@ -76,8 +80,8 @@ def main() -> None:
             continue
         rows[procs] = json.loads(line[0][7:])
     print(f"\n{'':10s} {'R':>2s} {'threads/proc':>12s} {'ms/step':>8s} {'tokens/s':>9s} {'vs R=1':>7s} "
-          f"{'MB recv/step':>12s} {'of params':>9s}")
-    for name in ("baseline", "MFR m=50"):
+          f"{'MiB recv/step':>12s} {'of params':>9s}")
+    for name, _ in STEPS:
         for procs, row in rows.items():
             r = row[name]
             base = rows.get(1, row)[name]["seconds"]
@@ -87,7 +91,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(int(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), bool(int(sys.argv[3])))
     else:
         main()

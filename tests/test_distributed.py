@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +96,31 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
         assert [e["member"] for e in one["reinit_events"]] == [2, 2]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_rendezvous_and_train_as_one_process(tmp_path):
+    """torchrun --nnodes 2: two launchers (here on one machine) meet at a c10d rendezvous endpoint."""
+    overrides = SMALL + ["mfr.enabled=true"]
+    _train(tmp_path / "one", overrides)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    args = [a for o in overrides for a in ("--set", o)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                               "--rdzv_id=test", "-m", "mfr_sae", "train", "--no-progress",
+                               "--out", str(tmp_path / "two_nodes"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for node in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, _worker_errors(stderr)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two_nodes", "1 process vs 2 nodes")
 
 
 def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):

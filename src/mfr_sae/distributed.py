@@ -5,10 +5,12 @@ Launched by `torchrun --nproc_per_node R ...`, every rank holds a contiguous sha
 the same data stream, and trains its members on every batch, as one process would. With R a multiple
 of N above N, each member is also data parallel: its R / N processes take equal slices of every batch
 and sum their (slice-weighted) gradients. What couples the
-members travels between ranks: the MFR penalty's decoder rows (gathered, the rest stays local), and the
-small per-member numbers (firing counts, losses, metrics), so that the reinitialisation rule, beta,
-logs and checkpoints are those of one process. Rank 0 writes the run folder; its layout does not
-depend on R. Without torchrun (or with one process) every collective here is the identity.
+members travels between ranks: for MFR, the decoders of all members every step (mfr.py: each rank then
+computes its own rows' part of the penalty and its share of the re-matching); for logs, checkpoints and
+the reinitialisation rule, small per-member numbers, gathered only at the steps that need them (the
+baseline sends nothing between log steps). So beta, reinitialisation, logs and checkpoints are those of
+one process. Rank 0 writes the run folder; its layout does not depend on R. Without torchrun (or with
+one process) every collective here is the identity.
 Backends: gloo on CPU, NCCL on CUDA.
 """
 
