@@ -191,13 +191,11 @@ def test_a_killed_rank_stops_the_run_with_its_name_and_resume_continues(tmp_path
     assert _results(run)["steps"] == meta["step"] + 20
 
 
-def _launch_ranks(out: Path, overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
+def _launch_ranks(command: list[str], world: int = 2) -> list[subprocess.Popen]:
     """`world` ranks started by hand (as a cluster scheduler would: RANK, WORLD_SIZE, MASTER_ADDR set),
     without torchrun to stop the others when one dies."""
-    port = 29500 + os.getpid() % 1000
-    args = ["--out", str(out), *[a for o in overrides for a in ("--set", o)]]
-    return [subprocess.Popen([sys.executable, "-m", "mfr_sae", "train", "--no-progress", *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    port = _free_port()
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
             for rank in range(world)]
@@ -206,7 +204,9 @@ def _launch_ranks(out: Path, overrides: list[str], world: int = 2) -> list[subpr
 def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error(tmp_path):
     """No launcher to end the run: the collective itself fails, and the survivor names the lost rank."""
     run = tmp_path / "run"
-    ranks = _launch_ranks(run, SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"])
+    overrides = SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"]
+    ranks = _launch_ranks([sys.executable, "-m", "mfr_sae", "train", "--no-progress", "--out", str(run),
+                           *[a for o in overrides for a in ("--set", o)]])
     deadline = time.time() + 120
     while not (run / "checkpoint").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -223,8 +223,36 @@ def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error
     load_trainer_state(run / "checkpoint")  # the checkpoint written before the kill is whole
 
 
+_FAILING_WORKER = """
+import os, torch
+from mfr_sae import distributed
+from mfr_sae.train import TrainingError
+rank, world, _ = distributed.init(torch.device("cpu"), 60)
+shard = distributed.Shard(2, rank, world)
+shard.barrier()
+if rank == 1:
+    distributed.report_failure(TrainingError("loss became nan at step 3"))
+    os._exit(1)
+try:
+    shard.gather(torch.ones(1))
+except distributed.RankLost as err:
+    print("LOST", err, flush=True)
+"""
+
+
+def test_the_others_say_why_a_rank_stopped(tmp_path):
+    """A rank that stops on an error leaves it on the rendezvous store; the ranks that lose it quote it."""
+    script = tmp_path / "worker.py"
+    script.write_text(_FAILING_WORKER)
+    ranks = _launch_ranks([sys.executable, str(script)])
+    out = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert "LOST lost contact with the other processes (rank 1 failed with TrainingError: loss became nan " \
+           "at step 3)" in out[0], out[0]
+
+
 _COUNTING_WORKER = """
 import json, sys
+from mfr_sae import distributed
 from mfr_sae.config import load_config
 from mfr_sae.train import Trainer
 trainer = Trainer(load_config(None, json.loads(sys.argv[2])), sys.argv[1], progress=False)
@@ -235,6 +263,8 @@ for _ in range(4):
     trainer.train_step(x)
     received.append(trainer.shard.received_bytes - before)
 print("RECEIVED", trainer.shard.rank, json.dumps(received), flush=True)
+del trainer
+distributed.close()
 """
 
 

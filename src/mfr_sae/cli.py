@@ -10,6 +10,7 @@ from pathlib import Path
 from mfr_sae.checkpoint import CheckpointError
 from mfr_sae.config import EEG_NOISE_KINDS, ConfigError, help_text, load_config
 from mfr_sae.data import DataError
+from mfr_sae import distributed
 from mfr_sae.distributed import RankLost, world_from_env
 from mfr_sae.report import markdown_table
 from mfr_sae.train import TrainingError, resume, train
@@ -151,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": run_train, "reproduce": run_reproduce, "compare": run_compare, "cache": run_cache}
-        return commands[args.command](args)
+        code = commands[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
-        if isinstance(err, RankLost):  # leave at once: a broken process group cannot be torn down in order
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-        return 2
+        code = 2
+    if distributed.close():  # under torchrun: leave without the interpreter's teardown (see close)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

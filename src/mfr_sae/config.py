@@ -104,8 +104,9 @@ class TrainConfig:
     """torchrun: seconds a collective waits for the other processes before the run stops with an error."""
     autocast: bool = False
     """bf16 autocast of the encoder and decoder products, and bf16 decoder rows in the MFR matching and
-    penalty (half the bytes between processes); weights, gradients and AdamW stay fp32. Faster on GPUs
-    and on CPUs with bf16 units; slower on CPUs without them (bench/RESULTS.md)."""
+    matched penalty (mfr.match_every >= 1; half the bytes between processes); weights, gradients and
+    AdamW stay fp32. Faster on GPUs and on CPUs with bf16 units; slower on CPUs without them
+    (bench/RESULTS.md)."""
     log_every: int = 10
     """Steps between lines in metrics.jsonl."""
     checkpoint_every: int = 500

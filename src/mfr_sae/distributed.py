@@ -8,7 +8,8 @@ and sum their (slice-weighted) gradients. What couples the
 members travels between ranks: for MFR, the decoders of all members every step (mfr.py: each rank then
 computes its own rows' part of the penalty and its share of the re-matching); for logs, checkpoints and
 the reinitialisation rule, small per-member numbers, gathered only at the steps that need them (the
-baseline sends nothing between log steps). So beta, reinitialisation, logs and checkpoints are those of
+baseline sends nothing between log steps but data parallel's sums of gradients and firing counts).
+So beta, reinitialisation, logs and checkpoints are those of
 one process. Rank 0 writes the run folder; its layout does not depend on R. Without torchrun (or with
 one process) every collective here is the identity.
 Backends: gloo on CPU, NCCL on CUDA.
@@ -52,20 +53,26 @@ def init(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
-        atexit.register(_close)
+        atexit.register(close)
     return rank, world, device
 
 
 _broken = False  # a collective failed: the process group cannot be shut down in order
 
 
-def _close() -> None:
-    """Shut the process group down before the interpreter does. Left to the interpreter's teardown (the
-    process group, or objects in reference cycles freed by its last garbage collection), gloo sometimes
-    ends the process with SIGABRT ("terminate called without an active exception"; 2 exits in 25 here)."""
-    if dist.is_initialized() and not _broken:
+def close() -> bool:
+    """Shut the process group down before the interpreter does (also run at exit). Left to the
+    interpreter's teardown (the process group, or objects in reference cycles freed by its last garbage
+    collection), gloo sometimes ends the process with SIGABRT ("terminate called without an active
+    exception"; 2 exits in 25 here) after the work is done; even after this call it did, more rarely,
+    so the command line leaves with os._exit when this returns True. True when a process group was
+    joined (shut down now unless a collective failed)."""
+    if not dist.is_initialized():
+        return False
+    if not _broken:
         gc.collect()
         dist.destroy_process_group()
+    return True
 
 
 class Shard:
@@ -206,20 +213,37 @@ def _collective(fn, *args, **kwargs) -> Any:
                        f"the last checkpoint is intact, continue with --resume") from None
 
 
+def report_failure(err: BaseException) -> None:
+    """Leave the error that stops this rank on the rendezvous store, so that the ranks that lose contact
+    with it say why (a survivor's own RankLost is not left)."""
+    if not dist.is_initialized() or isinstance(err, RankLost):
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"mfr_sae/failed/{world_from_env()[0]}", f"{type(err).__name__}: {str(err)[:200]}")
+    except Exception:  # noqa: BLE001 (best effort: the error itself is raised by the caller)
+        pass
+
+
 def lost_ranks(wait_s: float = 10.0) -> str:
     """Which ranks do not answer, as far as this rank can tell: every rank still alive checks in on the
     rendezvous store (which torchrun or rank 0 hosts, apart from the broken process group) and waits a
-    few seconds for the others; those that never check in are named."""
+    few seconds for the others; those that never check in are named, with the error a rank left there
+    (`report_failure`) when it stopped on one."""
     rank, world = world_from_env()
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set(f"mfr_sae/alive/{rank}", "1")
         missing, deadline = list(range(world)), time.monotonic() + wait_s
         while missing and time.monotonic() < deadline:
-            missing = [r for r in missing if not store.check([f"mfr_sae/alive/{r}"])]
+            missing = [r for r in missing if not (store.check([f"mfr_sae/alive/{r}"])
+                                                  or store.check([f"mfr_sae/failed/{r}"]))]
             time.sleep(0.1)
+        failed = {r: store.get(f"mfr_sae/failed/{r}").decode() for r in range(world)
+                  if store.check([f"mfr_sae/failed/{r}"])}
     except Exception:  # noqa: BLE001 (the store went with the process that hosted it)
         return "rank 0, which hosts the rendezvous store, or unknown ranks"
-    if not missing:
-        return "every rank is still alive"
-    return f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering"
+    said = [f"rank {r} failed with {message}" for r, message in failed.items()]
+    if missing:
+        said.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering")
+    return "; ".join(said) or "every rank is still alive"

@@ -146,8 +146,9 @@ class _LinkedSimilarity(torch.autograd.Function):
 
 def linked_similarity(weight: Tensor, columns: Tensor, links: Links, first_row: int = 0) -> Tensor:
     """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: rows first_row.. of the
-    N * h rows (any norm; differentiable), columns [N, h, d]: all of them (constants), links: L's rows
-    for the given members (`Links.rows`)."""
+    N * h rows (any norm), columns [N, h, d]: all of them (constants), links: L's rows for the given
+    members (`Links.rows`). Differentiable as parts of that one sum: the gradient a row receives is
+    that of the whole sum (so sum the parts of all members, with one weight)."""
     return _LinkedSimilarity.apply(weight, columns, links, first_row)
 
 

@@ -168,7 +168,7 @@ class Trainer:
 
     def train_step(self, x: Tensor, target: Tensor | None = None) -> dict[str, Any]:
         """One step on input x; the loss is against `target` (denoising) or x itself. Returns this rank's
-        numbers as they are (`log_record` gathers them, at log steps only): the MSE and L0 of its members
+        numbers as they are (`_log_record` gathers them, at log steps only): the MSE and L0 of its members
         [n] on its slice of the batch (weighted by the slice's share), the penalty's values (all members'),
         inside the reinitialisation window the metric of its members [n], and reinitialisation events.
         In one process, every member's."""
@@ -252,10 +252,18 @@ class Trainer:
                                         self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
                                         None if target is x else target)
         lm_result = self._loss_recovered(members) if lm else None
-        self.firing_prob = self.shard.gather(firing_prob)
+        self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
         return [m for part in self.shard.gather_objects(members) for m in part], lm_result
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end; an error that stops this rank is left for the others to name (distributed)."""
+        try:
+            return self._fit()
+        except Exception as err:
+            distributed.report_failure(err)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         cfg, n_steps = self.cfg, self.cfg.n_steps
         if cfg.train.wandb_project and self.shard.is_main:
             import wandb
