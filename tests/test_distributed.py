@@ -40,13 +40,20 @@ def test_members_are_split_in_contiguous_shards_of_near_equal_size():
     assert [s.batch_rows(7) for s in replicas] == [slice(0, 3), slice(3, 7)] * 2
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # each process on one core: 2 processes on 2 cores
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = False,
            wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
-    args = ["--resume", str(out)] if resume else ["--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+    args = ["--resume", str(out)] if resume else ["--out", str(out)] + _set_args(overrides)
     command = launcher + ["-m", "mfr_sae", "train", "--no-progress", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = ONE_THREAD
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
@@ -109,13 +116,13 @@ def test_two_nodes_rendezvous_and_train_as_one_process(tmp_path):
     overrides = SMALL + ["mfr.enabled=true"]
     _train(tmp_path / "one", overrides)
     endpoint = f"127.0.0.1:{_free_port()}"
-    args = [a for o in overrides for a in ("--set", o)]
+    args = _set_args(overrides)
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
                                "--rdzv_id=test", "-m", "mfr_sae", "train", "--no-progress",
                                "--out", str(tmp_path / "two_nodes"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env=ONE_THREAD)
              for node in (0, 1)]
     for node in nodes:
         _, stderr = node.communicate(timeout=300)
@@ -196,7 +203,7 @@ def _launch_ranks(command: list[str], world: int = 2) -> list[subprocess.Popen]:
     without torchrun to stop the others when one dies."""
     port = _free_port()
     return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                             env={**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank),
                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
             for rank in range(world)]
 
@@ -206,7 +213,7 @@ def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error
     run = tmp_path / "run"
     overrides = SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"]
     ranks = _launch_ranks([sys.executable, "-m", "mfr_sae", "train", "--no-progress", "--out", str(run),
-                           *[a for o in overrides for a in ("--set", o)]])
+                           *_set_args(overrides)])
     deadline = time.time() + 120
     while not (run / "checkpoint").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -278,7 +285,7 @@ def test_what_travels_between_ranks_per_step(tmp_path, mfr):
     overrides = SMALL + ["mfr.reinit_window=0", f"mfr.enabled={str(mfr).lower()}", "mfr.match_every=2"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(tmp_path / "run"), json.dumps(overrides)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert done.returncode == 0, _worker_errors(done.stderr)
     received = {int(rank): json.loads(values) for _, rank, values in
                 (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))}

@@ -118,16 +118,18 @@ class Shard:
         """This rank's slice of a tensor with the member axis first."""
         return full[self.start:self.stop]
 
-    def share(self, n_items: int) -> slice:
-        """This rank's contiguous share of n_items split over all R ranks (sizes differ by at most one)."""
-        return slice(n_items * self.rank // self.world, n_items * (self.rank + 1) // self.world)
+    def share(self, n_items: int, rank: int | None = None) -> slice:
+        """This rank's (or `rank`'s) contiguous share of n_items split over all R ranks (sizes differ by at
+        most one)."""
+        rank = self.rank if rank is None else rank
+        return slice(n_items * rank // self.world, n_items * (rank + 1) // self.world)
 
     def gather_shares(self, local: Tensor, n_items: int) -> Tensor:
         """Every rank's `share(n_items)` of the rows of a tensor -> all n_items rows, on every rank."""
         if self.world == 1:
             return local
-        return torch.cat(self._all_parts(local, [n_items * (r + 1) // self.world - n_items * r // self.world
-                                                 for r in range(self.world)]))
+        shares = [self.share(n_items, r) for r in range(self.world)]
+        return torch.cat(self._all_parts(local, [s.stop - s.start for s in shares]))
 
     def _start_parts(self, local: Tensor, sizes: list[int] | None = None) -> Callable[[], list[Tensor]]:
         """Start sending every rank's `local` (sizes[r] rows from rank r) to every rank, without padding

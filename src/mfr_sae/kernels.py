@@ -90,7 +90,7 @@ class _TiedTopK(torch.autograd.Function):
         acts, idx = pre.topk(k, dim=-1, sorted=mask is not None)
         acts = acts.relu_() if mask is None else acts.relu_().mul_(mask)
         flat = weight.reshape(-1, d_in)
-        inv_norm = torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_()
+        inv_norm = inverse_norms(flat)
         rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1, k)
         scaled = acts.reshape(-1, k) * inv_norm[rows]  # a / n: the weight of each gathered raw row
         x_hat = F.embedding_bag(rows, flat, per_sample_weights=scaled, mode="sum")
@@ -166,6 +166,11 @@ class _UnitRows(torch.autograd.Function):
         unit, norm = ctx.saved_tensors
         along = (grad * unit).sum(dim=-1, keepdim=True)
         return grad.addcmul(unit, along, value=-1).div_(norm)
+
+
+def inverse_norms(rows: Tensor) -> Tensor:
+    """1 / ||row|| of every row [..., d] -> [...] (norms clamped at 1e-12, as F.normalize)."""
+    return torch.linalg.vector_norm(rows, dim=-1).clamp_min_(1e-12).reciprocal_()
 
 
 def unit_rows(weight: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig
 from mfr_sae.distributed import Shard
-from mfr_sae.kernels import unit_rows
+from mfr_sae.kernels import inverse_norms, unit_rows
 from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
 
 
@@ -127,9 +127,8 @@ class _LinkedSimilarity(torch.autograd.Function):
         flat, every = weight.reshape(-1, weight.shape[-1]), columns.reshape(-1, columns.shape[-1])
         rounded = every.dtype != flat.dtype  # columns sent in bf16: products in fp32, own rows' norms exact
         every = every.to(flat.dtype)
-        inv_norm_every = torch.linalg.vector_norm(every, dim=-1).clamp_min_(1e-12).reciprocal_()
-        inv_norm = (torch.linalg.vector_norm(flat, dim=-1).clamp_min_(1e-12).reciprocal_() if rounded
-                    else inv_norm_every[first_row:first_row + len(flat)])
+        inv_norm_every = inverse_norms(every)
+        inv_norm = inverse_norms(flat) if rounded else inv_norm_every[first_row:first_row + len(flat)]
         product = links.times(every, inv_norm_every)
         along = torch.linalg.vecdot(flat, product)  # w_r . (L @ D)_r
         ctx.save_for_backward(flat, product, inv_norm, along)
