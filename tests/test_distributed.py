@@ -89,6 +89,17 @@ def _results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+def _assert_same_decisions(a: Path, b: Path) -> None:
+    """The same reinitialisations (step, member, attempt) and the same beta, up to float noise (the
+    penalty's sums run in a different order when the decoders arrive shard by shard)."""
+    one, two = _results(a), _results(b)
+    assert [(e["step"], e["member"], e["attempt"]) for e in one["reinit_events"]] == \
+        [(e["step"], e["member"], e["attempt"]) for e in two["reinit_events"]]
+    assert [e["metric"] for e in two["reinit_events"]] == \
+        pytest.approx([e["metric"] for e in one["reinit_events"]], rel=1e-5)
+    assert two["beta"] == (None if one["beta"] is None else pytest.approx(one["beta"], rel=1e-5))
+
+
 @pytest.mark.parametrize("mfr, autocast", [(False, False), (True, False), (True, True)])
 def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
     """Under autocast the decoder rows travel (and are matched) in bf16, in one process as on two."""
@@ -97,10 +108,9 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
     _train(tmp_path / "two", overrides, processes=2)
     _assert_same_weights(tmp_path / "one", tmp_path / "two", "1 vs 2 processes")
     _assert_same_log(tmp_path / "one", tmp_path / "two")
-    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
-    assert one["reinit_events"] == two["reinit_events"] and one["beta"] == two["beta"]  # the same decisions
+    _assert_same_decisions(tmp_path / "one", tmp_path / "two")
     if mfr:  # re-initialised on rank 1, decided with the firing counts of both ranks
-        assert [e["member"] for e in one["reinit_events"]] == [2, 2]
+        assert [e["member"] for e in _results(tmp_path / "one")["reinit_events"]] == [2, 2]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
 
@@ -140,6 +150,62 @@ def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
     _assert_same_weights(tmp_path / "one", tmp_path / "four", "1 vs 4 processes (data parallel)")
     one, four = _results(tmp_path / "one"), _results(tmp_path / "four")
     assert [m["mse"] for m in four["members"]] == pytest.approx([m["mse"] for m in one["members"]], rel=1e-4)
+
+
+@pytest.mark.parametrize("mmcs", ["max", "hungarian"])
+def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs):
+    """5 members on 4 processes (2 + 1 + 1 + 1): the decoders go round the ring in 3 stages, the pairs
+    across shards matched by the rank that sees the other first (both at stage 2, half each) and their
+    matches sent to the other; re-matching every 3 steps, so that the links also serve between."""
+    overrides = [o for o in SMALL if not o.startswith(("sae.n_members", "sae.k", "train.n_samples", "mfr.reinit"))]
+    overrides += ["sae.n_members=5", "sae.k=[4, 3, 2, 3, 4]", "train.n_samples=6000", "mfr.enabled=true",
+                  "mfr.reinit_window=0", "mfr.match_every=3", f"mfr.mmcs={mmcs}"]
+    _train(tmp_path / "one", overrides)
+    _train(tmp_path / "four", overrides, processes=4)
+    _assert_same_weights(tmp_path / "one", tmp_path / "four", f"1 vs 4 processes, 5 members, {mmcs}")
+    _assert_same_log(tmp_path / "one", tmp_path / "four")
+    one, four = (load_trainer_state(tmp_path / run / "checkpoint")[0]["mfr.matches"] for run in ("one", "four"))
+    assert torch.equal(one, four)  # every pair's matches, gathered from the ranks that know them
+
+
+_STREAM_WORKER = """
+import json, weakref, torch
+from mfr_sae import distributed
+rank, world, _ = distributed.init(torch.device("cpu"), 60)
+shard = distributed.Shard(5, rank, world)
+local = torch.arange(shard.start, shard.stop, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 4).contiguous()
+seen, held = [], []
+for stage, (members, rows) in enumerate(shard.start_stream(local)):
+    assert torch.equal(rows[:, 0, 0], torch.tensor(list(members), dtype=torch.float32)), (stage, members)
+    refs = [ref for ref in held if ref() is not None]
+    seen.append([list(members), shard.received_bytes, len(refs)])
+    if stage:
+        held.append(weakref.ref(rows))
+    del rows
+print("STREAM", rank, json.dumps(seen), flush=True)
+distributed.close()
+"""
+
+
+def test_the_ring_streams_each_shard_once_holding_at_most_two_at_a_time(tmp_path):
+    """Shard.start_stream on 4 ranks of 5 members: own first, then the shards 1, 2, 3 places before;
+    a shard is received only when the one before it is taken (at most one ahead), and a rank keeps no
+    shard it has passed on."""
+    script = tmp_path / "worker.py"
+    script.write_text(_STREAM_WORKER)
+    ranks = _launch_ranks([sys.executable, str(script)], world=4)
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err[-1500:] for _, err in outputs]
+    members = [[0, 1], [2], [3], [4]]
+    row_bytes = 3 * 4 * 4
+    for rank, (out, _) in enumerate(outputs):
+        seen = json.loads(out.split(" ", 2)[2])
+        order = [members[(rank - stage) % 4] for stage in range(4)]
+        assert [m for m, _, _ in seen] == order
+        # taking stage s, stage s + 1 is on its way: received so far, the shards of stages 1..s+1
+        expected = [sum(len(order[t]) for t in range(1, min(s + 1, 3) + 1)) * row_bytes for s in range(4)]
+        assert [b for _, b, _ in seen] == expected
+        assert [alive for _, _, alive in seen] == [0, 0, 0, 0]  # shards taken before are freed
 
 
 def test_a_run_moves_between_one_and_two_processes(tmp_path):
@@ -278,7 +344,7 @@ distributed.close()
 @pytest.mark.parametrize("mfr", [False, True])
 def test_what_travels_between_ranks_per_step(tmp_path, mfr):
     """Baseline: nothing between log steps. MFR (re-matching every 2 steps): the other rank's decoders,
-    unpadded, one number per member and, at a re-matching step, the matches of the other rank's pairs
+    once, one number per member and, at a re-matching step, the matches of the pairs the other rank matched
     (counted: the tensors a rank receives)."""
     script = tmp_path / "worker.py"
     script.write_text(_COUNTING_WORKER)
@@ -289,14 +355,16 @@ def test_what_travels_between_ranks_per_step(tmp_path, mfr):
     assert done.returncode == 0, _worker_errors(done.stderr)
     received = {int(rank): json.loads(values) for _, rank, values in
                 (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))}
-    h, d = 64, 32  # SMALL; members 0, 1 on rank 0, member 2 on rank 1; pairs (0, 1) on rank 0, (0, 2), (1, 2) on 1
+    assert sorted(received) == [0, 1], done.stdout
+    h, d = 64, 32  # SMALL; members 0, 1 on rank 0, member 2 on rank 1
+    # pairs matched: (0, 1) and (0, 2) on rank 0, (1, 2) on rank 1 (the pairs across the shards, half each)
     if not mfr:
         assert received == {0: [0] * 4, 1: [0] * 4}
         return
     remote = {0: 1, 1: 2}  # members held by the other rank
-    remote_pairs = {0: 2, 1: 1}
+    remote_pairs = {0: 1, 1: 1}  # the pairs whose matches the other rank sends
     for rank in (0, 1):
         between = remote[rank] * (h * d * 4 + 4)  # fp32 decoder rows + the member's part of the penalty
-        matching = between + remote_pairs[rank] * 2 * h * 8  # + [2, h] int64 matches per pair
+        matching = between + remote_pairs[rank] * 2 * h * 4  # + [2, h] int32 matches per pair
         beta_auto = remote[rank] * 4  # step 0: the members' MSE, for beta = auto
         assert received[rank] == [matching + beta_auto, between, matching, between], rank

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig, load_config
-from mfr_sae.mfr import (MutualRegularizer, dense_mmcs, link_matrix, match_all, matched_mmcs,
+from mfr_sae.mfr import (MutualRegularizer, dense_mmcs, match_all, matched_mmcs,
                          pairwise_mmcs, reinit_metric, warmup_weight)
 from mfr_sae.train import Trainer, train
 
@@ -15,7 +15,7 @@ E = torch.eye(4)
 
 def fast_mmcs(decoder, mode="max", chunk=2048):
     """Mean pairwise MMCS through the matched (sparse) penalty."""
-    return matched_mmcs(decoder, link_matrix(match_all(decoder.detach(), mode, chunk), *decoder.shape[:2]))
+    return matched_mmcs(decoder, match_all(decoder.detach(), mode, chunk))
 
 
 def test_mmcs_penalty_on_hand_made_decoders():
@@ -48,8 +48,7 @@ def test_matched_penalty_equals_the_dense_one_in_value_and_gradient_at_a_matchin
     torch.testing.assert_close(fast, dense)
     torch.testing.assert_close(g_fast, g_dense)
     # from the raw rows: the matched penalty normalises them itself, in value and gradient
-    links = link_matrix(match_all(F.normalize(raw, dim=-1).detach(), "max", 7), 3, 50)
-    raw_value = matched_mmcs(raw, links)
+    raw_value = matched_mmcs(raw, match_all(F.normalize(raw, dim=-1).detach(), "max", 7))
     torch.testing.assert_close(raw_value, dense)
     torch.testing.assert_close(torch.autograd.grad(raw_value, raw)[0], g_dense)
 

@@ -5,8 +5,10 @@ Launched by `torchrun --nproc_per_node R ...`, every rank holds a contiguous sha
 the same data stream, and trains its members on every batch, as one process would. With R a multiple
 of N above N, each member is also data parallel: its R / N processes take equal slices of every batch
 and sum their (slice-weighted) gradients. What couples the
-members travels between ranks: for MFR, the decoders of all members every step (mfr.py: each rank then
-computes its own rows' part of the penalty and its share of the re-matching); for logs, checkpoints and
+members travels between ranks: for MFR, the decoders of all members every step, streamed one shard at a
+time around a ring of the ranks (`Shard.start_stream`: each rank receives every other shard once and
+holds at most two besides its own; mfr.py then computes its own rows' part of the penalty, shard by
+shard, and matches the pairs that fall to it as their shards pass); for logs, checkpoints and
 the reinitialisation rule, small per-member numbers, gathered only at the steps that need them (the
 baseline sends nothing between log steps but data parallel's sums of gradients and firing counts).
 So beta, reinitialisation, logs and checkpoints are those of
@@ -23,7 +25,7 @@ import os
 import re
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -118,42 +120,20 @@ class Shard:
         """This rank's slice of a tensor with the member axis first."""
         return full[self.start:self.stop]
 
-    def share(self, n_items: int, rank: int | None = None) -> slice:
-        """This rank's (or `rank`'s) contiguous share of n_items split over all R ranks (sizes differ by at
-        most one)."""
-        rank = self.rank if rank is None else rank
-        return slice(n_items * rank // self.world, n_items * (rank + 1) // self.world)
-
-    def gather_shares(self, local: Tensor, n_items: int) -> Tensor:
-        """Every rank's `share(n_items)` of the rows of a tensor -> all n_items rows, on every rank."""
-        if self.world == 1:
-            return local
-        shares = [self.share(n_items, r) for r in range(self.world)]
-        return torch.cat(self._all_parts(local, [s.stop - s.start for s in shares]))
-
-    def _start_parts(self, local: Tensor, sizes: list[int] | None = None) -> Callable[[], list[Tensor]]:
-        """Start sending every rank's `local` (sizes[r] rows from rank r) to every rank, without padding
-        (gloo's all-gather takes equal sizes only, so uneven shards travel as one broadcast per rank);
-        the function returned waits for the parts."""
-        sizes = self.sizes if sizes is None else sizes
+    def _all_parts(self, local: Tensor) -> list[Tensor]:
+        """Every rank's `local` (its shard's rows), on every rank, without padding (gloo's all-gather takes
+        equal sizes only, so uneven shards travel as one broadcast per rank)."""
         local = local.contiguous()
-        if len(set(sizes)) == 1:
+        if len(set(self.sizes)) == 1:
             parts = [torch.empty_like(local) for _ in range(self.world)]
-            works = [_collective(dist.all_gather, parts, local, async_op=True)]
+            _collective(dist.all_gather, parts, local)
         else:
             parts = [local if r == self.rank else local.new_empty(size, *local.shape[1:])
-                     for r, size in enumerate(sizes)]
-            works = [_collective(dist.broadcast, part, r, async_op=True) for r, part in enumerate(parts)]
-        self.received_bytes += sum(p.numel() for r, p in enumerate(parts) if r != self.rank) * local.element_size()
-
-        def wait() -> list[Tensor]:
-            for work in works:
+                     for r, size in enumerate(self.sizes)]
+            for work in [_collective(dist.broadcast, part, r, async_op=True) for r, part in enumerate(parts)]:
                 _collective(work.wait)
-            return parts
-        return wait
-
-    def _all_parts(self, local: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
-        return self._start_parts(local, sizes)()
+        self.received_bytes += sum(p.numel() for r, p in enumerate(parts) if r != self.rank) * local.element_size()
+        return parts
 
     def sum_replicas(self, local: Tensor) -> Tensor:
         """Data parallel: a value of this rank's slice of the batch summed over the member's replicas
@@ -165,15 +145,9 @@ class Shard:
     def gather(self, local: Tensor) -> Tensor:
         """[n_local, ...] on every rank -> [N, ...] on every rank, in member order (of replicated members,
         replica 0's: they hold the same values)."""
-        return self.start_gather(local)()
-
-    def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
-        """As gather, started now and finished by the function returned, so that the transfer overlaps
-        what this rank computes meanwhile (`local` must not change until then)."""
         if self.world == 1:
-            return lambda: local
-        wait = self._start_parts(local)
-        return lambda: torch.cat(wait()[::self.replicas])
+            return local
+        return torch.cat(self._all_parts(local)[::self.replicas])
 
     def gather_sum(self, local: Tensor) -> Tensor:
         """As gather, for values of this rank's slice of the batch: summed over each member's replicas."""
@@ -200,6 +174,73 @@ class Shard:
     def barrier(self) -> None:
         if self.world > 1:
             _collective(dist.barrier)
+
+    # ------------------------------------------------------------------ the member ring (MFR penalty)
+
+    @property
+    def n_shards(self) -> int:
+        """Member shards around the ring (data parallel: R / N replicas of each member form N shards)."""
+        return self.world // self.replicas
+
+    @property
+    def position(self) -> int:
+        """This rank's shard's place in the ring (its replicas run rings of their own)."""
+        return self.rank // self.replicas
+
+    def shard_members(self, position: int) -> range:
+        """The members of the shard at `position`."""
+        position %= self.n_shards
+        start = sum(self.sizes[:position * self.replicas:self.replicas])
+        return range(start, start + self.sizes[position * self.replicas])
+
+    def _rank_at(self, position: int) -> int:
+        return position % self.n_shards * self.replicas + self.replica
+
+    def start_stream(self, local: Tensor) -> Iterator[tuple[range, Tensor]]:
+        """Every shard's `local` (this rank's own first, then at stage s the shard s places before it), one at
+        a time around a ring: each rank passes on what it received, so each receives every other shard once
+        (the bandwidth of an all-gather) but holds, beside its own, only the shard in use and the next one on
+        its way. The first transfer starts now, so that it overlaps what this rank computes meanwhile;
+        yields (members, their rows)."""
+        local = local.contiguous()
+        if self.n_shards == 1:
+            return iter([(self.shard_members(0), local)])
+        return self._stream(local, self._pass_on(local, 1))
+
+    def _stream(self, local: Tensor, pending: tuple[Tensor, list]) -> Iterator[tuple[range, Tensor]]:
+        yield self.shard_members(self.position), local
+        for stage in range(1, self.n_shards):
+            (incoming, works), pending = pending, None
+            self.wait(works)  # this stage's shard in; the last one passed on, and freed with the works
+            del works
+            if stage + 1 < self.n_shards:
+                pending = self._pass_on(incoming, stage + 1)
+            yield self.shard_members(self.position - stage), incoming
+
+    def _pass_on(self, outgoing: Tensor, stage: int) -> tuple[Tensor, list]:
+        """Start sending `outgoing` to the next rank of the ring and receiving the shard of stage `stage`
+        from the previous one."""
+        incoming = outgoing.new_empty(len(self.shard_members(self.position - stage)), *outgoing.shape[1:])
+        works = self.exchange(outgoing, self.position + 1, incoming, self.position - 1)
+        return incoming, works
+
+    def exchange(self, outgoing: Tensor | None, to: int, incoming: Tensor | None, source: int) -> list:
+        """Start sending `outgoing` to the shard at position `to` (this replica's rank of it) and receiving
+        `incoming` from the one at `source`, as one batch (NCCL needs sends and receives batched when two
+        ranks send to each other); returns the works to wait for. Every rank must call it at the same
+        point of the same sequence of exchanges."""
+        ops = []
+        if outgoing is not None:
+            ops.append(dist.P2POp(dist.isend, outgoing.contiguous(), self._rank_at(to)))
+        if incoming is not None:
+            ops.append(dist.P2POp(dist.irecv, incoming, self._rank_at(source)))
+            self.received_bytes += incoming.numel() * incoming.element_size()
+        return _collective(dist.batch_isend_irecv, ops) if ops else []
+
+    @staticmethod
+    def wait(works: list) -> None:
+        for work in works:
+            _collective(work.wait)
 
 
 def _collective(fn, *args, **kwargs) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -64,10 +64,9 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS)
     return torch.stack([torch.cat(arg_for_a), arg_for_b])
 
 
-def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS,
-              pairs: list[tuple[int, int]] | None = None) -> Tensor:
-    """Matches of every member pair (or of the pairs given): [P, 2, h]."""
-    pairs = member_pairs(len(decoder)) if pairs is None else pairs
+def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
+    """Matches of every member pair, in `member_pairs` order: [P, 2, h]."""
+    pairs = member_pairs(len(decoder))
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
     return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk) for a, b in pairs])
@@ -89,47 +88,46 @@ class Links:
         return F.embedding_bag(self.columns, flat, offsets=self.offsets,
                                per_sample_weights=self.values.to(flat.dtype) * scale[self.columns], mode="sum")
 
-    def rows(self, start: int, stop: int) -> Links:
-        """The rows start..stop of L (their columns still index all N * h rows)."""
-        first = self.offsets[start]
-        last = self.offsets[stop] if stop < len(self.offsets) else len(self.columns)
-        return Links(self.offsets[start:stop] - first, self.columns[first:last], self.values[first:last])
 
 
-def link_matrix(matches: Tensor, n_members: int, d_sae: int) -> Links:
-    rows, cols = [], []
-    arange = torch.arange(d_sae, device=matches.device)
-    for (a, b), (a_to_b, b_to_a) in zip(member_pairs(n_members), matches):
-        for src, dst in [(arange + a * d_sae, a_to_b + b * d_sae), (arange + b * d_sae, b_to_a + a * d_sae)]:
-            rows += [src, dst]
-            cols += [dst, src]
-    # each directed link i -> j carries 1 / (2 h P); half of it on (i, j), half on (j, i)
-    weight = 1.0 / (4 * d_sae * len(matches))
-    size = n_members * d_sae
-    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]),
-                                  torch.full((sum(map(len, rows)),), weight, device=matches.device),
-                                  (size, size), check_invariants=False).coalesce()
+def pair_links(matches: dict[tuple[int, int], Tensor], rows: range, columns: range, d_sae: int, n_pairs: int,
+               device: torch.device) -> Links:
+    """The block of L between the decoder rows of the members `rows` and those of the members `columns`
+    (each numbered from the block's first row), from the matches ([2, h]) of the member pairs (a, b) that
+    join them (other pairs are ignored). L is scaled for the mean over all n_pairs pairs."""
+    sources, targets = [], []
+    arange = torch.arange(d_sae, device=device)
+    for (a, b), (a_to_b, b_to_a) in matches.items():
+        for x, y, x_to_y, y_to_x in [(a, b, a_to_b, b_to_a), (b, a, b_to_a, a_to_b)]:
+            if x in rows and y in columns:  # row i of x links to row x_to_y[i] of y; row y_to_x[j] of x to row j
+                x0, y0 = (x - rows.start) * d_sae, (y - columns.start) * d_sae
+                sources += [arange + x0, y_to_x + x0]
+                targets += [x_to_y + y0, arange + y0]
+    size = (len(rows) * d_sae, len(columns) * d_sae)
+    if not sources:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Links(torch.zeros(size[0], dtype=torch.long, device=device), empty, empty.float())
+    # each directed match carries 1 / (2 h P); half of it on (i, j), half on (j, i)
+    weight = 1.0 / (4 * d_sae * n_pairs)
+    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(sources), torch.cat(targets)]),
+                                  torch.full((sum(map(len, sources)),), weight, device=device),
+                                  size, check_invariants=False).coalesce()
     row, col = coo.indices()
-    counts = torch.bincount(row, minlength=size)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-    return Links(offsets, col, coo.values())
+    counts = torch.bincount(row, minlength=size[0])
+    return Links(torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]]), col, coo.values())
 
 
 class _LinkedSimilarity(torch.autograd.Function):
-    """Per member m of the rows given, sum over its rows r of d_r . (L @ D)_r, for a fixed symmetric L and
-    D = W with rows scaled to unit norm, from the raw rows W (no normalised copy). The rows given may be a
-    shard of all rows (one rank's members): L's columns then read the rows of all members (`columns`,
-    constants), and the gradient reaching row r is that of the whole sum over all rows, which for a
-    symmetric L is 2 (L @ D)_r projected off w_r and divided by ||w_r||: it reuses the forward product."""
+    """Per member of the rows W given, sum over its rows r of d_r . (L @ D)_r, with D = W's rows scaled to
+    unit norm (no normalised copy) and (L @ D) for these rows given (`product`, a constant: L's columns
+    read the rows of all members, on every rank). The gradient reaching row r is that of the whole sum
+    over all rows of all members, which for a symmetric L is 2 (L @ D)_r projected off w_r and divided
+    by ||w_r||: it reuses the product."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, columns: Tensor, links: Links, first_row: int) -> Tensor:
-        flat, every = weight.reshape(-1, weight.shape[-1]), columns.reshape(-1, columns.shape[-1])
-        rounded = every.dtype != flat.dtype  # columns sent in bf16: products in fp32, own rows' norms exact
-        every = every.to(flat.dtype)
-        inv_norm_every = inverse_norms(every)
-        inv_norm = inverse_norms(flat) if rounded else inv_norm_every[first_row:first_row + len(flat)]
-        product = links.times(every, inv_norm_every)
+    def forward(ctx, weight: Tensor, product: Tensor) -> Tensor:
+        flat = weight.reshape(-1, weight.shape[-1])
+        inv_norm = inverse_norms(flat)
         along = torch.linalg.vecdot(flat, product)  # w_r . (L @ D)_r
         ctx.save_for_backward(flat, product, inv_norm, along)
         ctx.shape = weight.shape
@@ -140,21 +138,24 @@ class _LinkedSimilarity(torch.autograd.Function):
         flat, product, inv_norm, along = ctx.saved_tensors
         out = product.addcmul(flat, (along * inv_norm.square()).unsqueeze(1), value=-1)
         per_row = grad.repeat_interleave(ctx.shape[1])  # each row takes its member's incoming gradient
-        return out.mul_((2 * per_row * inv_norm).unsqueeze(1)).view(ctx.shape), None, None, None
+        return out.mul_((2 * per_row * inv_norm).unsqueeze(1)).view(ctx.shape), None
 
 
-def linked_similarity(weight: Tensor, columns: Tensor, links: Links, first_row: int = 0) -> Tensor:
-    """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: rows first_row.. of the
-    N * h rows (any norm), columns [N, h, d]: all of them (constants), links: L's rows for the given
-    members (`Links.rows`). Differentiable as parts of that one sum: the gradient a row receives is
-    that of the whole sum (so sum the parts of all members, with one weight)."""
-    return _LinkedSimilarity.apply(weight, columns, links, first_row)
+def linked_similarity(weight: Tensor, product: Tensor) -> Tensor:
+    """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: decoder rows of any norm (one
+    rank's members), product [n * h, d]: L @ D for those rows (`Links.times` of the unit rows of all
+    members). Differentiable as parts of that one sum: the gradient a row receives is that of the whole
+    sum (so sum the parts of all members, with one weight)."""
+    return _LinkedSimilarity.apply(weight, product)
 
 
-def matched_mmcs(weight: Tensor, links: Links) -> Tensor:
-    """Mean over member pairs of MMCS from fixed matches, differentiable; weight [N, h, d]: decoder rows
-    of any norm (the cosines are taken of their directions). One sparse product per step, O(P h d)."""
-    return linked_similarity(weight, weight.detach(), links).sum()
+def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
+    """Mean over member pairs of MMCS from fixed matches ([P, 2, h], `match_all`), differentiable; weight
+    [N, h, d]: decoder rows of any norm (the cosines are taken of their directions). O(P h d)."""
+    n, h, d = weight.shape
+    links = pair_links(dict(zip(member_pairs(n), matches)), range(n), range(n), h, len(matches), weight.device)
+    columns = weight.detach().reshape(-1, d)
+    return linked_similarity(weight, links.times(columns, inverse_norms(columns))).sum()
 
 
 def dense_mmcs(decoder: Tensor) -> Tensor:
@@ -189,9 +190,10 @@ class MutualRegularizer:
         self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
         self.shard = shard or Shard(len(ks))
         self.beta: float | None = None if cfg.beta == "auto" or not cfg.enabled else float(cfg.beta)
-        self.matches: Tensor | None = None
-        self.links: Links | None = None  # the rows of this rank's members
-        self.incoming: Callable[[], Tensor] | None = None  # the decoders of all members, on their way
+        self.matches: dict[tuple[int, int], Tensor] = {}  # [2, h] for each pair of members, this rank's own
+        self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
+        self.incoming: Iterator[tuple[range, Tensor]] | None = None  # the decoders of all shards, streaming in
+        self._outbox: dict[int, Tensor] = {}  # matches to send at a later stage of the stream, by stage
         self.steps_since_init = [0] * len(ks)
         self.attempts = [0] * len(ks)
         self.events: list[dict[str, Any]] = []
@@ -204,10 +206,10 @@ class MutualRegularizer:
     # ------------------------------------------------------------------ penalty
 
     def prefetch(self, weight: Tensor) -> None:
-        """Start gathering the decoders of all members for the next `penalty`, so that the transfer overlaps
-        the reconstruction's forward pass (the weights do not change in between)."""
+        """Start streaming the decoders of all members for the next `penalty`, so that the first transfer
+        overlaps the reconstruction's forward pass (the weights do not change in between)."""
         if self.cfg.match_every and self.penalty_on:
-            self.incoming = self.shard.start_gather(weight.detach().to(self.column_dtype or weight.dtype))
+            self.incoming = self.shard.start_stream(weight.detach().to(self.column_dtype or weight.dtype))
 
     def penalty(self, weight: Tensor, step: int, recon_loss: Callable[[], float]) -> tuple[Tensor, dict[str, float]]:
         """beta * w(step) * mean over pairs (1 - MMCS); weight [n, h, d]: this rank's members' decoder rows
@@ -219,14 +221,9 @@ class MutualRegularizer:
         else:
             if self.incoming is None:
                 self.prefetch(weight)
-            every, self.incoming = self.incoming(), None  # [N, h, d]: the links' columns
-            if self.matches is None or step % self.cfg.match_every == 0:
-                self.matches = self._match(F.normalize(every.to(weight.dtype), dim=-1))
-                self.links = None
-            h = weight.shape[1]
-            if self.links is None:
-                self.links = link_matrix(self.matches, len(every), h).rows(shard.start * h, shard.stop * h)
-            own = linked_similarity(weight, every, self.links, shard.start * h)  # [n]
+            stream, self.incoming = self.incoming, None
+            rematch = not self.matches or step % self.cfg.match_every == 0
+            own = linked_similarity(weight, self._linked_product(weight, stream, rematch))  # [n]
             mmcs = shard.gather_differentiable(own).sum()  # summed in member order, whatever the shards
         distance = 1 - mmcs
         if self.beta is None:  # auto: the penalty equals the reconstruction loss at the start
@@ -238,11 +235,61 @@ class MutualRegularizer:
         penalty = weight * distance
         return penalty, {"penalty": penalty.item(), "penalty_weight": weight, "pairwise_mmcs": mmcs.item()}
 
-    def _match(self, unit: Tensor) -> Tensor:
-        """match_all over the member pairs, each rank matching its share of the pairs: [P, 2, h]."""
-        pairs = member_pairs(len(unit))
-        mine = match_all(unit, self.cfg.mmcs, pairs=pairs[self.shard.share(len(pairs))])
-        return self.shard.gather_shares(mine, len(pairs))
+    @torch.no_grad()
+    def _linked_product(self, weight: Tensor, stream: Iterator[tuple[range, Tensor]], rematch: bool) -> Tensor:
+        """L @ D for this rank's rows [n * h, d] (D: the unit decoder rows of all members), accumulated shard
+        by shard as the decoders stream in (`Shard.start_stream`), so that a rank holds its own members and
+        two other shards (the one in use, the next on its way), never all N; at a re-matching step the pairs
+        are matched on the way."""
+        n, h, d = weight.shape
+        own = range(self.shard.start, self.shard.stop)
+        if rematch:
+            self.matches, self.links, self._outbox = {}, {}, {}
+        n_pairs = len(self.ks) * (len(self.ks) - 1) // 2
+        product, own_unit = weight.new_zeros(n * h, d), None
+        for stage, (members, rows) in enumerate(stream):
+            flat = rows.to(weight.dtype).reshape(-1, d)
+            if rematch:
+                unit = F.normalize(flat, dim=-1).view(len(members), h, d)
+                own_unit = unit if stage == 0 else own_unit
+                self._match_shard(stage, own_unit, unit, members)
+                del unit  # (own_unit keeps this rank's own)
+            if members.start not in self.links:
+                self.links[members.start] = pair_links(self.matches, own, members, h, n_pairs, weight.device)
+            product += self.links[members.start].times(flat, inverse_norms(flat))
+            del flat  # a shard's copies go before the next shard is taken
+        return product
+
+    def _match_shard(self, stage: int, own_unit: Tensor, unit: Tensor, members: range) -> None:
+        """Match the pairs between this rank's members and the shard of this stage (`members`, unit rows
+        `unit`) that fall to this rank, and exchange matches with the others: of the two ranks whose
+        shards a pair joins, the one that sees the other's shard first in the ring matches it (both at once,
+        half each), and sends the matches at the stage at which the other sees its shard."""
+        shard, h = self.shard, unit.shape[1]
+        own = range(shard.start, shard.stop)
+        pairs = [(a, b) for a, b in member_pairs(len(self.ks))
+                 if (a in own and b in members) or (a in members and b in own)]
+        later = shard.n_shards - stage  # the stage at which the other rank sees this rank's shard
+        if stage == 0 or stage < later:
+            mine = pairs
+        elif stage == later:  # both see each other now: half each, the first half to the lower position
+            half = (len(pairs) + 1) // 2
+            mine = pairs[:half] if shard.position < (shard.position - stage) % shard.n_shards else pairs[half:]
+        else:
+            mine = []
+        rows_of = {m: own_unit[m - own.start] for m in own} | {m: unit[m - members.start] for m in members}
+        for a, b in mine:
+            self.matches[(a, b)] = match_pair(rows_of[a], rows_of[b], self.cfg.mmcs)
+        if stage and mine:
+            self._outbox[later] = torch.stack([self.matches[pair] for pair in mine]).int()  # int32: half the bytes
+        if stage == 0 or stage < later:
+            return
+        theirs = [pair for pair in pairs if pair not in mine]
+        incoming = unit.new_empty(len(theirs), 2, h, dtype=torch.int32) if theirs else None
+        outgoing = self._outbox.pop(stage, None)  # for the shard `stage` places ahead, matched earlier
+        shard.wait(shard.exchange(outgoing, shard.position + stage, incoming, shard.position - stage))
+        if incoming is not None:
+            self.matches.update(zip(theirs, incoming.long()))
 
     # ------------------------------------------------------------------ reinitialisation
 
@@ -284,8 +331,11 @@ class MutualRegularizer:
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """All members' state (a collective across processes: every rank calls it)."""
         tensors = {}
-        if self.matches is not None:
-            tensors["mfr.matches"] = self.matches
+        if self.matches:  # each rank knows the pairs of its own members: together, all pairs
+            known = {}
+            for part in self.shard.gather_objects({pair: m.cpu() for pair, m in self.matches.items()}):
+                known.update(part)
+            tensors["mfr.matches"] = torch.stack([known[pair] for pair in member_pairs(len(self.ks))])
         for i, (batch, counts) in enumerate(self.history):
             tensors[f"mfr.history.{i}"] = self.shard.gather(counts)
         meta = {"beta": self.beta, "steps_since_init": self.steps_since_init, "attempts": self.attempts,
@@ -297,8 +347,10 @@ class MutualRegularizer:
         self.beta = meta["beta"]
         self.steps_since_init, self.attempts = meta["steps_since_init"], meta["attempts"]
         self.events = meta["events"]
-        self.matches = tensors.get("mfr.matches")
-        self.links = None
+        matches, own = tensors.get("mfr.matches"), range(self.shard.start, self.shard.stop)
+        self.matches = {} if matches is None else {pair: m for pair, m in zip(member_pairs(len(self.ks)), matches)
+                                                   if pair[0] in own or pair[1] in own}
+        self.links = {}
         self.history = deque((b, self.shard.local(tensors[f"mfr.history.{i}"]))
                              for i, b in enumerate(meta["history_batches"]))
 
@@ -308,6 +360,5 @@ def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
     """Mean over member pairs of MMCS, `max` and `hungarian` variants (None for a single member)."""
     if len(decoder) < 2:
         return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None}
-    n, h = decoder.shape[:2]
-    return {f"pairwise_mmcs{suffix}": matched_mmcs(decoder, link_matrix(match_all(decoder, mode), n, h)).item()
+    return {f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
             for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]}
