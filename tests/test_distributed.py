@@ -183,6 +183,23 @@ for stage, (members, rows) in enumerate(shard.start_stream(local)):
         held.append(weakref.ref(rows))
     del rows
 print("STREAM", rank, json.dumps(seen), flush=True)
+# the penalty itself: when the ring allocates the next shard, no shard the rank took before it is alive
+from mfr_sae.config import MFRConfig
+from mfr_sae.mfr import MutualRegularizer
+passed_on, alive = [], []
+pass_on = shard._pass_on
+def watched(outgoing, stage):
+    alive.append(sum(ref() is not None for ref in passed_on[1:]))  # [0]: the own shard, kept
+    passed_on.append(weakref.ref(outgoing))
+    return pass_on(outgoing, stage)
+shard._pass_on = watched
+regularizer = MutualRegularizer(MFRConfig(enabled=True, beta=1.0), [2] * 5, shard)
+weight = torch.randn(len(shard.members), 16, 8, requires_grad=True)
+for step in range(2):
+    passed_on.clear()
+    regularizer.penalty(weight, step, lambda: 1.0)[0].backward()
+    alive.append(sum(ref() is not None for ref in passed_on[1:]))  # and none after the step
+print("ALIVE", rank, json.dumps(alive), flush=True)
 distributed.close()
 """
 
@@ -199,7 +216,9 @@ def test_the_ring_streams_each_shard_once_holding_at_most_two_at_a_time(tmp_path
     members = [[0, 1], [2], [3], [4]]
     row_bytes = 3 * 4 * 4
     for rank, (out, _) in enumerate(outputs):
-        seen = json.loads(out.split(" ", 2)[2])
+        lines = dict(line.split(" ", 1) for line in out.splitlines())
+        seen = json.loads(lines["STREAM"].split(" ", 1)[1])
+        assert json.loads(lines["ALIVE"].split(" ", 1)[1]) == [0, 0, 0, 0] * 2  # stages 1-3, then after, twice
         order = [members[(rank - stage) % 4] for stage in range(4)]
         assert [m for m, _, _ in seen] == order
         # taking stage s, stage s + 1 is on its way: received so far, the shards of stages 1..s+1

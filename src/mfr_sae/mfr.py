@@ -247,8 +247,10 @@ class MutualRegularizer:
             self.matches, self.links, self._outbox = {}, {}, {}
         n_pairs = len(self.ks) * (len(self.ks) - 1) // 2
         product, own_unit = weight.new_zeros(n * h, d), None
-        for stage, (members, rows) in enumerate(stream):
+        for stage in range(self.shard.n_shards):
+            members, rows = next(stream)
             flat = rows.to(weight.dtype).reshape(-1, d)
+            del rows  # (the stream keeps it while passing it on)
             if rematch:
                 unit = F.normalize(flat, dim=-1).view(len(members), h, d)
                 own_unit = unit if stage == 0 else own_unit
