@@ -65,7 +65,7 @@ def worker(spec: dict) -> None:
         run.shard.barrier()
         seconds, received = (time.perf_counter() - start) / n, (run.shard.received_bytes - received) / n
         received = sum(run.shard.gather_objects(received)) / world  # the mean over ranks
-        params = sum(p.numel() * p.element_size() for p in run._gathered_ensemble().parameters())
+        params = sum(run.shard.gather_objects(sum(p.numel() * p.element_size() for p in run.ensemble.parameters())))
         result[name] = {"seconds": seconds, "received_bytes": received, "param_bytes": params}
     if run.shard.is_main:
         print("RESULT " + json.dumps(result), flush=True)

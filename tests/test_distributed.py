@@ -200,6 +200,8 @@ for step in range(2):
     regularizer.penalty(weight, step, lambda: 1.0)[0].backward()
     alive.append(sum(ref() is not None for ref in passed_on[1:]))  # and none after the step
 print("ALIVE", rank, json.dumps(alive), flush=True)
+full = shard.gather_to_main(local)  # a checkpoint's tensors: whole on rank 0 only
+print("MAIN", rank, json.dumps(None if full is None else full[:, 0, 0].tolist()), flush=True)
 distributed.close()
 """
 
@@ -207,7 +209,7 @@ distributed.close()
 def test_the_ring_streams_each_shard_once_holding_at_most_two_at_a_time(tmp_path):
     """Shard.start_stream on 4 ranks of 5 members: own first, then the shards 1, 2, 3 places before;
     a shard is received only when the one before it is taken (at most one ahead), and a rank keeps no
-    shard it has passed on."""
+    shard it has passed on (also inside the penalty). Checkpoint tensors are gathered on rank 0 only."""
     script = tmp_path / "worker.py"
     script.write_text(_STREAM_WORKER)
     ranks = _launch_ranks([sys.executable, str(script)], world=4)
@@ -219,6 +221,7 @@ def test_the_ring_streams_each_shard_once_holding_at_most_two_at_a_time(tmp_path
         lines = dict(line.split(" ", 1) for line in out.splitlines())
         seen = json.loads(lines["STREAM"].split(" ", 1)[1])
         assert json.loads(lines["ALIVE"].split(" ", 1)[1]) == [0, 0, 0, 0] * 2  # stages 1-3, then after, twice
+        assert json.loads(lines["MAIN"].split(" ", 1)[1]) == ([0, 1, 2, 3, 4] if rank == 0 else None)
         order = [members[(rank - stage) % 4] for stage in range(4)]
         assert [m for m, _, _ in seen] == order
         # taking stage s, stage s + 1 is on its way: received so far, the shards of stages 1..s+1

@@ -160,22 +160,36 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
 
 
-def load_trainer_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_trainer_state(folder: Path, member_rows: slice | None = None,
+                       whole: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata of trainer_state.safetensors. member_rows: read only these rows of the
+    tensors with a member axis first (all but scalars and those named in `whole`), so that a process
+    reads its own members' state only."""
     path = Path(folder) / STATE_FILE
-    tensors = _load_safetensors(path)
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    if member_rows is None:
+        tensors = _load_safetensors(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            if member_rows is not None:
+                tensors = {name: f.get_tensor(name) if name in whole or not f.get_slice(name).get_shape()
+                           else f.get_slice(name)[member_rows] for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
     return tensors, meta
 
 
+def _member_id(folder: Path) -> int:
+    return int(folder.name.split("_", 1)[1])
+
+
 def _member_folders(folder: Path) -> list[Path]:
-    members = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("member_")]
-    return sorted(members, key=lambda p: int(p.name.split("_", 1)[1]))
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("member_")), key=_member_id)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+def load(path: str | Path, device: str | torch.device = "cpu", members: list[int] | None = None) -> Ensemble:
     """Load one member folder (cfg.json + sae_weights.safetensors), a checkpoint folder, or a run
-    folder, as an Ensemble (of one member for a member folder)."""
+    folder, as an Ensemble (of one member for a member folder); `members`: only these (by member id)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no SAE or run found at {path}")
@@ -185,7 +199,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
         ckpt = path if _member_folders(path) else checkpoint_dir(path)
         if ckpt is None or not _member_folders(ckpt):
             raise CheckpointError(f"{path} holds no member_*/ folders and no {CHECKPOINT_DIR}/ folder")
-        folders = _member_folders(ckpt)
+        folders = [f for f in _member_folders(ckpt) if members is None or _member_id(f) in members]
+        if members is not None and len(folders) != len(members):
+            raise CheckpointError(f"{ckpt} holds no member_<i>/ folder for some of members {members}")
     cfgs = [read_json(f / CFG_FILE) for f in folders]
     tensors = [_load_safetensors(f / WEIGHTS_FILE) for f in folders]
     try:

@@ -149,6 +149,23 @@ class Shard:
             return local
         return torch.cat(self._all_parts(local)[::self.replicas])
 
+    def gather_to_main(self, local: Tensor) -> Tensor | None:
+        """[n_local, ...] -> [N, ...] on rank 0 only, where checkpoints are written, on the CPU (rank 0's
+        device takes one shard at a time); None on the other ranks, which never hold all members. The
+        identity in one process."""
+        if self.world == 1:
+            return local
+        if not self.is_main:
+            if self.replica == 0:
+                self.wait(self.exchange(local, 0, None, 0))
+            return None
+        parts = [local.cpu()]
+        for position in range(1, self.n_shards):
+            part = local.new_empty(len(self.shard_members(position)), *local.shape[1:])
+            self.wait(self.exchange(None, 0, part, position))
+            parts.append(part.cpu())
+        return torch.cat(parts)
+
     def gather_sum(self, local: Tensor) -> Tensor:
         """As gather, for values of this rank's slice of the batch: summed over each member's replicas."""
         if self.replicas == 1:

@@ -331,7 +331,7 @@ class MutualRegularizer:
     # ------------------------------------------------------------------ checkpointing
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """All members' state (a collective across processes: every rank calls it)."""
+        """All members' state, whole on rank 0 (a collective across processes: every rank calls it)."""
         tensors = {}
         if self.matches:  # each rank knows the pairs of its own members: together, all pairs
             known = {}
@@ -339,13 +339,14 @@ class MutualRegularizer:
                 known.update(part)
             tensors["mfr.matches"] = torch.stack([known[pair] for pair in member_pairs(len(self.ks))])
         for i, (batch, counts) in enumerate(self.history):
-            tensors[f"mfr.history.{i}"] = self.shard.gather(counts)
+            tensors[f"mfr.history.{i}"] = self.shard.gather_to_main(counts)
         meta = {"beta": self.beta, "steps_since_init": self.steps_since_init, "attempts": self.attempts,
                 "events": self.events, "history_batches": [b for b, _ in self.history]}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        """From `state()` of a run on any number of processes."""
+        """From `state()` of a run on any number of processes, its firing history cut to this rank's members
+        (mfr.history.*; mfr.matches whole)."""
         self.beta = meta["beta"]
         self.steps_since_init, self.attempts = meta["steps_since_init"], meta["attempts"]
         self.events = meta["events"]
@@ -353,7 +354,7 @@ class MutualRegularizer:
         self.matches = {} if matches is None else {pair: m for pair, m in zip(member_pairs(len(self.ks)), matches)
                                                    if pair[0] in own or pair[1] in own}
         self.links = {}
-        self.history = deque((b, self.shard.local(tensors[f"mfr.history.{i}"]))
+        self.history = deque((b, tensors[f"mfr.history.{i}"])
                              for i, b in enumerate(meta["history_batches"]))
 
 

@@ -125,16 +125,18 @@ class Trainer:
         if folder is None:  # killed before the first checkpoint: start over in place
             (self.run_dir / METRICS_FILE).write_text("")
             return
-        state, meta = ckpt.load_trainer_state(folder)
-        loaded = ckpt.load(folder, self.device)  # all N members, whatever the number of processes that wrote it
+        # this process's members only (the files hold all N, whatever the number of processes that wrote them)
+        state, meta = ckpt.load_trainer_state(folder, slice(self.shard.start, self.shard.stop),
+                                              whole=("mfr.matches",))
+        loaded = ckpt.load(folder, self.device, members=self.shard.members)
         with torch.no_grad():
             for name, param in self.ensemble.named_parameters():
-                param.copy_(self.shard.local(getattr(loaded, name)))
+                param.copy_(getattr(loaded, name))
         self.step = meta["step"]
-        self.samples_since_fired.copy_(self.shard.local(state.pop("samples_since_fired")))
+        self.samples_since_fired.copy_(state.pop("samples_since_fired"))
         self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
                             meta["mfr"])
-        state = {k: v if v.ndim == 0 else self.shard.local(v) for k, v in state.items() if not k.startswith("mfr.")}
+        state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
         self.optimizer.load_state_dict(_optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
         self.shard.barrier()  # every rank has read before rank 0 truncates the log
         if self.shard.is_main:
@@ -142,10 +144,10 @@ class Trainer:
 
     def save(self) -> None:
         """Write the checkpoint of all N members (gathered to rank 0, which writes it)."""
-        state = {k: v if v.ndim == 0 else self.shard.gather(v)
+        state = {k: v if v.ndim == 0 else self.shard.gather_to_main(v)
                  for k, v in _optimizer_state_to_tensors(self.optimizer, self.ensemble).items()}
-        ensemble = self._gathered_ensemble()
-        state["samples_since_fired"] = self.shard.gather(self.samples_since_fired)
+        ensemble = self._ensemble_on_main()
+        state["samples_since_fired"] = self.shard.gather_to_main(self.samples_since_fired)
         mfr_tensors, mfr_meta = self.mfr.state()
         if self.shard.is_main:
             state.update(mfr_tensors)
@@ -155,13 +157,17 @@ class Trainer:
         self.shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
 
     @torch.no_grad()
-    def _gathered_ensemble(self) -> Ensemble:
-        """All N members in one Ensemble (this process's own when it holds them all)."""
+    def _ensemble_on_main(self) -> Ensemble | None:
+        """All N members in one Ensemble on rank 0 (on the CPU), None on the other ranks; in one process,
+        its own."""
         if self.shard.world == 1:
             return self.ensemble
-        full = self._new_ensemble(list(range(self.shard.n_members)), self.device)
+        every = list(range(self.shard.n_members))
+        full = self._new_ensemble(every, torch.device("cpu")) if self.shard.is_main else None
         for name, param in self.ensemble.named_parameters():
-            getattr(full, name).copy_(self.shard.gather(param.detach()))
+            gathered = self.shard.gather_to_main(param.detach())
+            if full is not None:
+                getattr(full, name).copy_(gathered)
         return full
 
     # ------------------------------------------------------------------ training
@@ -302,7 +308,7 @@ class Trainer:
             "samples": self.step * cfg.train.batch_size,
             "train_seconds": round(time.perf_counter() - started, 3),
             "mfr": cfg.mfr.enabled,
-            **pairwise_mmcs(self.shard.gather(self.ensemble.decoder().detach())),
+            **self._pairwise_mmcs(),
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
             "lm": lm,
@@ -317,6 +323,11 @@ class Trainer:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         return results
+
+    def _pairwise_mmcs(self) -> dict[str, float | None]:
+        """pairwise_mmcs of all members, computed on rank 0 and sent to the others."""
+        decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
+        return self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
 
     def _loss_recovered(self, members: list[dict[str, Any]]) -> dict[str, Any] | None:
         """On an activation cache: CE clean / zero-ablated / spliced per member, added to `members`."""
