@@ -379,12 +379,13 @@ def test_what_travels_between_ranks_per_step(tmp_path, mfr):
                 (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))}
     assert sorted(received) == [0, 1], done.stdout
     h, d = 64, 32  # SMALL; members 0, 1 on rank 0, member 2 on rank 1
-    # pairs matched: (0, 1) and (0, 2) on rank 0, (1, 2) on rank 1 (the pairs across the shards, half each)
+    # pairs matched: (0, 1) on rank 0, (0, 2) and (1, 2) on rank 1 (the pairs across the shards go where
+    # they even out the ranks' matching: 1 + 0 and 0 + 2)
     if not mfr:
         assert received == {0: [0] * 4, 1: [0] * 4}
         return
     remote = {0: 1, 1: 2}  # members held by the other rank
-    remote_pairs = {0: 1, 1: 1}  # the pairs whose matches the other rank sends
+    remote_pairs = {0: 2, 1: 0}  # the pairs whose matches the other rank sends
     for rank in (0, 1):
         between = remote[rank] * (h * d * 4 + 4)  # fp32 decoder rows + the member's part of the penalty
         matching = between + remote_pairs[rank] * 2 * h * 4  # + [2, h] int32 matches per pair

@@ -241,12 +241,12 @@ class MutualRegularizer:
         by shard as the decoders stream in (`Shard.start_stream`), so that a rank holds its own members and
         two other shards (the one in use, the next on its way), never all N; at a re-matching step the pairs
         are matched on the way."""
-        n, h, d = weight.shape
+        h, d = weight.shape[1:]
         own = range(self.shard.start, self.shard.stop)
         if rematch:
             self.matches, self.links, self._outbox = {}, {}, {}
         n_pairs = len(self.ks) * (len(self.ks) - 1) // 2
-        product, own_unit = weight.new_zeros(n * h, d), None
+        product, own_unit = None, None
         for stage in range(self.shard.n_shards):
             members, rows = next(stream)
             flat = rows.to(weight.dtype).reshape(-1, d)
@@ -258,15 +258,23 @@ class MutualRegularizer:
                 del unit  # (own_unit keeps this rank's own)
             if members.start not in self.links:
                 self.links[members.start] = pair_links(self.matches, own, members, h, n_pairs, weight.device)
-            product += self.links[members.start].times(flat, inverse_norms(flat))
-            del flat  # a shard's copies go before the next shard is taken
+            part = self.links[members.start].times(flat, inverse_norms(flat))
+            product = part if product is None else product.add_(part)
+            del flat, part  # a shard's copies go before the next shard is taken
         return product
+
+    def _pairs_besides_split(self, position: int) -> int:
+        """How many pairs the rank at `position` matches besides its share of the block it splits (an even
+        number of shards): its own members' pairs and those of the blocks it sees first."""
+        n, shard = len(self.shard.shard_members(position)), self.shard
+        return n * (n - 1) // 2 + sum(n * len(shard.shard_members(position - s)) for s in range(1, shard.n_shards // 2))
 
     def _match_shard(self, stage: int, own_unit: Tensor, unit: Tensor, members: range) -> None:
         """Match the pairs between this rank's members and the shard of this stage (`members`, unit rows
         `unit`) that fall to this rank, and exchange matches with the others: of the two ranks whose
-        shards a pair joins, the one that sees the other's shard first in the ring matches it (both at once,
-        half each), and sends the matches at the stage at which the other sees its shard."""
+        shards a pair joins, the one that sees the other's shard first in the ring matches it (both at once:
+        split to even out the ranks' matching), and sends the matches at the stage at which the other sees
+        its shard."""
         shard, h = self.shard, unit.shape[1]
         own = range(shard.start, shard.stop)
         pairs = [(a, b) for a, b in member_pairs(len(self.ks))
@@ -274,9 +282,11 @@ class MutualRegularizer:
         later = shard.n_shards - stage  # the stage at which the other rank sees this rank's shard
         if stage == 0 or stage < later:
             mine = pairs
-        elif stage == later:  # both see each other now: half each, the first half to the lower position
-            half = (len(pairs) + 1) // 2
-            mine = pairs[:half] if shard.position < (shard.position - stage) % shard.n_shards else pairs[half:]
+        elif stage == later:  # both see each other now: split so that both match as many pairs in all
+            lower, upper = sorted((shard.position, (shard.position - stage) % shard.n_shards))
+            first = (len(pairs) + self._pairs_besides_split(upper) - self._pairs_besides_split(lower)) // 2
+            first = min(max(first, 0), len(pairs))  # the lower position's share
+            mine = pairs[:first] if shard.position == lower else pairs[first:]
         else:
             mine = []
         rows_of = {m: own_unit[m - own.start] for m in own} | {m: unit[m - members.start] for m in members}
