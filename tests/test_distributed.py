@@ -231,10 +231,11 @@ def test_the_ring_streams_each_shard_once_holding_at_most_two_at_a_time(tmp_path
 
 
 def test_a_run_moves_between_one_and_two_processes(tmp_path):
-    """Started on 2 processes, resumed on 1 (and the other way round): the weights of one process."""
+    """Started on 2 processes, resumed on 1 (and the other way round; and 3 -> 2: uneven shards, each
+    process reading its own members' rows): the weights of one process."""
     overrides = SMALL + ["mfr.enabled=true"]
     _train(tmp_path / "whole", overrides)
-    for first, then in ((2, 1), (1, 2)):
+    for first, then in ((2, 1), (1, 2), (3, 2)):
         run = tmp_path / f"{first}to{then}"
         _train(run, [o for o in overrides if not o.startswith("train.n_samples")] + ["train.n_samples=8000"],
                processes=first)
@@ -357,7 +358,9 @@ for _ in range(4):
     before = trainer.shard.received_bytes
     trainer.train_step(x)
     received.append(trainer.shard.received_bytes - before)
-print("RECEIVED", trainer.shard.rank, json.dumps(received), flush=True)
+# one write per line: the ranks share torchrun's stdout, unbuffered (print writes the newline apart)
+sys.stdout.write(f"RECEIVED {trainer.shard.rank} {json.dumps(received)}\\n")
+sys.stdout.flush()
 del trainer
 distributed.close()
 """

@@ -166,14 +166,20 @@ def load_trainer_state(folder: Path, member_rows: slice | None = None,
     tensors with a member axis first (all but scalars and those named in `whole`), so that a process
     reads its own members' state only."""
     path = Path(folder) / STATE_FILE
-    if member_rows is None:
-        tensors = _load_safetensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    tensors = _load_safetensors(path) if member_rows is None else {}
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            if member_rows is not None:
-                tensors = {name: f.get_tensor(name) if name in whole or not f.get_slice(name).get_shape()
-                           else f.get_slice(name)[member_rows] for name in f.keys()}
+            for name in f.keys() if member_rows is not None else ():
+                shape = f.get_slice(name).get_shape()
+                if name in whole or not shape:
+                    tensors[name] = f.get_tensor(name)
+                elif shape[0] < member_rows.stop:
+                    raise CheckpointError(f"{path}: {name} holds {shape[0]} members, the run has more")
+                else:
+                    tensors[name] = f.get_slice(name)[member_rows]
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
     return tensors, meta

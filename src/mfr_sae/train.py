@@ -98,10 +98,15 @@ class Trainer:
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self.step = 0
         self.wandb_run = None
-        if resume:
-            self._restore()
-        else:
-            self._start_new_run()
+        try:
+            if resume:
+                self._restore()
+            else:
+                self._start_new_run()
+        except Exception as err:  # each rank reads its own members: the others are told why it stopped
+            distributed.report_failure(err)
+            raise
+        self.shard.barrier()  # every rank is ready (with NCCL, the first collective must span all ranks)
 
     def _new_ensemble(self, members: list[int], device: torch.device) -> Ensemble:
         cfg = self.cfg
