@@ -168,18 +168,19 @@ def load_trainer_state(folder: Path, member_rows: slice | None = None,
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"missing file: {path}")
-    tensors = _load_safetensors(path) if member_rows is None else {}
+    tensors = {}
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            for name in f.keys() if member_rows is not None else ():
-                shape = f.get_slice(name).get_shape()
-                if name in whole or not shape:
+            for name in f.keys():
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                if member_rows is None or name in whole or not shape:
                     tensors[name] = f.get_tensor(name)
                 elif shape[0] < member_rows.stop:
                     raise CheckpointError(f"{path}: {name} holds {shape[0]} members, the run has more")
                 else:
-                    tensors[name] = f.get_slice(name)[member_rows]
+                    tensors[name] = part[member_rows]
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
     return tensors, meta
