@@ -59,3 +59,16 @@ def test_different_shapes_or_no_common_k_are_clear_errors(tmp_path, capsys):
         compare([a, _run(tmp_path / "c", [3], seed=0)], tmp_path / "out")
     assert main(["compare", str(a), "--out", str(tmp_path / "out")]) == 2
     assert "at least two runs" in capsys.readouterr().err
+
+
+def test_compare_reports_each_runs_twin_fraction(tmp_path):
+    a = _run(tmp_path / "a", [2, 4], seed=0)
+    twinned = Ensemble(16, 40, [2, 4], seed=1)
+    with torch.no_grad():
+        twinned.W_enc[1, :10] = twinned.W_enc[1, 10:20]  # member 1: latents 0-9 copy latents 10-19
+    save_checkpoint(tmp_path / "b", twinned)
+    summary = compare([a, tmp_path / "b"], tmp_path / "out")
+    assert [t["members"] for t in summary["twin_frac"]] == [[0.0, 0.0], [0.0, 0.5]]
+    assert summary["twin_frac"][1]["mean"] == 0.25
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert saved["twin_frac"][1]["run"] == str(tmp_path / "b")

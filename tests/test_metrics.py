@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 import torch
 
 from mfr_sae.ensemble import Ensemble
@@ -71,3 +73,25 @@ def test_evaluate_reports_every_field_per_member():
     for key in ["mse", "fvu", "l0", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac"]:
         assert key in members[0]
     assert "gt_mmcs" not in evaluate(ens, torch.randn(20, 4), None, dead)[0][0]
+
+
+def test_twin_fraction_counts_rows_with_a_near_copy_in_the_same_decoder():
+    from mfr_sae.metrics import twin_fraction
+
+    e = torch.eye(6)
+    # rows 0/1 are one direction (norms differ), 3/4 are at cosine 0.99995; 2 and 5 stand alone
+    decoder = torch.stack([e[0], 2 * e[0], e[1], e[2], e[2] + 0.01 * e[3], e[4]])
+    for chunk in (2, 3, 2048):  # twins found across and inside chunks, never a row with itself
+        assert twin_fraction(decoder, chunk=chunk) == pytest.approx(4 / 6)
+    assert twin_fraction(torch.eye(5)) == 0.0
+    # two rows at cosine 0.9: twins for a threshold just below, not just above
+    at = torch.stack([e[0], 0.9 * e[0] + (1 - 0.81) ** 0.5 * e[1]])
+    assert twin_fraction(at, threshold=0.905) == 0.0 and twin_fraction(at, threshold=0.895) == 1.0
+
+
+def test_gt_distinct_counts_true_features_that_are_some_latents_best_match():
+    e = torch.eye(6)
+    truth = e[:4]
+    decoder = torch.stack([e[0], e[0] + 0.1 * e[5], e[1], e[1] + 0.2 * e[4], e[2]])  # feature 3 is nobody's
+    assert ground_truth_metrics(decoder, truth)["gt_distinct"] == 3
+    assert ground_truth_metrics(truth, truth)["gt_distinct"] == 4

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from mfr_sae.config import ConfigError, MFRConfig, load_config
-from mfr_sae.mfr import (MutualRegularizer, dense_mmcs, match_all, matched_mmcs,
+from mfr_sae.mfr import (NO_MATCH, MutualRegularizer, changed_fraction, dense_mmcs, match_all, matched_mmcs,
                          pairwise_mmcs, reinit_metric, warmup_weight)
 from mfr_sae.train import Trainer, train
 
@@ -154,3 +154,62 @@ def test_resume_of_an_mfr_run_with_sparse_matching_is_exact(tmp_path, easy_overr
     resume(tmp_path / "cut", progress=False)
     for name, p in load(tmp_path / "full").named_parameters():
         assert torch.equal(p, getattr(load(tmp_path / "cut"), name)), name
+
+
+def _dense_hungarian_mmcs(decoder, min_cosine=-1.0):
+    """Reference for the one-to-one form: full similarity matrix, scipy's assignment, matched cosines below
+    min_cosine counted 0 (both directions of a one-to-one matching are the same pairs)."""
+    from scipy.optimize import linear_sum_assignment
+
+    sims = decoder[0] @ decoder[1].T
+    rows, cols = linear_sum_assignment(sims.detach().numpy(), maximize=True)
+    matched = sims[rows, cols]
+    return matched.masked_fill(matched < min_cosine, 0).mean()
+
+
+@pytest.mark.parametrize("mode", ["max", "hungarian"])
+@pytest.mark.parametrize("min_cosine", [-1.0, 0.3, 0.6])
+def test_thresholded_and_one_to_one_penalties_equal_their_dense_reference(mode, min_cosine):
+    torch.manual_seed(1)
+    base = torch.randn(40, 12, dtype=torch.float64)
+    raw = torch.stack([base, base + 0.9 * torch.randn(40, 12, dtype=torch.float64)]).requires_grad_()
+    unit = F.normalize(raw, dim=-1)
+    dense = dense_mmcs(unit, min_cosine).mean() if mode == "max" else _dense_hungarian_mmcs(unit, min_cosine)
+    matches = match_all(unit.detach(), mode, chunk=7, min_cosine=min_cosine)
+    fast = matched_mmcs(raw, matches)
+    torch.testing.assert_close(fast, dense)
+    torch.testing.assert_close(torch.autograd.grad(fast, raw)[0], torch.autograd.grad(dense, raw)[0])
+    if min_cosine > 0.5:  # the threshold leaves out some matches but not all: the test sees it act
+        assert 0 < (matches == NO_MATCH).float().mean() < 1
+
+
+def test_beta_relative_to_auto_scales_the_auto_value():
+    decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
+    betas = {}
+    for beta in ("auto", "0.02*auto", 0.5):
+        reg = MutualRegularizer(MFRConfig(enabled=True, beta=beta, warmup_steps=0), [2, 2])
+        reg.penalty(decoder, 0, lambda: 0.37)
+        betas[beta] = reg.beta
+    assert betas["0.02*auto"] == pytest.approx(0.02 * betas["auto"])
+    assert betas[0.5] == 0.5
+    assert not MutualRegularizer(MFRConfig(enabled=True, beta="0*auto"), [2, 2]).penalty_on
+    for wrong in ("2*aut", "-1*auto", "auto*2", -0.5):
+        with pytest.raises(ConfigError, match="mfr.beta"):
+            load_config(None, [f"mfr.beta={wrong}"])
+    assert load_config(None, ["mfr.beta=1e-3*auto"]).mfr.beta == "1e-3*auto"
+
+
+def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matches(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=12000", "mfr.enabled=true", "mfr.match_every=4",
+                                              "train.log_every=1", "mfr.warmup_steps=0", "mfr.beta=1.0"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    batches = trainer.source.batches(cfg.train.batch_size)
+    seen = {}
+    for step in range(9):
+        before = dict(trainer.mfr.matches)
+        logs = trainer.train_step(next(batches))
+        if "match_stale_frac" in logs:
+            seen[step] = logs["match_stale_frac"]
+            assert seen[step] == changed_fraction(before, trainer.mfr.matches)
+    assert sorted(seen) == [4, 8]  # at each re-matching after the first
+    assert all(0 <= v <= 1 for v in seen.values()) and any(v > 0 for v in seen.values())

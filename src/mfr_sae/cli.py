@@ -89,6 +89,8 @@ def run_compare(args: argparse.Namespace) -> int:
     print(markdown_table(rows, ["k", "member_of_k", "pw_mcc", "shared_frac"]))
     print(f"\nmean over members and run pairs: pw_mcc={summary['pw_mcc']:.4f}, "
           f"shared_frac={summary['shared_frac']:.4f}; written to {args.out / 'compare.json'}")
+    print("twin_frac (latents with a same-SAE twin at cosine > 0.9), mean over members: "
+          + ", ".join(f"{t['run']} {t['mean']:.4f}" for t in summary["twin_frac"]))
     return 0
 
 

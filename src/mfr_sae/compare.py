@@ -6,7 +6,9 @@ Hungarian algorithm on cosine similarity, and
 - PW-MCC (Song et al. 2025) is the mean matched cosine,
 - the shared-latent fraction (Paulo & Belrose 2025) is the share of latents whose match has cosine
   above a threshold (default 0.7).
-Both are averaged over every pair of runs. A run compared with itself gives 1.0 for both.
+Both are averaged over every pair of runs. A run compared with itself gives 1.0 for both. Each run's
+`twin_frac` (latents with a near-copy inside their own SAE) is reported beside them: agreement bought with
+duplicated latents is not agreement.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from mfr_sae.checkpoint import CheckpointError, load, write_json  # noqa: E402
 from mfr_sae.ensemble import Ensemble  # noqa: E402
-from mfr_sae.metrics import hungarian_match  # noqa: E402
+from mfr_sae.metrics import hungarian_match, twin_fraction  # noqa: E402
 from mfr_sae.report import save_figure  # noqa: E402
 
 
@@ -70,8 +72,10 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
         members.append({"k": slot[0], "member_of_k": slot[1], "pw_mcc": float(np.mean(values)),
                         "shared_frac": float(np.mean(shared)), "pw_mcc_per_run_pair": values,
                         "shared_frac_per_run_pair": shared})
+    twins = [[twin_fraction(member) for member in decoder] for decoder in decoders]
     summary = {
         "runs": [str(r) for r in runs],
+        "twin_frac": [{"run": str(r), "mean": float(np.mean(t)), "members": t} for r, t in zip(runs, twins)],
         "threshold": threshold,
         "pw_mcc": float(np.mean([m["pw_mcc"] for m in members])),
         "shared_frac": float(np.mean([m["shared_frac"] for m in members])),

@@ -40,6 +40,16 @@ class DataConfig:
     """Dimension of the input vectors (synthetic; other sources take it from their data)."""
     n_features: int = 512
     """Number of true features (columns of the feature matrix F, d x n)."""
+    firing: str = "groups"
+    """synthetic: how a sample picks its features: `groups` (the paper: one group, n_active of its features
+    drawn by weight) or `independent` (each feature fires on its own with a Zipf probability, magnitude
+    U[min_magnitude, 1): learnable ground truth, where a TopK baseline recovers most features)."""
+    mean_active: float = 6.0
+    """synthetic, independent: expected number of active features per sample."""
+    zipf_exponent: float = 1.0
+    """synthetic, independent: feature i fires with probability proportional to (i + 1)^-zipf_exponent."""
+    min_magnitude: float = 0.0
+    """synthetic, independent: an active feature's magnitude is drawn from U[min_magnitude, 1)."""
     n_groups: int = 12
     """Features are split into this many groups; every feature belongs to exactly one."""
     n_active: int = 36
@@ -50,6 +60,8 @@ class DataConfig:
     """Scale the true features to unit L2 norm (off in the paper)."""
     seed: int = 0
     """Seed of the feature matrix and of the sample stream (and of the EEG noise)."""
+    stream_seed: int = -1
+    """synthetic: seed of the sample stream alone (replicates that share the true features); -1: data.seed."""
     channels: str | list[str] = "common"
     """eeg: the EEG channels kept: `common` (those in every file), the name of an MNE standard montage
     (`colin27_1020`, `biosemi64`, ...: its channels that every file has), or a list of names."""
@@ -120,11 +132,15 @@ class MFRConfig:
     enabled: bool = False
     """Mutual Feature Regularization (penalty and reinitialisation); false: the baseline, same code."""
     beta: float | str = "auto"
-    """Penalty coefficient; `auto` makes the penalty equal the reconstruction loss at the start. 0: no penalty."""
+    """Penalty coefficient; `auto` makes the penalty equal the reconstruction loss at the start; `0.01*auto`
+    a fraction of that (the same "small" on every dataset); a number sets it. 0: no penalty."""
     warmup_steps: int = 100
     """The penalty's weight ramps from 0 to beta along a cosine over this many steps."""
     mmcs: str = "max"
     """Similarity of two decoders: `max` (mean max cosine, both directions) or `hungarian` (one-to-one)."""
+    min_cosine: float = -1.0
+    """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
+    together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
     match_every: int = 1
     """Recompute the matched feature pairs every this many steps (1: exact every step; 0: the naive dense penalty)."""
     reinit_window: int = 100
@@ -182,6 +198,7 @@ class RunConfig:
         """Raise ConfigError on the first value that cannot work."""
         d, s, t, e = self.data, self.sae, self.train, self.eval
         _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r}: must be one of {', '.join(DATA_KINDS)}")
+        _check(d.firing in FIRING_KINDS, f"data.firing={d.firing!r}: must be one of {', '.join(FIRING_KINDS)}")
         for name, value in [("data.d", d.d), ("data.n_features", d.n_features),
                             ("data.n_groups", d.n_groups), ("data.n_active", d.n_active),
                             ("sae.n_members", s.n_members), ("sae.d_sae", s.d_sae),
@@ -203,7 +220,12 @@ class RunConfig:
                    f"data.noise={d.noise!r}: must be one of {', '.join(EEG_NOISE_KINDS)}")
             _check(isinstance(d.channels, (str, list)) and bool(d.channels),
                    f"data.channels={d.channels!r}: must be common, an MNE montage name or a list of channel names")
-        if d.kind == "synthetic":
+        if d.kind == "synthetic" and d.firing == "independent":
+            _check(0 < d.mean_active <= d.n_features,
+                   f"data.mean_active={d.mean_active}: must be in (0, data.n_features={d.n_features}]")
+            _check(d.zipf_exponent >= 0, f"data.zipf_exponent={d.zipf_exponent}: must be >= 0")
+            _check(0 <= d.min_magnitude < 1, f"data.min_magnitude={d.min_magnitude}: must be in [0, 1)")
+        elif d.kind == "synthetic":
             smallest_group = d.n_features // d.n_groups
             _check(d.n_groups <= d.n_features,
                    f"data.n_groups={d.n_groups}: more groups than features ({d.n_features})")
@@ -225,8 +247,8 @@ class RunConfig:
         _check(0 < e.recovered_threshold <= 1,
                f"eval.recovered_threshold={e.recovered_threshold}: must be in (0, 1]")
         m = self.mfr
-        _check(m.beta == "auto" or (isinstance(m.beta, float) and m.beta >= 0),
-               f"mfr.beta={m.beta!r}: must be auto or a number >= 0")
+        _check(beta_parts(m.beta) is not None, f"mfr.beta={m.beta!r}: must be auto, a number >= 0, or NUMBER*auto")
+        _check(-1 <= m.min_cosine <= 1, f"mfr.min_cosine={m.min_cosine}: must be in [-1, 1]")
         _check(m.mmcs in ("max", "hungarian"), f"mfr.mmcs={m.mmcs!r}: must be max or hungarian")
         _check(not (m.mmcs == "hungarian" and m.match_every == 0),
                "mfr.mmcs=hungarian needs mfr.match_every >= 1 (a matching has no dense form)")
@@ -241,7 +263,24 @@ class RunConfig:
 
 
 DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
+FIRING_KINDS = ("groups", "independent")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")
+
+
+def beta_parts(beta: float | str) -> tuple[float, bool] | None:
+    """mfr.beta as (factor, relative to auto): `auto` -> (1, True), `0.02*auto` -> (0.02, True), 0.5 ->
+    (0.5, False); None when it is none of these."""
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        return (float(beta), False) if beta >= 0 else None
+    text = str(beta).replace(" ", "")
+    if text == "auto":
+        return 1.0, True
+    factor, sep, rest = text.partition("*")
+    try:
+        value = float(factor)
+    except ValueError:
+        return None
+    return (value, True) if sep and rest == "auto" and value >= 0 else None
 
 
 def _check(ok: bool, message: str) -> None:

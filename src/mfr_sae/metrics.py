@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from mfr_sae.ensemble import Ensemble
 
 CHUNK_ROWS = 2048
+TWIN_COSINE = 0.9  # two latents of one SAE above this cosine are twins
 
 
 def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -34,6 +35,18 @@ def max_cosine(a: Tensor, b: Tensor, chunk: int = CHUNK_ROWS) -> tuple[Tensor, T
         values.append(v)
         index.append(i)
     return torch.cat(values), torch.cat(index)
+
+
+def twin_fraction(decoder: Tensor, threshold: float = TWIN_COSINE, chunk: int = CHUNK_ROWS) -> float:
+    """Share of the rows of one SAE's decoder [h, d] that have another row of the same decoder at cosine
+    > threshold: latents folded onto a shared direction (the collapse the `max` MFR penalty can cause)."""
+    unit = F.normalize(decoder.detach().float(), dim=-1)
+    twins = 0
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        sims[:, start:start + chunk].fill_diagonal_(-1.0)  # a row is not its own twin
+        twins += (sims > threshold).any(dim=1).sum().item()
+    return twins / len(unit)
 
 
 def mmcs(a: Tensor, b: Tensor) -> float:
@@ -57,8 +70,10 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
     gt_mmcs: mean over true features of the max cosine to any latent; gt_mmcs_hungarian: the cosines of
     a one-to-one matching summed over true features / n_true (an unmatched feature counts 0);
     gt_recovered_frac: share of true features with max cosine >= threshold; gt_mcc: mean absolute
-    cosine over a one-to-one matching on absolute cosine (the mean correlation coefficient, MCC)."""
+    cosine over a one-to-one matching on absolute cosine (the mean correlation coefficient, MCC);
+    gt_distinct: how many distinct true features are some latent's best match."""
     best, _ = max_cosine(truth, decoder)
+    _, best_feature = max_cosine(decoder, truth)
     _, _, matched = hungarian_match(truth, decoder)
     _, _, matched_abs = hungarian_match(truth, decoder, absolute=True)
     return {
@@ -66,6 +81,7 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
         "gt_mmcs_hungarian": float(matched.sum() / len(truth)),
         "gt_recovered_frac": (best >= threshold).float().mean().item(),
         "gt_mcc": float(np.abs(matched_abs).mean()),
+        "gt_distinct": int(best_feature.unique().numel()),
     }
 
 
@@ -112,7 +128,7 @@ def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int 
 def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
              threshold: float = 0.9, batch_size: int = 5000,
              targets: Tensor | None = None) -> tuple[list[dict[str, float]], Tensor]:
-    """One dict per member (k, mse, fvu, l0, dead_frac, the ground-truth metrics when known, and with
+    """One dict per member (k, mse, fvu, l0, dead_frac, twin_frac, the ground-truth metrics when known, and with
     denoising `targets` mse_clean, snr_in_db, snr_out_db), and the firing probability of every latent
     [N, h]. `dead` [N, h] marks latents that never fired over the training window."""
     rec = reconstruction_metrics(ensemble, vectors, batch_size, targets)
@@ -126,6 +142,7 @@ def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, d
             "fvu": rec["fvu"][i].item(),
             "l0": rec["l0"][i].item(),
             "dead_frac": dead[i].float().mean().item(),
+            "twin_frac": twin_fraction(decoder[i]),
         }
         if "snr_out_db" in rec:
             snr_in = rec["snr_in_db"].item()

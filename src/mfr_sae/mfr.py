@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mfr_sae.config import ConfigError, MFRConfig
+from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
 from mfr_sae.kernels import inverse_norms, unit_rows
 from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
@@ -42,15 +42,29 @@ def member_pairs(n_members: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n_members) for b in range(a + 1, n_members)]
 
 
+NO_MATCH = -1  # a row whose match falls below mfr.min_cosine: not linked
+
+
 @torch.no_grad()
-def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
+def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
     """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
-    directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse."""
+    directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse. A match
+    whose cosine is below min_cosine is NO_MATCH (the thresholded form)."""
     if mode == "hungarian":
         rows, cols, _ = hungarian_match(a, b)
         a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
-        return torch.stack([a_to_b, torch.argsort(a_to_b)])
+        matches = torch.stack([a_to_b, torch.argsort(a_to_b)])
+    else:
+        matches = _max_matches(a, b, chunk)
+    if min_cosine > -1:
+        cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
+        matches = matches.masked_fill(cosines < min_cosine, NO_MATCH)
+    return matches
+
+
+def _max_matches(a: Tensor, b: Tensor, chunk: int) -> Tensor:
+    """The arg-max matches of match_pair, both directions from one chunked pass over a @ b.T."""
     best_for_b = torch.full((len(b),), -torch.inf, device=a.device, dtype=a.dtype)
     arg_for_b = torch.zeros(len(b), dtype=torch.long, device=a.device)
     arg_for_a = []
@@ -64,12 +78,22 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS)
     return torch.stack([torch.cat(arg_for_a), arg_for_b])
 
 
-def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS) -> Tensor:
+def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
     """Matches of every member pair, in `member_pairs` order: [P, 2, h]."""
     pairs = member_pairs(len(decoder))
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
-    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk) for a, b in pairs])
+    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk, min_cosine) for a, b in pairs])
+
+
+def changed_fraction(old: dict[tuple[int, int], Tensor], new: dict[tuple[int, int], Tensor]) -> float | None:
+    """Share of matches that differ between two matchings of the same pairs: how stale the old ones had
+    become (None when no pair is in both)."""
+    common = [pair for pair in new if pair in old]
+    if not common:
+        return None
+    changed = sum((old[pair].to(new[pair].device) != new[pair]).sum().item() for pair in common)
+    return changed / sum(new[pair].numel() for pair in common)
 
 
 @dataclass
@@ -101,10 +125,11 @@ def pair_links(matches: dict[tuple[int, int], Tensor], rows: range, columns: ran
         for x, y, x_to_y, y_to_x in [(a, b, a_to_b, b_to_a), (b, a, b_to_a, a_to_b)]:
             if x in rows and y in columns:  # row i of x links to row x_to_y[i] of y; row y_to_x[j] of x to row j
                 x0, y0 = (x - rows.start) * d_sae, (y - columns.start) * d_sae
-                sources += [arange + x0, y_to_x + x0]
-                targets += [x_to_y + y0, arange + y0]
+                forward, backward = x_to_y != NO_MATCH, y_to_x != NO_MATCH  # (thresholded form)
+                sources += [arange[forward] + x0, y_to_x[backward] + x0]
+                targets += [x_to_y[forward] + y0, arange[backward] + y0]
     size = (len(rows) * d_sae, len(columns) * d_sae)
-    if not sources:
+    if not sum(map(len, sources)):
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return Links(torch.zeros(size[0], dtype=torch.long, device=device), empty, empty.float())
     # each directed match carries 1 / (2 h P); half of it on (i, j), half on (j, i)
@@ -158,12 +183,16 @@ def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
     return linked_similarity(weight, links.times(columns, inverse_norms(columns))).sum()
 
 
-def dense_mmcs(decoder: Tensor) -> Tensor:
-    """The naive `max` MMCS of every member pair, full similarity matrices with autograd: [P]."""
+def dense_mmcs(decoder: Tensor, min_cosine: float = -1.0) -> Tensor:
+    """The naive `max` MMCS of every member pair, full similarity matrices with autograd: [P]. Thresholded
+    form: a max cosine below min_cosine counts 0."""
+    def kept_mean(best: Tensor) -> Tensor:
+        return best.masked_fill(best < min_cosine, 0).mean() if min_cosine > -1 else best.mean()
+
     values = []
     for a, b in member_pairs(len(decoder)):
         sims = decoder[a] @ decoder[b].T
-        values.append((sims.max(dim=1).values.mean() + sims.max(dim=0).values.mean()) / 2)
+        values.append((kept_mean(sims.max(dim=1).values) + kept_mean(sims.max(dim=0).values)) / 2)
     return torch.stack(values)
 
 
@@ -189,11 +218,15 @@ class MutualRegularizer:
             raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
         self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
         self.shard = shard or Shard(len(ks))
-        self.beta: float | None = None if cfg.beta == "auto" or not cfg.enabled else float(cfg.beta)
+        factor, relative = beta_parts(cfg.beta) or (1.0, True)
+        # beta: None until auto sets it at the first step (beta_factor times the auto value)
+        self.beta_factor = factor if relative else None
+        self.beta: float | None = factor if cfg.enabled and not relative else None
         self.matches: dict[tuple[int, int], Tensor] = {}  # [2, h] for each pair of members, this rank's own
         self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
         self.incoming: Iterator[tuple[range, Tensor]] | None = None  # the decoders of all shards, streaming in
         self._outbox: dict[int, Tensor] = {}  # matches to send at a later stage of the stream, by stage
+        self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
         self.steps_since_init = [0] * len(ks)
         self.attempts = [0] * len(ks)
         self.events: list[dict[str, Any]] = []
@@ -201,7 +234,9 @@ class MutualRegularizer:
 
     @property
     def penalty_on(self) -> bool:
-        return self.enabled and (self.beta is None or self.beta > 0)
+        if self.beta is None:  # auto, set at the first step
+            return self.enabled and self.beta_factor != 0
+        return self.enabled and self.beta > 0
 
     # ------------------------------------------------------------------ penalty
 
@@ -216,24 +251,30 @@ class MutualRegularizer:
         (any norm; all N in one process), the gradient reaching them being that of the whole penalty.
         recon_loss: the mean reconstruction loss of all members (asked for once, by beta=auto)."""
         shard = self.shard
+        values: dict[str, float] = {}
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
-            mmcs = dense_mmcs(unit_rows(shard.gather_differentiable(weight))).mean()
+            mmcs = dense_mmcs(unit_rows(shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
         else:
             if self.incoming is None:
                 self.prefetch(weight)
             stream, self.incoming = self.incoming, None
             rematch = not self.matches or step % self.cfg.match_every == 0
+            previous = self.matches
             own = linked_similarity(weight, self._linked_product(weight, stream, rematch))  # [n]
             mmcs = shard.gather_differentiable(own).sum()  # summed in member order, whatever the shards
+            stale = changed_fraction(previous, self.matches) if rematch and self.cfg.match_every > 1 else None
+            if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
+                values["match_stale_frac"] = self.stale_frac = stale
         distance = 1 - mmcs
         if self.beta is None:  # auto: the penalty equals the reconstruction loss at the start
             if distance.item() <= 1e-8:
                 raise ConfigError("mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
                                   "so no beta makes the penalty equal the loss; set mfr.beta to a number")
-            self.beta = recon_loss() / distance.item()
+            self.beta = self.beta_factor * recon_loss() / distance.item()
         weight = self.beta * warmup_weight(step, self.cfg.warmup_steps)
         penalty = weight * distance
-        return penalty, {"penalty": penalty.item(), "penalty_weight": weight, "pairwise_mmcs": mmcs.item()}
+        values.update(penalty=penalty.item(), penalty_weight=weight, pairwise_mmcs=mmcs.item())
+        return penalty, values
 
     @torch.no_grad()
     def _linked_product(self, weight: Tensor, stream: Iterator[tuple[range, Tensor]], rematch: bool) -> Tensor:
@@ -291,7 +332,7 @@ class MutualRegularizer:
             mine = []
         rows_of = {m: own_unit[m - own.start] for m in own} | {m: unit[m - members.start] for m in members}
         for a, b in mine:
-            self.matches[(a, b)] = match_pair(rows_of[a], rows_of[b], self.cfg.mmcs)
+            self.matches[(a, b)] = match_pair(rows_of[a], rows_of[b], self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
         if stage and mine:
             self._outbox[later] = torch.stack([self.matches[pair] for pair in mine]).int()  # int32: half the bytes
         if stage == 0 or stage < later:

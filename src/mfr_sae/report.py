@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "gt_mmcs", "gt_mmcs_hungarian",
                   "gt_recovered_frac", "gt_mcc"]
@@ -48,23 +47,6 @@ def fmt_mean_sd(values: Sequence[float | None], digits: int = 4) -> str:
 def fmt_p(p: float | None) -> str:
     """A p-value to 3 significant digits; `-` where there is none."""
     return "-" if p is None else f"{p:.3g}"
-
-
-def paired_test(treated: Sequence[float], control: Sequence[float]) -> dict[str, float | None]:
-    """Paired comparison across seeds: mean difference, paired t-test and Wilcoxon signed-rank p-values
-    (two-sided; None where too few pairs or no differences). Pairs with a None are left out."""
-    kept = [(t, c) for t, c in zip(treated, control) if t is not None and c is not None]
-    treated, control = [t for t, _ in kept], [c for _, c in kept]
-    if not kept:
-        return {"n": 0, "mean_diff": 0.0, "sd_diff": None, "t_test_p": None, "wilcoxon_p": None}
-    diff = np.asarray(treated, float) - np.asarray(control, float)
-    out: dict[str, float | None] = {"n": len(diff), "mean_diff": float(diff.mean()),
-                                    "sd_diff": float(diff.std(ddof=1)) if len(diff) > 1 else None,
-                                    "t_test_p": None, "wilcoxon_p": None}
-    if len(diff) >= 2 and np.any(diff != 0):
-        out["t_test_p"] = float(stats.ttest_rel(treated, control).pvalue)
-        out["wilcoxon_p"] = float(stats.wilcoxon(diff).pvalue)
-    return out
 
 
 def save_figure(fig, path) -> None:

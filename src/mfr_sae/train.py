@@ -359,6 +359,7 @@ class Trainer:
             "mse": mse.tolist(),
             "l0": l0.tolist(),
             **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
+            **({"match_stale_frac": self.mfr.stale_frac} if self.mfr.stale_frac is not None else {}),
             "dead_frac": dead.tolist(),
         }
 

@@ -49,10 +49,31 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     assert "Table 3" in report and "0.42" in report and "line noise at 5 dB SNR" in report
     assert "SNR gain MFR (dB)" in report
     assert report.count("data:image/png") == 3 and " ± " in report
+    # the test is over seeds (per seed, the mean over k of MFR - baseline), never over the k values of a seed
+    test = results["mse_test"]
+    assert test["unit"] == "seed" and test["n"] == 2 and test["t_test_p"] is not None
+    for seed in (0, 1):
+        for mfr, key in ((True, "mfr_per_seed"), (False, "baseline_per_seed")):
+            mse = [m["mse_clean"] for m in results["members"] if m["seed"] == seed and m["mfr"] == mfr]
+            assert test[key][seed] == pytest.approx(np.mean(mse))
+    diffs = np.subtract(test["mfr_per_seed"], test["baseline_per_seed"])
+    assert test["mean_diff"] == pytest.approx(diffs.mean())
+    assert test["ci95"][0] <= test["mean_diff"] <= test["ci95"][1]
+    assert test["wilcoxon_p"] is None  # 2 seeds: Wilcoxon cannot go below 0.5
+    assert [row["k"] for row in results["mse_by_k"]] == KS
+    assert "Test over the 2 seeds" in report and "paired t-test p = " in report
     # a second call reuses the finished runs
     again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False,
                           overrides=SMALL)
     assert again["members"] == results["members"]
+    # one seed (its runs reused): no test, and no p-value anywhere in the report
+    one = reproduce_eeg(out, data, quick=True, seeds=1, noise="line", snr_db=5.0, progress=False,
+                        overrides=SMALL)
+    assert one["mse_test"]["n"] == 1 and one["mse_test"]["t_test_p"] is None
+    assert "not independent replicates" in one["mse_test"]["note"]
+    report = (out / "report.md").read_text()
+    assert "One seed: no test; the k values are not independent replicates" in report
+    assert "p = " not in report and "p-value" not in report
 
 
 def test_a_folder_without_usable_recordings_is_a_clear_error(tmp_path, capsys):

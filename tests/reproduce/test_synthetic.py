@@ -1,4 +1,8 @@
 import json
+import re
+import shutil
+
+import pytest
 
 from mfr_sae.reproduce.synthetic import QUICK, reproduce_synthetic
 
@@ -7,8 +11,15 @@ TINY = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3",
         "eval.n_samples=2000", "mfr.reinit_samples=1000", "mfr.warmup_steps=10", "mfr.reinit_window=10"]
 
 
-def test_an_end_to_end_reproduction_writes_every_file(tmp_path):
-    summary = reproduce_synthetic(tmp_path, quick=True, n_seeds=2, progress=False, overrides=TINY)
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """One tiny reproduction with 2 seeds, shared by the tests of this file."""
+    out = tmp_path_factory.mktemp("two_seeds")
+    return out, reproduce_synthetic(out, quick=True, n_seeds=2, progress=False, overrides=TINY)
+
+
+def test_an_end_to_end_reproduction_writes_every_file(two_seeds):
+    tmp_path, summary = two_seeds
     for name in ["report.md", "results.json", "fig3_agreement.png", "fig5_cluster_firing.png",
                  "fig7_reinit_metric.png", "fig8_recovery.png"]:
         assert (tmp_path / name).stat().st_size > 0, name
@@ -21,20 +32,62 @@ def test_an_end_to_end_reproduction_writes_every_file(tmp_path):
     assert min(per_seed["pairwise_mmcs"]) > max(results["methods"]["baseline"]["per_seed"]["pairwise_mmcs"])
     test = results["tests"]["mfr vs baseline"]["gt_mmcs"]
     assert test["n"] == 2 and test["t_test_p"] is not None
+    assert test["ci95"][0] <= test["mean_diff"] <= test["ci95"][1]
+    assert test["wilcoxon_p"] is None  # 2 seeds: the Wilcoxon test cannot reject, so it is not run
     # the shared-initialisation rival: identical members inside an ensemble, not across seeds
     shared = results["methods"]["shared_init"]
     assert min(shared["per_seed"]["within_pw_mcc"]) > 0.9999
     assert len(shared["per_seed_pair"]["across_pw_mcc"]) == 1  # 2 seeds: one pair
     assert max(shared["per_seed_pair"]["across_pw_mcc"]) < 0.99
+    # across-seed agreement is tested over seeds (label swaps inside a seed), not over seed pairs
+    across = results["tests"]["shared_init vs baseline"]["across_pw_mcc"]
+    assert across["n"] == 2 and across["min_p"] == 0.5 and across["p"] in (0.5, 1.0)
+    assert across["diff"] == pytest.approx(shared["per_seed_pair"]["across_pw_mcc"][0]
+                                           - results["methods"]["baseline"]["per_seed_pair"]["across_pw_mcc"][0])
+    # Holm over every test of the tests section that has a p-value
+    family = [t for by_key in results["tests"].values() for t in by_key.values()]
+    with_p = [t for t in family if t["p"] is not None]
+    assert results["multiple_comparisons"]["family_size"] == len(with_p) > 1
+    assert all(t["p_holm"] >= t["p"] for t in with_p) and all(t["p_holm"] is None for t in family if t["p"] is None)
+    smallest = min(with_p, key=lambda t: t["p"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, len(with_p) * smallest["p"]))
     assert {w["measure"] for w in results["winners"]} >= {"across_pw_mcc", "gt_mcc"}
-    assert "the honest test" in (tmp_path / "report.md").read_text()
+    for row in results["winners"]:  # equal means are a tie, never a win
+        assert (row["clear win"] == "no (tie)") == (" = " in row["best"])
     report = (tmp_path / "report.md").read_text()
+    assert "the honest test" in report
     assert "## Verdict" in report and report.count("data:image/png;base64,") == 4
-    assert "MFR vs baseline" in report
+    assert "MFR vs baseline" in report and "Holm-adjusted over the family of the" in report
+    assert "95% CI" in report and "permutation over seeds" in report
     # a second call reuses the finished runs instead of training again
     before = (tmp_path / "runs" / "mfr-seed0" / "results.json").stat().st_mtime_ns
     reproduce_synthetic(tmp_path, quick=True, n_seeds=2, progress=False, overrides=TINY)
     assert (tmp_path / "runs" / "mfr-seed0" / "results.json").stat().st_mtime_ns == before
+
+
+def test_one_seed_reports_one_replicate_and_no_p_value(two_seeds, tmp_path):
+    # `--seeds 1` used to crash after training (ranking a list of fewer than two methods, no seed pairs);
+    # seed 0's finished runs are copied, so nothing is trained here
+    for run in (two_seeds[0] / "runs").glob("*-seed0"):
+        shutil.copytree(run, tmp_path / "runs" / run.name)
+    summary = reproduce_synthetic(tmp_path, quick=True, n_seeds=1, progress=False, overrides=TINY)
+    assert summary["seeds"] == [0]
+    for by_key in summary["tests"].values():
+        for test in by_key.values():
+            assert test["n"] <= 1 and test["p"] is None and test["p_holm"] is None
+    assert summary["tests"]["mfr vs baseline"]["across_pw_mcc"]["note"].startswith("one replicate")
+    assert summary["multiple_comparisons"]["family_size"] == 0
+    assert summary["methods"]["mfr"]["per_seed_pair"]["across_pw_mcc"] == []
+    across = [w for w in summary["winners"] if w["measure"].startswith("across_")]
+    assert across and all(w["best"] == "-" and w["clear win"] == "no test" for w in across)
+    report = (tmp_path / "report.md").read_text()
+    assert "One seed: one replicate per method, so no test is made and no p-value is given" in report
+    assert "too few replicates for a test (n=1)" in report
+    assert not re.search(r"p [=<] \d", report)  # no p-value printed anywhere
+    section = report.split("## Significance")[1].split("## Figures")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "vs baseline" in line]
+    header = next(line for line in section.splitlines() if line.startswith("| comparison")).split(" | ")
+    assert rows and all(row[header.index(col)] == "-" for row in rows for col in ("p", "p (Holm)", "Wilcoxon p"))
 
 
 def test_quick_keeps_the_papers_data_and_saes():

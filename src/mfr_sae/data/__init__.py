@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from mfr_sae.config import DataConfig
 from mfr_sae.data.synthetic import SyntheticData
 from mfr_sae.data.vectors import DataError, VectorsData, load_ground_truth
+from mfr_sae.data.zipf import ZipfData
 
 
 class VectorSource(Protocol):
@@ -37,9 +38,13 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
 
 def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSource:
     """The data source a config names."""
+    stream_seed = None if cfg.stream_seed < 0 else cfg.stream_seed
+    if cfg.kind == "synthetic" and cfg.firing == "independent":
+        return ZipfData(cfg.d, cfg.n_features, cfg.mean_active, cfg.zipf_exponent, cfg.min_magnitude,
+                        cfg.normalize_features, cfg.seed, device, stream_seed)
     if cfg.kind == "synthetic":
         return SyntheticData(cfg.d, cfg.n_features, cfg.n_groups, cfg.n_active, cfg.decay,
-                             cfg.normalize_features, cfg.seed, device)
+                             cfg.normalize_features, cfg.seed, device, stream_seed)
     if cfg.kind == "vectors":
         return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
     if cfg.kind == "activations":
@@ -55,4 +60,4 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
 
 
 __all__ = ["Batch", "DataError", "SyntheticData", "VectorSource", "VectorsData", "load_ground_truth", "make_source",
-           "split_batch"]
+           "split_batch", "ZipfData"]

@@ -31,8 +31,9 @@ from mfr_sae.compare import decoder_agreement  # noqa: E402
 from mfr_sae.config import RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
-from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, paired_test, save_figure  # noqa: E402
+from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, save_figure  # noqa: E402
 from mfr_sae.reproduce import machine, train_or_reuse  # noqa: E402
+from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, rank_methods, verdict  # noqa: E402
 from mfr_sae.train import METRICS_FILE  # noqa: E402
 
 METHODS = {
@@ -176,35 +177,68 @@ def figure_recovery(runs: dict[str, list[dict]], path: Path) -> None:
 LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac"}
 
 
-def verdict(test: dict[str, Any], higher_is_better: bool = True, name: str = "MFR") -> str:
-    p = test["t_test_p"]
-    better = (test["mean_diff"] > 0) == higher_is_better
-    if p is None:
-        return "no difference measured" if test["mean_diff"] == 0 else "too few seeds for a test"
-    if p < 0.05:
-        return f"{name} better (p < 0.05)" if better else f"{name} worse (p < 0.05)"
-    return f"no significant difference (p = {p:.2g})"
-
-
 def values_of(method_stats: dict[str, Any], key: str) -> list:
     return (method_stats["per_seed_pair"] if key in ACROSS_KEYS else method_stats["per_seed"])[key]
 
 
-def winners(methods: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
-    """For each measure: the method with the best mean, and its paired test against the runner-up."""
-    rows = []
+def compare_methods(treated: str, control: str, per_method: dict[str, Any], agreement: AcrossAgreement,
+                    key: str) -> dict[str, Any]:
+    """One test of `treated` against `control` on one measure, over seeds (the replicates): a paired
+    t-test of the per-seed values, or, for the across_* measures (whose values are seed PAIRS, not
+    independent), the permutation test that swaps the two methods' labels inside each seed."""
+    if key in ACROSS_KEYS:
+        test = agreement.permutation_test(treated, control, key)
+        test["test_name"] = "permutation over seeds"
+    else:
+        test = paired_test(values_of(per_method[treated], key), values_of(per_method[control], key))
+        test.update(test_name="paired t over seeds", p=test["t_test_p"])
+    return test
+
+
+def add_holm(tests: list[dict[str, Any]]) -> int:
+    """Holm-adjusted p (`p_holm`) over the family `tests` (each test's `p`); the family's size."""
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = adjusted
+    return sum(t["p"] is not None for t in tests)
+
+
+def _diff(test: dict[str, Any]) -> float | None:
+    return test.get("mean_diff", test.get("diff"))
+
+
+def _ci(test: dict[str, Any]) -> str:
+    ci = test.get("ci95")
+    return "-" if ci is None else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def winners(methods: dict[str, Any], keys: list[str], agreement: AcrossAgreement) -> list[dict[str, Any]]:
+    """For each measure: the method with the best mean (a tie when several share it) and its test
+    against the runner-up (against each runner-up when several share second place, the largest p
+    kept), Holm-adjusted over the tests of this table."""
+    rows, tests, ties = [], [], []
     for key in keys:
-        sign = -1 if key in LOWER_IS_BETTER else 1
-        means = {m: np.mean([v for v in values_of(st, key) if v is not None] or [np.nan])
+        means = {m: float(np.mean(vs)) if (vs := [v for v in values_of(st, key) if v is not None]) else None
                  for m, st in methods.items()}
-        ranked = sorted((m for m in means if np.isfinite(means[m])), key=lambda m: -sign * means[m])
-        best, second = ranked[0], ranked[1]
-        test = paired_test(values_of(methods[best], key), values_of(methods[second], key))
-        p = test["t_test_p"]
-        rows.append({"measure": key, "best": best, "mean": float(means[best]), "runner-up": second,
-                     "runner-up mean": float(means[second]),
-                     "t-test p": fmt_p(p),
-                     "clear win": "yes" if p is not None and p < 0.05 else "no"})
+        ranking = rank_methods(means, key not in LOWER_IS_BETTER)
+        best, second = ranking["best"], ranking["runner_up"]
+        test = None
+        if best and not ranking["tie"] and second:
+            candidates = [compare_methods(best[0], other, methods, agreement, key) for other in second]
+            test = max(candidates, key=lambda t: 2.0 if t["p"] is None else t["p"])
+        tests.append(test)
+        ties.append(ranking["tie"])
+        rows.append({"measure": key, "best": " = ".join(best) or "-",
+                     "mean": means[best[0]] if best else "-",
+                     "runner-up": " = ".join(second) or "-", "runner-up mean": means[second[0]] if second else "-",
+                     "difference": _diff(test) if test else "-", "95% CI": _ci(test) if test else "-",
+                     "p": fmt_p(test["p"]) if test else "-", "test": test["test_name"] if test else "-"})
+    family = [t for t in tests if t is not None]
+    add_holm(family)
+    for row, test, tie in zip(rows, tests, ties):
+        row["p (Holm)"] = fmt_p(test["p_holm"]) if test else "-"
+        row["clear win"] = ("no (tie)" if tie else
+                            "no test" if test is None or test["p_holm"] is None else
+                            "yes" if test["p_holm"] < ALPHA else "no")
     return rows
 
 
@@ -219,14 +253,30 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
                        **{k: fmt_mean_sd(st["per_seed"][k]) for k in ("within_pw_mcc", "within_shared_frac",
                                                                       "gt_mcc", "gt_recovered_frac")}}
                       for m, st in methods.items()]
+    n_seeds = len(s["seeds"])
     test_rows = []
     for name, test in s["tests"].items():
         for key, t in test.items():
-            test_rows.append({"comparison": name, "metric": key, "mean difference": t["mean_diff"],
-                              "n": t["n"], "t-test p": fmt_p(t["t_test_p"]),
-                              "Wilcoxon p": fmt_p(t["wilcoxon_p"]),
-                              "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0])})
+            diff = _diff(t)
+            test_rows.append({"comparison": name, "metric": key, "test": t["test_name"], "n": t["n"],
+                              "mean difference": "-" if diff is None else diff, "95% CI": _ci(t),
+                              "p": fmt_p(t["p"]), "p (Holm)": fmt_p(t["p_holm"]),
+                              "Wilcoxon p": fmt_p(t.get("wilcoxon_p")),
+                              "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0],
+                                                 p_key="p_holm")})
     main = s["tests"]["mfr vs baseline"]
+
+    def v(key: str) -> str:
+        return verdict(main[key], key not in LOWER_IS_BETTER, p_key="p_holm")
+
+    family = s["multiple_comparisons"]["family_size"]
+    min_perm = 2 / 2 ** n_seeds
+    if n_seeds == 1:
+        testing = ("One seed: one replicate per method, so no test is made and no p-value is given; the "
+                   "numbers below describe that one replicate.")
+    else:
+        testing = (f"Tests are over the {n_seeds} seeds (the replicates), two-sided; p-values in the verdicts "
+                   f"are Holm-adjusted over the family of the {family} tests of the Significance section.")
     n_reinit = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
     lines = [
         "# Reproduction: MFR on the paper's synthetic data",
@@ -236,15 +286,18 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         "## Verdict",
         "",
-        f"Across {len(s['seeds'])} seeds, MFR vs baseline: ground-truth MMCS {fmt_mean_sd(mfr['gt_mmcs'])} vs "
-        f"{fmt_mean_sd(base['gt_mmcs'])} ({verdict(main['gt_mmcs'])}); fraction of true features recovered "
+        testing,
+        "",
+        f"Across {n_seeds} seed{'s' if n_seeds != 1 else ''}, MFR vs baseline: ground-truth MMCS "
+        f"{fmt_mean_sd(mfr['gt_mmcs'])} vs "
+        f"{fmt_mean_sd(base['gt_mmcs'])} ({v('gt_mmcs')}); fraction of true features recovered "
         f"at cosine >= {s['threshold']} {fmt_mean_sd(mfr['gt_recovered_frac'])} vs "
-        f"{fmt_mean_sd(base['gt_recovered_frac'])} ({verdict(main['gt_recovered_frac'])}); reconstruction MSE "
-        f"{fmt_mean_sd(mfr['mse'])} vs {fmt_mean_sd(base['mse'])} ({verdict(main['mse'], False)}); agreement "
+        f"{fmt_mean_sd(base['gt_recovered_frac'])} ({v('gt_recovered_frac')}); reconstruction MSE "
+        f"{fmt_mean_sd(mfr['mse'])} vs {fmt_mean_sd(base['mse'])} ({v('mse')}); agreement "
         f"across independently seeded ensembles (PW-MCC) "
         f"{fmt_mean_sd(methods['mfr']['per_seed_pair']['across_pw_mcc'])} vs "
         f"{fmt_mean_sd(methods['baseline']['per_seed_pair']['across_pw_mcc'])} "
-        f"({verdict(main['across_pw_mcc'])}).",
+        f"({v('across_pw_mcc')}).",
         "",
         f"Reinitialisation events: {n_reinit['reinit']} in the `reinit` runs and {n_reinit['mfr']} in the "
         f"`mfr` runs (threshold {s['reinit_threshold']}).",
@@ -289,11 +342,27 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         markdown_table(agreement_rows, ["method", "across_pw_mcc", "across_shared_frac", "within_pw_mcc",
                                         "within_shared_frac", "gt_mcc", "gt_recovered_frac"]),
         "",
-        "Which method wins on which measure (best mean; paired t-test against the runner-up):",
+        "Which method wins on which measure: the best mean (methods with equal means are a tie, never a "
+        "winner); its test against the runner-up (the same tests as in the Significance section); p "
+        f"Holm-adjusted over the {sum(w['p'] != '-' for w in s['winners'])} tests with a p-value in this table "
+        "(a family of its own); `clear win`: adjusted p below 0.05.",
         "",
         markdown_table(s["winners"], list(s["winners"][0])),
         "",
-        "## Significance (paired across seeds, or across seed pairs for the across_* measures; two-sided)",
+        "## Significance",
+        "",
+        "Each method against baseline, two-sided, the unit a seed (one replicate: the same data and "
+        "initialisation seed for every method, so methods are paired by seed). Per-seed measures: paired "
+        "t-test; `mean difference` is method - baseline, with its t-based 95% CI. The across_* measures have "
+        "one value per seed PAIR, and the pairs share seeds, so they are not independent: their test is a "
+        "permutation test over seeds (the method and baseline labels of a seed's two ensembles are swapped "
+        f"together; difference = mean across-seed agreement of the method - of baseline); with {n_seeds} "
+        f"seed{'s' if n_seeds != 1 else ''} its smallest attainable p is "
+        f"{'undefined (no seed pairs)' if n_seeds < 2 else f'{min_perm:.3g}'}, so it cannot reject at 0.05 "
+        "below 6 seeds. `p (Holm)`: Holm-adjusted over the family of all "
+        f"{family} tests in this table that have a p-value; the verdicts use it. Wilcoxon signed-rank p "
+        "(exact, unadjusted, a check on the t-test) only where at least 6 seed differences are nonzero: with "
+        "5 or fewer it cannot go below 0.0625.",
         "",
         markdown_table(test_rows, list(test_rows[0])),
         "",
@@ -305,15 +374,38 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
     (out / "report.md").write_text("\n".join(lines))
 
 
-def across_agreement(seeds: list[dict], threshold: float) -> dict[str, list[float]]:
-    """Member m of one seed's ensemble against member m of another's, averaged over m: per seed pair."""
-    pw, shared = [], []
-    for a, b in combinations(seeds, 2):
-        pairs = [decoder_agreement(a["decoder"][m], b["decoder"][m], threshold)
-                 for m in range(len(a["decoder"]))]
-        pw.append(float(np.mean([p[0] for p in pairs])))
-        shared.append(float(np.mean([p[1] for p in pairs])))
-    return {"across_pw_mcc": pw, "across_shared_frac": shared}
+class AcrossAgreement:
+    """Agreement between two ensembles (of any methods and seeds): member m of one against member m of
+    the other, averaged over m; PW-MCC and shared-latent fraction. Each pair is computed once."""
+
+    def __init__(self, runs: dict[str, list[dict]], threshold: float):
+        self.runs, self.threshold, self.cache = runs, threshold, {}
+
+    def __call__(self, a: tuple[str, int], b: tuple[str, int]) -> dict[str, float]:
+        key = (min(a, b), max(a, b))
+        if key not in self.cache:
+            x, y = self.runs[a[0]][a[1]]["decoder"], self.runs[b[0]][b[1]]["decoder"]
+            pairs = [decoder_agreement(x[m], y[m], self.threshold) for m in range(len(x))]
+            self.cache[key] = {"across_pw_mcc": float(np.mean([p[0] for p in pairs])),
+                               "across_shared_frac": float(np.mean([p[1] for p in pairs]))}
+        return self.cache[key]
+
+    def per_seed_pair(self, method: str) -> dict[str, list[float]]:
+        """Across-seed agreement of one method's ensembles, one value per seed pair (descriptive: the
+        pairs share seeds, so they are not independent)."""
+        pairs = [self((method, a), (method, b)) for a, b in combinations(range(len(self.runs[method])), 2)]
+        return {key: [p[key] for p in pairs] for key in ACROSS_KEYS}
+
+    def permutation_test(self, treated: str, control: str, key: str) -> dict[str, Any]:
+        """paired_permutation_test of `treated` against `control` on one across_* measure: index r is
+        treated's ensemble of seed r, R + r control's of the same seed."""
+        n = len(self.runs[treated])
+        ensembles = [(treated, r) for r in range(n)] + [(control, r) for r in range(n)]
+        similarity = np.full((2 * n, 2 * n), np.nan)
+        for i, j in combinations(range(2 * n), 2):
+            if j != i + n:  # the two ensembles of one seed are never compared by the test
+                similarity[i, j] = similarity[j, i] = self(ensembles[i], ensembles[j])[key]
+        return paired_permutation_test(similarity, n)
 
 
 def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | None = None,
@@ -335,14 +427,15 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
             results = train_or_reuse(cfg, run_dir, progress)
             runs[method].append(analyse_run(cfg, run_dir, results))
     cfg = run_config("mfr", 0, quick, overrides)
+    agreement = AcrossAgreement(runs, shared_threshold)
     per_method = {m: {"per_seed": {k: [r["summary"][k] for r in rs] for k in SUMMARY_KEYS},
-                      "per_seed_pair": across_agreement(rs, shared_threshold),
+                      "per_seed_pair": agreement.per_seed_pair(m),
                       "beta": [r["beta"] for r in rs]} for m, rs in runs.items()}
     compare = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "pearson_r",
                "cluster_size", "within_pw_mcc"] + ACROSS_KEYS
-    tests = {f"{m} vs baseline": {k: paired_test(values_of(per_method[m], k), values_of(per_method["baseline"], k))
-                                  for k in compare}
+    tests = {f"{m} vs baseline": {k: compare_methods(m, "baseline", per_method, agreement, k) for k in compare}
              for m in ("mfr", "reinit", "shared_init")}
+    family_size = add_holm([t for by_key in tests.values() for t in by_key.values()])
     figures = {
         "Figure 3": out / "fig3_agreement.png",
         "Figure 5": out / "fig5_cluster_firing.png",
@@ -366,8 +459,12 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
         "config": cfg.to_dict(),
         "methods": per_method,
         "tests": tests,
+        "multiple_comparisons": {
+            "method": "holm", "alpha": ALPHA, "family_size": family_size,
+            "family": "every test in `tests` (mfr, reinit and shared_init each against baseline, on every "
+                      "measure compared) that has a p-value; the `winners` tests are a second family"},
         "winners": winners(per_method, ["across_pw_mcc", "across_shared_frac", "within_pw_mcc", "gt_mcc",
-                                        "gt_mmcs", "gt_recovered_frac", "mse"]),
+                                        "gt_mmcs", "gt_recovered_frac", "mse"], agreement),
         "figures": {k: v.name for k, v in figures.items()},
     }
     write_json(out / "results.json", summary)
