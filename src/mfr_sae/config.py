@@ -262,6 +262,10 @@ class RunConfig:
         return self
 
 
+# The paper's MFR (SPEC section 4), field by field: what the reproductions and the study's grid build on,
+# whatever the defaults of mfr.* are.
+PAPER_MFR = ["mfr.beta=auto", "mfr.warmup_steps=100", "mfr.mmcs=max", "mfr.min_cosine=-1", "mfr.match_every=1",
+             "mfr.reinit_window=100", "mfr.reinit_threshold=2.5", "mfr.reinit_samples=10000", "mfr.reinit_max=10"]
 DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
 FIRING_KINDS = ("groups", "independent")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")

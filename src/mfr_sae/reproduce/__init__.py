@@ -16,18 +16,36 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mfr_sae.checkpoint import load  # noqa: E402
-from mfr_sae.config import RunConfig  # noqa: E402
+from mfr_sae.config import ConfigError, RunConfig, load_config  # noqa: E402
 from mfr_sae.report import save_figure  # noqa: E402
-from mfr_sae.train import RESULTS_FILE, resume, train  # noqa: E402
+from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train  # noqa: E402
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """A finished run's results, an interrupted run resumed, or a new run: reproductions can restart."""
+    """A finished run's results, an interrupted run resumed, or a new run: reproductions can restart. A run
+    folder whose saved config is not `cfg` is an error naming the first field that differs (never mixed)."""
+    if (run_dir / CONFIG_FILE).is_file():
+        differs = config_difference(load_config(run_dir / CONFIG_FILE), cfg)
+        if differs:
+            raise ConfigError(f"{run_dir} holds a run of another setting ({differs}): choose another --out")
     if (run_dir / RESULTS_FILE).is_file():
         return json.loads((run_dir / RESULTS_FILE).read_text())
     if run_dir.exists():
         return resume(run_dir, progress=progress)
     return train(cfg, run_dir, progress=progress)
+
+
+def config_difference(saved: RunConfig, wanted: RunConfig) -> str | None:
+    """`section.field: saved != wanted` for the first field that differs, None when none does (data.d of a
+    source that reads it from its data is the data's, so it is not compared)."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    for section, fields in b.items():
+        for name, value in fields.items():
+            if section == "data" and name == "d" and wanted.data.kind != "synthetic":
+                continue
+            if a[section][name] != value:
+                return f"{section}.{name}: {a[section][name]!r} there, {value!r} here"
+    return None
 
 
 def machine() -> str:

@@ -1,0 +1,177 @@
+"""The report of `mfr-sae study`: report.md (verdict first), results.json and the FVU-MCC figure."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mfr_sae.checkpoint import atomic_write_text, write_json
+from mfr_sae.report import markdown_table, save_figure
+
+FIGURE = "fig_fvu_mcc.png"
+DATASET_WORDS = {
+    "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
+    "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
+}
+
+
+def sig(value: float | None, digits: int = 3) -> str:
+    """A number to `digits` significant digits; `-` for none."""
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def interval(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{sig(ci[0])}, {sig(ci[1])}]"
+
+
+def commit() -> str:
+    """The repository's commit, when the package runs from a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def verdict_line(name: str, result: dict[str, Any]) -> str:
+    """The first-lines sentence for one dataset: the winning setting, or that none won, with numbers."""
+    rows = result["rows"]
+    best = result["best"]
+    if best is None:
+        candidates = [n for n in rows if rows[n].get("tests")]
+        top = max(candidates, key=lambda n: rows[n]["tests"]["gt_mcc"]["mean_diff"] or -np.inf)
+        t = rows[top]["tests"]
+        return (f"**{name}: no MFR setting beat the baseline** on MCC without losing FVU. Highest mean MCC: "
+                f"`{top}`, MCC {_diff(t['gt_mcc'])}, FVU {_diff(t['fvu'])}.")
+    t = rows[best]["tests"]
+    others = [w for w in result["winners"] if w != best]
+    return (f"**{name}: `{best}` beats the baseline** on MCC {_diff(t['gt_mcc'])} without losing FVU "
+            f"({_diff(t['fvu'])})" + (f"; also: {', '.join(f'`{w}`' for w in others)}" if others else "") + ".")
+
+
+def _diff(test: dict[str, Any]) -> str:
+    """`+0.0123 (95% CI [a, b], Holm p = ...)` for a paired test against the baseline."""
+    if test.get("mean_diff") is None:
+        return "no difference measurable"
+    return (f"{test['mean_diff']:+.3g} (95% CI {interval(test.get('ci95'))}, Holm-corrected p = "
+            f"{sig(test.get('p_holm'))})")
+
+
+def dataset_table(result: dict[str, Any]) -> str:
+    rows = []
+    for name, row in result["rows"].items():
+        m, t = row["measures"], row.get("tests", {})
+        across = m.get("across_pw_mcc")
+        rows.append({
+            "setting": name,
+            "MCC": _mean_ci(m["gt_mcc"]),
+            "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
+            "Holm p": sig(t["gt_mcc"]["p_holm"]) if t else "-",
+            "FVU": _mean_ci(m["fvu"]),
+            "ΔFVU [95% CI]": _delta(t.get("fvu")),
+            "twin_frac": sig(m["twin_frac"]["mean"]),
+            "gt_distinct": sig(m["gt_distinct"]["mean"]),
+            "across PW-MCC": "-" if across is None else sig(across["mean"]),
+            "Δacross (perm. p)": "-" if not t else f"{t['across_pw_mcc']['diff']:+.3g} ({sig(t['across_pw_mcc']['p'])})",
+            "beats baseline": "-" if not t else ("yes" if row["beats_baseline"] else "no"),
+        })
+    return markdown_table(rows, list(rows[0]))
+
+
+def _mean_ci(d: dict[str, Any]) -> str:
+    return f"{sig(d['mean'])} {interval(d['ci95'])}"
+
+
+def _delta(test: dict[str, Any] | None) -> str:
+    if not test or test.get("mean_diff") is None:
+        return "-"
+    return f"{test['mean_diff']:+.3g} {interval(test.get('ci95'))}"
+
+
+def figure(summary: dict[str, Any], path: Path) -> None:
+    """FVU (x) against MCC (y), one point per setting with its 95% intervals, the baseline starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = summary["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.6), squeeze=False)
+    colours = {"max": "tab:red", "hungarian": "tab:blue", "max>0.7": "tab:green"}
+    for ax, (name, data) in zip(axes[0], datasets.items()):
+        for setting, row in data["rows"].items():
+            mcc, fvu = row["measures"]["gt_mcc"], row["measures"]["fvu"]
+            form = setting.split(" ")[0]
+            err = [[v["mean"] - v["ci95"][0]] if v["ci95"] else [0] for v in (fvu, mcc)]
+            is_base = "tests" not in row
+            ax.errorbar(fvu["mean"], mcc["mean"], xerr=err[0], yerr=err[1], fmt="*" if is_base else "o",
+                        ms=14 if is_base else 6, color="black" if is_base else colours.get(form, "grey"),
+                        label="baseline" if is_base else None, capsize=2, lw=1)
+            if not is_base:
+                ax.annotate(setting.split(" ")[1].replace("*auto", ""), (fvu["mean"], mcc["mean"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for form, colour in colours.items():
+            ax.plot([], [], "o", color=colour, label=f"MFR {form} (label: beta / auto)")
+        ax.set_xlabel("FVU (lower is better)")
+        ax.set_ylabel("MCC to the true features (higher is better)")
+        ax.set_title(f"{name}: mean over {summary['replicates']} replicates, 95% CI", fontsize=10)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    """results.json, the figure and report.md (its first lines: which setting, if any, beats the baseline)."""
+    summary = {**summary, "commit": commit()}
+    write_json(out / "results.json", summary)
+    figure(summary, out / FIGURE)
+    r, quick = summary["replicates"], summary["quick"]
+    command = f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --out {out}"
+    lines = ["# MFR study: does any setting beat the baseline where the truth is known?", ""]
+    for name, data in summary["datasets"].items():
+        lines += [verdict_line(name, data), ""]
+    lines += [f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; "
+              f"{summary['seconds'] / 60:.1f} minutes."]
+    if quick:
+        lines += ["", "This is the `--quick` form (small data and SAEs, short runs): it checks that the study runs; "
+                      "the full study (without `--quick`) is the evidence."]
+    lines += ["", "## Design", "",
+              f"- {r} independent replicates per setting: replicate r has its own sample stream (data.stream_seed = r) "
+              "and initialisation (train.seed = r); the true features of a dataset are fixed (data.seed = 0), so "
+              "ensembles of different replicates can be compared latent by latent. Every setting of replicate r "
+              "sees the samples and starts from the weights of the baseline of replicate r.",
+              "- Settings: the baseline (no MFR), and MFR (penalty and reinitialisation) with beta = "
+              "{0.001, 0.01, 0.1, 1} x auto (auto: the penalty equals the reconstruction loss at the first step) "
+              "for each similarity form: `max` (the paper's MMCS), `hungarian` (one-to-one, re-matched every 10 steps), "
+              "`max>0.7` (the paper's MMCS counting only matches at cosine >= 0.7).",
+              "- Measures, each the mean over an ensemble's members: MCC (mean |cosine| of a one-to-one matching of "
+              "latents to true features), FVU on held-out vectors, twin_frac (latents with another latent of the same "
+              "SAE at cosine > 0.9), gt_distinct (distinct true features that are some latent's best match); "
+              "across PW-MCC: a replicate's ensemble against every other replicate's of the same setting (member m "
+              "with member m, one-to-one matched latents), mean over the others.",
+              "- Tests against the baseline, paired over replicates: paired t-test (two-sided) with the 95% CI of "
+              "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
+              "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
+              f"{r} replicates its smallest p is {sig(2 / 2 ** r)}). Holm's correction over the 12 settings, "
+              "within each measure.",
+              "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
+              "not worse: the upper end of the 95% CI of its FVU difference is at most 1% of the baseline's FVU.",
+              "", f"![FVU against MCC, one point per setting]({FIGURE})",
+              "", f"*{FIGURE}: FVU (x) against MCC (y), mean over replicates with 95% CIs; the star is the baseline.*"]
+    for name, data in summary["datasets"].items():
+        cfg = data["config"]
+        data_keys = (("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")
+                     if cfg["data"]["firing"] == "independent" else
+                     ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
+        lines += ["", f"## {name}: {DATASET_WORDS.get(name, name)}", "",
+                  "Data: " + ", ".join(f"{k}={cfg['data'][k]}" for k in (*data_keys, "normalize_features"))
+                  + "; SAEs: " + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in ("n_members", "d_sae", "k"))
+                  + "; training: " + ", ".join(f"{k}={v}" for k, v in cfg["train"].items()
+                                               if k in ("n_samples", "batch_size", "lr")) + ".",
+                  "", dataset_table(data), "",
+                  "Means with 95% CIs over replicates; Δ: setting minus baseline, paired; Holm p: the MCC test. "
+                  "Δacross: the permutation test's difference of across-replicate PW-MCC, its p uncorrected "
+                  "(results.json has the Holm-corrected ones)."]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+
+from mfr_sae.cli import main
+from mfr_sae.study import BASELINE, FVU_MARGIN, analyse, settings
+
+R = 5
+
+
+def _data(values: dict[str, dict[str, list[float]]]) -> dict:
+    """A dataset's raw study data with every ensemble agreeing 0.5 with every other (no agreement effect)."""
+    agreement = np.full((2 * R, 2 * R), 0.5)
+    np.fill_diagonal(agreement, np.nan)
+    return {"values": values, "agreement": {n: agreement.tolist() for n in values if n != BASELINE},
+            "baseline_agreement": agreement[:R, :R].tolist()}
+
+
+def _measures(mcc, fvu):
+    return {"gt_mcc": list(mcc), "fvu": list(fvu), "twin_frac": [0.0] * R, "gt_distinct": [100.0] * R}
+
+
+def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss():
+    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
+    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
+    data = _data({
+        BASELINE: _measures(base_mcc, base_fvu),
+        "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
+        "better but lossy": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)],
+                                      [f + 0.02 + e for f, e in zip(base_fvu, noise)]),
+        "worse": _measures([m - 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu),
+        "noise": _measures([m + 3 * e for m, e in zip(base_mcc, noise)], base_fvu),
+    })
+    result = analyse(data, R)
+    rows = result["rows"]
+    assert result["winners"] == ["better"] and result["best"] == "better"
+    assert rows["better"]["fvu_not_worse"] and not rows["better but lossy"]["fvu_not_worse"]
+    assert not rows["worse"]["beats_baseline"] and not rows["noise"]["beats_baseline"]
+    mcc = rows["better"]["tests"]["gt_mcc"]
+    assert mcc["ci95"][0] < 0.03 < mcc["ci95"][1]
+    # Holm over the four settings: the smallest raw p is multiplied by 4
+    raw = sorted(rows[n]["tests"]["gt_mcc"]["t_test_p"] for n in rows if n != BASELINE)
+    assert min(rows[n]["tests"]["gt_mcc"]["p_holm"] for n in rows if n != BASELINE) == pytest.approx(4 * raw[0])
+    assert result["fvu_margin"] == pytest.approx(FVU_MARGIN * np.mean(base_fvu))
+    # agreement is the same everywhere: the permutation test finds nothing
+    assert rows["better"]["tests"]["across_pw_mcc"]["diff"] == pytest.approx(0.0)
+    assert rows["better"]["tests"]["across_pw_mcc"]["p"] == 1.0
+
+
+def test_analyse_with_no_winner():
+    base = _measures([0.8] * R, [0.3] * R)
+    data = _data({BASELINE: base, "same": _measures([0.8, 0.81, 0.79, 0.8, 0.8], [0.3] * R)})
+    result = analyse(data, R)
+    assert result["winners"] == [] and result["best"] is None
+
+
+def test_the_grid_is_the_baseline_and_every_form_times_every_beta():
+    grid = settings()
+    assert grid[0].name == BASELINE and len(grid) == 13
+    assert len({s.folder for s in grid}) == 13 and all("/" not in s.folder for s in grid)
+    assert "mfr.beta=0.001*auto" in grid[1].overrides
+
+
+def test_study_end_to_end_writes_the_verdict_first_and_reuses_its_runs(tmp_path, monkeypatch):
+    import mfr_sae.study as study
+
+    tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
+    monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
+    monkeypatch.setattr(study, "BETA_FACTORS", (0.01, 1.0))  # 7 settings, to keep the test short
+    out = tmp_path / "study"
+    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    first = report.splitlines()[2]
+    assert first.startswith("**learnable: ") and "the baseline" in first
+    assert (out / "fig_fvu_mcc.png").stat().st_size > 0 and "(fig_fvu_mcc.png)" in report
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["datasets"]["learnable"]["rows"]
+    assert set(rows) == {s.name for s in settings()}
+    assert len(rows) == 7 and set(rows["max 1*auto"]["tests"]) == {"gt_mcc", "fvu", "twin_frac", "gt_distinct", "across_pw_mcc"}
+    assert len(saved["datasets"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
+    # a second run reuses every finished run (nothing retrained: the results files stay as they were)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
+    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # a folder of another setting is refused, naming the field, not mixed in
+    monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
+    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
+                 "--no-progress"]) == 2
