@@ -70,3 +70,12 @@ def test_every_field_has_help_text():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
     assert isinstance(load_config(path), RunConfig)
+
+
+def test_the_paper_mfr_setting_is_spelled_out_in_full():
+    from mfr_sae.config import PAPER_MFR, MFRConfig
+
+    # every mfr field but `enabled` is set, so the paper's MFR does not follow changes of the defaults
+    assert {o.split("=")[0].split(".")[1] for o in PAPER_MFR} == {f for f in vars(MFRConfig()) if f != "enabled"}
+    paper = load_config(None, PAPER_MFR + ["mfr.enabled=true"]).mfr
+    assert load_config(CONFIGS / "synthetic-mfr.yaml").mfr == paper

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mfr_sae.checkpoint import load, write_json
-from mfr_sae.config import load_config
+from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
 from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, save_figure
@@ -46,7 +46,7 @@ ONE_SEED = "one seed: no test; the k values are not independent replicates"
 
 def run_overrides(data: Path, mfr: bool, seed: int, setting: dict[str, Any], noise: str,
                   snr_db: float) -> list[str]:
-    return ["data.kind=eeg", f"data.path={data}", f"data.sfreq={setting['sfreq']}", "data.window_s=1.0",
+    return [*PAPER_MFR, "data.kind=eeg", f"data.path={data}", f"data.sfreq={setting['sfreq']}", "data.window_s=1.0",
             f"data.hop_s={setting['hop_s']}", f"data.noise={noise}", f"data.snr_db={snr_db}", f"data.seed={seed}",
             "sae.n_members=5", f"sae.k={KS}", f"sae.d_sae={setting['d_sae']}", "train.lr=1e-3",
             f"train.batch_size={setting['batch_size']}", f"train.n_samples={setting['n_samples']}",

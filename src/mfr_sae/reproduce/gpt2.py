@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mfr_sae.checkpoint import write_json
-from mfr_sae.config import load_config
+from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
 from mfr_sae.report import embed_png, markdown_table
 from mfr_sae.reproduce import decoder_distances, figure_distances, machine, relative, train_or_reuse
@@ -38,7 +38,7 @@ QUICK = {"tokens": 100_000, "lm_sequences": 20, "match_every": 10}
 
 
 def run_overrides(cache: Path, mfr: bool, setting: dict[str, int], holdout: int) -> list[str]:
-    return ["data.kind=activations", f"data.path={cache}", f"data.holdout={holdout}", "sae.n_members=5",
+    return [*PAPER_MFR, "data.kind=activations", f"data.path={cache}", f"data.holdout={holdout}", "sae.n_members=5",
             f"sae.k={KS}", "sae.d_sae=3072", "train.batch_size=500", "train.lr=1e-3",
             f"train.n_samples={setting['tokens']}", "train.checkpoint_every=200", f"eval.n_samples={holdout}",
             f"eval.lm_sequences={setting['lm_sequences']}", f"mfr.enabled={str(mfr).lower()}",

@@ -28,7 +28,7 @@ from itertools import combinations  # noqa: E402
 
 from mfr_sae.checkpoint import load, write_json  # noqa: E402
 from mfr_sae.compare import decoder_agreement  # noqa: E402
-from mfr_sae.config import RunConfig, load_config  # noqa: E402
+from mfr_sae.config import PAPER_MFR, RunConfig, load_config  # noqa: E402
 from mfr_sae.data import make_source  # noqa: E402
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics  # noqa: E402
 from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, save_figure  # noqa: E402
@@ -59,7 +59,7 @@ ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 
 
 def run_config(method: str, seed: int, quick: bool, overrides: list[str] = ()) -> RunConfig:
-    return load_config(None, (QUICK if quick else FULL) + list(overrides) + METHODS[method]
+    return load_config(None, PAPER_MFR + (QUICK if quick else FULL) + list(overrides) + METHODS[method]
                        + [f"data.seed={DATA_SEED}", f"train.seed={seed}"])
 
 
