@@ -17,8 +17,8 @@ def _data(values: dict[str, dict[str, list[float]]]) -> dict:
             "baseline_agreement": agreement[:R, :R].tolist()}
 
 
-def _measures(mcc, fvu):
-    return {"gt_mcc": list(mcc), "fvu": list(fvu), "twin_frac": [0.0] * R, "gt_distinct": [100.0] * R}
+def _measures(mcc, fvu, twin=0.0):
+    return {"gt_mcc": list(mcc), "fvu": list(fvu), "twin_frac": [twin] * R, "gt_distinct": [100.0] * R}
 
 
 def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss():
@@ -31,17 +31,19 @@ def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss()
                                       [f + 0.02 + e for f, e in zip(base_fvu, noise)]),
         "worse": _measures([m - 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu),
         "noise": _measures([m + 3 * e for m, e in zip(base_mcc, noise)], base_fvu),
+        "best but twinned": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, twin=0.1),
     })
     result = analyse(data, R)
     rows = result["rows"]
-    assert result["winners"] == ["better"] and result["best"] == "better"
+    assert result["winners"] == ["best but twinned", "better"] and result["best"] == "best but twinned"
+    assert result["recommended"] == "better"  # the largest gain that keeps twin_frac near the baseline's
     assert rows["better"]["fvu_not_worse"] and not rows["better but lossy"]["fvu_not_worse"]
     assert not rows["worse"]["beats_baseline"] and not rows["noise"]["beats_baseline"]
     mcc = rows["better"]["tests"]["gt_mcc"]
     assert mcc["ci95"][0] < 0.03 < mcc["ci95"][1]
-    # Holm over the four settings: the smallest raw p is multiplied by 4
+    # Holm over the five settings: the smallest raw p is multiplied by 5
     raw = sorted(rows[n]["tests"]["gt_mcc"]["t_test_p"] for n in rows if n != BASELINE)
-    assert min(rows[n]["tests"]["gt_mcc"]["p_holm"] for n in rows if n != BASELINE) == pytest.approx(4 * raw[0])
+    assert min(rows[n]["tests"]["gt_mcc"]["p_holm"] for n in rows if n != BASELINE) == pytest.approx(5 * raw[0])
     assert result["fvu_margin"] == pytest.approx(FVU_MARGIN * np.mean(base_fvu))
     # agreement is the same everywhere: the permutation test finds nothing
     assert rows["better"]["tests"]["across_pw_mcc"]["diff"] == pytest.approx(0.0)
@@ -52,7 +54,7 @@ def test_analyse_with_no_winner():
     base = _measures([0.8] * R, [0.3] * R)
     data = _data({BASELINE: base, "same": _measures([0.8, 0.81, 0.79, 0.8, 0.8], [0.3] * R)})
     result = analyse(data, R)
-    assert result["winners"] == [] and result["best"] is None
+    assert result["winners"] == [] and result["best"] is None and result["recommended"] is None
 
 
 def test_the_grid_is_the_baseline_and_every_form_times_every_beta():
