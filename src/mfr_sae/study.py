@@ -61,9 +61,9 @@ DATASETS = {
                   "sae.d_sae=192", "sae.k=4", "train.n_samples=120000", "train.batch_size=256",
                   "eval.n_samples=5000"],
     },
-    # the paper's generator (SPEC section 1) at the scale of `reproduce synthetic --quick`, 2 members
+    # the paper's generator and SAEs (SPEC sections 1-2), 2 members, 400 steps of 1,000 vectors
     "paper": {
-        "full": ["train.n_samples=800000", "train.batch_size=2000", "eval.n_samples=10000"],
+        "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
         "quick": ["data.d=64", "data.n_features=128", "data.n_groups=4", "data.n_active=9", "sae.d_sae=128",
                   "sae.k=9", "train.n_samples=100000", "train.batch_size=1000", "eval.n_samples=5000"],
     },
