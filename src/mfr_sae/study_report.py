@@ -101,34 +101,50 @@ def _delta(test: dict[str, Any] | None) -> str:
 
 
 def figure(summary: dict[str, Any], path: Path) -> None:
-    """FVU (x) against MCC (y), one point per setting with its 95% intervals, the baseline starred."""
+    """FVU (x) against MCC (y), one point per setting with its 95% intervals, the baseline starred; below,
+    the paired differences from the baseline (what the tests judge), with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = summary["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 9), squeeze=False)
     colours = {"max": "tab:red", "hungarian": "tab:blue", "max>0.7": "tab:green"}
-    for ax, (name, data) in zip(axes[0], datasets.items()):
+    for column, (name, data) in enumerate(datasets.items()):
+        top, bottom = axes[0][column], axes[1][column]
         for setting, row in data["rows"].items():
-            mcc, fvu = row["measures"]["gt_mcc"], row["measures"]["fvu"]
-            form = setting.split(" ")[0]
-            err = [[v["mean"] - v["ci95"][0]] if v["ci95"] else [0] for v in (fvu, mcc)]
             is_base = "tests" not in row
-            ax.errorbar(fvu["mean"], mcc["mean"], xerr=err[0], yerr=err[1], fmt="*" if is_base else "o",
-                        ms=14 if is_base else 6, color="black" if is_base else colours.get(form, "grey"),
-                        label="baseline" if is_base else None, capsize=2, lw=1)
-            if not is_base:
-                ax.annotate(setting.split(" ")[1].replace("*auto", ""), (fvu["mean"], mcc["mean"]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+            style = dict(fmt="*" if is_base else "o", ms=14 if is_base else 6, capsize=2, lw=1,
+                         color="black" if is_base else colours.get(setting.split(" ")[0], "grey"))
+            mcc, fvu = row["measures"]["gt_mcc"], row["measures"]["fvu"]
+            _point(top, fvu["mean"], mcc["mean"], fvu["ci95"], mcc["ci95"], style,
+                   "baseline" if is_base else setting.split(" ")[1].replace("*auto", ""))
+            if is_base:
+                _point(bottom, 0.0, 0.0, None, None, style, "baseline")
+            else:
+                mcc, fvu = row["tests"]["gt_mcc"], row["tests"]["fvu"]
+                _point(bottom, fvu["mean_diff"], mcc["mean_diff"], fvu["ci95"], mcc["ci95"], style,
+                       setting.split(" ")[1].replace("*auto", ""))
         for form, colour in colours.items():
-            ax.plot([], [], "o", color=colour, label=f"MFR {form} (label: beta / auto)")
-        ax.set_xlabel("FVU (lower is better)")
-        ax.set_ylabel("MCC to the true features (higher is better)")
-        ax.set_title(f"{name}: mean over {summary['replicates']} replicates, 95% CI", fontsize=10)
-        ax.legend(fontsize=7)
+            top.plot([], [], "o", color=colour, label=f"MFR {form} (label: beta / auto)")
+        top.set(xlabel="FVU (lower is better)", ylabel="MCC to the true features (higher is better)")
+        top.set_title(f"{name}: mean over {summary['replicates']} replicates, 95% CI", fontsize=10)
+        top.legend(fontsize=7)
+        bottom.axhline(0, color="grey", lw=0.5)
+        bottom.axvline(0, color="grey", lw=0.5)
+        bottom.set(xlabel="FVU - baseline's (paired)", ylabel="MCC - baseline's (paired)")
+        bottom.set_title(f"{name}: paired differences from the baseline, 95% CI", fontsize=10)
     save_figure(fig, path)
+
+
+def _point(ax, x: float, y: float, x_ci, y_ci, style: dict[str, Any], label: str) -> None:
+    """One setting: a marker with its intervals as error bars, labelled beside it."""
+    xerr = [[x - x_ci[0]], [x_ci[1] - x]] if x_ci else None
+    yerr = [[y - y_ci[0]], [y_ci[1] - y]] if y_ci else None
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, label="baseline" if label == "baseline" else None, **style)
+    if label != "baseline":
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> None:
@@ -169,7 +185,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
               "not worse: the upper end of the 95% CI of its FVU difference is at most 1% of the baseline's FVU. "
               f"A winner fit to be the default also keeps twin_frac within {TWIN_WORDS} of the baseline's.",
               "", f"![FVU against MCC, one point per setting]({FIGURE})",
-              "", f"*{FIGURE}: FVU (x) against MCC (y), mean over replicates with 95% CIs; the star is the baseline.*"]
+              "", f"*{FIGURE}: top, FVU (x) against MCC (y), mean over replicates with 95% CIs, the star is the baseline; "
+              "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge).*"]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
         data_keys = (("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")
