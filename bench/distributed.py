@@ -37,7 +37,7 @@ def worker(spec: dict) -> None:
     """One rank: time the steps (or, with spec["memory"], measure one step's peak memory); rank 0 prints
     one JSON line."""
     sys.path.insert(0, str(HERE))
-    from step import BATCH, trainer  # bench/step.py
+    from step import BATCH, PAPER_MFR, trainer  # bench/step.py
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(max(1, int(os.environ["BENCH_CORES"]) // world))
@@ -45,7 +45,7 @@ def worker(spec: dict) -> None:
     result = {"world": world, "threads": torch.get_num_threads()}
     steps = [s for s in STEPS if s[0] == spec["memory"]] if spec["memory"] else STEPS
     for name, every in steps:
-        extra = [] if every is None else ["mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
+        extra = [] if every is None else [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
         extra += ["train.autocast=true"] * spec["autocast"] + [f"sae.n_members={MEMORY_MEMBERS}"] * bool(spec["memory"])
         run = trainer(device, extra)
         x = next(run.source.batches(BATCH)).to(run.device)

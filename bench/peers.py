@@ -200,7 +200,7 @@ def main() -> None:
         parser.error(f"unknown dtype(s): {', '.join(sorted(unknown))}")
 
     sys.path.insert(0, str(HERE))
-    from step import trainer  # bench/step.py
+    from step import PAPER_MFR, trainer  # bench/step.py
 
     device = torch.device(args.device)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -227,7 +227,7 @@ def main() -> None:
         ours = trainer(args.device, extra)
         seconds[dtype]["mfr-sae baseline"] = timed(lambda: ours.train_step(x), args.steps, device)
         for every in (50, 1):
-            mfr = trainer(args.device, extra + ["mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
+            mfr = trainer(args.device, extra + [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
             seconds[dtype][f"mfr-sae MFR m={every}"] = timed(lambda: mfr.train_step(x), max(args.steps, every), device)
 
     batch_file = Path(tempfile.mkdtemp()) / "batch.npy"

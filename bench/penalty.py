@@ -17,7 +17,7 @@ import torch
 
 from mfr_sae.mfr import match_all
 from mfr_sae.train import Trainer
-from step import BATCH, trainer  # bench/step.py
+from step import BATCH, PAPER_MFR, trainer  # bench/step.py
 from timing import timed  # bench/timing.py
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     base = seconds_per_step(trainer(args.device, []), args.steps)
     print(f"{'step':32s} {'s/step':>8s} {'penalty / SAE step':>20s}")
     print(f"{'baseline (no penalty)':32s} {base:8.3f} {'-':>20s}")
-    mfr = ["mfr.enabled=true", "mfr.reinit_window=0"]
+    mfr = [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0"]
     dense = seconds_per_step(trainer(args.device, mfr + ["mfr.match_every=0"]), max(2, args.steps // 3))
     print(f"{'MFR, naive dense penalty':32s} {dense:8.3f} {(dense - base) / base:19.1%}")
     for every in args.match_every:

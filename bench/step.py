@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from mfr_sae.config import load_config
+from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.kernels import reference_decode, reference_encode
 from mfr_sae.train import Trainer
 from timing import timed  # bench/timing.py
@@ -62,7 +62,7 @@ def main() -> None:
     rows.append(("baseline step, plain autograd (reference)", timed(reference_step, args.steps, device)))
     rows.append(("baseline step, mfr-sae", timed(lambda: base.train_step(x), args.steps, device)))
     for every in (1, 50):
-        mfr = trainer(args.device, ["mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
+        mfr = trainer(args.device, [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
         steps = max(args.steps, every)
         rows.append((f"MFR step, mfr-sae, match_every={every}", timed(lambda: mfr.train_step(x), steps, device)))
     print(f"{'':44s} {'ms/step':>9s} {'tokens/s':>10s} {'x floor':>8s}")

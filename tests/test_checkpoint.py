@@ -1,11 +1,13 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mfr_sae import load
-from mfr_sae.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint
+from mfr_sae.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint, write_json
 from mfr_sae.ensemble import Ensemble
 
 
@@ -86,8 +88,65 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["d_sae"] = 11
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="W_enc has shape \\[6, 10\\], expected \\[6, 11\\]"):
+    with pytest.raises(CheckpointError, match="W_enc has shape \\[6, 10\\], cfg.json says \\[6, 11\\]"):
         load(tmp_path / "checkpoint" / "member_0")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("W_enc", float("nan"), "W_enc holds NaN"),
+    ("b_dec", float("inf"), "b_dec holds inf"),
+    ("W_dec", float("-inf"), "W_dec holds inf"),
+])
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(tmp_path, name, value, message):
+    save_checkpoint(tmp_path, _trained_like())
+    path = tmp_path / "checkpoint" / "member_1" / "sae_weights.safetensors"
+    weights = load_file(path)
+    weights[name].view(-1)[3] = value  # same names and shapes: only the values are wrong
+    save_file(weights, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint/member_1/sae_weights.safetensors: {message} "
+                                              f"\\(1 of \\d+ values\\)"):
+        load(tmp_path)
+
+
+def test_a_wrongly_sized_tensor_is_refused_naming_the_file_and_tensor(tmp_path):
+    save_checkpoint(tmp_path, _trained_like())
+    path = tmp_path / "checkpoint" / "member_0" / "sae_weights.safetensors"
+    weights = load_file(path)
+    weights["b_enc"] = torch.zeros(9)
+    save_file(weights, path)
+    with pytest.raises(CheckpointError, match="member_0/sae_weights.safetensors: b_enc has shape \\[9\\], "
+                                              "cfg.json says \\[10\\]"):
+        load(tmp_path)
+
+
+def _fsynced_folders(monkeypatch):
+    """The (device, inode) of every folder that os.fsync is called on from now."""
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            seen.append((st.st_dev, st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def _id(path):
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def test_renames_into_a_folder_are_made_durable(tmp_path, monkeypatch):
+    seen = _fsynced_folders(monkeypatch)
+    save_checkpoint(tmp_path, _trained_like())
+    assert _id(tmp_path) in seen  # the rename checkpoint.tmp -> checkpoint
+    assert _id(tmp_path / "checkpoint") in seen and _id(tmp_path / "checkpoint" / "member_0") in seen
+    seen.clear()
+    (tmp_path / "sub").mkdir()
+    write_json(tmp_path / "sub" / "results.json", {"a": 1})  # atomic_write_text: os.replace, then the folder
+    assert seen == [_id(tmp_path / "sub")]
 
 
 def test_saelens_loads_a_saved_member_and_agrees(tmp_path):
@@ -98,3 +157,10 @@ def test_saelens_loads_a_saved_member_and_agrees(tmp_path):
     assert type(sae).__name__ == "TopKSAE"
     x = torch.randn(9, 6)
     torch.testing.assert_close(sae(x), ens(x).x_hat[1], atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_json_says_whether_a_decoder_bias_is_applied(tmp_path):
+    for bias in (False, True):
+        save_checkpoint(tmp_path / str(bias), Ensemble(6, 10, [2], decoder_bias=bias))
+        cfg = json.loads((tmp_path / str(bias) / "checkpoint" / "member_0" / "cfg.json").read_text())
+        assert cfg["apply_b_dec_to_input"] is bias

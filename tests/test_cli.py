@@ -1,6 +1,12 @@
+import importlib.util
 import json
+import sys
 
+import pytest
+
+from mfr_sae import cli
 from mfr_sae.cli import main
+from mfr_sae.train import Interrupted
 
 
 def test_train_prints_the_table_and_writes_results(tmp_path, capsys, easy_overrides):
@@ -28,3 +34,82 @@ def test_resume_refuses_new_settings(tmp_path, capsys):
 def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "none")]) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_help_is_wrapped_to_the_terminal_width(monkeypatch, capsys):
+    from mfr_sae.config import help_text
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "\n    data.kind (str, default 'synthetic')\n        Where vectors come from:" in out  # indentation kept
+    assert " ".join(help_text().split()) in " ".join(out.split())  # nothing lost
+
+
+def test_overwrite_is_passed_to_train_and_refused_with_resume(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fake_train(cfg, out, progress=True, overwrite=False):
+        seen.append(overwrite)
+        return {"members": [{"member": 0, "k": 3}]}
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--overwrite"]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert seen == [True, False]
+    assert main(["train", "--resume", str(tmp_path / "run"), "--overwrite"]) == 2
+    assert "drop --config, --set, --out and --overwrite" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_exits_130_with_the_resume_command(monkeypatch, tmp_path, capsys):
+    def stopped(cfg, out, progress=True, overwrite=False):
+        raise Interrupted(7, out)
+
+    monkeypatch.setattr(cli, "train", stopped)
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"mfr-sae: interrupted at step 7; continue with `mfr-sae train --resume {tmp_path / 'run'}`\n"
+
+
+def _missing(monkeypatch, *modules):
+    """Simulate absent packages: `import name` raises ImportError while sys.modules[name] is None."""
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _one_line_error(capsys, needs, extra):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("mfr-sae: error: ") and err.endswith(f'needs {needs}: pip install "mfr-sae[{extra}]"\n')
+
+
+def test_missing_mne_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path, capsys):
+    _missing(monkeypatch, "mne")
+    (tmp_path / "rec.fif").write_bytes(b"")
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--set", "data.kind=eeg",
+                 "--set", f"data.path={tmp_path / 'rec.fif'}"]) == 2
+    _one_line_error(capsys, "mne", "eeg")
+    assert main(["reproduce", "eeg", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "rep"),
+                 "--no-progress"]) == 2
+    _one_line_error(capsys, "mne", "eeg")
+
+
+def test_missing_transformers_datasets_or_gguf_are_one_line_errors_naming_the_extra(monkeypatch, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sees the dog\n")
+    _missing(monkeypatch, "datasets")
+    assert main(["cache", "--text", "someone/some-dataset", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    _one_line_error(capsys, "datasets", "lm")
+    if importlib.util.find_spec("transformers") is not None:
+        _missing(monkeypatch, "gguf")
+        (tmp_path / "m.gguf").write_bytes(b"")
+        assert main(["cache", "--model", str(tmp_path / "m.gguf"), "--text", str(text), "--out", str(tmp_path / "c"),
+                     "--no-progress"]) == 2
+        _one_line_error(capsys, "gguf", "lm")
+    _missing(monkeypatch, "transformers")
+    assert main(["cache", "--text", str(text), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    _one_line_error(capsys, "transformers", "lm")
+    assert not (tmp_path / "c").exists()

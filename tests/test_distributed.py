@@ -15,10 +15,10 @@ import torch
 
 from mfr_sae import load
 from mfr_sae.checkpoint import load_trainer_state
-from mfr_sae.config import ConfigError
+from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
 
-SMALL = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
+SMALL = [*PAPER_MFR, "data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
          "sae.n_members=3", "sae.k=[4, 3, 2]", "train.batch_size=200", "train.n_samples=16000",
          "train.checkpoint_every=20", "eval.n_samples=1000", "mfr.reinit_samples=400",
          # member 2 (k=2, on rank 1) is re-initialised twice early on (its M is 0.7-1.5 against a threshold
@@ -193,7 +193,7 @@ def watched(outgoing, stage):
     passed_on.append(weakref.ref(outgoing))
     return pass_on(outgoing, stage)
 shard._pass_on = watched
-regularizer = MutualRegularizer(MFRConfig(enabled=True, beta=1.0), [2] * 5, shard)
+regularizer = MutualRegularizer(MFRConfig(enabled=True, beta=1.0, mmcs="max", match_every=1), [2] * 5, shard)
 weight = torch.randn(len(shard.members), 16, 8, requires_grad=True)
 for step in range(2):
     passed_on.clear()

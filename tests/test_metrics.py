@@ -95,3 +95,15 @@ def test_gt_distinct_counts_true_features_that_are_some_latents_best_match():
     decoder = torch.stack([e[0], e[0] + 0.1 * e[5], e[1], e[1] + 0.2 * e[4], e[2]])  # feature 3 is nobody's
     assert ground_truth_metrics(decoder, truth)["gt_distinct"] == 3
     assert ground_truth_metrics(truth, truth)["gt_distinct"] == 4
+
+
+def test_silent_frac_counts_latents_that_never_fire_on_the_vectors_and_dead_frac_can_be_unmeasured():
+    ens = Ensemble(4, 6, [2, 3])
+    with torch.no_grad():  # member 0: latents 3-5 never win its top 2
+        ens.b_enc[0, 3:] = -1e4
+    dead = torch.zeros(2, 6, dtype=torch.bool)
+    members, firing = evaluate(ens, torch.randn(200, 4), None, dead, dead_measured=[True, False])
+    for i, member in enumerate(members):
+        assert member["silent_frac"] == pytest.approx((firing[i] == 0).float().mean().item())
+    assert members[0]["silent_frac"] >= 0.5
+    assert members[0]["dead_frac"] == 0.0 and members[1]["dead_frac"] is None

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mfr_sae.config import ConfigError, MFRConfig, load_config
+from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import (NO_MATCH, MutualRegularizer, changed_fraction, dense_mmcs, match_all, matched_mmcs,
                          pairwise_mmcs, reinit_metric, warmup_weight)
 from mfr_sae.train import Trainer, train
@@ -62,7 +62,7 @@ def test_warmup_is_a_cosine_ramp():
 
 
 def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
-    reg = MutualRegularizer(MFRConfig(enabled=True, warmup_steps=0), [2, 2])
+    reg = MutualRegularizer(MFRConfig(enabled=True, beta="auto", mmcs="max", warmup_steps=0), [2, 2])
     decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
     penalty, logs = reg.penalty(decoder, 0, lambda: 0.37)
     assert penalty.item() == pytest.approx(0.37, rel=1e-5)
@@ -121,7 +121,7 @@ def test_reinit_resets_the_member_and_its_optimizer_moments(tmp_path, easy_overr
 
 
 def test_with_match_every_1_training_follows_the_dense_penalty(tmp_path, easy_overrides):
-    base = easy_overrides + ["train.n_samples=30000", "mfr.enabled=true", "mfr.warmup_steps=5"]
+    base = easy_overrides + PAPER_MFR + ["train.n_samples=30000", "mfr.enabled=true", "mfr.warmup_steps=5"]
     runs = {}
     for every in (0, 1):
         train(load_config(None, base + [f"mfr.match_every={every}"]), tmp_path / str(every), progress=False)
@@ -200,7 +200,7 @@ def test_beta_relative_to_auto_scales_the_auto_value():
 
 
 def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matches(tmp_path, easy_overrides):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=12000", "mfr.enabled=true", "mfr.match_every=4",
+    cfg = load_config(None, easy_overrides + ["train.n_samples=12000", "mfr.enabled=true", "mfr.match_every=4", "mfr.mmcs=max",
                                               "train.log_every=1", "mfr.warmup_steps=0", "mfr.beta=1.0"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     batches = trainer.source.batches(cfg.train.batch_size)
@@ -213,3 +213,18 @@ def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matche
             assert seen[step] == changed_fraction(before, trainer.mfr.matches)
     assert sorted(seen) == [4, 8]  # at each re-matching after the first
     assert all(0 <= v <= 1 for v in seen.values()) and any(v > 0 for v in seen.values())
+
+
+def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "mfr.enabled=true", "mfr.match_every=50", "mfr.mmcs=max",
+                                              "mfr.beta=1.0", "mfr.warmup_steps=0", "mfr.reinit_samples=1000",
+                                              "mfr.reinit_window=10"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    with torch.no_grad():  # member 1 cannot use most latents: re-initialised at step 0
+        trainer.ensemble.b_enc[1, 32:] = -100.0
+    batches = trainer.source.batches(cfg.train.batch_size)
+    logs = trainer.train_step(next(batches))
+    assert [e["member"] for e in logs["reinit"]] == [1]
+    new_weights = match_all(trainer.ensemble.decoder().detach())  # the matches of the re-initialised member
+    trainer.train_step(next(batches))  # step 1: not a matching step of match_every=50
+    assert torch.equal(trainer.mfr.matches[(0, 1)], new_weights[0])

@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import signal
@@ -58,19 +59,24 @@ class _Interrupt(Exception):
     pass
 
 
+def _raise_at(trainer, step, error) -> None:
+    """Make the trainer raise `error` when it is about to run step `step`."""
+    original = trainer.train_step
+
+    def step_or_raise(*args):
+        if trainer.step == step:
+            raise error
+        return original(*args)
+
+    trainer.train_step = step_or_raise
+
+
 def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_overrides, monkeypatch):
     overrides = easy_overrides + ["train.n_samples=60000", "train.checkpoint_every=20", "train.log_every=5"]
     full = train(load_config(None, overrides), tmp_path / "full", progress=False)
 
     trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
-    original = trainer.train_step
-
-    def step_then_stop(*args):
-        if trainer.step == 47:
-            raise _Interrupt
-        return original(*args)
-
-    trainer.train_step = step_then_stop
+    _raise_at(trainer, 47, _Interrupt)
     with pytest.raises(_Interrupt):
         trainer.fit()
     resumed = resume(tmp_path / "cut", progress=False)
@@ -114,9 +120,12 @@ def test_an_existing_run_is_never_overwritten(tmp_path, easy_overrides):
 
 
 class _NaNAfter(SyntheticData):
+    """Training batches from step `first` on hold a NaN."""
+    first = 3
+
     def sample(self, batch_size, stream=0, index=0):
         x = super().sample(batch_size, stream, index)
-        if stream == 0 and index >= 3:
+        if stream == 0 and index >= self.first:
             x[7, 2] = float("nan")
         return x
 
@@ -171,3 +180,172 @@ def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, easy_overrid
     for fp32, bf16 in zip(results[False]["members"], results[True]["members"]):
         assert bf16["fvu"] == pytest.approx(fp32["fvu"], rel=0.1, abs=0.01)
         assert bf16["gt_mmcs"] == pytest.approx(fp32["gt_mmcs"], abs=0.03)
+
+
+# ------------------------------------------------------------------ issue 17: nothing lost, nothing misleading
+
+def test_dead_frac_is_not_measured_in_a_run_shorter_than_the_dead_window(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5", "eval.every=10"])
+    results = train(cfg, tmp_path / "short", progress=True)  # the progress bar shows no dead fraction
+    assert [m["dead_frac"] for m in results["members"]] == [None, None]
+    assert results["dead_frac_note"] == ("run shorter than eval.dead_window (1,000,000 vectors): "
+                                         "dead_frac not measured")
+    on_disk = json.loads((tmp_path / "short" / "results.json").read_text())
+    assert on_disk["dead_frac_note"] == results["dead_frac_note"]
+    lines = [json.loads(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dead_frac"] == [None, None] for r in lines if "loss" in r)
+    assert all(m["dead_frac"] is None for r in lines if "eval" in r for m in r["eval"])
+    for member in results["members"]:  # measured on the held-out vectors whatever the run's length
+        assert 0 <= member["silent_frac"] <= 1
+
+    # once the run is past the window: numbers, and no note
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5",
+                                              "eval.dead_window=15000"])
+    results = train(cfg, tmp_path / "long", progress=False)
+    assert all(isinstance(m["dead_frac"], float) for m in results["members"])
+    assert results["dead_frac_note"] is None
+    lines = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    # logged at steps 5, 10, 15, 20: measured from step 15 (15,000 vectors) on
+    assert [[d is None for d in r["dead_frac"]] for r in lines if "loss" in r] == [[True] * 2] * 2 + [[False] * 2] * 2
+
+
+def test_dead_frac_of_a_member_re_initialised_late_is_not_measured(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "mfr.enabled=true", "mfr.reinit_samples=1000",
+                                              "mfr.reinit_window=10", "eval.dead_window=19500"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    with torch.no_grad():  # member 1 cannot use most latents: re-initialised at step 0, 19 steps before the end
+        trainer.ensemble.b_enc[1, 32:] = -100.0
+    results = trainer.fit()
+    assert [(e["step"], e["member"]) for e in results["reinit_events"]] == [(0, 1)]
+    assert isinstance(results["members"][0]["dead_frac"], float) and results["members"][1]["dead_frac"] is None
+    assert results["dead_frac_note"] == ("member 1 re-initialised less than eval.dead_window (19,500 vectors) "
+                                         "before the end: its dead_frac not measured")
+
+
+class _Bar:
+    """Records the progress bars of train.py and whether they were closed."""
+
+    def __init__(self, monkeypatch):
+        train_module = importlib.import_module("mfr_sae.train")  # (the package's `train` is the function)
+        self.closed = []
+        record = self.closed
+
+        class Bar(train_module.tqdm):
+            def close(self):
+                record.append(True)
+                super().close()
+
+        monkeypatch.setattr(train_module, "tqdm", Bar)
+
+
+def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, easy_overrides, monkeypatch):
+    from mfr_sae.checkpoint import load_trainer_state
+    from mfr_sae.train import Interrupted
+
+    bar = _Bar(monkeypatch)
+    overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=5", "train.log_every=1"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=True)
+    _raise_at(trainer, 7, KeyboardInterrupt)
+    try:
+        trainer.fit()
+    except Interrupted as err:  # (while it is in flight, its traceback keeps the bar from being collected)
+        caught, closed = err, bool(bar.closed)
+    assert caught.step == 7 and caught.run_dir == tmp_path / "run" and closed
+    assert str(caught) == f"interrupted at step 7; continue with `mfr-sae train --resume {tmp_path / 'run'}`"
+    assert load_trainer_state(tmp_path / "run" / "checkpoint")[1]["step"] == 5  # nothing saved after step 5
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert resume(tmp_path / "run", progress=False)["steps"] == 30
+
+
+def test_an_error_closes_the_progress_bar_before_it_propagates(tmp_path, easy_overrides, monkeypatch):
+    bar = _Bar(monkeypatch)
+    trainer = Trainer(load_config(None, easy_overrides + ["train.n_samples=10000"]), tmp_path / "run", progress=True)
+
+    def fail(*args):
+        assert not bar.closed
+        raise RuntimeError("boom")
+
+    trainer.train_step = fail
+    try:
+        trainer.fit()
+    except RuntimeError as err:  # (while it is in flight, its traceback keeps the bar from being collected)
+        assert str(err) == "boom" and bar.closed
+    else:
+        raise AssertionError("no error")
+
+
+class _NaNAtStep2(_NaNAfter):
+    first = 2
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_does_not_block_a_retry(tmp_path, easy_overrides):
+    cfg = load_config(None, easy_overrides + ["train.n_samples=10000", "train.checkpoint_every=5"])
+    with pytest.raises(TrainingError, match="batch of step 2 holds NaN"):
+        train(cfg, tmp_path / "new", source=_NaNAtStep2(32, 64, 4, 3), progress=False)
+    assert not (tmp_path / "new").exists()  # it created the folder: gone with its files
+    assert train(cfg, tmp_path / "new", progress=False)["steps"] == 10
+
+    mine = tmp_path / "mine"  # a folder of the user's: only the run's files go
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(TrainingError, match="batch of step 2 holds NaN"):
+        train(cfg, mine, source=_NaNAtStep2(32, 64, 4, 3), progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert train(cfg, mine, progress=False)["steps"] == 10
+
+    # after its first checkpoint a failed run stays, for --resume
+    cfg = load_config(None, easy_overrides + ["train.n_samples=10000", "train.checkpoint_every=1"])
+    with pytest.raises(TrainingError, match="batch of step 2 holds NaN"):
+        train(cfg, tmp_path / "kept", source=_NaNAtStep2(32, 64, 4, 3), progress=False)
+    assert (tmp_path / "kept" / "config.yaml").exists() and (tmp_path / "kept" / "checkpoint").is_dir()
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, easy_overrides):
+    train(load_config(None, easy_overrides + ["train.n_samples=5000"]), tmp_path / "run", progress=False)
+    results, log = ((tmp_path / "run" / name).read_bytes() for name in ("results.json", "metrics.jsonl"))
+    with pytest.raises(TrainingError, match="is finished \\(results.json\\); nothing to resume"):
+        resume(tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "results.json").read_bytes() == results
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log
+
+
+def test_overwrite_replaces_another_run_and_only_its_files(tmp_path, easy_overrides):
+    from mfr_sae.config import ConfigError
+
+    run = tmp_path / "run"
+    train(load_config(None, easy_overrides + ["train.n_samples=5000"]), run, progress=False)
+    (run / "notes.txt").write_text("keep")
+    (run / "checkpoint.old").mkdir()  # a save cut off mid-swap: the trainer's too
+    before = (run / "results.json").read_bytes()
+    new = load_config(None, easy_overrides + ["train.n_samples=3000", "sae.k=[2, 4]"])
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(new, run, progress=False)
+    bad = load_config(None, easy_overrides + ["train.n_samples=3000"])
+    bad.train.lr = -1.0
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(bad, run, progress=False, overwrite=True)
+    assert (run / "results.json").read_bytes() == before  # an invalid config clears nothing
+    results = train(new, run, progress=False, overwrite=True)
+    assert results["steps"] == 3 and [m["k"] for m in results["members"]] == [2, 4]
+    assert json.loads((run / "results.json").read_text())["steps"] == 3
+    assert load_config(run / "config.yaml").sae.k == [2, 4]
+    assert (run / "notes.txt").read_text() == "keep" and not (run / "checkpoint.old").exists()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [3, 3]
+
+
+def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeypatch, capsys):
+    train_module = importlib.import_module("mfr_sae.train")
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.batch_size=500"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=True)
+    monkeypatch.setattr(train_module, "_now", lambda: 4.0 * trainer.step)  # 4 s a step
+    trainer.fit()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "40 steps of 500 vectors"
+    # after 10 s (at step 3), over steps 2-3 (the first left out): 0.25 steps/s, 37 steps left = 148 s
+    assert lines[1] == "37 steps at 0.25 steps/s: about 2 minutes" and len(lines) == 2
+
+    cfg = load_config(None, easy_overrides + ["train.n_samples=10000"])  # 40 s: only the step count
+    trainer = Trainer(cfg, tmp_path / "short", progress=True)
+    monkeypatch.setattr(train_module, "_now", lambda: 4.0 * trainer.step)
+    trainer.fit()
+    assert capsys.readouterr().out.splitlines() == ["10 steps of 1,000 vectors"]

@@ -44,6 +44,21 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable; skipped where the platform or the
+    file system cannot open or fsync a folder (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to path so that a reader sees the old file or the new one, never half of one."""
     path = Path(path)
@@ -53,6 +68,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -77,7 +93,7 @@ def member_cfg(ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) 
         "k": ensemble.ks[i],
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": ensemble.b_dec is not None,  # (b_dec is saved as zeros without one)
         "normalize_activations": "none",
         "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
@@ -114,7 +130,8 @@ def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] 
     if firing_prob is not None:
         sparsity = firing_prob.detach().float().cpu().clamp_min(1e-10).log10().contiguous()
         save_file({"sparsity": sparsity}, folder / SPARSITY_FILE)
-    write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))
+        _fsync(folder / SPARSITY_FILE)
+    write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))  # also fsyncs the folder's entries
 
 
 def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] | None = None,
@@ -135,10 +152,12 @@ def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] 
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
         _fsync(tmp / STATE_FILE)
+    fsync_dir(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)  # the one step that makes the new checkpoint current
+    fsync_dir(run_dir)  # ... and this makes it survive a power cut
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -231,8 +250,16 @@ def _fill(ensemble: Ensemble, tensors: list[dict[str, Tensor]], folders: list[Pa
             if name not in weights:
                 raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing tensor {name}")
             if tuple(weights[name].shape) != shape:
-                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has shape "
-                                      f"{list(weights[name].shape)}, expected {list(shape)}")
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has shape {list(weights[name].shape)}, "
+                                      f"{CFG_FILE} says {list(shape)} (d_in={d}, d_sae={h})")
+            if not weights[name].is_floating_point():
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has dtype {weights[name].dtype}, "
+                                      f"not a floating-point type")
+            finite = torch.isfinite(weights[name])
+            if not finite.all():
+                what = "NaN" if weights[name].isnan().any() else "inf"
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} holds {what} "
+                                      f"({int((~finite).sum())} of {finite.numel()} values)")
         ensemble.W_enc[i].copy_(weights["W_enc"].T)
         ensemble.b_enc[i].copy_(weights["b_enc"])
         if ensemble.W_dec is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from mfr_sae.checkpoint import CheckpointError
@@ -12,10 +13,25 @@ from mfr_sae.config import EEG_NOISE_KINDS, ConfigError, help_text, load_config
 from mfr_sae.data import DataError
 from mfr_sae import distributed
 from mfr_sae.distributed import RankLost, world_from_env
+from mfr_sae.extras import MissingExtra
 from mfr_sae.report import markdown_table
-from mfr_sae.train import TrainingError, resume, train
+from mfr_sae.train import Interrupted, TrainingError, resume, train
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C
+
+
+class WrappingRawFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks and indentation (the config field list) but
+    wraps each line longer than the terminal, continuing at the line's own indentation."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            lead = indent + line[:len(line) - len(line.lstrip())]
+            lines += textwrap.wrap(line.strip(), max(width, len(lead) + 20), initial_indent=lead,
+                                   subsequent_indent=lead, break_long_words=False, break_on_hyphens=False) or [""]
+        return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an ensemble of TopK SAEs (baseline or MFR)",
         description="Train an ensemble of TopK SAEs. Without --config, the built-in defaults "
                     "(the paper's synthetic setting) are used.",
-        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=help_text(), formatter_class=WrappingRawFormatter)
     p.add_argument("--config", type=Path, help="YAML file with sections data, sae, train, mfr, eval")
     p.add_argument("--out", type=Path, help="run folder to create (config, logs, checkpoint, results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field (repeatable)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out with a new one (its files are deleted only once "
+                        "the new config is validated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser("reproduce", help="reproduce one of the paper's experiments",
@@ -160,14 +179,16 @@ def run_reproduce(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.resume:
-        if args.config or args.overrides or args.out:
-            raise ConfigError("--resume takes the run's own config.yaml: drop --config, --set and --out")
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise ConfigError("--resume takes the run's own config.yaml: drop --config, --set, --out and "
+                              "--overwrite")
         results = resume(args.resume, progress=progress)
         out = args.resume
     else:
         if args.out is None:
             raise ConfigError("train needs --out DIR (or --resume DIR)")
-        results = train(load_config(args.config, args.overrides), args.out, progress=progress)
+        results = train(load_config(args.config, args.overrides), args.out, progress=progress,
+                        overwrite=args.overwrite)
         out = args.out
     if world_from_env()[0] == 0:  # under torchrun, rank 0 speaks for all
         print(markdown_table(results["members"]))
@@ -184,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
         code = 2
+    except Interrupted as err:  # Ctrl-C in training; the message says how to continue from the last checkpoint
+        print(f"mfr-sae: {err}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("mfr-sae: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     if distributed.close():  # under torchrun: leave without the interpreter's teardown (see close)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -129,20 +129,24 @@ class TrainConfig:
 
 @dataclass
 class MFRConfig:
+    """Defaults: the setting that beat the baseline in `mfr-sae study` (RESULTS.md); the paper's is PAPER_MFR."""
+
     enabled: bool = False
     """Mutual Feature Regularization (penalty and reinitialisation); false: the baseline, same code."""
-    beta: float | str = "auto"
-    """Penalty coefficient; `auto` makes the penalty equal the reconstruction loss at the start; `0.01*auto`
-    a fraction of that (the same "small" on every dataset); a number sets it. 0: no penalty."""
+    beta: float | str = "0.1*auto"
+    """Penalty coefficient; `auto` (the paper) makes the penalty equal the reconstruction loss at the start;
+    `0.1*auto` a fraction of that (the same "small" on every dataset); a number sets it. 0: no penalty."""
     warmup_steps: int = 100
     """The penalty's weight ramps from 0 to beta along a cosine over this many steps."""
-    mmcs: str = "max"
-    """Similarity of two decoders: `max` (mean max cosine, both directions) or `hungarian` (one-to-one)."""
+    mmcs: str = "hungarian"
+    """Similarity of two decoders: `hungarian` (one-to-one matched latents) or `max` (the paper: mean max
+    cosine, both directions; it rewards folding many latents onto one direction)."""
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
-    match_every: int = 1
-    """Recompute the matched feature pairs every this many steps (1: exact every step; 0: the naive dense penalty)."""
+    match_every: int = 10
+    """Recompute the matched feature pairs every this many steps (1: exact every step; 0: the naive dense penalty,
+    `max` only); in between, `match_stale_frac` in the log measures how many matches had changed."""
     reinit_window: int = 100
     """Check a member for reinitialisation during its first this-many steps after (re)initialisation; 0: never."""
     reinit_threshold: float = 2.5

@@ -7,6 +7,7 @@ h = 16384 against h = 16384 never needs the whole h x h matrix at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -126,22 +127,27 @@ def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int 
 
 
 def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
-             threshold: float = 0.9, batch_size: int = 5000,
-             targets: Tensor | None = None) -> tuple[list[dict[str, float]], Tensor]:
-    """One dict per member (k, mse, fvu, l0, dead_frac, twin_frac, the ground-truth metrics when known, and with
-    denoising `targets` mse_clean, snr_in_db, snr_out_db), and the firing probability of every latent
-    [N, h]. `dead` [N, h] marks latents that never fired over the training window."""
+             threshold: float = 0.9, batch_size: int = 5000, targets: Tensor | None = None,
+             dead_measured: Sequence[bool] | None = None) -> tuple[list[dict[str, float | None]], Tensor]:
+    """One dict per member (k, mse, fvu, l0, dead_frac, silent_frac, twin_frac, the ground-truth metrics when
+    known, and with denoising `targets` mse_clean, snr_in_db, snr_out_db), and the firing probability of every
+    latent [N, h]. `dead` [N, h] marks latents that never fired over the training window; `dead_measured`
+    [N] says which members have trained over a whole window (the others' dead_frac is None: not measured).
+    silent_frac: share of latents that never fired on `vectors`."""
     rec = reconstruction_metrics(ensemble, vectors, batch_size, targets)
     decoder = ensemble.decoder().detach()
+    silent = (rec["firing_prob"] == 0).float().mean(dim=1)
     members = []
     for i in range(ensemble.n_members):
+        measured = dead_measured is None or bool(dead_measured[i])
         member = {
             "member": ensemble.member_ids[i],
             "k": ensemble.ks[i],
             "mse": rec["mse"][i].item(),
             "fvu": rec["fvu"][i].item(),
             "l0": rec["l0"][i].item(),
-            "dead_frac": dead[i].float().mean().item(),
+            "dead_frac": dead[i].float().mean().item() if measured else None,
+            "silent_frac": silent[i].item(),
             "twin_frac": twin_fraction(decoder[i]),
         }
         if "snr_out_db" in rec:

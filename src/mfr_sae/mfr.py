@@ -11,7 +11,8 @@ with autograd every step), kept as the reference.
 Reinitialisation: M = mean_j (|p_j - t| / t)^3 with p_j the firing probability of latent j over the
 last `reinit_samples` training vectors and t = k / h of that member. During a member's first
 `reinit_window` steps after its (re)initialisation, M > `reinit_threshold` re-initialises it (fresh,
-seeded weights; its AdamW moments zeroed), at most `reinit_max` times.
+seeded weights; its AdamW moments zeroed), at most `reinit_max` times. A reinitialisation makes the next
+penalty re-match all pairs, whatever `match_every`.
 """
 
 from __future__ import annotations
@@ -377,6 +378,9 @@ class MutualRegularizer:
                 chosen.append(n)
         if chosen:  # a re-initialised member needs a fresh window: start the (shared) history again
             self.history.clear()
+            # and fresh partners: matches of its old weights would pull it until the next re-matching, so
+            # the next penalty re-matches (every rank takes this decision: all re-match together)
+            self.matches, self.links = {}, {}
         return chosen, own
 
     # ------------------------------------------------------------------ checkpointing

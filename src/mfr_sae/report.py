@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 
-MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "gt_mmcs", "gt_mmcs_hungarian",
-                  "gt_recovered_frac", "gt_mcc"]
+MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "silent_frac", "twin_frac", "gt_mmcs",
+                  "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "gt_distinct"]
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

@@ -7,15 +7,18 @@ gradient from the MSE term is exactly what it would get if trained alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -31,10 +34,37 @@ from mfr_sae.mfr import MutualRegularizer, pairwise_mmcs
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+ESTIMATE_AFTER_STEPS, ESTIMATE_AFTER_S = 5, 10.0  # when the duration of a run is estimated
+ANNOUNCE_OVER_S = 120.0  # the estimate is printed when the rest of the run takes longer than this
+_now = time.perf_counter  # the clock of the duration estimate (a test sets its own)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite data or loss, a run folder in the way); one-line message."""
+
+
+class Interrupted(Exception):
+    """Training was stopped by the user (Ctrl-C); nothing was saved since the last checkpoint."""
+
+    def __init__(self, step: int, run_dir: str | Path):
+        self.step, self.run_dir = step, Path(run_dir)
+        super().__init__(f"interrupted at step {step}; continue with `mfr-sae train --resume {run_dir}`")
+
+
+def run_paths(run_dir: Path) -> list[Path]:
+    """Everything the trainer writes in a run folder: its files, their temporary siblings (atomic writes) and
+    the checkpoint folder with its temporary siblings (the folder `wandb/` of wandb is not the trainer's)."""
+    names = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
+    return ([run_dir / name for name in names] + [run_dir / f".{name}.tmp" for name in names]
+            + [run_dir / f"{ckpt.CHECKPOINT_DIR}{suffix}" for suffix in ("", ".tmp", ".old")])
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def keep_freed_cpu_memory() -> bool:
@@ -64,8 +94,11 @@ class Trainer:
     """Holds the ensemble, optimiser and counters of one run; `fit()` trains to the end."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, source: VectorSource | None = None,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, overwrite: bool = False):
+        """overwrite: a new run in a folder that holds another clears that run's files (`run_paths`) first,
+        once everything else has been checked; without it such a folder is an error."""
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.created: list[Path] = []  # what this process created for a new run (removed if it fails early)
         rank, world, self.device = distributed.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
         self.shard = Shard(len(cfg.ks), rank, world)
         if self.device.type == "cpu":
@@ -102,7 +135,7 @@ class Trainer:
             if resume:
                 self._restore()
             else:
-                self._start_new_run()
+                self._start_new_run(overwrite)
         except Exception as err:  # each rank reads its own members: the others are told why it stopped
             distributed.report_failure(err)
             raise
@@ -115,15 +148,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ run folder and resume
 
-    def _start_new_run(self) -> None:
+    def _start_new_run(self, overwrite: bool = False) -> None:
+        if overwrite:
+            if self.shard.is_main and self.run_dir.is_dir():
+                _remove(run_paths(self.run_dir))
+            self.shard.barrier()  # cleared before any rank looks
         if (self.run_dir / CONFIG_FILE).exists() or ckpt.checkpoint_dir(self.run_dir):
             raise TrainingError(f"{self.run_dir} already holds a run: continue it with --resume "
                                 f"{self.run_dir} or choose another --out")
         self.shard.barrier()  # every rank has looked before rank 0 writes
         if self.shard.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.run_dir.exists():
+                self.run_dir.mkdir(parents=True)
+                self.created.append(self.run_dir)
+            self.created += [self.run_dir / CONFIG_FILE, self.run_dir / METRICS_FILE]
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
             (self.run_dir / METRICS_FILE).write_text("")
+
+    def _remove_failed_start(self) -> None:
+        """A new run that fails before its first checkpoint leaves nothing that would block a retry: the files
+        it created go, and its folder when it created it and nothing else is in it."""
+        if not self.created or ckpt.checkpoint_dir(self.run_dir) is not None:
+            return
+        folder = self.created[0] if self.created[0] == self.run_dir else None
+        _remove([path for path in self.created if path != folder]
+                + [self.run_dir / f".{CONFIG_FILE}.tmp", self.run_dir / f"{ckpt.CHECKPOINT_DIR}.tmp"])
+        if folder is not None and not any(folder.iterdir()):
+            folder.rmdir()
+        self.created = []
 
     def _restore(self) -> None:
         folder = ckpt.checkpoint_dir(self.run_dir)
@@ -253,6 +305,23 @@ class Trainer:
         vectors: [n, h]."""
         return self.samples_since_fired >= self.cfg.eval.dead_window
 
+    def dead_measured(self) -> list[bool]:
+        """Per member (all N): whether it has trained on eval.dead_window vectors since its (re)initialisation;
+        before that no latent can be dead by construction, so its dead fraction is not measured (None)."""
+        return [steps * self.cfg.train.batch_size >= self.cfg.eval.dead_window
+                for steps in self.mfr.steps_since_init]
+
+    def _dead_frac_note(self, unmeasured: list[int]) -> str | None:
+        """Why the dead_frac of these members (global indices) is None; None when all were measured."""
+        if not unmeasured:
+            return None
+        window = f"eval.dead_window ({self.cfg.eval.dead_window:,} vectors)"
+        if self.step * self.cfg.train.batch_size < self.cfg.eval.dead_window:
+            return f"run shorter than {window}: dead_frac not measured"
+        many = len(unmeasured) > 1
+        return (f"member{'s' if many else ''} {', '.join(map(str, unmeasured))} re-initialised less than {window} "
+                f"before the end: {'their' if many else 'its'} dead_frac not measured")
+
     def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
         recovered on an activation cache's model."""
@@ -261,17 +330,27 @@ class Trainer:
         x, target = self._eval_batch
         members, firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.dead_mask(),
                                         self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
-                                        None if target is x else target)
+                                        None if target is x else target,
+                                        self.dead_measured()[self.shard.start:self.shard.stop])
         lm_result = self._loss_recovered(members) if lm else None
         self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
         return [m for part in self.shard.gather_objects(members) for m in part], lm_result
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end; an error that stops this rank is left for the others to name (distributed)."""
+        """Train to the end; an error that stops this rank is left for the others to name (distributed).
+        Ctrl-C raises `Interrupted` (nothing saved since the last checkpoint: `resume` goes on from it); a new
+        run that fails before its first checkpoint removes what it created (a retry is not blocked)."""
         try:
             return self._fit()
+        except KeyboardInterrupt:
+            interrupted = Interrupted(self.step, self.run_dir)
+            distributed.report_failure(interrupted)
+            raise interrupted from None
         except Exception as err:
             distributed.report_failure(err)
+            if self.shard.is_main and not isinstance(err, Interrupted):
+                with contextlib.suppress(OSError):  # the error that stopped the run is the one to see
+                    self._remove_failed_start()
             raise
 
     def _fit(self) -> dict[str, Any]:
@@ -283,30 +362,40 @@ class Trainer:
                                         dir=str(self.run_dir))
         started = time.perf_counter()
         batches = self.source.batches(cfg.train.batch_size, self.step)
-        bar = tqdm(total=n_steps, initial=self.step, desc="train", disable=not (self.progress and self.shard.is_main),
-                   dynamic_ncols=True)
-        with open(self.run_dir / METRICS_FILE if self.shard.is_main else os.devnull, "a") as log:
-            while self.step < n_steps:
-                x, target = split_batch(next(batches))
-                logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
-                bar.update(1)
-                if "reinit_metric" in logs or "reinit" in logs:  # every step of the window (Figure 7)
-                    self.window_lines.append({"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
-                                                                    if k in logs}})
-                if self.step % cfg.train.log_every == 0 or self.step == n_steps:
-                    record = self._log_record(logs)
-                    self._write(log, record)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{sum(record['l0']) / len(record['l0']):.1f}",
-                                    dead=f"{100 * sum(record['dead_frac']) / len(record['dead_frac']):.1f}%")
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
-                    self._write(log, {"step": self.step, "eval": self.evaluate()[0]})
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                    self._write(log, None)  # the window lines up to the checkpoint
-                    log.flush()
-                    self.save()
+        show = self.progress and self.shard.is_main
+        if show and self.step < n_steps:
+            tqdm.write(f"{n_steps - self.step:,} steps of {cfg.train.batch_size:,} vectors"
+                       + (f" (from step {self.step:,} of {n_steps:,})" if self.step else ""))
+        estimate = _DurationEstimate(self.step, n_steps) if show else None
+        bar = tqdm(total=n_steps, initial=self.step, desc="train", disable=not show, dynamic_ncols=True)
+        try:  # the bar is closed before any error (or Ctrl-C) propagates: the error is the last thing shown
+            with open(self.run_dir / METRICS_FILE if self.shard.is_main else os.devnull, "a") as log:
+                while self.step < n_steps:
+                    x, target = split_batch(next(batches))
+                    logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
+                    bar.update(1)
+                    if estimate is not None and (line := estimate.after_step(self.step)) is not None:
+                        if line:
+                            tqdm.write(line)
+                        estimate = None
+                    if "reinit_metric" in logs or "reinit" in logs:  # every step of the window (Figure 7)
+                        self.window_lines.append({"step": self.step, **{k: logs[k] for k in ("reinit_metric", "reinit")
+                                                                        if k in logs}})
+                    if self.step % cfg.train.log_every == 0 or self.step == n_steps:
+                        record = self._log_record(logs)
+                        self._write(log, record)
+                        bar.set_postfix(_postfix(record))
+                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
+                        self._write(log, {"step": self.step, "eval": self.evaluate()[0]})
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self._write(log, None)  # the window lines up to the checkpoint
+                        log.flush()
+                        self.save()
+                bar.close()
+                members, lm = self.evaluate(lm=True)
+                self._write(log, {"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
+        finally:
             bar.close()
-            members, lm = self.evaluate(lm=True)
-            self._write(log, {"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
         self.save()
         results = {
             "steps": self.step,
@@ -320,6 +409,7 @@ class Trainer:
             "ground_truth": None if self.ground_truth is None else {
                 "source": self.cfg.eval.ground_truth or self.cfg.data.kind,
                 "n_true": len(self.ground_truth), "layout": self.ground_truth_layout},
+            "dead_frac_note": self._dead_frac_note([m["member"] for m in members if m["dead_frac"] is None]),
             "members": members,
             "config": cfg.to_dict(),
         }
@@ -351,7 +441,7 @@ class Trainer:
     def _log_record(self, logs: dict[str, Any]) -> dict[str, Any]:
         """The log line of this step, all members' numbers (gathered from the ranks)."""
         mse, l0 = self.shard.gather_sum(torch.stack([logs["mse"], logs["l0"]], dim=1)).T
-        dead = self.shard.gather(self.dead_mask().float().mean(-1))
+        dead = self.shard.gather(self.dead_mask().float().mean(-1)).tolist()
         return {
             "step": self.step,
             "samples": self.step * self.cfg.train.batch_size,
@@ -360,7 +450,7 @@ class Trainer:
             "l0": l0.tolist(),
             **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
             **({"match_stale_frac": self.mfr.stale_frac} if self.mfr.stale_frac is not None else {}),
-            "dead_frac": dead.tolist(),
+            "dead_frac": [d if measured else None for d, measured in zip(dead, self.dead_measured())],
         }
 
     def _write(self, log, record: dict[str, Any] | None) -> None:
@@ -381,22 +471,74 @@ class Trainer:
                 self.wandb_run.log(flat, step=line["step"])
 
 
-def train(cfg: RunConfig, out: str | Path, source: VectorSource | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Train a new run in folder `out`; returns what results.json holds."""
-    return Trainer(cfg.validate(), out, source, progress=progress).fit()
+def train(cfg: RunConfig, out: str | Path, source: VectorSource | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train a new run in folder `out`; returns what results.json holds. A folder that holds another run is an
+    error, or with `overwrite` is cleared of that run's files (`run_paths`, nothing else) once the new config
+    and data source are checked."""
+    return Trainer(cfg.validate(), out, source, progress=progress, overwrite=overwrite).fit()
 
 
 def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bool = True) -> dict[str, Any]:
-    """Continue a run from its last checkpoint (same config, same data stream) to the end."""
+    """Continue a run from its last checkpoint (same config, same data stream) to the end. A finished run
+    (results.json, and the checkpoint at the last step) is an error that changes nothing."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
     cfg = load_config(run_dir / CONFIG_FILE)
+    folder = ckpt.checkpoint_dir(run_dir)
+    if (run_dir / RESULTS_FILE).is_file() and folder is not None and _checkpoint_step(folder) == cfg.n_steps:
+        raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
     return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
 
 
 # ------------------------------------------------------------------ helpers
+
+class _DurationEstimate:
+    """After the first steps (ESTIMATE_AFTER_STEPS past the first, or ESTIMATE_AFTER_S), the expected time of
+    the rest of the run, as one line when it exceeds ANNOUNCE_OVER_S. The rate leaves out the first step
+    (warm-up) when later ones were timed."""
+
+    def __init__(self, step: int, n_steps: int):
+        self.first, self.n_steps = step, n_steps
+        self.start = self.after_first = _now()
+
+    def after_step(self, step: int) -> str | None:
+        """Called after each step: None until the estimate is made, then the line to print ("" for a short
+        run); not called again after that."""
+        now, done = _now(), step - self.first
+        if done == 1:
+            self.after_first = now
+        timed = done - 1  # steps since the first one
+        if timed < ESTIMATE_AFTER_STEPS and now - self.start < ESTIMATE_AFTER_S and step < self.n_steps:
+            return None
+        if timed and now > self.after_first:
+            rate = timed / (now - self.after_first)
+        else:
+            rate = done / max(now - self.start, 1e-9)
+        left = (self.n_steps - step) / rate
+        if left <= ANNOUNCE_OVER_S:
+            return ""  # short: nothing to say (and no more asking)
+        return f"{self.n_steps - step:,} steps at {rate:.3g} steps/s: about {round(left / 60):,} minutes"
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's numbers: loss, mean L0, and the mean dead fraction of the members where measured."""
+    postfix = {"loss": f"{record['loss']:.4g}", "l0": f"{sum(record['l0']) / len(record['l0']):.1f}"}
+    dead = [d for d in record["dead_frac"] if d is not None]
+    if dead:
+        postfix["dead"] = f"{100 * sum(dead) / len(dead):.1f}%"
+    return postfix
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint, from its trainer state's metadata only (None when unreadable)."""
+    try:
+        with safe_open(Path(folder) / ckpt.STATE_FILE, "pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
+    except Exception:  # noqa: BLE001 (missing or corrupt: the resume itself says what is wrong)
+        return None
+
 
 def _optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Tensor]:
     """AdamW state as flat named tensors (safetensors holds no pickle)."""

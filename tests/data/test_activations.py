@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from mfr_sae.cli import main  # noqa: E402
 from mfr_sae.data import DataError  # noqa: E402
 from mfr_sae.data.activations import (ActivationCache, build_cache, capture, load_model, read_manifest,  # noqa: E402
                                       read_texts, resolve_hook, token_sequences)
+from mfr_sae.extras import MissingExtra  # noqa: E402
 
 
 def test_aliases_and_module_paths_resolve_to_the_same_module(tiny_gpt2):
@@ -82,3 +84,50 @@ def test_missing_model_or_text_are_clear_errors(tmp_path, capsys):
     assert code == 2 and "cannot load model" in capsys.readouterr().err
     with pytest.raises(DataError, match="not an activation cache"):
         read_manifest(tmp_path)
+
+
+def _cache_args(tiny_gpt2, out, tokens=100):
+    model_dir, corpus = tiny_gpt2
+    return ["cache", "--model", str(model_dir), "--text", str(corpus), "--out", str(out), "--tokens", str(tokens),
+            "--context", "16", "--shard-tokens", "60", "--no-progress"]
+
+
+def test_cache_refuses_a_folder_that_is_neither_empty_nor_a_cache(tiny_gpt2, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert main(_cache_args(tiny_gpt2, mine)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(mine) in err and "not empty and is not an activation cache" in err
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing built beside it either
+    (tmp_path / "file.npy").write_text("a file")
+    assert main(_cache_args(tiny_gpt2, tmp_path / "file.npy")) == 2
+    assert "a file, not a folder" in capsys.readouterr().err and (tmp_path / "file.npy").read_text() == "a file"
+
+
+def test_cache_builds_beside_under_its_own_name_and_leaves_other_folders_alone(tiny_gpt2, tmp_path, capsys):
+    out = tmp_path / "cache"
+    out.mkdir()  # an empty folder is fine
+    (tmp_path / "cache.tmp").mkdir()  # the user's, not the builder's
+    (tmp_path / "cache.tmp" / "keep.txt").write_text("mine")
+    assert main(_cache_args(tiny_gpt2, out)) == 0
+    assert (tmp_path / "cache.tmp" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache.tmp"]
+    assert read_manifest(out)["n_tokens"] == 100 and len(read_manifest(out)["shards"]) == 2
+    # a build that fails removes its own folder and nothing else
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sees the dog and the dog sees the cat.\n" * 3)
+    with pytest.raises(DataError, match="fewer than the 1000 asked for"):
+        build_cache(str(tiny_gpt2[0]), "blocks.0.hook_mlp_out", str(short), tmp_path / "big", 1000, 16, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache.tmp", "short.txt"]
+    assert (tmp_path / "cache.tmp" / "keep.txt").read_text() == "mine"
+
+
+def test_missing_transformers_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingExtra, match='language model .* needs transformers: pip install "mfr-sae\\[lm\\]"'):
+        load_model("gpt2")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MissingExtra, match='needs datasets: pip install "mfr-sae\\[lm\\]"'):
+        list(read_texts("someone/some-dataset"))

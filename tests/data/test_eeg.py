@@ -1,4 +1,5 @@
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ mne = pytest.importorskip("mne")
 from mfr_sae.data import DataError  # noqa: E402
 from mfr_sae.data.eeg import (NOISE_KINDS, EEGData, add_noise, band_pass, cut_windows, load_eeg,  # noqa: E402
                               select_channels, snr_db, split_holdout, zscore)
+from mfr_sae.extras import MissingExtra  # noqa: E402
 
 SFREQ = 250.0
 
@@ -161,3 +163,11 @@ def test_denoising_pairs_are_seeded_restartable_and_at_the_snr(tmp_path):
     plain = EEGData(folder, sfreq=100.0, hop_s=0.5, noise="none")
     noisy, clean = next(plain.batches(4))
     assert torch.equal(noisy, clean)
+
+
+def test_without_mne_reading_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch):
+    folder = _folder(tmp_path)
+    monkeypatch.setitem(sys.modules, "mne", None)  # `import mne` now raises ImportError, as when absent
+    for call in (lambda: load_eeg(folder), lambda: select_channels([["Cz"]], "biosemi64")):
+        with pytest.raises(MissingExtra, match='^reading EEG recordings needs mne: pip install "mfr-sae\\[eeg\\]"$'):
+            call()

@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_missing_and_mismatched_inputs(tmp_path):
     with pytest.raises(DataError, match="not more than data.holdout=40"):
         VectorsData(tmp_path / "a.npy", holdout=40)
     (tmp_path / "c.npy").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="c.npy: cannot read vectors"):
+    with pytest.raises(DataError, match="c.npy: not a numpy array file"):
         VectorsData(tmp_path / "c.npy")
 
 
@@ -121,3 +122,18 @@ def test_end_to_end_on_a_npy_file_with_a_ground_truth_file(tmp_path, easy_overri
         assert member["gt_recovered_frac"] >= 0.9 and member["gt_mcc"] >= 0.9, member
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["data"]["d"] == 32
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True),  # an object array
+    lambda p: p.write_text("0.1 0.2 0.3\n0.4 0.5 0.6\n"),                                 # text under a .npy name
+    lambda p: p.write_bytes(pickle.dumps(np.zeros((10, 4), np.float32))),                # a pickle of an array
+    lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr'"),                       # a cut-off header
+], ids=["object-array", "text", "pickle", "truncated"])
+def test_a_file_that_is_not_a_numpy_array_is_a_one_line_error_naming_it(tmp_path, write):
+    write(tmp_path / "acts.npy")
+    with pytest.raises(DataError, match="not a numpy array file \\(\\.npy\\)") as err:
+        VectorsData(tmp_path / "acts.npy", holdout=1)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'acts.npy'}: ") and "\n" not in message
+    assert "allow_pickle" not in message and "numpy.save" in message

@@ -13,15 +13,18 @@
   the BOS position is left out of the cache (its activations are outliers) and left clean when
   splicing, so the SAE is trained and scored on the same positions.
 - The cache: `shard_*.npy` arrays of [rows, d] plus `manifest.json` (model, revision, hook, dtype,
-  context length, token count, a SHA-256 per shard). Built in a folder beside and renamed into place;
-  a matching cache is reused; a mismatched or corrupt one is a clear error.
+  context length, token count, a SHA-256 per shard). Built in a folder beside, named by this process
+  (`<out>.mfr-sae-building-<pid>-<random>`), and renamed into place; a matching cache is reused; a
+  mismatched or corrupt one is a clear error, and so is a folder that is neither empty nor a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mfr_sae.data.vectors import DataError, VectorsData
+from mfr_sae.extras import MissingExtra, hint, require
 
 MANIFEST = "manifest.json"
 ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(mlp_out|attn_out|resid_post)$")
@@ -43,18 +47,21 @@ PART_NAMES = {"gpt2": {"mlp_out": "mlp", "attn_out": "attn"}, "llama": {"mlp_out
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) from a hub name, a local folder, or a local .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    transformers = require("transformers", f"loading the language model {name_or_path!r}")
     path = Path(name_or_path)
     kwargs: dict[str, Any] = {}
     location = name_or_path
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DataError(f"model file not found: {path}")
+        require("gguf", f"reading the GGUF model {path}")
         location, kwargs = str(path.parent), {"gguf_file": path.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except ImportError as err:  # transformers asks for a package of its own (accelerate, sentencepiece, ...)
+        raise MissingExtra(f"loading model {name_or_path!r} needs a package that is not installed "
+                           f"({str(err).splitlines()[0][:200]}); {hint('transformers')}") from None
     except (OSError, ValueError) as err:
         raise DataError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0][:160]}); without access to the "
@@ -135,6 +142,12 @@ def splice(module: nn.Module, replace):
 
 # ---------------------------------------------------------------- text
 
+def is_local_text(source: str) -> bool:
+    """Whether read_texts takes `source` as a local file or folder (else: a Hugging Face dataset name)."""
+    path = Path(source)
+    return path.is_dir() or path.suffix in (".txt", ".jsonl")
+
+
 def read_texts(source: str) -> Iterator[str]:
     """Documents from a .txt file (one per non-empty line), a .jsonl file (`text`), a folder of those,
     or a Hugging Face dataset name (streamed)."""
@@ -163,11 +176,7 @@ def read_texts(source: str) -> Iterator[str]:
 
 
 def _hub_texts(name: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"text {name!r} is not a local .txt/.jsonl file or folder; reading a Hugging Face "
-                        f"dataset needs `pip install datasets`") from None
+    datasets = _require_datasets(name)
     try:  # streaming needs the hub; a copy in the local Hugging Face cache serves without it
         rows = datasets.load_dataset(name, split="train", streaming=True)
         first = next(iter(rows))
@@ -183,6 +192,11 @@ def _hub_texts(name: str) -> Iterator[str]:
         rows = rows.skip(1)
     for row in rows:
         yield row["text"]
+
+
+def _require_datasets(name: str):
+    return require("datasets", f"text {name!r} is not a local .txt/.jsonl file or folder, and reading it as a "
+                               f"Hugging Face dataset")
 
 
 def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Iterator[Tensor]:
@@ -213,11 +227,8 @@ def batched(sequences: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
 # ---------------------------------------------------------------- the cache
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_key(model: str, hook: str, text: str, context: int, n_tokens: int, dtype: str) -> dict[str, Any]:
@@ -227,60 +238,89 @@ def cache_key(model: str, hook: str, text: str, context: int, n_tokens: int, dty
 def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens: int, context: int = 128,
                 batch_size: int = 8, dtype: str = "float32", shard_tokens: int = 1_000_000,
                 device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Write n_tokens activation vectors of `hook` to `out` (reusing a matching cache there)."""
+    """Write n_tokens activation vectors of `hook` to `out` (reusing a matching cache there). `out` must
+    be absent, an empty folder, or a cache; the cache is built in a folder beside it that this process
+    names and creates, and that is removed if the build fails."""
     out = Path(out)
     key = cache_key(model_name, hook, text, context, n_tokens, dtype)
     if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
+        try:
+            manifest = json.loads((out / MANIFEST).read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"{out / MANIFEST}: corrupt manifest; choose another folder") from None
         if all(manifest.get(k) == v for k, v in key.items()):
             return out
         differ = ", ".join(f"{k}: {manifest.get(k)!r} vs {v!r}" for k, v in key.items() if manifest.get(k) != v)
         raise DataError(f"{out} holds a different cache ({differ}); choose another folder")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: a file, not a folder; choose another path for the cache")
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out}: this folder is not empty and is not an activation cache (no {MANIFEST}); "
+                        f"choose an empty or new folder")
     if dtype not in ("float32", "float16"):
         raise DataError(f"cache dtype {dtype!r}: must be float32 or float16")
+    if not is_local_text(text):
+        _require_datasets(text)
     model, tokenizer = load_model(model_name, device)
     module_path, module = resolve_hook(model, hook)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and context > limit:
         raise DataError(f"context {context} is longer than the model's {limit} positions")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards, shard, filled, written = [], None, 0, 0
-    bar = tqdm(total=n_tokens, desc="cache", unit="tok", disable=not progress)
-    for ids in batched(token_sequences(read_texts(text), tokenizer, context), batch_size):
-        acts = capture(model, module, ids.to(device))[:, 1:]  # drop the BOS position
-        width = acts.shape[-1]
-        acts = acts.reshape(-1, width).float().cpu().numpy()
-        while len(acts) and written < n_tokens:
-            if shard is None:
-                rows = min(shard_tokens, n_tokens - written)
-                name = f"shard_{len(shards):05d}.npy"
-                shard = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=(rows, acts.shape[1]))
-                shards.append({"file": name, "rows": rows})
-                filled = 0
-            take = min(len(acts), len(shard) - filled)
-            shard[filled:filled + take] = acts[:take]
-            acts, filled, written = acts[take:], filled + take, written + take
-            bar.update(take)
-            if filled == len(shard):
-                shard.flush()
-                shard = None
-        if written >= n_tokens:
-            break
-    bar.close()
-    if written < n_tokens:
-        shutil.rmtree(tmp)
-        raise DataError(f"text {text!r} gave {written} tokens, fewer than the {n_tokens} asked for")
-    for entry in shards:
-        entry["sha256"] = _sha256(tmp / entry["file"])
-    manifest = {**key, "module": module_path, "revision": getattr(model.config, "_commit_hash", None) or "local",
-                "d": int(width),
-                "bos": "each sequence starts with BOS; the BOS position is not cached", "shards": shards}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.mfr-sae-building-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()  # fails if the name is taken: the folder removed below is always this process's own
+    try:
+        shards, width = _write_shards(model, module, tokenizer, text, tmp, n_tokens, context, batch_size, dtype,
+                                      shard_tokens, device, progress)
+        for entry in shards:
+            entry["sha256"] = _sha256(tmp / entry["file"])
+        manifest = {**key, "module": module_path,
+                    "revision": getattr(model.config, "_commit_hash", None) or "local", "d": int(width),
+                    "bos": "each sequence starts with BOS; the BOS position is not cached", "shards": shards}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.is_dir():
+            try:
+                out.rmdir()  # empty (checked above); refuses if something appeared in it since
+            except OSError:
+                raise DataError(f"{out}: files appeared in this folder while the cache was built; "
+                                f"left as it is, choose an empty or new folder") from None
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _write_shards(model: nn.Module, module: nn.Module, tokenizer: Any, text: str, tmp: Path, n_tokens: int,
+                  context: int, batch_size: int, dtype: str, shard_tokens: int, device: str | torch.device,
+                  progress: bool) -> tuple[list[dict[str, Any]], int]:
+    """Write the shards of n_tokens vectors into tmp; returns their manifest entries and d."""
+    shards, shard, filled, written, width = [], None, 0, 0, 0
+    with tqdm(total=n_tokens, desc="cache", unit="tok", disable=not progress) as bar:
+        for ids in batched(token_sequences(read_texts(text), tokenizer, context), batch_size):
+            acts = capture(model, module, ids.to(device))[:, 1:]  # drop the BOS position
+            width = acts.shape[-1]
+            acts = acts.reshape(-1, width).float().cpu().numpy()
+            while len(acts) and written < n_tokens:
+                if shard is None:
+                    rows = min(shard_tokens, n_tokens - written)
+                    name = f"shard_{len(shards):05d}.npy"
+                    shard = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype,
+                                                      shape=(rows, acts.shape[1]))
+                    shards.append({"file": name, "rows": rows})
+                    filled = 0
+                take = min(len(acts), len(shard) - filled)
+                shard[filled:filled + take] = acts[:take]
+                acts, filled, written = acts[take:], filled + take, written + take
+                bar.update(take)
+                if filled == len(shard):
+                    shard.flush()
+                    shard = None
+            if written >= n_tokens:
+                break
+    if written < n_tokens:
+        raise DataError(f"text {text!r} gave {written} tokens, fewer than the {n_tokens} asked for")
+    return shards, width
 
 
 def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from mfr_sae.config import EEG_NOISE_KINDS as NOISE_KINDS
 from mfr_sae.data.synthetic import seeded_generator
 from mfr_sae.data.vectors import DataError
+from mfr_sae.extras import require
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".edf", ".bdf", ".fif", ".vhdr")
@@ -45,10 +46,13 @@ def find_recordings(path: str | Path) -> list[Path]:
     return [path]
 
 
+def require_mne():
+    return require("mne", "reading EEG recordings")
+
+
 def read_raw(path: Path):
     """The recording's EEG channels, loaded (MNE Raw)."""
-    import mne
-
+    mne = require_mne()
     try:
         raw = mne.io.read_raw(path, preload=True, verbose="error")
     except Exception as err:  # noqa: BLE001 (readers raise many kinds)
@@ -65,8 +69,7 @@ def select_channels(files: list[list[str]], channels: str | list[str]) -> list[s
     if channels == "common":
         order = files[0] if files else []
     else:
-        import mne
-
+        mne = require_mne()
         try:
             order = mne.channels.make_standard_montage(channels).ch_names
         except ValueError:
@@ -121,7 +124,9 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
              order: int = 5) -> EEGWindows:
     """Read, filter, resample, window and z-score every usable recording under `path`."""
     raws, skipped = [], []
-    for file in find_recordings(path):
+    recordings = find_recordings(path)
+    require_mne()  # before any file: read_raw's errors skip a file, a missing MNE must stop the run
+    for file in recordings:
         try:
             raws.append((file, read_raw(file)))
         except DataError as err:

@@ -28,6 +28,32 @@ class DataError(ValueError):
     """Input vectors are unusable; the message names the file (and the row, for NaN or inf)."""
 
 
+NPY_MAGIC = b"\x93NUMPY"
+NPY_HELP = "save a floating-point array [n_vectors, d] with numpy.save"
+
+
+def _check_npy(path: Path) -> None:
+    """Refuse a .npy name on anything but a numpy array of plain values (numpy would ask for allow_pickle)."""
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise DataError(f"{path}: not a numpy array file (.npy): it does not start with the .npy header "
+                            f"(a pickle, text or another format under a .npy name?); {NPY_HELP}")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:  # a newer header version: np.load judges it
+                return
+            _, _, dtype = read_header(f)
+        except (ValueError, OSError, SyntaxError) as err:
+            raise DataError(f"{path}: not a numpy array file (.npy): corrupt header "
+                            f"({str(err).splitlines()[0][:120]}); {NPY_HELP}") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: not a numpy array file (.npy) of numbers: it holds Python objects, which "
+                        f"numpy stores as a pickle and which are not read here; {NPY_HELP}")
+
+
 class _Shard:
     """One file of vectors, read by row ranges."""
 
@@ -35,6 +61,7 @@ class _Shard:
         self.path = path
         try:
             if path.suffix == ".npy":
+                _check_npy(path)
                 self._array = np.load(path, mmap_mode="r", allow_pickle=False)
                 shape, dtype = self._array.shape, str(self._array.dtype)
             else:

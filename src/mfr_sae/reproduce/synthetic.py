@@ -53,6 +53,7 @@ QUICK = ["train.n_samples=800000", "train.batch_size=2000", "eval.every=50", "ev
 CLUSTER_CROSS_MIN = 0.9
 CLUSTER_GT_MAX = 0.5
 SUMMARY_KEYS = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "dead_frac",
+                "silent_frac", "twin_frac",
                 "pairwise_mmcs", "within_pw_mcc", "within_shared_frac", "pearson_r", "cluster_size",
                 "reinit_events"]
 ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
@@ -61,6 +62,12 @@ ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 def run_config(method: str, seed: int, quick: bool, overrides: list[str] = ()) -> RunConfig:
     return load_config(None, PAPER_MFR + (QUICK if quick else FULL) + list(overrides) + METHODS[method]
                        + [f"data.seed={DATA_SEED}", f"train.seed={seed}"])
+
+
+def _mean_of_measured(values: list[float | None]) -> float | None:
+    """The mean of the values that were measured (dead_frac is None in runs shorter than its window)."""
+    measured = [v for v in values if v is not None]
+    return float(np.mean(measured)) if measured else None
 
 
 def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +87,9 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> dict[
         rs.append(stats.pearsonr(x, y).statistic if np.ptp(x) > 1e-6 else None)  # identical members: no r
     log = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     members = results["members"]
-    summary = {key: float(np.mean([m[key] for m in members]))
+    summary = {key: _mean_of_measured([m.get(key) for m in members])
                for key in ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu",
-                           "dead_frac"]}
+                           "dead_frac", "silent_frac", "twin_frac"]}
     within_mcc, within_shared, _ = decoder_agreement(decoder[0], decoder[1])
     rs = [r for r in rs if r is not None]
     summary.update(pairwise_mmcs=results["pairwise_mmcs"], within_pw_mcc=within_mcc,
@@ -174,7 +181,7 @@ def figure_recovery(runs: dict[str, list[dict]], path: Path) -> None:
 
 # ---------------------------------------------------------------- report
 
-LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac"}
+LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac", "silent_frac", "twin_frac"}
 
 
 def values_of(method_stats: dict[str, Any], key: str) -> list:
@@ -248,7 +255,7 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
     mfr, base = methods["mfr"]["per_seed"], methods["baseline"]["per_seed"]
     rows = [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed"].items()}} for m, st in methods.items()]
     cols = ["method", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu",
-            "pairwise_mmcs", "pearson_r", "cluster_size", "reinit_events"]
+            "twin_frac", "pairwise_mmcs", "pearson_r", "cluster_size", "reinit_events"]
     agreement_rows = [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed_pair"].items()},
                        **{k: fmt_mean_sd(st["per_seed"][k]) for k in ("within_pw_mcc", "within_shared_frac",
                                                                       "gt_mcc", "gt_recovered_frac")}}
