@@ -27,6 +27,11 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+def t_half_width(sd: float, n: int) -> float:
+    """Half the width of the t-based 95% interval of a mean of n values with sample sd `sd`."""
+    return float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
 def paired_test(treated: Sequence[float | None], control: Sequence[float | None]) -> dict[str, Any]:
     """Paired comparison of `treated` and `control` (one value per replicate, in the same order).
 
@@ -62,7 +67,7 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
         out.update(sd_diff=0.0, ci95=[mean, mean])
         notes.append("constant nonzero differences (sd 0): no t-test, effect size undefined")
     else:
-        half = float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        half = t_half_width(sd, n)
         out.update(sd_diff=sd, ci95=[mean - half, mean + half], effect_size=mean / sd,
                    t_test_p=float(sps.ttest_rel([t for t, _ in kept], [c for _, c in kept]).pvalue))
     nonzero = int(np.count_nonzero(diff))

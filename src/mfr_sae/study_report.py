@@ -12,7 +12,6 @@ from mfr_sae.checkpoint import atomic_write_text, write_json
 from mfr_sae.report import markdown_table, save_figure
 
 FIGURE = "fig_fvu_mcc.png"
-TWIN_WORDS = "0.02"
 DATASET_WORDS = {
     "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
     "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
@@ -37,7 +36,7 @@ def commit() -> str:
         return "unknown"
 
 
-def verdict_line(name: str, result: dict[str, Any]) -> str:
+def verdict_line(name: str, result: dict[str, Any], twin_tolerance: float) -> str:
     """The first-lines sentence for one dataset: the winning setting, or that none won, with numbers."""
     rows = result["rows"]
     best = result["best"]
@@ -54,10 +53,10 @@ def verdict_line(name: str, result: dict[str, Any]) -> str:
             + (f"; also: {', '.join(f'`{w}`' for w in others)}" if others else "") + ".")
     pick = result.get("recommended")
     if pick and pick != best:
-        line += (f" The largest gain whose twin_frac stays within {TWIN_WORDS} of the baseline's: `{pick}`, MCC "
+        line += (f" The largest gain whose twin_frac stays within {twin_tolerance:g} of the baseline's: `{pick}`, MCC "
                  f"{_diff(rows[pick]['tests']['gt_mcc'])}.")
     elif not pick:
-        line += f" None of these keeps twin_frac within {TWIN_WORDS} of the baseline's."
+        line += f" None of these keeps twin_frac within {twin_tolerance:g} of the baseline's."
     return line
 
 
@@ -156,7 +155,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     command = f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --out {out}"
     lines = ["# MFR study: does any setting beat the baseline where the truth is known?", ""]
     for name, data in summary["datasets"].items():
-        lines += [verdict_line(name, data), ""]
+        lines += [verdict_line(name, data, summary["twin_tolerance"]), ""]
     lines += [f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; "
               f"{summary['seconds'] / 60:.1f} minutes."]
     if quick:
@@ -182,8 +181,9 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
               f"{r} replicates its smallest p is {sig(2 / 2 ** r)}). Holm's correction over the 12 settings, "
               "within each measure.",
               "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
-              "not worse: the upper end of the 95% CI of its FVU difference is at most 1% of the baseline's FVU. "
-              f"A winner fit to be the default also keeps twin_frac within {TWIN_WORDS} of the baseline's.",
+              f"not worse: the upper end of the 95% CI of its FVU difference is at most "
+              f"{100 * summary['fvu_margin']:g}% of the baseline's FVU. A winner fit to be the default also keeps "
+              f"twin_frac within {summary['twin_tolerance']:g} of the baseline's.",
               "", f"![FVU against MCC, one point per setting]({FIGURE})",
               "", f"*{FIGURE}: top, FVU (x) against MCC (y), mean over replicates with 95% CIs, the star is the baseline; "
               "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge).*"]
