@@ -1,6 +1,7 @@
 import importlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -88,26 +89,64 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_
     assert steps == list(range(5, 61, 5))  # no step logged twice
 
 
-def test_resume_after_kill_9_ends_with_the_same_weights(tmp_path, easy_overrides):
-    overrides = easy_overrides + ["train.n_samples=300000", "train.batch_size=500", "train.checkpoint_every=25"]
+def _checkpoint_id(run_dir):
+    """Changes whenever a new checkpoint is renamed into place (None before the first)."""
+    try:
+        return (run_dir / "checkpoint").stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same_weights(tmp_path, easy_overrides):
+    """SIGKILL at seeded random moments after each process's first checkpoint, with a checkpoint every other
+    step (so kills land inside checkpoint and log writes too), then `--resume`: the same weights and log as an
+    uninterrupted run."""
+    overrides = easy_overrides + ["train.n_samples=60000", "train.batch_size=500", "train.checkpoint_every=2",
+                                  "train.log_every=1", "mfr.enabled=true", "mfr.match_every=3"]
     sets = [arg for o in overrides for arg in ("--set", o)]
     cmd = [sys.executable, "-m", "mfr_sae", "train", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + ["--out", str(tmp_path / "full")] + sets, check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")] + sets, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (tmp_path / "cut" / "checkpoint").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before it was killed"
-    done = subprocess.run(cmd + ["--resume", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    run_dir, rng, kills = tmp_path / "cut", random.Random(0), 0
+    args = ["--out", str(run_dir)] + sets
+    while kills < 5:
+        before = _checkpoint_id(run_dir)
+        proc = subprocess.Popen(cmd + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while _checkpoint_id(run_dir) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)  # this process has made progress once a checkpoint of its own is in place
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        args = ["--resume", str(run_dir)]
+    assert kills == 5 and not (run_dir / "results.json").exists(), f"the run finished after {kills} kills"
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    full, cut = load(tmp_path / "full"), load(tmp_path / "cut")
+    full, cut = load(tmp_path / "full"), load(run_dir)
     for name, p in full.named_parameters():
         assert torch.equal(p, getattr(cut, name)), name
+
+    def logged_steps(folder):
+        return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+    assert logged_steps(run_dir) == logged_steps(tmp_path / "full") == list(range(1, 121))
+
+
+def test_resume_drops_a_log_line_cut_off_by_a_kill(tmp_path, easy_overrides, monkeypatch):
+    overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=10", "train.log_every=5"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
+    _raise_at(trainer, 17, _Interrupt)
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 17, "loss": 0.1')  # a write the kill cut short
+    resume(tmp_path / "cut", progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == list(range(5, 31, 5))
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path, easy_overrides):

@@ -561,8 +561,19 @@ def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, model: torch
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a resume restarts from."""
+    """Drop log lines written after the checkpoint a resume restarts from, and a last line cut off by a kill
+    (the log is flushed at every checkpoint, so only lines after it can be partial)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise TrainingError(f"{path}: line {number} is not JSON") from None
+        if record["step"] <= step:
+            kept.append(line)
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
