@@ -154,7 +154,7 @@ def run_peer(name: str, root: Path, spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:
         return {"error": str(err)}
     print(f"timing {PEERS[name][0]} ({N} SAEs one after another) ...", flush=True)
-    # the same glibc setting as mfr-sae's trainer (train.keep_freed_cpu_memory), through its environment variables
+    # the same glibc setting as mfr-sae's trainer (cpu_memory.keep_freed_cpu_memory), through its environment variables
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
     done = subprocess.run([python, __file__, "--worker", name, json.dumps(spec)], capture_output=True, text=True,
                           env=env)

@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from mfr_sae.mfr import match_all
+from mfr_sae.mmcs import match_all
 from mfr_sae.train import Trainer
 from step import BATCH, PAPER_MFR, trainer  # bench/step.py
 from timing import timed  # bench/timing.py

@@ -18,6 +18,7 @@ import tempfile
 import torch
 
 from mfr_sae.config import PAPER_MFR, load_config
+from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.kernels import reference_decode, reference_encode
 from mfr_sae.train import Trainer
 from timing import timed  # bench/timing.py
@@ -29,6 +30,8 @@ def trainer(device: str, extra: list[str]) -> Trainer:
     overrides = [f"data.d={D}", f"data.n_features={H}", "data.n_groups=12", f"data.n_active={K}",
                  f"sae.n_members={N}", f"sae.d_sae={H}", f"sae.k={K}", f"train.batch_size={BATCH}",
                  "train.n_samples=10000000", "train.checkpoint_every=0", f"train.device={device}"]
+    if device == "cpu":
+        keep_freed_cpu_memory()  # as `mfr-sae train` does
     return Trainer(load_config(None, overrides + extra), tempfile.mkdtemp() + "/run", progress=False)
 
 

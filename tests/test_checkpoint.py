@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mfr_sae import load
-from mfr_sae.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint, write_json
+from mfr_sae.checkpoint import CheckpointError, checkpoint_dir, save_checkpoint
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.files import write_json
 
 
 def _trained_like(tied=True):

@@ -72,3 +72,32 @@ def test_compare_reports_each_runs_twin_fraction(tmp_path):
     assert summary["twin_frac"][1]["mean"] == 0.25
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert saved["twin_frac"][1]["run"] == str(tmp_path / "b")
+
+
+def test_out_holding_a_comparison_is_refused_unless_overwrite(tmp_path, capsys):
+    a, b = _run(tmp_path / "a", [2], seed=0), _run(tmp_path / "b", [2], seed=1)
+    out = tmp_path / "out"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    first = (out / "compare.json").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(a), str(a), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--overwrite" in err
+    assert (out / "compare.json").read_text() == first  # untouched
+    assert main(["compare", str(a), str(a), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "compare.json").read_text())["pw_mcc"] == pytest.approx(1.0)
+
+
+def test_the_histogram_labels_each_series_by_run_folder_and_member(tmp_path, monkeypatch):
+    import mfr_sae.compare as compare_module
+
+    legends = []
+    monkeypatch.setattr(compare_module, "save_figure",
+                        lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    a = _run(tmp_path / "seed0" / "mfr", [2, 4], seed=0)
+    b = _run(tmp_path / "seed1" / "mfr", [4, 2], seed=1)
+    compare([a, b], tmp_path / "out")
+    assert legends == [["seed0/mfr member 0, seed1/mfr member 1 (k=2)", "seed0/mfr member 1, seed1/mfr member 0 (k=4)",
+                        "threshold 0.7"]]
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [m["member_per_run"] for m in saved["members"]] == [[0, 1], [1, 0]]

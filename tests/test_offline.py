@@ -6,7 +6,8 @@ import pytest
 
 from mfr_sae import offline
 from mfr_sae.data import DataError
-from mfr_sae.offline import FetchError, Source, check_members, check_wheel, sha256, wiki_to_text
+from mfr_sae.files import sha256
+from mfr_sae.offline import FetchError, Source, check_members, check_wheel, wiki_to_text
 
 # As in real dumps, the wiki text is XML-escaped (&lt;ref&gt;).
 XML = """<mediawiki><page><title>Cat</title><revision><text>{{Infobox|name=Cat}}The '''cat''' is a

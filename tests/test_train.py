@@ -1,4 +1,3 @@
-import importlib
 import json
 import os
 import random
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from mfr_sae import load
+from mfr_sae import load, run_log
 from mfr_sae.config import load_config
 from mfr_sae.data.synthetic import SyntheticData
 from mfr_sae.train import Trainer, TrainingError, resume, train
@@ -262,19 +261,18 @@ def test_dead_frac_of_a_member_re_initialised_late_is_not_measured(tmp_path, eas
 
 
 class _Bar:
-    """Records the progress bars of train.py and whether they were closed."""
+    """Records the progress bars of training and whether they were closed."""
 
     def __init__(self, monkeypatch):
-        train_module = importlib.import_module("mfr_sae.train")  # (the package's `train` is the function)
         self.closed = []
         record = self.closed
 
-        class Bar(train_module.tqdm):
+        class Bar(run_log.tqdm):
             def close(self):
                 record.append(True)
                 super().close()
 
-        monkeypatch.setattr(train_module, "tqdm", Bar)
+        monkeypatch.setattr(run_log, "tqdm", Bar)
 
 
 def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, easy_overrides, monkeypatch):
@@ -373,10 +371,9 @@ def test_overwrite_replaces_another_run_and_only_its_files(tmp_path, easy_overri
 
 
 def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeypatch, capsys):
-    train_module = importlib.import_module("mfr_sae.train")
     cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.batch_size=500"])
     trainer = Trainer(cfg, tmp_path / "run", progress=True)
-    monkeypatch.setattr(train_module, "_now", lambda: 4.0 * trainer.step)  # 4 s a step
+    monkeypatch.setattr(run_log, "_now", lambda: 4.0 * trainer.step)  # 4 s a step
     trainer.fit()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "40 steps of 500 vectors"
@@ -385,6 +382,6 @@ def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeyp
 
     cfg = load_config(None, easy_overrides + ["train.n_samples=10000"])  # 40 s: only the step count
     trainer = Trainer(cfg, tmp_path / "short", progress=True)
-    monkeypatch.setattr(train_module, "_now", lambda: 4.0 * trainer.step)
+    monkeypatch.setattr(run_log, "_now", lambda: 4.0 * trainer.step)
     trainer.fit()
     assert capsys.readouterr().out.splitlines() == ["10 steps of 1,000 vectors"]

@@ -15,7 +15,6 @@ Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mfr_sae.ensemble import Ensemble
+
+from mfr_sae.files import fsync_dir, fsync_file, write_json
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -39,43 +40,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file."""
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a folder's entries (a rename into it, a new file) durable; skipped where the platform or the
-    file system cannot open or fsync a folder (Windows, some network file systems)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path so that a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; a CheckpointError naming it when missing or corrupt (hence here, not in files)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -126,11 +92,11 @@ def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] 
                 firing_prob: Tensor | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(member_tensors(ensemble, i), folder / WEIGHTS_FILE)
-    _fsync(folder / WEIGHTS_FILE)
+    fsync_file(folder / WEIGHTS_FILE)
     if firing_prob is not None:
         sparsity = firing_prob.detach().float().cpu().clamp_min(1e-10).log10().contiguous()
         save_file({"sparsity": sparsity}, folder / SPARSITY_FILE)
-        _fsync(folder / SPARSITY_FILE)
+        fsync_file(folder / SPARSITY_FILE)
     write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))  # also fsyncs the folder's entries
 
 
@@ -151,7 +117,7 @@ def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] 
     if state is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
-        _fsync(tmp / STATE_FILE)
+        fsync_file(tmp / STATE_FILE)
     fsync_dir(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -9,12 +9,13 @@ import textwrap
 from pathlib import Path
 
 from mfr_sae.checkpoint import CheckpointError
+from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.config import EEG_NOISE_KINDS, ConfigError, help_text, load_config
 from mfr_sae.data import DataError
 from mfr_sae import distributed
 from mfr_sae.distributed import RankLost, world_from_env
 from mfr_sae.extras import MissingExtra
-from mfr_sae.report import markdown_table
+from mfr_sae.report import fmt_num, markdown_table
 from mfr_sae.train import Interrupted, TrainingError, resume, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "paper's synthetic data, with independent replicates; writes DIR/report.md (the verdict "
                     "first), DIR/results.json and DIR/fig_fvu_mcc.png. Finished runs in DIR are reused.")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small data and short runs: about 10 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="small data and short runs: about 7 minutes on 2 CPU cores")
     p.add_argument("--replicates", type=int, default=5, help="independent replicates per setting (>= 2)")
     p.add_argument("--data", choices=["both", "learnable", "paper"], default="both", help="which datasets")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -108,19 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (or checkpoint folders)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.7, help="cosine above which a latent is shared")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the comparison already in --out (without it, such a folder is refused)")
     return parser
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from mfr_sae.compare import compare
 
-    summary = compare(args.runs, args.out, args.threshold)
+    summary = compare(args.runs, args.out, args.threshold, overwrite=args.overwrite)
     rows = [{k: m[k] for k in ("k", "member_of_k", "pw_mcc", "shared_frac")} for m in summary["members"]]
     print(markdown_table(rows, ["k", "member_of_k", "pw_mcc", "shared_frac"]))
-    print(f"\nmean over members and run pairs: pw_mcc={summary['pw_mcc']:.4f}, "
-          f"shared_frac={summary['shared_frac']:.4f}; written to {args.out / 'compare.json'}")
+    print(f"\nmean over members and run pairs: pw_mcc={fmt_num(summary['pw_mcc'])}, "
+          f"shared_frac={fmt_num(summary['shared_frac'])}; written to {args.out / 'compare.json'}")
     print("twin_frac (latents with a same-SAE twin at cosine > 0.9), mean over members: "
-          + ", ".join(f"{t['run']} {t['mean']:.4f}" for t in summary["twin_frac"]))
+          + ", ".join(f"{t['run']} {fmt_num(t['mean'])}" for t in summary["twin_frac"]))
     return 0
 
 
@@ -198,6 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_cpu_memory()  # this process is ours: training on a CPU keeps its gradient buffers (cpu_memory.py)
     try:
         commands = {"train": run_train, "reproduce": run_reproduce, "compare": run_compare, "cache": run_cache,
                     "study": run_study}

@@ -23,7 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mfr_sae.checkpoint import CheckpointError, load, write_json  # noqa: E402
+from mfr_sae.checkpoint import CheckpointError, load  # noqa: E402
+from mfr_sae.files import write_json  # noqa: E402
+from mfr_sae.config import ConfigError  # noqa: E402
 from mfr_sae.ensemble import Ensemble  # noqa: E402
 from mfr_sae.metrics import hungarian_match, twin_fraction  # noqa: E402
 from mfr_sae.report import save_figure  # noqa: E402
@@ -69,7 +71,8 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
             shared.append(frac)
             pooled.append(cos)
         cosines[slot] = np.concatenate(pooled)
-        members.append({"k": slot[0], "member_of_k": slot[1], "pw_mcc": float(np.mean(values)),
+        members.append({"k": slot[0], "member_of_k": slot[1], "member_per_run": [p[slot] for p in position],
+                        "pw_mcc": float(np.mean(values)),
                         "shared_frac": float(np.mean(shared)), "pw_mcc_per_run_pair": values,
                         "shared_frac_per_run_pair": shared})
     twins = [[twin_fraction(member) for member in decoder] for decoder in decoders]
@@ -84,23 +87,48 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
     return summary, cosines
 
 
-def histogram(cosines: dict, threshold: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+def run_names(runs: list[str | Path]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell the runs apart
+    (runs/seed0/mfr and runs/seed1/mfr: seed0/mfr and seed1/mfr)."""
+    parts = [Path(r).resolve().parts for r in runs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in runs]  # the same folder given twice
+
+
+def series_label(names: list[str], member: dict[str, Any]) -> str:
+    """`seed0 member 1, seed1 member 0 (k=3)`: the members, by run, whose matched cosines a series pools."""
+    return ", ".join(f"{n} member {i}" for n, i in zip(names, member["member_per_run"])) + f" (k={member['k']})"
+
+
+def histogram(summary: dict[str, Any], cosines: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     bins = np.linspace(-0.2, 1.0, 61)
-    for (k, occurrence), values in cosines.items():
-        ax.hist(values, bins=bins, histtype="step", label=f"k={k}" + (f" #{occurrence}" if occurrence else ""))
+    names = run_names(summary["runs"])
+    for member in summary["members"]:
+        ax.hist(cosines[(member["k"], member["member_of_k"])], bins=bins, histtype="step",
+                label=series_label(names, member))
+    threshold = summary["threshold"]
     ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold}")
     ax.set_xlabel("cosine of one-to-one matched latents across runs")
     ax.set_ylabel("latents")
-    ax.legend(fontsize=8)
+    ax.set_title("Matched cosines of each member with its counterpart in the other runs (same k)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: the labels are long
     save_figure(fig, path)
 
 
-def compare(runs: list[str | Path], out: str | Path, threshold: float = 0.7) -> dict[str, Any]:
-    """Write out/compare.json and out/matched_cosines.png; return the summary."""
-    summary, cosines = compare_runs(runs, threshold)
+def compare(runs: list[str | Path], out: str | Path, threshold: float = 0.7,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Write out/compare.json and out/matched_cosines.png; return the summary. A folder that already holds
+    a comparison is refused (before any work) unless `overwrite`."""
     out = Path(out)
+    if (out / "compare.json").is_file() and not overwrite:
+        raise ConfigError(f"{out} already holds a comparison (compare.json): pass --overwrite to replace it, "
+                          "or choose another --out")
+    summary, cosines = compare_runs(runs, threshold)
     out.mkdir(parents=True, exist_ok=True)
-    histogram(cosines, threshold, out / "matched_cosines.png")
+    histogram(summary, cosines, out / "matched_cosines.png")
     write_json(out / "compare.json", summary)
     return summary

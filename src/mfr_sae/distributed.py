@@ -4,16 +4,13 @@ Launched by `torchrun --nproc_per_node R ...`, every rank holds a contiguous sha
 (sizes differ by at most one: N = 5 on 2 ranks is 3 + 2) with their parameters and AdamW state, reads
 the same data stream, and trains its members on every batch, as one process would. With R a multiple
 of N above N, each member is also data parallel: its R / N processes take equal slices of every batch
-and sum their (slice-weighted) gradients. What couples the
-members travels between ranks: for MFR, the decoders of all members every step, streamed one shard at a
-time around a ring of the ranks (`Shard.start_stream`: each rank receives every other shard once and
-holds at most two besides its own; mfr.py then computes its own rows' part of the penalty, shard by
-shard, and matches the pairs that fall to it as their shards pass); for logs, checkpoints and
-the reinitialisation rule, small per-member numbers, gathered only at the steps that need them (the
-baseline sends nothing between log steps but data parallel's sums of gradients and firing counts).
-So beta, reinitialisation, logs and checkpoints are those of
-one process. Rank 0 writes the run folder; its layout does not depend on R. Without torchrun (or with
-one process) every collective here is the identity.
+and sum their (slice-weighted) gradients. What couples the members travels between ranks: for MFR, the
+decoders of all members every step, one shard at a time round a ring of the shards (ring.py, on
+`Shard.exchange`); for logs, checkpoints and the reinitialisation rule, small per-member numbers,
+gathered only at the steps that need them (the baseline sends nothing between log steps but data
+parallel's sums of gradients and firing counts). So beta, reinitialisation, logs and checkpoints are
+those of one process. Rank 0 writes the run folder; its layout does not depend on R. Without torchrun
+(or with one process) every collective here is the identity.
 Backends: gloo on CPU, NCCL on CUDA.
 """
 
@@ -25,7 +22,7 @@ import os
 import re
 import time
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -65,10 +62,9 @@ _broken = False  # a collective failed: the process group cannot be shut down in
 def close() -> bool:
     """Shut the process group down before the interpreter does (also run at exit). Left to the
     interpreter's teardown (the process group, or objects in reference cycles freed by its last garbage
-    collection), gloo sometimes ends the process with SIGABRT ("terminate called without an active
-    exception"; 2 exits in 25 here) after the work is done; even after this call it did, more rarely,
-    so the command line leaves with os._exit when this returns True. True when a process group was
-    joined (shut down now unless a collective failed)."""
+    collection), gloo can end the process with SIGABRT ("terminate called without an active exception")
+    after the work is done, and can still after this call, so the command line leaves with os._exit when
+    this returns True. True when a process group was joined (shut down now unless a collective failed)."""
     if not dist.is_initialized():
         return False
     if not _broken:
@@ -89,24 +85,24 @@ class Shard:
         self.n_members, self.rank, self.world = n_members, rank, world
         self.replicas = max(1, world // n_members)
         self.replica = rank % self.replicas
-        self.sizes = ([n_members // world + (r < n_members % world) for r in range(world)]
+        self.sizes = ([n_members // world + (other < n_members % world) for other in range(world)]
                       if self.replicas == 1 else [1] * world)
         self.start = sum(self.sizes[:rank]) if self.replicas == 1 else rank // self.replicas
         self.stop = self.start + self.sizes[rank]
         self.members = list(range(self.start, self.stop))
         self.group = None  # the processes that hold this rank's member (data parallel)
         if self.replicas > 1 and dist.is_initialized():
-            groups = [dist.new_group(list(range(m * self.replicas, (m + 1) * self.replicas)))
-                      for m in range(n_members)]  # every rank creates every group, in the same order
+            groups = [dist.new_group(list(range(member * self.replicas, (member + 1) * self.replicas)))
+                      for member in range(n_members)]  # every rank creates every group, in the same order
             self.group = groups[self.start]
         self.received_bytes = 0  # tensor bytes this rank received from the others (bench/distributed.py)
 
     def batch_rows(self, batch: int) -> slice:
         """The rows of a batch this rank trains on: all of them, or its replica's equal slice."""
-        bounds = [batch * g // self.replicas for g in range(self.replicas + 1)]
+        bounds = [batch * replica // self.replicas for replica in range(self.replicas + 1)]
         return slice(bounds[self.replica], bounds[self.replica + 1])
 
-    def reduce_gradients(self, params) -> None:
+    def reduce_gradients(self, params: Iterable[Tensor]) -> None:
         """Data parallel: each member's gradient summed over its replicas (each weighted its slice)."""
         for param in params:
             if param.grad is not None:
@@ -128,11 +124,12 @@ class Shard:
             parts = [torch.empty_like(local) for _ in range(self.world)]
             _collective(dist.all_gather, parts, local)
         else:
-            parts = [local if r == self.rank else local.new_empty(size, *local.shape[1:])
-                     for r, size in enumerate(self.sizes)]
-            for work in [_collective(dist.broadcast, part, r, async_op=True) for r, part in enumerate(parts)]:
+            parts = [local if source == self.rank else local.new_empty(size, *local.shape[1:])
+                     for source, size in enumerate(self.sizes)]
+            for work in [_collective(dist.broadcast, part, source, async_op=True) for source, part in enumerate(parts)]:
                 _collective(work.wait)
-        self.received_bytes += sum(p.numel() for r, p in enumerate(parts) if r != self.rank) * local.element_size()
+        received = sum(part.numel() for source, part in enumerate(parts) if source != self.rank)
+        self.received_bytes += received * local.element_size()
         return parts
 
     def sum_replicas(self, local: Tensor) -> Tensor:
@@ -192,7 +189,7 @@ class Shard:
         if self.world > 1:
             _collective(dist.barrier)
 
-    # ------------------------------------------------------------------ the member ring (MFR penalty)
+    # ------------------------------------------------------------------ point to point between shards
 
     @property
     def n_shards(self) -> int:
@@ -212,34 +209,6 @@ class Shard:
 
     def _rank_at(self, position: int) -> int:
         return position % self.n_shards * self.replicas + self.replica
-
-    def start_stream(self, local: Tensor) -> Iterator[tuple[range, Tensor]]:
-        """Every shard's `local` (this rank's own first, then at stage s the shard s places before it), one at
-        a time around a ring: each rank passes on what it received, so each receives every other shard once
-        (the bandwidth of an all-gather) but holds, beside its own, only the shard in use and the next one on
-        its way. The first transfer starts now, so that it overlaps what this rank computes meanwhile;
-        yields (members, their rows)."""
-        local = local.contiguous()
-        if self.n_shards == 1:
-            return iter([(self.shard_members(0), local)])
-        return self._stream(local, self._pass_on(local, 1))
-
-    def _stream(self, local: Tensor, pending: tuple[Tensor, list]) -> Iterator[tuple[range, Tensor]]:
-        yield self.shard_members(self.position), local
-        for stage in range(1, self.n_shards):
-            (incoming, works), pending = pending, None
-            self.wait(works)  # this stage's shard in; the last one passed on, and freed with the works
-            del works
-            if stage + 1 < self.n_shards:
-                pending = self._pass_on(incoming, stage + 1)
-            yield self.shard_members(self.position - stage), incoming
-
-    def _pass_on(self, outgoing: Tensor, stage: int) -> tuple[Tensor, list]:
-        """Start sending `outgoing` to the next rank of the ring and receiving the shard of stage `stage`
-        from the previous one."""
-        incoming = outgoing.new_empty(len(self.shard_members(self.position - stage)), *outgoing.shape[1:])
-        works = self.exchange(outgoing, self.position + 1, incoming, self.position - 1)
-        return incoming, works
 
     def exchange(self, outgoing: Tensor | None, to: int, incoming: Tensor | None, source: int) -> list:
         """Start sending `outgoing` to the shard at position `to` (this replica's rank of it) and receiving
@@ -296,14 +265,14 @@ def lost_ranks(wait_s: float = 10.0) -> str:
         store.set(f"mfr_sae/alive/{rank}", "1")
         missing, deadline = list(range(world)), time.monotonic() + wait_s
         while missing and time.monotonic() < deadline:
-            missing = [r for r in missing if not (store.check([f"mfr_sae/alive/{r}"])
-                                                  or store.check([f"mfr_sae/failed/{r}"]))]
+            missing = [other for other in missing if not (store.check([f"mfr_sae/alive/{other}"])
+                                                          or store.check([f"mfr_sae/failed/{other}"]))]
             time.sleep(0.1)
-        failed = {r: store.get(f"mfr_sae/failed/{r}").decode() for r in range(world)
-                  if store.check([f"mfr_sae/failed/{r}"])}
+        failed = {other: store.get(f"mfr_sae/failed/{other}").decode() for other in range(world)
+                  if store.check([f"mfr_sae/failed/{other}"])}
     except Exception:  # noqa: BLE001 (the store went with the process that hosted it)
         return "rank 0, which hosts the rendezvous store, or unknown ranks"
-    said = [f"rank {r} failed with {message}" for r, message in failed.items()]
+    said = [f"rank {other} failed with {message}" for other, message in failed.items()]
     if missing:
         said.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering")
     return "; ".join(said) or "every rank is still alive"

@@ -16,10 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mfr_sae.data.synthetic import seeded_generator
 from mfr_sae.kernels import sparse_decode, tied_topk, topk_encode, unit_rows
-
-INIT_STREAM = 7
+from mfr_sae.seeding import INIT_STREAM, seeded_generator
 
 
 @dataclass

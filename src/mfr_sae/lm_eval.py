@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from mfr_sae.config import RunConfig
 from mfr_sae.data.activations import (capture, load_model, read_manifest, read_texts, resolve_hook, splice,
                                       token_sequences)
 from mfr_sae.ensemble import Ensemble
@@ -95,4 +96,19 @@ def evaluate_on_lm(cache: str | Path, ensemble: Ensemble, n_sequences: int, batc
         return None
     result = loss_recovered(model, module, ensemble.to(device), sequences, batch_size, progress)
     result["sequences"] = len(sequences)
+    return result
+
+
+def add_loss_recovered(cfg: RunConfig, ensemble: Ensemble, members: list[dict[str, Any]], device: torch.device,
+                       progress: bool = True) -> dict[str, Any] | None:
+    """On an activation cache (`cfg.data`): CE clean / zero-ablated / spliced of every member, added to its
+    entry of `members`; the summary, or None when the run's data is not a cache or eval.lm_sequences is 0."""
+    if cfg.data.kind != "activations" or not cfg.eval.lm_sequences:
+        return None
+    result = evaluate_on_lm(cfg.data.path, ensemble, cfg.eval.lm_sequences, cfg.eval.lm_batch_size, device,
+                            progress)
+    if result is None:
+        return {"skipped": "the cache's text has no sequences left after those cached"}
+    for member, scores in zip(members, result.pop("members")):
+        member.update(ce_clean=result["ce_clean"], ce_zero=result["ce_zero"], **scores)
     return result

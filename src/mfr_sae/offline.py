@@ -13,7 +13,6 @@ These are "a real small LM" and "real text", not GPT-2 and OpenWebText: label re
 from __future__ import annotations
 
 import bz2
-import hashlib
 import os
 import re
 import secrets
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from mfr_sae.data.vectors import DataError
+from mfr_sae.files import sha256
 
 
 class Source(NamedTuple):
@@ -58,11 +58,6 @@ class FetchError(DataError):
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MFR_SAE_CACHE", Path.home() / ".cache" / "mfr-sae"))
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _download(source: Source, folder: Path) -> Path:

@@ -1,8 +1,7 @@
-"""Plain-text and Markdown tables of results."""
+"""Plain-text and Markdown tables of results, the number formats of every report, and its figures."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,31 @@ import numpy as np
 
 MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "silent_frac", "twin_frac", "gt_mmcs",
                   "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "gt_distinct"]
+# Reported precision: a measured number to 3 significant digits, its sd to 2 (more would be noise).
+DIGITS = 3
+SD_DIGITS = 2
+
+
+def fmt_num(value: float | int | None, digits: int = DIGITS) -> str:
+    """A number as reports print it: an integer as it is, anything else to `digits` significant digits;
+    `-` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def round_sig(value: float, digits: int = DIGITS) -> float:
+    """`value` rounded as fmt_num prints it, so that comparisons see what the reader sees."""
+    return float(f"{value:.{digits}g}")
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return fmt_num(value)
     return str(value)
 
 
@@ -37,18 +54,30 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def fmt_mean_sd(values: Sequence[float | None], digits: int = 4) -> str:
-    """`mean ± sd` of the values given (None, for undefined, is left out)."""
+def fmt_mean_sd(values: Sequence[float | None], digits: int = DIGITS, sd_digits: int = SD_DIGITS) -> str:
+    """`mean ± sd` of the values given (None, for undefined, is left out): the mean to `digits`
+    significant digits, the sd to `sd_digits`; a single value as fmt_num prints it."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
+    if len(values) == 1:
+        return fmt_num(values[0], digits)
     mean, sd = mean_sd(values)
-    return f"{mean:.{digits}g} ± {sd:.{digits}g}" if len(values) > 1 else f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {sd:.{sd_digits}g}"
 
 
 def fmt_p(p: float | None) -> str:
     """A p-value to 3 significant digits; `-` where there is none."""
     return "-" if p is None else f"{p:.3g}"
+
+
+def fmt_duration(seconds: float) -> str:
+    """`42 s`, `3.5 min`, `12 min` or `1.2 h`."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            value = seconds / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def save_figure(fig, path) -> None:
@@ -60,7 +89,17 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
-def embed_png(path) -> str:
-    """A Markdown image with the PNG inlined as a data URI, so the page stands alone."""
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"![{Path(path).stem}](data:image/png;base64,{data})"
+def figure_link(path: str | Path, caption: str) -> str:
+    """Markdown for a figure saved beside report.md: a link to the PNG by its file name (the page stays
+    small and its figures stay files) and, under it, its caption on one line."""
+    caption = " ".join(caption.split())
+    return f"![{caption}]({Path(path).name})\n\n*{caption}*"
+
+
+def count_axis(axis, nbins: int = 5) -> None:
+    """At most `nbins` ticks on an axis of large counts, written short (200k, 1.5M), so labels never
+    run together."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=nbins))
+    axis.set_major_formatter(EngFormatter(sep=""))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mfr_sae.checkpoint import load
 from mfr_sae.compare import decoder_agreement
 from mfr_sae.config import PAPER_MFR, RunConfig, load_config
-from mfr_sae.reproduce import machine, train_or_reuse
+from mfr_sae.reproduce import RunTracker, machine
 from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, t_half_width
 from mfr_sae.study_report import write_report
 
@@ -124,15 +124,11 @@ def run_dataset(out: Path, dataset: str, replicates: int, quick: bool, progress:
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
     started = time.perf_counter()
-    for done, (replicate, setting) in enumerate(jobs):
-        if progress:
-            elapsed = time.perf_counter() - started
-            left = f", about {elapsed / done * (len(jobs) - done) / 60:.0f} min left" if done else ""
-            print(f"[{dataset}: run {done + 1} of {len(jobs)}{left}] {setting.name}, replicate {replicate}",
-                  flush=True)
+    tracker = RunTracker(len(jobs), out, progress, bars=False)
+    for replicate, setting in jobs:
         cfg = run_config(dataset, setting, replicate, quick, extra)
         run_dir = out / dataset / setting.folder / f"rep{replicate}"
-        results = train_or_reuse(cfg, run_dir, progress=False)
+        results = tracker.run(f"{dataset}: {setting.name}, replicate {replicate}", cfg, run_dir)
         for key, value in member_means(results).items():
             values[setting.name][key].append(value)
         betas[setting.name].append(results["beta"])

@@ -8,23 +8,20 @@ from typing import Any
 
 import numpy as np
 
-from mfr_sae.checkpoint import atomic_write_text, write_json
-from mfr_sae.report import markdown_table, save_figure
+from mfr_sae.files import atomic_write_text, write_json
+from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table, save_figure
 
 FIGURE = "fig_fvu_mcc.png"
+CAPTION = ("FVU against MCC: top, one point per setting, mean over replicates with 95% CIs, the star the baseline; "
+           "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge).")
 DATASET_WORDS = {
     "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
     "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
 }
 
 
-def sig(value: float | None, digits: int = 3) -> str:
-    """A number to `digits` significant digits; `-` for none."""
-    return "-" if value is None else f"{value:.{digits}g}"
-
-
 def interval(ci: list[float] | None) -> str:
-    return "-" if ci is None else f"[{sig(ci[0])}, {sig(ci[1])}]"
+    return "-" if ci is None else f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
 
 
 def commit() -> str:
@@ -65,7 +62,7 @@ def _diff(test: dict[str, Any]) -> str:
     if test.get("mean_diff") is None:
         return "no difference measurable"
     return (f"{test['mean_diff']:+.3g} (95% CI {interval(test.get('ci95'))}, Holm-corrected p = "
-            f"{sig(test.get('p_holm'))})")
+            f"{fmt_p(test.get('p_holm'))})")
 
 
 def dataset_table(result: dict[str, Any]) -> str:
@@ -77,20 +74,20 @@ def dataset_table(result: dict[str, Any]) -> str:
             "setting": name,
             "MCC": _mean_ci(m["gt_mcc"]),
             "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
-            "Holm p": sig(t["gt_mcc"]["p_holm"]) if t else "-",
+            "Holm p": fmt_p(t["gt_mcc"]["p_holm"]) if t else "-",
             "FVU": _mean_ci(m["fvu"]),
             "ΔFVU [95% CI]": _delta(t.get("fvu")),
-            "twin_frac": sig(m["twin_frac"]["mean"]),
-            "gt_distinct": sig(m["gt_distinct"]["mean"]),
-            "across PW-MCC": "-" if across is None else sig(across["mean"]),
-            "Δacross (perm. p)": "-" if not t else f"{t['across_pw_mcc']['diff']:+.3g} ({sig(t['across_pw_mcc']['p'])})",
+            "twin_frac": fmt_num(m["twin_frac"]["mean"]),
+            "gt_distinct": fmt_num(m["gt_distinct"]["mean"]),
+            "across PW-MCC": "-" if across is None else fmt_num(across["mean"]),
+            "Δacross (perm. p)": "-" if not t else f"{t['across_pw_mcc']['diff']:+.3g} ({fmt_p(t['across_pw_mcc']['p'])})",
             "beats baseline": "-" if not t else ("yes" if row["beats_baseline"] else "no"),
         })
     return markdown_table(rows, list(rows[0]))
 
 
 def _mean_ci(d: dict[str, Any]) -> str:
-    return f"{sig(d['mean'])} {interval(d['ci95'])}"
+    return f"{fmt_num(d['mean'])} {interval(d['ci95'])}"
 
 
 def _delta(test: dict[str, Any] | None) -> str:
@@ -157,7 +154,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     for name, data in summary["datasets"].items():
         lines += [verdict_line(name, data, summary["twin_tolerance"]), ""]
     lines += [f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; "
-              f"{summary['seconds'] / 60:.1f} minutes."]
+              f"{fmt_duration(summary['seconds'])}."]
     if quick:
         lines += ["", "This is the `--quick` form (small data and SAEs, short runs): it checks that the study runs; "
                       "the full study (without `--quick`) is the evidence."]
@@ -178,15 +175,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
               "- Tests against the baseline, paired over replicates: paired t-test (two-sided) with the 95% CI of "
               "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
               "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
-              f"{r} replicates its smallest p is {sig(2 / 2 ** r)}). Holm's correction over the 12 settings, "
+              f"{r} replicates its smallest p is {fmt_p(2 / 2 ** r)}). Holm's correction over the 12 settings, "
               "within each measure.",
               "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
               f"not worse: the upper end of the 95% CI of its FVU difference is at most "
               f"{100 * summary['fvu_margin']:g}% of the baseline's FVU. A winner fit to be the default also keeps "
               f"twin_frac within {summary['twin_tolerance']:g} of the baseline's.",
-              "", f"![FVU against MCC, one point per setting]({FIGURE})",
-              "", f"*{FIGURE}: top, FVU (x) against MCC (y), mean over replicates with 95% CIs, the star is the baseline; "
-              "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge).*"]
+              "", figure_link(FIGURE, CAPTION)]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
         data_keys = (("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfr_sae.data.synthetic import EVAL_STREAM, TRAIN_STREAM, SyntheticData
+from mfr_sae.data.synthetic import SyntheticData
+from mfr_sae.seeding import EVAL_STREAM, TRAIN_STREAM
 
 
 def test_every_feature_belongs_to_a_group_when_groups_do_not_divide_n():

@@ -3,8 +3,8 @@ import torch
 
 from mfr_sae.config import ConfigError, load_config
 from mfr_sae.data import make_source
-from mfr_sae.data.synthetic import EVAL_STREAM, TRAIN_STREAM
 from mfr_sae.data.zipf import ZipfData, zipf_probabilities
+from mfr_sae.seeding import EVAL_STREAM, TRAIN_STREAM
 
 
 def test_probabilities_follow_zipf_sum_to_the_mean_and_are_capped():

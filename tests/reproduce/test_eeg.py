@@ -48,7 +48,8 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     report = (out / "report.md").read_text()
     assert "Table 3" in report and "0.42" in report and "line noise at 5 dB SNR" in report
     assert "SNR gain MFR (dB)" in report
-    assert report.count("data:image/png") == 3 and " ± " in report
+    assert "data:image" not in report and report.count("](fig_") == 3 and " ± " in report
+    assert "*MSE to the clean window on held-out data by k" in report  # each figure's caption
     # the test is over seeds (per seed, the mean over k of MFR - baseline), never over the k values of a seed
     test = results["mse_test"]
     assert test["unit"] == "seed" and test["n"] == 2 and test["t_test_p"] is not None
@@ -66,6 +67,10 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False,
                           overrides=SMALL)
     assert again["members"] == results["members"]
+    assert {r["how"] for r in again["runs"]["runs"]} == {"reused"}
+    assert again["train_seconds"] == results["train_seconds"]
+    reused = "Reused from an earlier invocation, not trained now: 4 (`runs/seed0/baseline`"
+    assert reused in (out / "report.md").read_text()
     # one seed (its runs reused): no test, and no p-value anywhere in the report
     one = reproduce_eeg(out, data, quick=True, seeds=1, noise="line", snr_db=5.0, progress=False,
                         overrides=SMALL)

@@ -21,7 +21,8 @@ def test_reproduce_gpt2_on_a_local_tiny_model(tiny_gpt2, tmp_path):
             assert member[key] is not None, key
     assert results["beta"] > 0 and len(results["decoder_distance"]["mfr"]) == 5
     report = (tmp_path / "report.md").read_text()
-    assert "Table 1" in report and "0.00132" in report and "Table 2" in report and "data:image/png" in report
+    assert "Table 1" in report and "0.00132" in report and "Table 2" in report and "data:image" not in report
+    assert "![Mean L2 distance" in report and "(fig_decoder_distance.png)" in report and "Trained now: 2" in report
     assert (tmp_path / "fig_decoder_distance.png").stat().st_size > 0
 
 

@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from mfr_sae.reproduce.synthetic import QUICK, reproduce_synthetic
+from mfr_sae.report import markdown_table
+from mfr_sae.reproduce.synthetic import METHODS, QUICK, reproduce_synthetic, winners
 
 TINY = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
         "sae.k=3", "train.n_samples=30000", "train.batch_size=1000", "eval.every=10",
@@ -56,7 +57,7 @@ def test_an_end_to_end_reproduction_writes_every_file(two_seeds):
         assert (row["clear win"] == "no (tie)") == (" = " in row["best"])
     report = (tmp_path / "report.md").read_text()
     assert "the honest test" in report
-    assert "## Verdict" in report and report.count("data:image/png;base64,") == 4
+    assert "## Verdict" in report and "data:image" not in report and report.count("](fig") == 4
     assert "MFR vs baseline" in report and "Holm-adjusted over the family of the" in report
     assert "95% CI" in report and "permutation over seeds" in report
     # a second call reuses the finished runs instead of training again
@@ -93,3 +94,51 @@ def test_one_seed_reports_one_replicate_and_no_p_value(two_seeds, tmp_path):
 def test_quick_keeps_the_papers_data_and_saes():
     keys = {o.split("=")[0] for o in QUICK}
     assert not keys & {"data.d", "data.n_features", "data.n_groups", "data.n_active", "sae.d_sae", "sae.k"}
+
+
+def test_the_report_links_its_figures_with_captions_and_stays_small(two_seeds):
+    out = two_seeds[0]
+    report = (out / "report.md").read_text()
+    assert "data:image" not in report and len(report.encode()) < 50_000
+    lines = report.splitlines()
+    links = [(i, re.fullmatch(r"!\[(.+)\]\(([^)/]+\.png)\)", line)) for i, line in enumerate(lines)]
+    links = [(i, m) for i, m in links if m]
+    assert [m.group(2) for _, m in links] == ["fig3_agreement.png", "fig5_cluster_firing.png",
+                                              "fig7_reinit_metric.png", "fig8_recovery.png"]
+    for i, m in links:
+        assert (out / m.group(2)).stat().st_size > 0
+        assert lines[i + 1] == "" and lines[i + 2] == f"*{m.group(1)}*"  # the caption, on one line, under it
+    # means to 3 significant digits, sds to 2
+    for mean, sd in re.findall(r"(-?[\d.]+(?:e[-+]\d+)?) ± ([\d.]+(?:e[-+]\d+)?)", report):
+        assert len(re.sub(r"^[-0.]+|e.*|\.", "", mean)) <= 3 and len(re.sub(r"^[0.]+|e.*|\.", "", sd)) <= 2, (mean, sd)
+
+
+def test_a_second_invocation_reports_its_runs_as_reused_with_the_first_ones_training_time(two_seeds, capsys):
+    out, first = two_seeds
+    assert {r["how"] for r in first["runs"]["runs"]} == {"trained"}
+    assert first["runs"]["train_seconds"] == pytest.approx(
+        sum(json.loads(p.read_text())["train_seconds"] for p in (out / "runs").glob("*/results.json")), abs=0.1)
+    again = reproduce_synthetic(out, quick=True, n_seeds=2, progress=True, overrides=TINY)
+    printed = capsys.readouterr().out
+    assert f"[mfr, seed 1] reused: {out / 'runs' / 'mfr-seed1'} (run 7 of 8)" in printed
+    assert {r["how"] for r in again["runs"]["runs"]} == {"reused"}
+    assert again["runs"]["train_seconds"] == first["runs"]["train_seconds"]
+    report = (out / "report.md").read_text()
+    assert "Trained now: 0." in report and "Reused from an earlier invocation, not trained now: 8 (" in report
+    assert all(f"`runs/{m}-seed{s}`" in report for m in METHODS for s in (0, 1))
+
+
+def _method(values):
+    return {"per_seed": {"gt_mcc": values, "mse": values}, "per_seed_pair": {}}
+
+
+def test_means_equal_at_the_printed_precision_are_a_tie_not_a_win():
+    # mfr and reinit differ only past the 3 significant digits printed; on mse (lower is better)
+    # baseline and shared_init are exactly equal
+    methods = {"baseline": _method([0.01, 0.02]), "reinit": _method([0.12340, 0.12342]),
+               "mfr": _method([0.12343, 0.12345]), "shared_init": _method([0.01, 0.02])}
+    rows = winners(methods, ["gt_mcc", "mse"], agreement=None)
+    for row, tied in zip(rows, ("reinit = mfr", "baseline = shared_init")):
+        assert row["best"] == tied and row["clear win"] == "no (tie)" and row["p"] == "-"
+    table = markdown_table(rows, list(rows[0]))
+    assert "| gt_mcc | reinit = mfr | 0.123 |" in table and "| mse | baseline = shared_init | 0.015 |" in table

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from mfr_sae.data.vectors import DataError, VectorsData
 from mfr_sae.extras import MissingExtra, hint, require
+from mfr_sae.files import sha256
 
 MANIFEST = "manifest.json"
 ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(mlp_out|attn_out|resid_post)$")
@@ -226,11 +226,6 @@ def batched(sequences: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
 
 # ---------------------------------------------------------------- the cache
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def cache_key(model: str, hook: str, text: str, context: int, n_tokens: int, dtype: str) -> dict[str, Any]:
     return {"model": model, "hook": hook, "text": text, "context": context, "n_tokens": n_tokens, "dtype": dtype}
 
@@ -273,7 +268,7 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
         shards, width = _write_shards(model, module, tokenizer, text, tmp, n_tokens, context, batch_size, dtype,
                                       shard_tokens, device, progress)
         for entry in shards:
-            entry["sha256"] = _sha256(tmp / entry["file"])
+            entry["sha256"] = sha256(tmp / entry["file"])
         manifest = {**key, "module": module_path,
                     "revision": getattr(model.config, "_commit_hash", None) or "local", "d": int(width),
                     "bos": "each sequence starts with BOS; the BOS position is not cached", "shards": shards}
@@ -337,7 +332,7 @@ def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:
         path = cache / entry["file"]
         if not path.is_file():
             raise DataError(f"{path}: shard missing from the cache")
-        if verify and _sha256(path) != entry["sha256"]:
+        if verify and sha256(path) != entry["sha256"]:
             raise DataError(f"{path}: checksum mismatch, the shard is corrupt; rebuild the cache")
     return manifest
 

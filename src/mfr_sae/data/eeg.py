@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from mfr_sae.config import EEG_NOISE_KINDS as NOISE_KINDS
-from mfr_sae.data.synthetic import seeded_generator
 from mfr_sae.data.vectors import DataError
 from mfr_sae.extras import require
+from mfr_sae.seeding import EEG_EVAL_NOISE, EEG_ORDER_STREAM, EEG_TRAIN_NOISE, seeded_generator
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".edf", ".bdf", ".fif", ".vhdr")
@@ -206,7 +206,7 @@ class EEGData:
         """(noisy, clean) batches from step `start_step` on; epochs repeat with new orders."""
         n = len(self.train)
         epoch, position = divmod(start_step * batch_size, n)
-        order = torch.randperm(n, generator=seeded_generator(self.seed, 30, epoch))
+        order = torch.randperm(n, generator=seeded_generator(self.seed, EEG_ORDER_STREAM, epoch))
         step = start_step
         while True:
             parts, needed = [], batch_size
@@ -217,15 +217,15 @@ class EEGData:
                 position += len(take)
                 if position == n:
                     epoch, position = epoch + 1, 0
-                    order = torch.randperm(n, generator=seeded_generator(self.seed, 30, epoch))
+                    order = torch.randperm(n, generator=seeded_generator(self.seed, EEG_ORDER_STREAM, epoch))
             clean = self.train[torch.cat(parts)]
-            yield self.corrupt(clean, 31, step), clean
+            yield self.corrupt(clean, EEG_TRAIN_NOISE, step), clean
             step += 1
 
     def eval_vectors(self, n: int) -> tuple[Tensor, Tensor]:
         """(noisy, clean): the first min(n, held-out) held-out windows, with their own seeded noise."""
         clean = self.held[:n]
-        return self.corrupt(clean, 32), clean
+        return self.corrupt(clean, EEG_EVAL_NOISE), clean
 
     def describe(self) -> dict:
         """What was read: files, channels, rate, windows for training and evaluation, skipped files."""

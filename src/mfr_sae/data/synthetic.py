@@ -19,13 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-TRAIN_STREAM, EVAL_STREAM, FEATURE_STREAM = 0, 1, 2
-
-
-def seeded_generator(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator whose state is a hash of the integers in key."""
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(seed)
+from mfr_sae.seeding import EVAL_STREAM, FEATURE_STREAM, TRAIN_STREAM, seeded_generator
 
 
 class FeatureStream:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from mfr_sae.data.synthetic import seeded_generator
+from mfr_sae.seeding import BUFFER_STREAM, CHUNK_ORDER_STREAM, seeded_generator
 
 SUFFIXES = (".npy", ".safetensors")
 FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16", "F16", "F32", "F64", "BF16"}
@@ -54,7 +54,7 @@ def _check_npy(path: Path) -> None:
                         f"numpy stores as a pickle and which are not read here; {NPY_HELP}")
 
 
-class _Shard:
+class _ShardFile:
     """One file of vectors, read by row ranges."""
 
     def __init__(self, path: Path):
@@ -110,7 +110,7 @@ class VectorsData:
 
     def __init__(self, path: str | Path, seed: int = 0, holdout: int = 10_000,
                  shuffle_buffer: int = 131_072, chunks_per_buffer: int = 8):
-        self.shards = [_Shard(p) for p in find_shards(path)]
+        self.shards = [_ShardFile(p) for p in find_shards(path)]
         dims = {s.d for s in self.shards}
         if len(dims) > 1:
             raise DataError(f"{path}: shards differ in d ({', '.join(f'{s.path.name}: {s.d}' for s in self.shards)})")
@@ -139,7 +139,7 @@ class VectorsData:
         return torch.cat(parts)
 
     def _chunk_order(self, epoch: int) -> list[int]:
-        return torch.randperm(self.n_chunks, generator=seeded_generator(self.seed, 10, epoch)).tolist()
+        return torch.randperm(self.n_chunks, generator=seeded_generator(self.seed, CHUNK_ORDER_STREAM, epoch)).tolist()
 
     def _chunk_range(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_train)
@@ -152,7 +152,7 @@ class VectorsData:
     def _buffer(self, epoch: int, index: int, chunks: list[int]) -> Tensor:
         """Buffer `index` of `epoch`: its chunks' rows, permuted."""
         rows = torch.cat([self.read_rows(*self._chunk_range(c)) for c in sorted(chunks)])
-        return rows[torch.randperm(len(rows), generator=seeded_generator(self.seed, 11, epoch, index))]
+        return rows[torch.randperm(len(rows), generator=seeded_generator(self.seed, BUFFER_STREAM, epoch, index))]
 
     def batches(self, batch_size: int, start_step: int = 0) -> Iterator[Tensor]:
         """Batches of the shuffled stream from step `start_step` on (epochs repeat with new orders)."""
@@ -184,7 +184,7 @@ def load_ground_truth(path: str | Path, d: int) -> tuple[Tensor, str]:
     accepted when that reading is the only one that fits d. Returns (matrix, which layout was used)."""
     if not Path(path).is_file():
         raise DataError(f"ground-truth file not found: {path}")
-    shard = _Shard(find_shards(path)[0])
+    shard = _ShardFile(find_shards(path)[0])
     matrix = shard.read(0, shard.rows)
     if not torch.isfinite(matrix).all():
         raise DataError(f"{path}: ground truth holds NaN or inf")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mfr_sae.data.synthetic import TRAIN_STREAM, FeatureStream
+from mfr_sae.data.synthetic import FeatureStream
+from mfr_sae.seeding import TRAIN_STREAM
 
 
 def zipf_probabilities(n_features: int, mean_active: float, exponent: float) -> Tensor:

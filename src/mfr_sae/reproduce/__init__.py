@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +19,111 @@ import torch  # noqa: E402
 
 from mfr_sae.checkpoint import load  # noqa: E402
 from mfr_sae.config import ConfigError, RunConfig, load_config  # noqa: E402
-from mfr_sae.report import save_figure  # noqa: E402
+from mfr_sae.report import fmt_duration, save_figure  # noqa: E402
 from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train  # noqa: E402
 
 
-def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """A finished run's results, an interrupted run resumed, or a new run: reproductions can restart. A run
-    folder whose saved config is not `cfg` is an error naming the first field that differs (never mixed)."""
+HOW_WORDS = {"trained": "training", "resumed": "resuming", "reused": "reused"}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A run's results and what train_or_reuse did to get them: "trained" (a new run), "resumed" (an
+    interrupted run continued) or "reused" (finished by an earlier invocation, not trained now)."""
+
+    results: dict[str, Any]
+    how: str
+
+
+def run_status(cfg: RunConfig, run_dir: Path) -> str:
+    """What train_or_reuse will do with `run_dir`: "reused", "resumed" or "trained". A run folder whose
+    saved config is not `cfg` is an error naming the first field that differs (never mixed)."""
     if (run_dir / CONFIG_FILE).is_file():
         differs = config_difference(load_config(run_dir / CONFIG_FILE), cfg)
         if differs:
             raise ConfigError(f"{run_dir} holds a run of another setting ({differs}): choose another --out")
     if (run_dir / RESULTS_FILE).is_file():
-        return json.loads((run_dir / RESULTS_FILE).read_text())
-    if run_dir.exists():
-        return resume(run_dir, progress=progress)
-    return train(cfg, run_dir, progress=progress)
+        return "reused"
+    return "resumed" if run_dir.exists() else "trained"
+
+
+def _carry_out(how: str, cfg: RunConfig, run_dir: Path, progress: bool) -> RunOutcome:
+    if how == "reused":
+        return RunOutcome(json.loads((run_dir / RESULTS_FILE).read_text()), how)
+    if how == "resumed":
+        return RunOutcome(resume(run_dir, progress=progress), how)
+    return RunOutcome(train(cfg, run_dir, progress=progress), how)
+
+
+def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> RunOutcome:
+    """A finished run's results, an interrupted run resumed, or a new run (reproductions can restart),
+    with which of the three it was (see run_status)."""
+    return _carry_out(run_status(cfg, run_dir), cfg, run_dir, progress)
+
+
+def time_left(seconds_per_run: float | None, remaining: int) -> str:
+    """`, about 4.5 min left` for `remaining` runs at `seconds_per_run` each; "" without an estimate."""
+    if seconds_per_run is None or remaining <= 0:
+        return ""
+    return f", about {fmt_duration(seconds_per_run * remaining)} left"
+
+
+class RunTracker:
+    """The runs of a reproduction or study, in order. Each is trained, resumed or reused (train_or_reuse),
+    announced as `[name] training: DIR (run 3 of 12, about 4.5 min left)` or `[name] reused: DIR (...)`,
+    and recorded with its own train_seconds for the report. The time left is estimated from the runs
+    trained or resumed so far (reused ones take no time, so they would make it far too short)."""
+
+    def __init__(self, total: int, root: Path, progress: bool = True, bars: bool | None = None):
+        self.total, self.root, self.progress = total, Path(root), progress
+        self.bars = progress if bars is None else bars
+        self.records: list[dict[str, Any]] = []
+        self.work_seconds: list[float] = []  # wall time of each run trained or resumed here
+
+    def run(self, name: str, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+        """train_or_reuse one run; its results."""
+        how = run_status(cfg, run_dir)
+        if self.progress:
+            rate = float(np.mean(self.work_seconds)) if self.work_seconds else None
+            done = len(self.records)
+            print(f"[{name}] {HOW_WORDS[how]}: {run_dir} (run {done + 1} of {self.total}"
+                  f"{time_left(rate, self.total - done)})", flush=True)
+        started = time.perf_counter()
+        outcome = _carry_out(how, cfg, run_dir, self.bars)
+        if how != "reused":
+            self.work_seconds.append(time.perf_counter() - started)
+        self.records.append({"run": name, "folder": self._folder(run_dir), "how": how,
+                             "train_seconds": outcome.results["train_seconds"]})
+        return outcome.results
+
+    def _folder(self, run_dir: Path) -> str:
+        try:
+            return Path(run_dir).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(run_dir)
+
+    def summary(self) -> dict[str, Any]:
+        """For results.json: the runs' total train_seconds (each run's own) and each run's record."""
+        return {"train_seconds": round(sum(r["train_seconds"] for r in self.records), 1), "runs": self.records}
+
+
+def describe_runs(runs: dict[str, Any], seconds: float) -> str:
+    """A report's sentences on its runs (a RunTracker summary): their training time, how many were trained
+    now, and which were resumed or reused from an earlier invocation; `seconds`: this invocation's time."""
+    records = runs["runs"]
+    by_how = {how: [r for r in records if r["how"] == how] for how in HOW_WORDS}
+    trained = by_how["trained"]
+    lines = [f"Runs: {len(records)}, {fmt_duration(runs['train_seconds'])} of training in all (the sum of each "
+             f"run's own `train_seconds`, from its results.json). Trained now: {len(trained)}"
+             + (f" ({fmt_duration(sum(r['train_seconds'] for r in trained))})." if trained else ".")]
+    for how, words in (("resumed", "Resumed now from an earlier invocation's checkpoint (the time of each counts "
+                                   "from that checkpoint on)"),
+                       ("reused", "Reused from an earlier invocation, not trained now")):
+        if by_how[how]:
+            lines.append(f"{words}: {len(by_how[how])} (" + ", ".join(f"`{r['folder']}`" for r in by_how[how])
+                         + ").")
+    lines.append(f"This invocation took {fmt_duration(seconds)}.")
+    return " ".join(lines)
 
 
 def config_difference(saved: RunConfig, wanted: RunConfig) -> str | None:
@@ -53,8 +144,14 @@ def machine() -> str:
             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
 
 
+def relative_diff(a: float, b: float) -> float:
+    """(a - b) / b in percent."""
+    return 100 * (a - b) / b
+
+
 def relative(a: float, b: float) -> str:
-    return f"{100 * (a - b) / b:+.2f}%"
+    """relative_diff as reports print it (3 significant digits)."""
+    return f"{relative_diff(a, b):+.3g}%"
 
 
 def decoder_distances(run_dir: Path) -> list[float]:
@@ -75,7 +172,7 @@ def figure_distances(dist: dict[str, list[float]], ks: list[int], path: Path) ->
     for offset, (name, values) in zip((-0.2, 0.2), dist.items()):
         ax.bar(x + offset, values, width=0.4, label=name)
     ax.set_xticks(x, [f"k={k}" for k in ks])
-    ax.set_ylabel("mean L2 distance to the other members' decoders")
+    ax.set_ylabel("mean L2 distance to the other members")
     ax.set_title("Decoder distances between members (paper Section 4.3)", fontsize=10)
     ax.legend()
     save_figure(fig, path)

@@ -21,12 +21,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from mfr_sae.checkpoint import load, write_json
+from mfr_sae.checkpoint import load
+from mfr_sae.files import write_json
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
-from mfr_sae.report import embed_png, fmt_mean_sd, fmt_p, markdown_table, save_figure
-from mfr_sae.reproduce import decoder_distances, figure_distances, machine, relative, train_or_reuse
+from mfr_sae.report import figure_link, fmt_mean_sd, fmt_num, fmt_p, markdown_table, save_figure
+from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, relative,
+                               relative_diff)
 from mfr_sae.stats import paired_test, verdict
 
 KS = [12, 24, 36, 48, 60]
@@ -42,6 +44,15 @@ QUICK = {"sfreq": 100.0, "hop_s": 0.25, "d_sae": 1024, "batch_size": 256, "n_sam
          "match_every": 10, "reinit_samples": 2560}
 MEMBER_KEYS = ("k", "mse_clean", "snr_in_db", "snr_out_db", "fvu", "l0", "dead_frac")
 ONE_SEED = "one seed: no test; the k values are not independent replicates"
+# The report's figures: file (beside report.md) and caption.
+FIGURES = {
+    "mse": ("fig_mse_by_k.png", "MSE to the clean window on held-out data by k, baseline and MFR (mean ± sd "
+                                "over seeds; paper Figure 10)."),
+    "example": ("fig_denoising_example.png", "One held-out window of one channel (seed 0): the clean signal, "
+                                             "the noisy input and the k=60 members' outputs."),
+    "distance": ("fig_decoder_distance.png", "Mean L2 distance of each member's decoder to the other members' "
+                                             "decoders, by k, baseline beside MFR (paper Section 4.3)."),
+}
 
 
 def run_overrides(data: Path, mfr: bool, seed: int, setting: dict[str, Any], noise: str,
@@ -71,21 +82,19 @@ def reproduce_eeg(out: str | Path, data: str | Path | None = None, quick: bool =
     setting = QUICK if quick else FULL
     started = time.perf_counter()
     members, runs = [], {}
+    tracker = RunTracker(2 * seeds, out, progress)
     for seed in range(seeds):
         for name, mfr in (("baseline", False), ("mfr", True)):
             cfg = load_config(None, run_overrides(data, mfr, seed, setting, noise, snr_db) + list(overrides))
             run_dir = out / "runs" / f"seed{seed}" / name
-            if progress:
-                print(f"[seed {seed}, {name}] {run_dir}", flush=True)
-            result = train_or_reuse(cfg, run_dir, progress)
+            result = tracker.run(f"seed {seed}, {name}", cfg, run_dir)
             runs[(seed, name)] = (run_dir, result)
             members += [{"seed": seed, "mfr": mfr, **{k: m.get(k) for k in MEMBER_KEYS},
                          **reinit_history(result["reinit_events"], i)} for i, m in enumerate(result["members"])]
     source = make_source(dataclasses.replace(cfg.data, seed=0))  # seed 0's held-out pairs, for the figure
     dist = {name: np.mean([decoder_distances(runs[(s, name)][0]) for s in range(seeds)], axis=0).tolist()
             for name in ("baseline", "mfr")}
-    figures = {"mse": out / "fig_mse_by_k.png", "distance": out / "fig_decoder_distance.png",
-               "example": out / "fig_denoising_example.png"}
+    figures = {name: out / file for name, (file, _) in FIGURES.items()}
     figure_mse(members, figures["mse"])
     figure_distances(dist, KS, figures["distance"])
     figure_example(source, {name: runs[(0, name)][0] for name in ("baseline", "mfr")}, figures["example"])
@@ -99,7 +108,8 @@ def reproduce_eeg(out: str | Path, data: str | Path | None = None, quick: bool =
         "noise": noise, "snr_db": snr_db,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
-        "train_seconds": round(sum(result["train_seconds"] for _, result in runs.values()), 1),
+        "runs": (ran := tracker.summary()),
+        "train_seconds": ran["train_seconds"],
         "beta": [runs[(s, "mfr")][1]["beta"] for s in range(seeds)],
         "reinit_events": sum(len(runs[(s, "mfr")][1]["reinit_events"]) for s in range(seeds)),
         "decoder_distance": dist,
@@ -207,29 +217,31 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         mfr_all += mfr
         base_all += base
         p_mfr, p_base = PAPER_MSE[k]
-        table.append({"k": k, "paper MFR": p_mfr, "paper baseline": p_base, "paper diff": f"{PAPER_DIFF[k]:+.2f}%",
+        # the paper's numbers as it prints them (str: not rounded like the measured ones)
+        table.append({"k": k, "paper MFR": str(p_mfr), "paper baseline": str(p_base),
+                      "paper diff": f"{PAPER_DIFF[k]:+.2f}%",
                       "measured MFR": fmt_mean_sd(mfr), "measured baseline": fmt_mean_sd(base),
                       "measured diff": relative(np.mean(mfr), np.mean(base)),
-                      "SNR out MFR (dB)": fmt_mean_sd(values(members, True, k, "snr_out_db"), 3),
-                      "SNR out baseline (dB)": fmt_mean_sd(values(members, False, k, "snr_out_db"), 3),
-                      "SNR gain MFR (dB)": fmt_mean_sd(snr_gains(members, True, k), 3),
-                      "SNR gain baseline (dB)": fmt_mean_sd(snr_gains(members, False, k), 3)})
+                      "SNR out MFR (dB)": fmt_mean_sd(values(members, True, k, "snr_out_db")),
+                      "SNR out baseline (dB)": fmt_mean_sd(values(members, False, k, "snr_out_db")),
+                      "SNR gain MFR (dB)": fmt_mean_sd(snr_gains(members, True, k)),
+                      "SNR gain baseline (dB)": fmt_mean_sd(snr_gains(members, False, k))})
     test = s["mse_test"]
-    mean_diff = np.mean([100 * (m - b) / b for m, b in zip(mfr_all, base_all)])
+    mean_diff = np.mean([relative_diff(m, b) for m, b in zip(mfr_all, base_all)])
     better = sum(m < b for m, b in zip(mfr_all, base_all))
     if test["n"] < 2:
         tested = f"{ONE_SEED.capitalize()}; the per-k differences in the table below are descriptive."
     else:
         ci = test["ci95"]
         tested = (f"Test over the {test['n']} seeds (per seed, the mean over k of MFR - baseline MSE; the k "
-                  f"values of a seed are not independent replicates): mean difference {test['mean_diff']:+.4g}"
-                  + (f", 95% CI [{ci[0]:+.4g}, {ci[1]:+.4g}]" if ci else "")
+                  f"values of a seed are not independent replicates): mean difference {test['mean_diff']:+.3g}"
+                  + (f", 95% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
                   + f"; paired t-test p = {fmt_p(test['t_test_p'])}"
                   + (f", Wilcoxon p = {fmt_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else "")
                   + f" (two-sided): {verdict(test, higher_is_better=False)}"
                   + (f"; {test['note']}" if test["note"] and test["t_test_p"] is not None else "") + ".")
     snr_in = next((m["snr_in_db"] for m in members if m["snr_in_db"] is not None), None)
-    files = "; ".join(f"`{Path(f['file']).name}` ({f['minutes']:.1f} min, {f['windows']} windows)"
+    files = "; ".join(f"`{Path(f['file']).name}` ({fmt_num(f['minutes'])} min, {f['windows']} windows)"
                       for f in rec["files"])
     setting = s["setting"]
     n_steps = setting["n_samples"] // setting["batch_size"]
@@ -240,8 +252,10 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
     lines = [
         "# Reproduction: MFR on EEG denoising (paper Section 4.2)",
         "",
-        f"Generated by `mfr-sae reproduce eeg{' --quick' if s['quick'] else ''}` on {s['machine']}: "
-        f"{s['train_seconds'] / 60:.1f} minutes of training, {s['seeds']} seed(s). Data `{s['data']}`: "
+        f"Generated by `mfr-sae reproduce eeg{' --quick' if s['quick'] else ''}` on {s['machine']}, {s['seeds']} "
+        f"seed(s). {describe_runs(s['runs'], s['seconds'])}",
+        "",
+        f"Data `{s['data']}`: "
         f"{len(rec['files'])} recording(s), {files}; {rec['n_channels']} EEG channels, resampled to "
         f"{rec['sfreq']:g} Hz, band-pass 0.5-45 Hz (Butterworth order 5, zero phase), 1 s windows every "
         f"{setting['hop_s']:g} s, z-scored per "
@@ -252,10 +266,10 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         + "".join(f"; `{Path(f['file']).name}`: {f['reason']}" for f in rec["skipped"]) + ".",
         "",
         f"Task: denoising. Input = clean window + {s['noise']} noise at {s['snr_db']:g} dB SNR (exact per window; "
-        f"held-out input SNR {snr_in if snr_in is None else round(snr_in, 2)} dB); loss and scores against the "
+        f"held-out input SNR {fmt_num(snr_in)} dB); loss and scores against the "
         f"clean window. 5 baseline + 5 MFR TopK SAEs, h={setting['d_sae']}, k={KS}, batch "
         f"{setting['batch_size']}, lr 1e-3, {setting['n_samples']:,} vectors, MFR beta=auto "
-        f"(= {', '.join(f'{b:.4g}' for b in s['beta'])}), warmup 100 steps, matches recomputed every "
+        f"(= {', '.join(fmt_num(b) for b in s['beta'])}), warmup 100 steps, matches recomputed every "
         f"{setting['match_every']} steps; firing probabilities for the reinitialisation check over "
         f"{setting['reinit_samples']:,} vectors; {s['reinit_events']} reinitialisation(s): {reinits}.",
         "",
@@ -264,7 +278,7 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         "## Verdict",
         "",
         f"MFR vs baseline, MSE to the clean signal, described over the {len(mfr_all)} (seed, k) pairs: mean "
-        f"relative difference {mean_diff:+.2f}% (paper: mean improvement 1.8%, i.e. about -1.8%); MFR lower in "
+        f"relative difference {mean_diff:+.3g}% (paper: mean improvement 1.8%, i.e. about -1.8%); MFR lower in "
         f"{better} of {len(mfr_all)}.",
         "",
         tested,
@@ -277,15 +291,15 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         "the paper's, as printed, divide by the MFR value. The paper's data (TUH) and noise differ from "
         "these, so compare directions, not values.",
         "",
-        embed_png(figures["mse"]),
+        figure_link(figures["mse"], FIGURES["mse"][1]),
         "",
         "## A held-out window (seed 0)",
         "",
-        embed_png(figures["example"]),
+        figure_link(figures["example"], FIGURES["example"][1]),
         "",
         "## Decoder distances (paper Section 4.3)",
         "",
-        embed_png(figures["distance"]),
+        figure_link(figures["distance"], FIGURES["distance"][1]),
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))

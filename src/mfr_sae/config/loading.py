@@ -1,0 +1,161 @@
+"""Configs from and to YAML files, `--set section.field=value` overrides, and the `--help` text of every
+field (from the docstrings under the fields)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from collections.abc import Iterable
+from contextlib import suppress
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+from types import UnionType
+from typing import Any
+
+import yaml
+
+from mfr_sae.config.fields import ConfigError, RunConfig
+from mfr_sae.files import atomic_write_text
+
+
+# ---------------------------------------------------------------- dicts, YAML and overrides
+
+def sections() -> dict[str, type]:
+    """Section name -> its dataclass, in file order."""
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+
+
+def from_dict(raw: Any, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown sections or fields are errors."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    cfg, known = RunConfig(), sections()
+    for section, values in raw.items():
+        if section not in known:
+            raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(known)})")
+        if not isinstance(values, dict | None):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for name, value in (values or {}).items():
+            set_field(cfg, f"{section}.{name}", value, source)
+    return cfg
+
+
+def set_field(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> None:
+    """Set `section.field` on cfg, converting value to the field's type."""
+    section, _, name = dotted.partition(".")
+    known = sections()
+    if section not in known or not name:
+        raise ConfigError(f"{source}: unknown key {dotted!r} (sections: {', '.join(known)})")
+    hints = field_types(known[section])
+    if name not in hints:
+        raise ConfigError(f"{source}: unknown key {dotted!r} (fields of {section}: {', '.join(hints)})")
+    try:
+        setattr(getattr(cfg, section), name, _coerce(value, hints[name]))
+    except _Mismatch as err:
+        bad, tp = err.args
+        raise ConfigError(f"{source}: {dotted}={bad!r} is not a valid {_type_name(tp)}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.field=value` -> (key, value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.field=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    cfg = RunConfig() if path is None else from_dict(_read_yaml(Path(path)), str(path))
+    for text in overrides:
+        set_field(cfg, *parse_override(text))
+    return cfg.validate()
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+class _Mismatch(ValueError):
+    """args: (a value that does not fit, its type): the field's value, or the first bad item of a list."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """value as a tp (of a union, the first type that fits), else _Mismatch. Numbers are also read from text,
+    since YAML 1.1 reads `1e-3` and `2e6` as strings; a float that is a whole number fits an int."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is UnionType:
+        for option in args:
+            try:
+                return _coerce(value, option)
+            except _Mismatch as err:
+                if err.args[0] is not value:  # a list with an item that does not fit: name the item
+                    raise
+    elif origin is list and isinstance(value, list):
+        return [_coerce(item, args[0]) for item in value]
+    elif isinstance(value, bool) or tp is bool:  # bool is an int subclass: bool fields take bools, no others do
+        if tp is bool and isinstance(value, bool):
+            return value
+    elif tp is str and isinstance(value, str):
+        return value
+    elif tp is float and isinstance(value, (int, float, str)):
+        with suppress(ValueError):
+            return float(value)
+    elif tp is int and isinstance(value, (int, float, str)):
+        with suppress(ValueError):
+            number = float(value.replace("_", "")) if isinstance(value, str) else value
+            if isinstance(number, int) or number.is_integer():
+                return int(number)
+    raise _Mismatch(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp) if typing.get_origin(tp) else tp.__name__
+
+
+# ---------------------------------------------------------------- help text from docstrings
+
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> its type (the annotations, which `from __future__ import annotations` keeps as text)."""
+    return typing.get_type_hints(cls)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its docstring), on one line."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in pairwise(body)
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)}
+
+
+def help_text() -> str:
+    """Every config field with its type, default and docstring, for --help."""
+    lines = ["config fields (YAML sections, or --set section.field=value):"]
+    defaults = RunConfig()
+    for section, cls in sections().items():
+        lines.append(f"  {section}:")
+        docs = field_docs(cls)
+        for name, tp in field_types(cls).items():
+            default = getattr(getattr(defaults, section), name)
+            lines.append(f"    {section}.{name} ({_type_name(tp)}, default {default!r})")
+            if name in docs:
+                lines.append(f"        {docs[name]}")
+    return "\n".join(lines)

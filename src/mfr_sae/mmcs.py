@@ -1,0 +1,205 @@
+"""MMCS between the decoders of an ensemble's members (SPEC section 4), and its matched form.
+
+MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), or the mean cosine of
+a one-to-one Hungarian matching (`hungarian`); a match whose cosine is below min_cosine counts 0 (the
+thresholded form).
+
+The gradient of a max flows only through its arg-max, so the penalty splits in two:
+1. matching, without autograd and in chunks: for each row of a its partner in b and for each row of b
+   its partner in a (`match_pair`);
+2. the mean cosine of the matched rows, differentiable and cheap (O(h d) per pair). All pairs' matches
+   form one symmetric sparse matrix L over the N * h decoder rows (`Links`), scaled so that
+   sum(D * (L @ D)) is the mean over pairs of MMCS (D: the unit decoder rows; `linked_similarity`).
+With the matches of the current weights this is exactly the mean pairwise MMCS (`matched_mmcs`);
+`dense_mmcs` is the naive reference (full h x h similarities with autograd).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from mfr_sae.kernels import inverse_norms
+from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
+
+Pair = tuple[int, int]  # two members (a, b), a < b
+NO_MATCH = -1  # a row whose match falls below min_cosine: not linked
+
+
+def member_pairs(n_members: int) -> list[Pair]:
+    """Every pair of members, in the order (0, 1), (0, 2), ..., (1, 2), ..."""
+    return [(a, b) for a in range(n_members) for b in range(a + 1, n_members)]
+
+
+def n_member_pairs(n_members: int) -> int:
+    return n_members * (n_members - 1) // 2
+
+
+# ---------------------------------------------------------------------- 1. matching
+
+
+@torch.no_grad()
+def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
+    """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
+    partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
+    directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse. A match
+    whose cosine is below min_cosine is NO_MATCH."""
+    if mode == "hungarian":
+        rows, cols, _ = hungarian_match(a, b)
+        a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
+        matches = torch.stack([a_to_b, torch.argsort(a_to_b)])
+    else:
+        matches = _max_matches(a, b, chunk)
+    if min_cosine > -1:
+        cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
+        matches = matches.masked_fill(cosines < min_cosine, NO_MATCH)
+    return matches
+
+
+def _max_matches(a: Tensor, b: Tensor, chunk: int) -> Tensor:
+    """The arg-max matches of match_pair, both directions from one chunked pass over a @ b.T."""
+    best_for_b = torch.full((len(b),), -torch.inf, device=a.device, dtype=a.dtype)
+    arg_for_b = torch.zeros(len(b), dtype=torch.long, device=a.device)
+    arg_for_a = []
+    for start in range(0, len(a), chunk):
+        sims = a[start:start + chunk] @ b.T
+        arg_for_a.append(sims.argmax(dim=1))
+        chunk_best, chunk_arg = sims.max(dim=0)
+        better = chunk_best > best_for_b
+        best_for_b = torch.where(better, chunk_best, best_for_b)
+        arg_for_b = torch.where(better, chunk_arg + start, arg_for_b)
+    return torch.stack([torch.cat(arg_for_a), arg_for_b])
+
+
+def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
+    """Matches of every member pair, in `member_pairs` order: [P, 2, h]."""
+    pairs = member_pairs(len(decoder))
+    if not pairs:
+        return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
+    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk, min_cosine) for a, b in pairs])
+
+
+def changed_fraction(old: dict[Pair, Tensor], new: dict[Pair, Tensor]) -> float | None:
+    """Share of matches that differ between two matchings of the same pairs: how stale the old ones had
+    become (None when no pair is in both)."""
+    common = [pair for pair in new if pair in old]
+    if not common:
+        return None
+    changed = sum((old[pair].to(new[pair].device) != new[pair]).sum().item() for pair in common)
+    return changed / sum(new[pair].numel() for pair in common)
+
+
+# ---------------------------------------------------------------------- 2. the mean cosine of matched rows
+
+
+@dataclass
+class Links:
+    """A block of L, between the decoder rows of some members (L's rows) and those of some members (L's
+    columns), in CSR form: where each row's links start, the column each link reaches, and its weight."""
+
+    offsets: Tensor
+    targets: Tensor
+    weights: Tensor
+
+    def matmul_unit(self, columns: Tensor) -> Tensor:
+        """L @ D, D: the column members' decoder rows `columns` [n * h, d] scaled to unit norm (the scale goes
+        into the link weights: no normalised copy), as a weighted sum of rows per output row (embedding_bag)."""
+        scale = inverse_norms(columns)
+        return F.embedding_bag(self.targets, columns, offsets=self.offsets,
+                               per_sample_weights=self.weights.to(columns.dtype) * scale[self.targets], mode="sum")
+
+
+def links_between(matches: dict[Pair, Tensor], row_members: range, column_members: range, d_sae: int,
+                  n_pairs: int, device: torch.device) -> Links:
+    """The block of L between the decoder rows of the members `row_members` and those of the members
+    `column_members` (each numbered from the block's first row), from the matches ([2, h]) of the member
+    pairs (a, b) that join them (other pairs are ignored). L is scaled for the mean over all n_pairs pairs."""
+    link_rows, link_columns = [], []
+    arange = torch.arange(d_sae, device=device)
+    for (a, b), (a_to_b, b_to_a) in matches.items():
+        for row_member, column_member, forward, backward in [(a, b, a_to_b, b_to_a), (b, a, b_to_a, a_to_b)]:
+            if row_member in row_members and column_member in column_members:
+                # row i of the row member links to row forward[i] of the column member; row backward[j] to row j
+                row_start = (row_member - row_members.start) * d_sae
+                column_start = (column_member - column_members.start) * d_sae
+                linked, linked_back = forward != NO_MATCH, backward != NO_MATCH
+                link_rows += [arange[linked] + row_start, backward[linked_back] + row_start]
+                link_columns += [forward[linked] + column_start, arange[linked_back] + column_start]
+    size = (len(row_members) * d_sae, len(column_members) * d_sae)
+    n_links = sum(map(len, link_rows))
+    if not n_links:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Links(torch.zeros(size[0], dtype=torch.long, device=device), empty, empty.float())
+    # each directed match carries 1 / (2 h P); half of it on (i, j), half on (j, i): L is symmetric
+    link_weight = 1.0 / (4 * d_sae * n_pairs)
+    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(link_rows), torch.cat(link_columns)]),
+                                  torch.full((n_links,), link_weight, device=device),
+                                  size, check_invariants=False).coalesce()  # sorted by row, duplicates summed
+    rows, targets = coo.indices()
+    counts = torch.bincount(rows, minlength=size[0])
+    return Links(torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]]), targets, coo.values())
+
+
+class _LinkedSimilarity(torch.autograd.Function):
+    """Per member of the rows W given, sum over its rows r of d_r . (L @ D)_r, with D = W's rows scaled to
+    unit norm (no normalised copy) and (L @ D) for these rows given (`product`, a constant: L's columns
+    read the rows of all members, on every rank). The gradient reaching row r is that of the whole sum
+    over all rows of all members, which for a symmetric L is 2 (L @ D)_r projected off w_r and divided
+    by ||w_r||: it reuses the product."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, product: Tensor) -> Tensor:
+        rows = weight.reshape(-1, weight.shape[-1])
+        inv_norm = inverse_norms(rows)
+        dots = torch.linalg.vecdot(rows, product)  # w_r . (L @ D)_r
+        ctx.save_for_backward(rows, product, inv_norm, dots)
+        ctx.shape = weight.shape
+        return (dots * inv_norm).view(weight.shape[:2]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        rows, product, inv_norm, dots = ctx.saved_tensors
+        grad_rows = product.addcmul(rows, (dots * inv_norm.square()).unsqueeze(1), value=-1)
+        grad_per_row = grad.repeat_interleave(ctx.shape[1])  # each row takes its member's incoming gradient
+        return grad_rows.mul_((2 * grad_per_row * inv_norm).unsqueeze(1)).view(ctx.shape), None
+
+
+def linked_similarity(weight: Tensor, product: Tensor) -> Tensor:
+    """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: decoder rows of any norm (one
+    rank's members), product [n * h, d]: L @ D for those rows (`Links.matmul_unit` of the rows of all
+    members). Differentiable as parts of that one sum: the gradient a row receives is that of the whole
+    sum (so sum the parts of all members, with one weight)."""
+    return _LinkedSimilarity.apply(weight, product)
+
+
+def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
+    """Mean over member pairs of MMCS from fixed matches ([P, 2, h], `match_all`), differentiable; weight
+    [N, h, d]: decoder rows of any norm (the cosines are taken of their directions). O(P h d)."""
+    n, h, d = weight.shape
+    links = links_between(dict(zip(member_pairs(n), matches)), range(n), range(n), h, len(matches), weight.device)
+    return linked_similarity(weight, links.matmul_unit(weight.detach().reshape(-1, d))).sum()
+
+
+def dense_mmcs(decoder: Tensor, min_cosine: float = -1.0) -> Tensor:
+    """The naive `max` MMCS of every member pair, full similarity matrices with autograd: [P]. Thresholded
+    form: a max cosine below min_cosine counts 0."""
+    def kept_mean(best: Tensor) -> Tensor:
+        return best.masked_fill(best < min_cosine, 0).mean() if min_cosine > -1 else best.mean()
+
+    per_pair = []
+    for a, b in member_pairs(len(decoder)):
+        sims = decoder[a] @ decoder[b].T
+        per_pair.append((kept_mean(sims.max(dim=1).values) + kept_mean(sims.max(dim=0).values)) / 2)
+    return torch.stack(per_pair)
+
+
+@torch.no_grad()
+def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
+    """Mean over member pairs of MMCS, `max` and `hungarian` variants (None for a single member)."""
+    if len(decoder) < 2:
+        return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None}
+    return {f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
+            for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]}
