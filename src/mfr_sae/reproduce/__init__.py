@@ -6,7 +6,6 @@ import itertools
 import json
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,9 @@ from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train  # noqa: E402
 HOW_WORDS = {"trained": "training", "resumed": "resuming", "reused": "reused"}
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """A run's results and what train_or_reuse did to get them: "trained" (a new run), "resumed" (an
-    interrupted run continued) or "reused" (finished by an earlier invocation, not trained now)."""
-
-    results: dict[str, Any]
-    how: str
-
-
 def run_status(cfg: RunConfig, run_dir: Path) -> str:
-    """What train_or_reuse will do with `run_dir`: "reused", "resumed" or "trained". A run folder whose
+    """What to do with `run_dir`: "reused" (finished by an earlier invocation), "resumed" (an interrupted run,
+    continued) or "trained" (a new run), so that reproductions can restart. A run folder whose
     saved config is not `cfg` is an error naming the first field that differs (never mixed)."""
     if (run_dir / CONFIG_FILE).is_file():
         differs = config_difference(load_config(run_dir / CONFIG_FILE), cfg)
@@ -47,18 +38,13 @@ def run_status(cfg: RunConfig, run_dir: Path) -> str:
     return "resumed" if run_dir.exists() else "trained"
 
 
-def _carry_out(how: str, cfg: RunConfig, run_dir: Path, progress: bool) -> RunOutcome:
+def _carry_out(how: str, cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """The run's results, by `how` (run_status)."""
     if how == "reused":
-        return RunOutcome(json.loads((run_dir / RESULTS_FILE).read_text()), how)
+        return json.loads((run_dir / RESULTS_FILE).read_text())
     if how == "resumed":
-        return RunOutcome(resume(run_dir, progress=progress), how)
-    return RunOutcome(train(cfg, run_dir, progress=progress), how)
-
-
-def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool) -> RunOutcome:
-    """A finished run's results, an interrupted run resumed, or a new run (reproductions can restart),
-    with which of the three it was (see run_status)."""
-    return _carry_out(run_status(cfg, run_dir), cfg, run_dir, progress)
+        return resume(run_dir, progress=progress)
+    return train(cfg, run_dir, progress=progress)
 
 
 def time_left(seconds_per_run: float | None, remaining: int) -> str:
@@ -69,7 +55,7 @@ def time_left(seconds_per_run: float | None, remaining: int) -> str:
 
 
 class RunTracker:
-    """The runs of a reproduction or study, in order. Each is trained, resumed or reused (train_or_reuse),
+    """The runs of a reproduction or study, in order. Each is trained, resumed or reused (run_status),
     announced as `[name] training: DIR (run 3 of 12, about 4.5 min left)` or `[name] reused: DIR (...)`,
     and recorded with its own train_seconds for the report. The time left is estimated from the runs
     trained or resumed so far (reused ones take no time, so they would make it far too short)."""
@@ -81,7 +67,7 @@ class RunTracker:
         self.work_seconds: list[float] = []  # wall time of each run trained or resumed here
 
     def run(self, name: str, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-        """train_or_reuse one run; its results."""
+        """Train, resume or reuse one run (run_status); its results."""
         how = run_status(cfg, run_dir)
         if self.progress:
             rate = float(np.mean(self.work_seconds)) if self.work_seconds else None
@@ -89,12 +75,12 @@ class RunTracker:
             print(f"[{name}] {HOW_WORDS[how]}: {run_dir} (run {done + 1} of {self.total}"
                   f"{time_left(rate, self.total - done)})", flush=True)
         started = time.perf_counter()
-        outcome = _carry_out(how, cfg, run_dir, self.bars)
+        results = _carry_out(how, cfg, run_dir, self.bars)
         if how != "reused":
             self.work_seconds.append(time.perf_counter() - started)
         self.records.append({"run": name, "folder": self._folder(run_dir), "how": how,
-                             "train_seconds": outcome.results["train_seconds"]})
-        return outcome.results
+                             "train_seconds": results["train_seconds"]})
+        return results
 
     def _folder(self, run_dir: Path) -> str:
         try:
@@ -124,6 +110,33 @@ def describe_runs(runs: dict[str, Any], seconds: float) -> str:
                          + ").")
     lines.append(f"This invocation took {fmt_duration(seconds)}.")
     return " ".join(lines)
+
+
+def reinit_history(events: list[dict], member: int) -> dict[str, int | None]:
+    """How often a member was re-initialised, and at which step last (None: never)."""
+    steps = [e["step"] for e in events if e["member"] == member]
+    return {"reinits": len(steps), "last_reinit_step": max(steps, default=None)}
+
+
+# A member re-initialised in the last this share of its run ends barely trained: its numbers say little.
+LATE_REINIT_SHARE = 0.2
+
+
+def reinit_summary(events: list[dict], n_members: int, n_steps: int, ks: list[int]) -> str:
+    """One sentence on a run's reinitialisations: per member how many and the last step, and a warning when
+    a member's last one came in the last LATE_REINIT_SHARE of the run."""
+    history = [reinit_history(events, i) for i in range(n_members)]
+    if not events:
+        return "No reinitialisation fired."
+    parts = [f"k={k} {h['reinits']}x, last at step {h['last_reinit_step']} of {n_steps}"
+             for k, h in zip(ks, history) if h["reinits"]]
+    late = [k for k, h in zip(ks, history)
+            if h["last_reinit_step"] is not None and n_steps - h["last_reinit_step"] < LATE_REINIT_SHARE * n_steps]
+    text = f"{len(events)} reinitialisation(s): {', '.join(parts)}."
+    if late:
+        text += (f" **The members with k={late} were re-initialised in the last {LATE_REINIT_SHARE:.0%} of "
+                 "training: their numbers measure barely trained SAEs, not the effect of the penalty.**")
+    return text
 
 
 def config_difference(saved: RunConfig, wanted: RunConfig) -> str | None:

@@ -27,8 +27,8 @@ from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
 from mfr_sae.report import figure_link, fmt_mean_sd, fmt_num, fmt_p, markdown_table, save_figure
-from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, relative,
-                               relative_diff)
+from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, reinit_history,
+                               relative, relative_diff)
 from mfr_sae.stats import paired_test, verdict
 
 KS = [12, 24, 36, 48, 60]
@@ -152,12 +152,6 @@ def mse_by_k(members: list[dict]) -> list[dict[str, Any]]:
         m, b = float(np.mean(mfr)), float(np.mean(base))
         rows.append({"k": k, "mfr": m, "baseline": b, "diff": m - b, "relative_diff": (m - b) / b})
     return rows
-
-
-def reinit_history(events: list[dict], member: int) -> dict[str, int | None]:
-    """How often a member was re-initialised, and at which step last (None: never)."""
-    steps = [e["step"] for e in events if e["member"] == member]
-    return {"reinits": len(steps), "last_reinit_step": max(steps, default=None)}
 
 
 def of(members: list[dict], mfr: bool, k: int) -> list[dict]:

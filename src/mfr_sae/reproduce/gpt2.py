@@ -20,8 +20,8 @@ from mfr_sae.files import write_json
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
 from mfr_sae.report import figure_link, fmt_num, markdown_table
-from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, relative,
-                               relative_diff)
+from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, reinit_summary,
+                               relative, relative_diff)
 
 KS = [6, 12, 18, 24, 30]
 # Paper Tables 1 (MSE) and 2 (cross-entropy with the SAE spliced in), MFR and baseline, by k.
@@ -34,8 +34,10 @@ PAPER_MSE_DIFF = {6: -21.21, 12: -11.57, 18: -5.17, 24: 1.75, 30: 7.89}
 PAPER_CE_DIFF = {6: -6.27, 12: -5.03, 18: -3.85, 24: -3.51, 30: -8.58}
 PAPER_CE_CLEAN, PAPER_CE_ZERO = 3.12, 132.27
 FULL = {"tokens": 2_000_000, "lm_sequences": 1000, "match_every": 1}
-# --quick: the same SAEs on 100,000 tokens, matches recomputed every 10 steps (bench/RESULTS.md).
-QUICK = {"tokens": 100_000, "lm_sequences": 20, "match_every": 10}
+# --quick: the same SAEs on 100,000 tokens (200 steps), matches recomputed every 10 steps (bench/RESULTS.md), and
+# the firing probabilities of the reinitialisation check over 10 batches, not 20, so that its phase (at most 10
+# checks per member) ends halfway: with 20, a member re-initialised 10 times is re-initialised at the last step.
+QUICK = {"tokens": 100_000, "lm_sequences": 20, "match_every": 10, "reinit_samples": 5000}
 FIGURE = ("fig_decoder_distance.png", "Mean L2 distance of each member's decoder to the other members' decoders, "
                                       "by k, baseline beside MFR (paper Section 4.3).")
 
@@ -45,7 +47,8 @@ def run_overrides(cache: Path, mfr: bool, setting: dict[str, int], holdout: int)
             f"sae.k={KS}", "sae.d_sae=3072", "train.batch_size=500", "train.lr=1e-3",
             f"train.n_samples={setting['tokens']}", "train.checkpoint_every=200", f"eval.n_samples={holdout}",
             f"eval.lm_sequences={setting['lm_sequences']}", f"mfr.enabled={str(mfr).lower()}",
-            f"mfr.match_every={setting['match_every']}"]
+            f"mfr.match_every={setting['match_every']}",
+            *([f"mfr.reinit_samples={setting['reinit_samples']}"] if "reinit_samples" in setting else [])]
 
 
 def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
@@ -84,6 +87,7 @@ def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
         "runs": tracker.summary(),
         "lm": {name: results[name]["lm"] for name in results},
         "beta": results["mfr"]["beta"],
+        "reinit": reinit_summary(results["mfr"]["reinit_events"], len(KS), results["mfr"]["steps"], KS),
         "decoder_distance": dist,
         "members": members,
     }
@@ -123,7 +127,8 @@ def write_report(out: Path, s: dict[str, Any], figure: Path) -> None:
         f"Model `{s['model']}`, hook `{s['hook']}` (module `{s['module']}`), "
         f"text `{s['text']}`, {s['tokens']:,} training tokens, context {s['context']} (BOS first; its position is not "
         f"used), 5 baseline + 5 MFR TopK SAEs, h=3072, k={KS}, batch 500, lr 1e-3, MFR beta=auto "
-        f"(= {fmt_num(s['beta'])}), warmup 100 steps, matches recomputed every {s['match_every']} steps.",
+        f"(= {fmt_num(s['beta'])}), warmup 100 steps, matches recomputed every {s['match_every']} steps. "
+        f"MFR's reinitialisation: {s['reinit']}",
         "",
         *(["This is the `--quick` setting: far fewer tokens than the paper's 2,000,000, so the SAEs are "
            "not converged.", ""] if s["quick"] else []),
