@@ -45,7 +45,9 @@ def worker(spec: dict) -> None:
     result = {"world": world, "threads": torch.get_num_threads()}
     steps = [s for s in STEPS if s[0] == spec["memory"]] if spec["memory"] else STEPS
     for name, every in steps:
-        extra = [] if every is None else [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
+        extra = (
+            [] if every is None else [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
+        )
         extra += ["train.autocast=true"] * spec["autocast"] + [f"sae.n_members={MEMORY_MEMBERS}"] * bool(spec["memory"])
         run = trainer(device, extra)
         x = next(run.source.batches(BATCH)).to(run.device)
@@ -81,16 +83,30 @@ def _peak_memory(run, x: torch.Tensor) -> dict[str, float]:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     decoder = run.ensemble.decoder_weight
-    return {"peak_bytes": max(run.shard.gather_objects(peak)),
-            "member_decoder_bytes": decoder[0].numel() * decoder.element_size()}
+    return {
+        "peak_bytes": max(run.shard.gather_objects(peak)),
+        "member_decoder_bytes": decoder[0].numel() * decoder.element_size(),
+    }
 
 
 def _launch(procs: int, spec: dict) -> dict | None:
     """One torchrun of `procs` workers: rank 0's result, or None (said why)."""
     env = {**os.environ, "BENCH_CORES": str(os.cpu_count() or 1)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={procs}", __file__, "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            __file__,
+            "--worker",
+            json.dumps(spec),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not line:
         print(f"R={procs}: failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
@@ -99,16 +115,19 @@ def _launch(procs: int, spec: dict) -> dict | None:
 
 
 def memory(procs: list[int], autocast: bool) -> None:
-    print(f"\n{'R':>2s} {'members/rank':>12s} {'baseline MiB':>12s} {'MFR MiB':>8s} {'MFR extra MiB':>13s} "
-          f"{'in decoders':>11s}")
+    print(
+        f"\n{'R':>2s} {'members/rank':>12s} {'baseline MiB':>12s} {'MFR MiB':>8s} {'MFR extra MiB':>13s} "
+        f"{'in decoders':>11s}"
+    )
     for r in procs:
-        base, mfr = (_launch(r, {"steps": 3, "autocast": autocast, "memory": name})
-                     for name in ("baseline", "MFR m=1"))
+        base, mfr = (_launch(r, {"steps": 3, "autocast": autocast, "memory": name}) for name in ("baseline", "MFR m=1"))
         if base and mfr:
             b, m = base["baseline"], mfr["MFR m=1"]
             extra = m["peak_bytes"] - b["peak_bytes"]
-            print(f"{r:2d} {MEMORY_MEMBERS / r:12.1f} {b['peak_bytes'] / 2**20:12.1f} {m['peak_bytes'] / 2**20:8.1f} "
-                  f"{extra / 2**20:13.1f} {extra / m['member_decoder_bytes']:11.1f}")
+            print(
+                f"{r:2d} {MEMORY_MEMBERS / r:12.1f} {b['peak_bytes'] / 2**20:12.1f} {m['peak_bytes'] / 2**20:8.1f} "
+                f"{extra / 2**20:13.1f} {extra / m['member_decoder_bytes']:11.1f}"
+            )
 
 
 def main() -> None:
@@ -119,21 +138,28 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak memory per rank instead of speed")
     args = parser.parse_args()
     procs = [int(p) for p in (args.procs or ("1,2,4,8" if args.memory else "1,2")).split(",")]
-    print(f"machine: {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (gloo)'}")
+    print(
+        f"machine: {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (gloo)'}"
+    )
     if args.memory:
         return memory(procs, args.autocast)
-    rows = {r: row for r in procs if (row := _launch(r, {"steps": args.steps, "autocast": args.autocast,
-                                                          "memory": None}))}
-    print(f"\n{'':10s} {'R':>2s} {'threads/proc':>12s} {'ms/step':>8s} {'tokens/s':>9s} {'vs R=1':>7s} "
-          f"{'MiB recv/step':>12s} {'of params':>9s}")
+    rows = {
+        r: row for r in procs if (row := _launch(r, {"steps": args.steps, "autocast": args.autocast, "memory": None}))
+    }
+    print(
+        f"\n{'':10s} {'R':>2s} {'threads/proc':>12s} {'ms/step':>8s} {'tokens/s':>9s} {'vs R=1':>7s} "
+        f"{'MiB recv/step':>12s} {'of params':>9s}"
+    )
     for name, _ in STEPS:
         for procs, row in rows.items():
             r = row[name]
             base = rows.get(1, row)[name]["seconds"]
-            print(f"{name:10s} {procs:2d} {row['threads']:12d} {1000 * r['seconds']:8.1f} {500 / r['seconds']:9.0f} "
-                  f"{base / r['seconds']:7.2f} {r['received_bytes'] / 2**20:12.2f} "
-                  f"{r['received_bytes'] / r['param_bytes']:9.1%}")
+            print(
+                f"{name:10s} {procs:2d} {row['threads']:12d} {1000 * r['seconds']:8.1f} {500 / r['seconds']:9.0f} "
+                f"{base / r['seconds']:7.2f} {r['received_bytes'] / 2**20:12.2f} "
+                f"{r['received_bytes'] / r['param_bytes']:9.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from timing import timed  # bench/timing.py (no mfr_sae: workers run in the peers' venvs)
 
 D, H, BATCH, K, N = 768, 3072, 500, 12, 5
@@ -45,6 +45,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # ---------------------------------------------------------------- workers (run inside a peer's venv)
 
+
 def saelens_steps(x: torch.Tensor, seed: int, dtype: str) -> Callable[[], Any]:
     """One SAELens TopK SAE and its trainer; returns its training step on x."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -53,14 +54,21 @@ def saelens_steps(x: torch.Tensor, seed: int, dtype: str) -> Callable[[], Any]:
 
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=H, k=K, device=str(x.device)))
-    cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=BATCH, lr=LR, lr_end=LR / 10,
-                           device=str(x.device), autocast=dtype == "bf16")  # bf16: torch.autocast
+    cfg = SAETrainerConfig(
+        total_training_samples=10**9,
+        train_batch_size_samples=BATCH,
+        lr=LR,
+        lr_end=LR / 10,
+        device=str(x.device),
+        autocast=dtype == "bf16",
+    )  # bf16: torch.autocast
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 
     def step() -> None:  # what SAETrainer.fit does per batch, less logging and checkpoints
         trainer.maybe_reset_sparsity()
         trainer.step(x)
         trainer.n_training_steps += 1
+
     return step
 
 
@@ -93,6 +101,7 @@ def sparsify_steps(x: torch.Tensor, seed: int, dtype: str) -> Callable[[], Any]:
         opt.step()
         opt.zero_grad()
         sched.step()
+
     return step
 
 
@@ -117,6 +126,7 @@ def worker(name: str, spec: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- main (this environment)
 
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip() and "WARNING: Location" not in line]
     return lines[-1].strip()[:300] if lines else "(no output)"
@@ -138,8 +148,11 @@ def venv_python(root: Path, name: str) -> Path:
     done = subprocess.run([sys.executable, "-m", "venv", "--clear", folder], capture_output=True, text=True)
     if done.returncode == 0:
         (folder / "constraints.txt").write_text(torch_pin + "\n")  # pip must not swap torch for another version
-        done = subprocess.run([python, "-m", "pip", "install", "-q", "-c", folder / "constraints.txt", torch_pin,
-                               package], capture_output=True, text=True)
+        done = subprocess.run(
+            [python, "-m", "pip", "install", "-q", "-c", folder / "constraints.txt", torch_pin, package],
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"install failed: {last_line(done.stderr + done.stdout)}")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
@@ -156,8 +169,9 @@ def run_peer(name: str, root: Path, spec: dict[str, Any]) -> dict[str, Any]:
     print(f"timing {PEERS[name][0]} ({N} SAEs one after another) ...", flush=True)
     # the same glibc setting as mfr-sae's trainer (cpu_memory.keep_freed_cpu_memory), through its environment variables
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-    done = subprocess.run([python, __file__, "--worker", name, json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(
+        [python, __file__, "--worker", name, json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     try:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -203,8 +217,10 @@ def main() -> None:
     from step import PAPER_MFR, trainer  # bench/step.py
 
     device = torch.device(args.device)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
+    )
     print(f"setting: d={D}, h={H}, batch {BATCH}, k={K}, N={N}, {args.steps} timed steps, dtypes {', '.join(dtypes)}\n")
 
     base = trainer(args.device, [])
@@ -218,8 +234,9 @@ def main() -> None:
     for dtype in dtypes:
         w, b = base.ensemble.W_enc.detach().to(DTYPES[dtype]), base.ensemble.b_enc.detach().to(DTYPES[dtype])
         xd = x.to(DTYPES[dtype]).expand(N, *x.shape)
-        seconds[dtype]["floor"] = timed(lambda: torch.baddbmm(b.unsqueeze(1), xd, w.transpose(1, 2)), args.steps,
-                                        device)
+        seconds[dtype]["floor"] = timed(
+            lambda: torch.baddbmm(b.unsqueeze(1), xd, w.transpose(1, 2)), args.steps, device
+        )
         extra = [] if dtype == "fp32" else bf16
         if extra is None:
             continue
@@ -227,11 +244,14 @@ def main() -> None:
         ours = trainer(args.device, extra)
         seconds[dtype]["mfr-sae baseline"] = timed(lambda: ours.train_step(x), args.steps, device)
         for every in (50, 1):
-            mfr = trainer(args.device, extra + [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"])
+            mfr = trainer(
+                args.device, extra + [*PAPER_MFR, "mfr.enabled=true", "mfr.reinit_window=0", f"mfr.match_every={every}"]
+            )
             seconds[dtype][f"mfr-sae MFR m={every}"] = timed(lambda: mfr.train_step(x), max(args.steps, every), device)
 
     batch_file = Path(tempfile.mkdtemp()) / "batch.npy"
     import numpy as np
+
     np.save(batch_file, x.float().cpu().numpy())
     spec = {"device": args.device, "dtypes": dtypes, "steps": args.steps, "seed": args.seed, "batch": str(batch_file)}
     peers: dict[str, dict[str, Any]] = {}
@@ -250,8 +270,10 @@ def main() -> None:
     for dtype in dtypes:
         floor = seconds[dtype]["floor"]
         for name, s in seconds[dtype].items():
-            print(f"{'encoder product (floor)' if name == 'floor' else name:32s} {dtype:>5s} "
-                  f"{1000 * s:9.1f} {BATCH / s:10.0f} {s / floor:8.2f}")
+            print(
+                f"{'encoder product (floor)' if name == 'floor' else name:32s} {dtype:>5s} "
+                f"{1000 * s:9.1f} {BATCH / s:10.0f} {s / floor:8.2f}"
+            )
     print("(ms/step: one step of all 5 SAEs on the batch of 500; x floor: against the floor of the same dtype)")
     for note in notes:
         print("note:", note)
@@ -263,17 +285,37 @@ def main() -> None:
             continue
         lens = next((s for n, s in row.items() if n.startswith("sae-lens")), None)
         spars = next((s for n, s in row.items() if n.startswith("eai-sparsify")), None)
-        print(f"[{dtype}] MFR step throughput / SAELens sequential throughput = "
-              f"{against_goal(lens / mfr, '>=', 3)}" if lens else f"[{dtype}] MFR / SAELens: SAELens not timed")
+        print(
+            f"[{dtype}] MFR step throughput / SAELens sequential throughput = {against_goal(lens / mfr, '>=', 3)}"
+            if lens
+            else f"[{dtype}] MFR / SAELens: SAELens not timed"
+        )
         if spars:
             print(f"[{dtype}] MFR step throughput / sparsify sequential throughput = {spars / mfr:.2f}")
         print(f"[{dtype}] MFR / baseline = {against_goal(mfr / base_s, '<=', 1.15)}   (MFR: match_every=50)")
         print(f"[{dtype}] baseline / floor = {against_goal(base_s / row['floor'], '<=', 2)}")
     if args.json:
-        args.json.write_text(json.dumps({"setting": {"d": D, "h": H, "batch": BATCH, "k": K, "n": N,
-                                                     "steps": args.steps, "device": str(device),
-                                                     "torch": torch.__version__, "machine": platform.machine()},
-                                         "seconds_per_step": seconds, "peers": peers, "notes": notes}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "setting": {
+                        "d": D,
+                        "h": H,
+                        "batch": BATCH,
+                        "k": K,
+                        "n": N,
+                        "steps": args.steps,
+                        "device": str(device),
+                        "torch": torch.__version__,
+                        "machine": platform.machine(),
+                    },
+                    "seconds_per_step": seconds,
+                    "peers": peers,
+                    "notes": notes,
+                },
+                indent=1,
+            )
+        )
         print(f"\nsaved {args.json}")
 
 

@@ -14,11 +14,11 @@ import argparse
 import platform
 
 import torch
+from step import BATCH, PAPER_MFR, trainer  # bench/step.py
+from timing import timed  # bench/timing.py
 
 from mfr_sae.mmcs import match_all
 from mfr_sae.train import Trainer
-from step import BATCH, PAPER_MFR, trainer  # bench/step.py
-from timing import timed  # bench/timing.py
 
 
 def seconds_per_step(run: Trainer, steps: int, warmup: int = 2) -> float:
@@ -32,8 +32,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--match-every", type=int, nargs="+", default=[1, 10, 50, 100])
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {args.device}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}"
+    )
     print("setting: d=768, h=3072, N=5 (10 pairs), batch 500, k=12, fp32\n")
 
     base = seconds_per_step(trainer(args.device, []), args.steps)

@@ -16,20 +16,30 @@ import platform
 import tempfile
 
 import torch
+from timing import timed  # bench/timing.py
 
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.kernels import reference_decode, reference_encode
 from mfr_sae.train import Trainer
-from timing import timed  # bench/timing.py
 
 D, H, BATCH, K, N = 768, 3072, 500, 12, 5
 
 
 def trainer(device: str, extra: list[str]) -> Trainer:
-    overrides = [f"data.d={D}", f"data.n_features={H}", "data.n_groups=12", f"data.n_active={K}",
-                 f"sae.n_members={N}", f"sae.d_sae={H}", f"sae.k={K}", f"train.batch_size={BATCH}",
-                 "train.n_samples=10000000", "train.checkpoint_every=0", f"train.device={device}"]
+    overrides = [
+        f"data.d={D}",
+        f"data.n_features={H}",
+        "data.n_groups=12",
+        f"data.n_active={K}",
+        f"sae.n_members={N}",
+        f"sae.d_sae={H}",
+        f"sae.k={K}",
+        f"train.batch_size={BATCH}",
+        "train.n_samples=10000000",
+        "train.checkpoint_every=0",
+        f"train.device={device}",
+    ]
     if device == "cpu":
         keep_freed_cpu_memory()  # as `mfr-sae train` does
     return Trainer(load_config(None, overrides + extra), tempfile.mkdtemp() + "/run", progress=False)
@@ -41,8 +51,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
+    )
     print(f"setting: d={D}, h={H}, batch {BATCH}, k={K}, N={N}, fp32\n")
 
     base = trainer(args.device, [])
@@ -72,9 +84,11 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:44s} {1000 * seconds:9.1f} {BATCH / seconds:10.0f} {seconds / floor:8.2f}")
     baseline = rows[2][1]
-    print(f"\nbaseline step / floor: {baseline / floor:.2f} (goal <= 2); "
-          f"reference / mfr-sae: {rows[1][1] / baseline:.2f}x; "
-          f"MFR (match_every=50) / baseline: {rows[4][1] / baseline:.2f} (goal <= 1.15)")
+    print(
+        f"\nbaseline step / floor: {baseline / floor:.2f} (goal <= 2); "
+        f"reference / mfr-sae: {rows[1][1] / baseline:.2f}x; "
+        f"MFR (match_every=50) / baseline: {rows[4][1] / baseline:.2f} (goal <= 1.15)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,18 @@ import torch
 torch.set_num_threads(2)
 
 # A small, easy synthetic problem: 64 true features in 32 dimensions, 3 active per sample.
-EASY = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=128",
-        "sae.k=3", "train.batch_size=1000", "train.lr=3e-3", "eval.n_samples=5000",
-        "train.checkpoint_every=0"]
+EASY = [
+    "data.d=32",
+    "data.n_features=64",
+    "data.n_groups=4",
+    "data.n_active=3",
+    "sae.d_sae=128",
+    "sae.k=3",
+    "train.batch_size=1000",
+    "train.lr=3e-3",
+    "eval.n_samples=5000",
+    "train.checkpoint_every=0",
+]
 
 
 @pytest.fixture
@@ -14,8 +23,36 @@ def easy_overrides() -> list[str]:
     return list(EASY)
 
 
-WORDS = ("the a cat dog sees runs over under model feature sparse learns data token layer small "
-         "big red blue green quick slow and or but with from into").split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sees",
+    "runs",
+    "over",
+    "under",
+    "model",
+    "feature",
+    "sparse",
+    "learns",
+    "data",
+    "token",
+    "layer",
+    "small",
+    "big",
+    "red",
+    "blue",
+    "green",
+    "quick",
+    "slow",
+    "and",
+    "or",
+    "but",
+    "with",
+    "from",
+    "into",
+]
 
 
 def write_corpus(path, n_docs=400, seed=0):
@@ -32,7 +69,7 @@ def write_corpus(path, n_docs=400, seed=0):
 def tiny_gpt2(tmp_path_factory):
     """A tiny GPT-2 with random weights and a BPE tokenizer trained here, saved with save_pretrained."""
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("lm")
@@ -41,18 +78,18 @@ def tiny_gpt2(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eot, eos_token_id=eot)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=eot, eos_token_id=eot
+    )
     model = GPT2LMHeadModel(config)
     # a few hundred steps on the corpus, so that the layer-0 MLP matters to the loss (random weights don't)
     ids = torch.tensor(tokenizer(corpus.read_text())["input_ids"])
     ids = ids[: len(ids) // 32 * 32].view(-1, 32)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(200):
+    for _ in range(200):
         batch = ids[torch.randint(len(ids), (16,))]
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()

@@ -41,7 +41,11 @@ def test_saelens_names_shapes_and_semantics(tmp_path):
     assert cfg["dtype"] == "float32" and cfg["apply_b_dec_to_input"] is True
     w = load_file(folder / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in w.items()} == {
-        "W_enc": (6, 10), "b_enc": (10,), "W_dec": (10, 6), "b_dec": (6,)}
+        "W_enc": (6, 10),
+        "b_enc": (10,),
+        "W_dec": (10, 6),
+        "b_dec": (6,),
+    }
     # SAELens' TopK forward on the saved tensors gives the ensemble's output
     x = torch.randn(9, 6)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
@@ -93,19 +97,23 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         load(tmp_path / "checkpoint" / "member_0")
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("W_enc", float("nan"), "W_enc holds NaN"),
-    ("b_dec", float("inf"), "b_dec holds inf"),
-    ("W_dec", float("-inf"), "W_dec holds inf"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("W_enc", float("nan"), "W_enc holds NaN"),
+        ("b_dec", float("inf"), "b_dec holds inf"),
+        ("W_dec", float("-inf"), "W_dec holds inf"),
+    ],
+)
 def test_non_finite_weights_are_refused_naming_the_file_and_tensor(tmp_path, name, value, message):
     save_checkpoint(tmp_path, _trained_like())
     path = tmp_path / "checkpoint" / "member_1" / "sae_weights.safetensors"
     weights = load_file(path)
     weights[name].view(-1)[3] = value  # same names and shapes: only the values are wrong
     save_file(weights, path)
-    with pytest.raises(CheckpointError, match=f"checkpoint/member_1/sae_weights.safetensors: {message} "
-                                              f"\\(1 of \\d+ values\\)"):
+    with pytest.raises(
+        CheckpointError, match=f"checkpoint/member_1/sae_weights.safetensors: {message} \\(1 of \\d+ values\\)"
+    ):
         load(tmp_path)
 
 
@@ -115,8 +123,9 @@ def test_a_wrongly_sized_tensor_is_refused_naming_the_file_and_tensor(tmp_path):
     weights = load_file(path)
     weights["b_enc"] = torch.zeros(9)
     save_file(weights, path)
-    with pytest.raises(CheckpointError, match="member_0/sae_weights.safetensors: b_enc has shape \\[9\\], "
-                                              "cfg.json says \\[10\\]"):
+    with pytest.raises(
+        CheckpointError, match="member_0/sae_weights.safetensors: b_enc has shape \\[9\\], cfg.json says \\[10\\]"
+    ):
         load(tmp_path)
 
 

@@ -89,11 +89,26 @@ def _one_line_error(capsys, needs, extra):
 def test_missing_mne_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path, capsys):
     _missing(monkeypatch, "mne")
     (tmp_path / "rec.fif").write_bytes(b"")
-    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--set", "data.kind=eeg",
-                 "--set", f"data.path={tmp_path / 'rec.fif'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--set",
+                "data.kind=eeg",
+                "--set",
+                f"data.path={tmp_path / 'rec.fif'}",
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "mne", "eeg")
-    assert main(["reproduce", "eeg", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "rep"),
-                 "--no-progress"]) == 2
+    assert (
+        main(["reproduce", "eeg", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "rep"), "--no-progress"])
+        == 2
+    )
     _one_line_error(capsys, "mne", "eeg")
 
 
@@ -106,8 +121,21 @@ def test_missing_transformers_datasets_or_gguf_are_one_line_errors_naming_the_ex
     if importlib.util.find_spec("transformers") is not None:
         _missing(monkeypatch, "gguf")
         (tmp_path / "m.gguf").write_bytes(b"")
-        assert main(["cache", "--model", str(tmp_path / "m.gguf"), "--text", str(text), "--out", str(tmp_path / "c"),
-                     "--no-progress"]) == 2
+        assert (
+            main(
+                [
+                    "cache",
+                    "--model",
+                    str(tmp_path / "m.gguf"),
+                    "--text",
+                    str(text),
+                    "--out",
+                    str(tmp_path / "c"),
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
         _one_line_error(capsys, "gguf", "lm")
     _missing(monkeypatch, "transformers")
     assert main(["cache", "--text", str(text), "--out", str(tmp_path / "c"), "--no-progress"]) == 2

@@ -26,8 +26,9 @@ def test_random_directions_agree_as_chance_predicts():
     assert 0 < mcc < math.sqrt(2 * math.log(h * h) / d)
     assert shared == 0.0
     # one latent each: the matched cosine is a plain random cosine, mean 0, sd 1/sqrt(d)
-    single = [decoder_agreement(torch.randn(1, d, generator=gen), torch.randn(1, d, generator=gen))[0]
-              for _ in range(400)]
+    single = [
+        decoder_agreement(torch.randn(1, d, generator=gen), torch.randn(1, d, generator=gen))[0] for _ in range(400)
+    ]
     assert abs(np.mean(single)) < 3 / math.sqrt(d * 400)
     assert np.std(single) == pytest.approx(1 / math.sqrt(d), rel=0.15)
 
@@ -92,12 +93,20 @@ def test_the_histogram_labels_each_series_by_run_folder_and_member(tmp_path, mon
     import mfr_sae.compare as compare_module
 
     legends = []
-    monkeypatch.setattr(compare_module, "save_figure",
-                        lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    monkeypatch.setattr(
+        compare_module,
+        "save_figure",
+        lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]),
+    )
     a = _run(tmp_path / "seed0" / "mfr", [2, 4], seed=0)
     b = _run(tmp_path / "seed1" / "mfr", [4, 2], seed=1)
     compare([a, b], tmp_path / "out")
-    assert legends == [["seed0/mfr member 0, seed1/mfr member 1 (k=2)", "seed0/mfr member 1, seed1/mfr member 0 (k=4)",
-                        "threshold 0.7"]]
+    assert legends == [
+        [
+            "seed0/mfr member 0, seed1/mfr member 1 (k=2)",
+            "seed0/mfr member 1, seed1/mfr member 0 (k=4)",
+            "threshold 0.7",
+        ]
+    ]
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [m["member_per_run"] for m in saved["members"]] == [[0, 1], [1, 0]]

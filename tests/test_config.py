@@ -3,15 +3,20 @@ from pathlib import Path
 
 import pytest
 
-from mfr_sae.config import (ConfigError, RunConfig, field_docs, help_text, load_config, sections)
+from mfr_sae.config import ConfigError, RunConfig, field_docs, help_text, load_config, sections
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def test_defaults_are_the_papers_synthetic_setting():
     cfg = load_config()
-    assert (cfg.data.d, cfg.data.n_features, cfg.data.n_groups, cfg.data.n_active, cfg.data.decay) == \
-        (256, 512, 12, 36, 0.99)
+    assert (cfg.data.d, cfg.data.n_features, cfg.data.n_groups, cfg.data.n_active, cfg.data.decay) == (
+        256,
+        512,
+        12,
+        36,
+        0.99,
+    )
     assert (cfg.sae.d_sae, cfg.sae.k, cfg.sae.tied, cfg.train.lr) == (512, 36, True, 1e-3)
     assert cfg.ks == [36, 36]
 
@@ -24,23 +29,26 @@ def test_yaml_file_and_overrides(tmp_path):
     assert cfg.train.batch_size == 500 and cfg.sae.tied is False
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["sae.kk=3"], "unknown key 'sae.kk'"),
-    (["model.k=3"], "unknown key 'model.k'"),
-    (["sae.k=abc"], "sae.k='abc' is not a valid"),
-    (["train.lr=-1"], "train.lr=-1.0: must be > 0"),
-    (["sae.k=[3, 4, 5]"], "sae.k has 3 values but sae.n_members=2"),
-    (["sae.k=600"], "sae.k=600: must be between 1 and sae.d_sae=512"),
-    (["data.n_active=43"], "data.n_active=43: the smallest group has 42 features"),
-    (["sae.tied=3"], "sae.tied=3 is not a valid bool"),
-    (["train.batch_size"], "expected section.field=value"),
-    (["train.n_samples=10", "train.batch_size=100"], "less than one batch"),
-    (["data.kind=eeg"], "data.kind=eeg needs data.path"),
-    (["data.kind=eeg", "data.path=x", "data.sfreq=80"], "data.sfreq=80.0: must exceed 90 Hz"),
-    (["data.kind=eeg", "data.path=x", "data.noise=pink"], "data.noise='pink': must be one of none, white"),
-    (["data.kind=eeg", "data.path=x", "data.holdout_fraction=1"], "data.holdout_fraction=1.0: must be in (0, 1)"),
-    (["data.kind=eeg", "data.path=x", "data.channels=[]"], "data.channels=[]: must be common, an MNE montage"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sae.kk=3"], "unknown key 'sae.kk'"),
+        (["model.k=3"], "unknown key 'model.k'"),
+        (["sae.k=abc"], "sae.k='abc' is not a valid"),
+        (["train.lr=-1"], "train.lr=-1.0: must be > 0"),
+        (["sae.k=[3, 4, 5]"], "sae.k has 3 values but sae.n_members=2"),
+        (["sae.k=600"], "sae.k=600: must be between 1 and sae.d_sae=512"),
+        (["data.n_active=43"], "data.n_active=43: the smallest group has 42 features"),
+        (["sae.tied=3"], "sae.tied=3 is not a valid bool"),
+        (["train.batch_size"], "expected section.field=value"),
+        (["train.n_samples=10", "train.batch_size=100"], "less than one batch"),
+        (["data.kind=eeg"], "data.kind=eeg needs data.path"),
+        (["data.kind=eeg", "data.path=x", "data.sfreq=80"], "data.sfreq=80.0: must exceed 90 Hz"),
+        (["data.kind=eeg", "data.path=x", "data.noise=pink"], "data.noise='pink': must be one of none, white"),
+        (["data.kind=eeg", "data.path=x", "data.holdout_fraction=1"], "data.holdout_fraction=1.0: must be in (0, 1)"),
+        (["data.kind=eeg", "data.path=x", "data.channels=[]"], "data.channels=[]: must be common, an MNE montage"),
+    ],
+)
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         load_config(None, overrides)

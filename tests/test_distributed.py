@@ -18,13 +18,27 @@ from mfr_sae.checkpoint import load_trainer_state
 from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
 
-SMALL = [*PAPER_MFR, "data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
-         "sae.n_members=3", "sae.k=[4, 3, 2]", "train.batch_size=200", "train.n_samples=16000",
-         "train.checkpoint_every=20", "eval.n_samples=1000", "mfr.reinit_samples=400",
-         # member 2 (k=2, on rank 1) is re-initialised twice early on, its M well above the threshold and
-         # the others' well below: decisions far from the threshold, so that float noise between 1 and 2
-         # processes cannot flip them
-         "mfr.reinit_threshold=0.6", "mfr.reinit_max=2", "mfr.reinit_window=20"]
+SMALL = [
+    *PAPER_MFR,
+    "data.d=32",
+    "data.n_features=64",
+    "data.n_groups=4",
+    "data.n_active=3",
+    "sae.d_sae=64",
+    "sae.n_members=3",
+    "sae.k=[4, 3, 2]",
+    "train.batch_size=200",
+    "train.n_samples=16000",
+    "train.checkpoint_every=20",
+    "eval.n_samples=1000",
+    "mfr.reinit_samples=400",
+    # member 2 (k=2, on rank 1) is re-initialised twice early on, its M well above the threshold and
+    # the others' well below: decisions far from the threshold, so that float noise between 1 and 2
+    # processes cannot flip them
+    "mfr.reinit_threshold=0.6",
+    "mfr.reinit_max=2",
+    "mfr.reinit_window=20",
+]
 
 
 def test_members_are_split_in_contiguous_shards_of_near_equal_size():
@@ -47,16 +61,21 @@ def _set_args(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = False,
-           wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
+def _train(
+    out: Path, overrides: list[str], processes: int = 1, resume: bool = False, wait: bool = True
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     args = ["--resume", str(out)] if resume else ["--out", str(out)] + _set_args(overrides)
     command = launcher + ["-m", "mfr_sae", "train", "--no-progress", *args]
     env = ONE_THREAD
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, _worker_errors(done.stderr)
     return done
@@ -82,8 +101,10 @@ def _assert_same_log(a: Path, b: Path) -> None:
     for r1, r2 in zip(one, two):
         for key in ("loss", "mse", "l0", "dead_frac", "penalty", "pairwise_mmcs", "reinit_metric"):
             if key in r1:  # (a member's dead_frac is None until it is measured)
-                assert _none_as_nan(r2[key]) == pytest.approx(_none_as_nan(r1[key]), rel=1e-4, abs=1e-6, nan_ok=True), \
-                    (r1["step"], key)
+                assert _none_as_nan(r2[key]) == pytest.approx(_none_as_nan(r1[key]), rel=1e-4, abs=1e-6, nan_ok=True), (
+                    r1["step"],
+                    key,
+                )
 
 
 def _none_as_nan(value):
@@ -101,10 +122,12 @@ def _assert_same_decisions(a: Path, b: Path) -> None:
     """The same reinitialisations (step, member, attempt) and the same beta, up to float noise (the
     penalty's sums run in a different order when the decoders arrive shard by shard)."""
     one, two = _results(a), _results(b)
-    assert [(e["step"], e["member"], e["attempt"]) for e in one["reinit_events"]] == \
-        [(e["step"], e["member"], e["attempt"]) for e in two["reinit_events"]]
-    assert [e["metric"] for e in two["reinit_events"]] == \
-        pytest.approx([e["metric"] for e in one["reinit_events"]], rel=1e-5)
+    assert [(e["step"], e["member"], e["attempt"]) for e in one["reinit_events"]] == [
+        (e["step"], e["member"], e["attempt"]) for e in two["reinit_events"]
+    ]
+    assert [e["metric"] for e in two["reinit_events"]] == pytest.approx(
+        [e["metric"] for e in one["reinit_events"]], rel=1e-5
+    )
     assert two["beta"] == (None if one["beta"] is None else pytest.approx(one["beta"], rel=1e-5))
 
 
@@ -119,8 +142,9 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
     _assert_same_decisions(tmp_path / "one", tmp_path / "two")
     if mfr:  # re-initialised on rank 1, decided with the firing counts of both ranks
         assert [e["member"] for e in _results(tmp_path / "one")["reinit_events"]] == [2, 2]
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "checkpoint").iterdir()
+    )
 
 
 def _free_port() -> int:
@@ -135,13 +159,33 @@ def test_two_nodes_rendezvous_and_train_as_one_process(tmp_path):
     _train(tmp_path / "one", overrides)
     endpoint = f"127.0.0.1:{_free_port()}"
     args = _set_args(overrides)
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                               "--rdzv_id=test", "-m", "mfr_sae", "train", "--no-progress",
-                               "--out", str(tmp_path / "two_nodes"), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=ONE_THREAD)
-             for node in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                "--rdzv_id=test",
+                "-m",
+                "mfr_sae",
+                "train",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "two_nodes"),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ONE_THREAD,
+        )
+        for node in (0, 1)
+    ]
     for node in nodes:
         _, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, _worker_errors(stderr)
@@ -151,8 +195,13 @@ def test_two_nodes_rendezvous_and_train_as_one_process(tmp_path):
 def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
     """4 processes for 2 members: each member splits its batch over 2 processes, gradients summed."""
     overrides = [o for o in SMALL if not o.startswith(("sae.", "train.n_samples", "mfr.reinit"))] + [
-        "sae.d_sae=64", "sae.n_members=2", "sae.k=[3, 4]", "train.n_samples=6000", "mfr.enabled=true",
-        "mfr.reinit_window=0"]  # float sums now differ in order: no threshold decision to flip
+        "sae.d_sae=64",
+        "sae.n_members=2",
+        "sae.k=[3, 4]",
+        "train.n_samples=6000",
+        "mfr.enabled=true",
+        "mfr.reinit_window=0",
+    ]  # float sums now differ in order: no threshold decision to flip
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "four", overrides, processes=4)
     _assert_same_weights(tmp_path / "one", tmp_path / "four", "1 vs 4 processes (data parallel)")
@@ -166,8 +215,15 @@ def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs):
     across shards matched by the rank that sees the other first (both at stage 2, half each) and their
     matches sent to the other; re-matching every 3 steps, so that the links also serve between."""
     overrides = [o for o in SMALL if not o.startswith(("sae.n_members", "sae.k", "train.n_samples", "mfr.reinit"))]
-    overrides += ["sae.n_members=5", "sae.k=[4, 3, 2, 3, 4]", "train.n_samples=6000", "mfr.enabled=true",
-                  "mfr.reinit_window=0", "mfr.match_every=3", f"mfr.mmcs={mmcs}"]
+    overrides += [
+        "sae.n_members=5",
+        "sae.k=[4, 3, 2, 3, 4]",
+        "train.n_samples=6000",
+        "mfr.enabled=true",
+        "mfr.reinit_window=0",
+        "mfr.match_every=3",
+        f"mfr.mmcs={mmcs}",
+    ]
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "four", overrides, processes=4)
     _assert_same_weights(tmp_path / "one", tmp_path / "four", f"1 vs 4 processes, 5 members, {mmcs}")
@@ -245,8 +301,11 @@ def test_a_run_moves_between_one_and_two_processes(tmp_path):
     _train(tmp_path / "whole", overrides)
     for first, then in ((2, 1), (1, 2), (3, 2)):
         run = tmp_path / f"{first}to{then}"
-        _train(run, [o for o in overrides if not o.startswith("train.n_samples")] + ["train.n_samples=8000"],
-               processes=first)
+        _train(
+            run,
+            [o for o in overrides if not o.startswith("train.n_samples")] + ["train.n_samples=8000"],
+            processes=first,
+        )
         config = run / "config.yaml"  # the same run, made longer: resume continues from step 40
         config.write_text(config.read_text().replace("n_samples: 8000", "n_samples: 16000"))
         (run / "results.json").unlink()
@@ -299,18 +358,32 @@ def _launch_ranks(command: list[str], world: int = 2) -> list[subprocess.Popen]:
     """`world` ranks started by hand (as a cluster scheduler would: RANK, WORLD_SIZE, MASTER_ADDR set),
     without torchrun to stop the others when one dies."""
     port = _free_port()
-    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                  "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-            for rank in range(world)]
+    return [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **ONE_THREAD,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for rank in range(world)
+    ]
 
 
 def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error(tmp_path):
     """No launcher to end the run: the collective itself fails, and the survivor names the lost rank."""
     run = tmp_path / "run"
     overrides = SMALL + ["mfr.enabled=true", "train.n_samples=400000", "train.checkpoint_every=10"]
-    ranks = _launch_ranks([sys.executable, "-m", "mfr_sae", "train", "--no-progress", "--out", str(run),
-                           *_set_args(overrides)])
+    ranks = _launch_ranks(
+        [sys.executable, "-m", "mfr_sae", "train", "--no-progress", "--out", str(run), *_set_args(overrides)]
+    )
     deadline = time.time() + 120
     while not (run / "checkpoint").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -321,8 +394,7 @@ def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error
     ranks[1].communicate()
     assert ranks[0].returncode != 0 and time.time() - started < 60
     last = stderr.strip().splitlines()[-1]
-    assert "error: lost contact with the other processes (rank 1 stopped answering)" in last, \
-        stderr[-1500:]
+    assert "error: lost contact with the other processes (rank 1 stopped answering)" in last, stderr[-1500:]
     assert "Traceback" not in stderr
     load_trainer_state(run / "checkpoint")  # the checkpoint written before the kill is whole
 
@@ -350,8 +422,10 @@ def test_the_others_say_why_a_rank_stopped(tmp_path):
     script.write_text(_FAILING_WORKER)
     ranks = _launch_ranks([sys.executable, str(script)])
     out = [rank.communicate(timeout=120)[0] for rank in ranks]
-    assert "LOST lost contact with the other processes (rank 1 failed with TrainingError: loss became nan " \
-           "at step 3)" in out[0], out[0]
+    assert (
+        "LOST lost contact with the other processes (rank 1 failed with TrainingError: loss became nan "
+        "at step 3)" in out[0]
+    ), out[0]
 
 
 _COUNTING_WORKER = """
@@ -382,12 +456,27 @@ def test_what_travels_between_ranks_per_step(tmp_path, mfr):
     script = tmp_path / "worker.py"
     script.write_text(_COUNTING_WORKER)
     overrides = SMALL + ["mfr.reinit_window=0", f"mfr.enabled={str(mfr).lower()}", "mfr.match_every=2"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "run"), json.dumps(overrides)],
-                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "run"),
+            json.dumps(overrides),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert done.returncode == 0, _worker_errors(done.stderr)
-    received = {int(rank): json.loads(values) for _, rank, values in
-                (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))}
+    received = {
+        int(rank): json.loads(values)
+        for _, rank, values in (line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RECEIVED"))
+    }
     assert sorted(received) == [0, 1], done.stdout
     h, d = 64, 32  # SMALL; members 0, 1 on rank 0, member 2 on rank 1
     # pairs matched: (0, 1) on rank 0, (0, 2) and (1, 2) on rank 1 (the pairs across the shards go where

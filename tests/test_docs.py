@@ -15,8 +15,16 @@ import pytest
 import yaml
 
 from mfr_sae import offline
-from mfr_sae.config import (ConfigError, RunConfig, field_types, from_dict, load_config, parse_override, sections,
-                            set_field)
+from mfr_sae.config import (
+    ConfigError,
+    RunConfig,
+    field_types,
+    from_dict,
+    load_config,
+    parse_override,
+    sections,
+    set_field,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -74,21 +82,34 @@ def mfr_sae_args(words: list[str]) -> list[str] | None:
     """The arguments given to `mfr-sae` (directly, `-m mfr_sae` or torchrun's `--no-python mfr-sae`), or None."""
     for i, word in enumerate(words):
         if word == "mfr-sae":
-            return words[i + 1:]
+            return words[i + 1 :]
         if word == "mfr_sae" and i > 0 and words[i - 1] == "-m":
-            return words[i + 1:]
+            return words[i + 1 :]
     return None
 
 
 def all_commands() -> list[tuple[Path, list[str]]]:
-    return [(page, args) for page, body in blocks("bash") for words in shell_commands(body)
-            if (args := mfr_sae_args(words)) is not None]
+    return [
+        (page, args)
+        for page, body in blocks("bash")
+        for words in shell_commands(body)
+        if (args := mfr_sae_args(words)) is not None
+    ]
 
 
 def test_the_docs_pages_exist_and_the_readme_links_every_one():
     readme = (ROOT / "README.md").read_text()
-    for name in ["configuration", "data", "language-models", "eeg", "distributed", "reproductions", "speed",
-                 "design", "contributing"]:
+    for name in [
+        "configuration",
+        "data",
+        "language-models",
+        "eeg",
+        "distributed",
+        "reproductions",
+        "speed",
+        "design",
+        "contributing",
+    ]:
         assert (ROOT / "docs" / f"{name}.md").is_file()
         assert f"(docs/{name}.md)" in readme, f"README does not link docs/{name}.md"
 
@@ -104,8 +125,11 @@ def test_every_yaml_block_is_a_valid_config():
 
 
 def test_every_set_override_in_a_bash_block_names_a_field_and_a_value_it_takes():
-    found = [(page, text) for page, body in blocks("bash")
-             for text in re.findall(r"--set[ \t]+(\S+)", body.replace("\\\n", " "))]
+    found = [
+        (page, text)
+        for page, body in blocks("bash")
+        for text in re.findall(r"--set[ \t]+(\S+)", body.replace("\\\n", " "))
+    ]
     assert len(found) >= 10
     for page, text in found:
         try:

@@ -107,5 +107,4 @@ def test_fused_tied_reconstruction_matches_the_reference_values_and_gradients(ks
     ref_grads = torch.autograd.grad((ref_out - target).pow(2).sum(), [x, w, bias])
     for name, g, r in zip(["x", "W", "b_enc"], grads, ref_grads):
         torch.testing.assert_close(g, r, msg=f"gradient of {name}")
-    assert torch.autograd.gradcheck(lambda x, w, b: tied_topk(x, w, b, k, None if uniform else mask)[0],
-                                    (x, w, bias))
+    assert torch.autograd.gradcheck(lambda x, w, b: tied_topk(x, w, b, k, None if uniform else mask)[0], (x, w, bias))

@@ -5,10 +5,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mfr_sae.cli import main  # noqa: E402
-from mfr_sae.data.activations import load_model, read_texts, splice, token_sequences  # noqa: E402
-from mfr_sae.ensemble import Ensemble  # noqa: E402
-from mfr_sae.lm_eval import loss_recovered  # noqa: E402
+from mfr_sae.cli import main
+from mfr_sae.data.activations import load_model, read_texts, splice, token_sequences
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.lm_eval import loss_recovered
 
 
 def identity_sae(d: int) -> Ensemble:
@@ -43,12 +43,41 @@ def test_identity_splice_gives_the_clean_loss_and_zero_ablation_does_not(tiny_gp
 def test_cache_then_train_baseline_and_mfr_then_loss_recovered(tiny_gpt2, tmp_path, capsys):
     model_dir, corpus = tiny_gpt2
     cache = tmp_path / "cache"
-    assert main(["cache", "--model", str(model_dir), "--hook", "blocks.0.hook_mlp_out", "--text", str(corpus),
-                 "--out", str(cache), "--tokens", "6000", "--context", "16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--model",
+                str(model_dir),
+                "--hook",
+                "blocks.0.hook_mlp_out",
+                "--text",
+                str(corpus),
+                "--out",
+                str(cache),
+                "--tokens",
+                "6000",
+                "--context",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "6000 vectors of d=32" in capsys.readouterr().out
-    base = ["data.kind=activations", f"data.path={cache}", "data.holdout=500", "sae.d_sae=64",
-            "sae.k=[4, 8]", "train.batch_size=100", "train.n_samples=20000", "train.lr=3e-3",
-            "eval.n_samples=500", "eval.lm_sequences=20", "train.checkpoint_every=0"]
+    base = [
+        "data.kind=activations",
+        f"data.path={cache}",
+        "data.holdout=500",
+        "sae.d_sae=64",
+        "sae.k=[4, 8]",
+        "train.batch_size=100",
+        "train.n_samples=20000",
+        "train.lr=3e-3",
+        "eval.n_samples=500",
+        "eval.lm_sequences=20",
+        "train.checkpoint_every=0",
+    ]
     for name, extra in [("baseline", []), ("mfr", ["mfr.enabled=true"])]:
         sets = [a for o in base + extra for a in ("--set", o)]
         assert main(["train", "--out", str(tmp_path / name), "--no-progress"] + sets) == 0

@@ -1,12 +1,10 @@
 import math
 
 import pytest
-
 import torch
 
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.metrics import (evaluate, ground_truth_metrics, hungarian_match, max_cosine, mmcs,
-                             reconstruction_metrics)
+from mfr_sae.metrics import evaluate, ground_truth_metrics, hungarian_match, max_cosine, mmcs, reconstruction_metrics
 
 E = torch.eye(4)
 

@@ -45,6 +45,7 @@ def test_with_match_every_1_training_follows_the_dense_penalty(tmp_path, easy_ov
         train(load_config(None, base + [f"mfr.match_every={every}"]), tmp_path / str(every), progress=False)
         runs[every] = [json.loads(line) for line in (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()]
     from mfr_sae import load
+
     dense, fast = load(tmp_path / "0"), load(tmp_path / "1")
     torch.testing.assert_close(fast.W_enc, dense.W_enc, atol=1e-5, rtol=1e-4)
     loss = lambda r: [x["loss"] for x in r if "loss" in x]  # noqa: E731
@@ -54,21 +55,26 @@ def test_with_match_every_1_training_follows_the_dense_penalty(tmp_path, easy_ov
 def test_mfr_pulls_members_together(tmp_path, easy_overrides):
     overrides = easy_overrides + ["train.n_samples=100000", "sae.n_members=3"]
     base = train(load_config(None, overrides), tmp_path / "base", progress=False)
-    mfr = train(load_config(None, overrides + ["mfr.enabled=true", "mfr.beta=1.0"]), tmp_path / "mfr",
-                progress=False)
+    mfr = train(load_config(None, overrides + ["mfr.enabled=true", "mfr.beta=1.0"]), tmp_path / "mfr", progress=False)
     assert base["beta"] is None and mfr["beta"] == 1.0
     assert mfr["pairwise_mmcs"] > base["pairwise_mmcs"]
 
 
 def test_resume_of_an_mfr_run_with_sparse_matching_is_exact(tmp_path, easy_overrides):
-    overrides = easy_overrides + ["train.n_samples=40000", "mfr.enabled=true", "mfr.match_every=7",
-                                  "mfr.reinit_samples=3000", "train.checkpoint_every=15"]
+    overrides = easy_overrides + [
+        "train.n_samples=40000",
+        "mfr.enabled=true",
+        "mfr.match_every=7",
+        "mfr.reinit_samples=3000",
+        "train.checkpoint_every=15",
+    ]
     train(load_config(None, overrides), tmp_path / "full", progress=False)
     trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
     trainer.cfg.train.n_samples = 25000  # stop early, after the checkpoint at step 15
     trainer.fit()
     (tmp_path / "cut" / "results.json").unlink()
     from mfr_sae import load, resume
+
     resume(tmp_path / "cut", progress=False)
     for name, p in load(tmp_path / "full").named_parameters():
         assert torch.equal(p, getattr(load(tmp_path / "cut"), name)), name
@@ -91,9 +97,19 @@ def test_beta_relative_to_auto_scales_the_auto_value():
 
 
 def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matches(tmp_path, easy_overrides):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=12000", "mfr.enabled=true", "mfr.match_every=4",
-                                              "mfr.mmcs=max", "train.log_every=1", "mfr.warmup_steps=0",
-                                              "mfr.beta=1.0"])
+    cfg = load_config(
+        None,
+        easy_overrides
+        + [
+            "train.n_samples=12000",
+            "mfr.enabled=true",
+            "mfr.match_every=4",
+            "mfr.mmcs=max",
+            "train.log_every=1",
+            "mfr.warmup_steps=0",
+            "mfr.beta=1.0",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     batches = trainer.source.batches(cfg.train.batch_size)
     seen = {}
@@ -108,9 +124,20 @@ def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matche
 
 
 def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, easy_overrides):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "mfr.enabled=true", "mfr.match_every=50",
-                                              "mfr.mmcs=max", "mfr.beta=1.0", "mfr.warmup_steps=0",
-                                              "mfr.reinit_samples=1000", "mfr.reinit_window=10"])
+    cfg = load_config(
+        None,
+        easy_overrides
+        + [
+            "train.n_samples=20000",
+            "mfr.enabled=true",
+            "mfr.match_every=50",
+            "mfr.mmcs=max",
+            "mfr.beta=1.0",
+            "mfr.warmup_steps=0",
+            "mfr.reinit_samples=1000",
+            "mfr.reinit_window=10",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     with torch.no_grad():  # member 1 cannot use most latents: re-initialised at step 0
         trainer.ensemble.b_enc[1, 32:] = -100.0

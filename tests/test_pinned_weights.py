@@ -13,14 +13,35 @@ from mfr_sae.config import load_config
 from mfr_sae.train import train
 
 PINS = Path(__file__).parent / "data" / "pinned_weights.json"
-BASE = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=128",
-        "train.n_samples=30000", "train.batch_size=500", "train.lr=3e-3", "eval.n_samples=2000",
-        "train.checkpoint_every=0", "mfr.enabled=true", "mfr.warmup_steps=10", "mfr.reinit_window=20",
-        "mfr.reinit_threshold=0.3", "mfr.reinit_max=2", "mfr.reinit_samples=2000"]
+BASE = [
+    "data.d=32",
+    "data.n_features=64",
+    "data.n_groups=4",
+    "data.n_active=3",
+    "sae.d_sae=128",
+    "train.n_samples=30000",
+    "train.batch_size=500",
+    "train.lr=3e-3",
+    "eval.n_samples=2000",
+    "train.checkpoint_every=0",
+    "mfr.enabled=true",
+    "mfr.warmup_steps=10",
+    "mfr.reinit_window=20",
+    "mfr.reinit_threshold=0.3",
+    "mfr.reinit_max=2",
+    "mfr.reinit_samples=2000",
+]
 RUNS = {  # the defaults (hungarian, beta 0.1*auto, matched every 10 steps) and the paper's form, untied
     "tied_hungarian": ["sae.n_members=3", "sae.k=[3,4,3]"],
-    "untied_max_bias": ["sae.n_members=2", "sae.k=3", "sae.tied=false", "sae.decoder_bias=true",
-                        "mfr.mmcs=max", "mfr.beta=auto", "mfr.match_every=1"],
+    "untied_max_bias": [
+        "sae.n_members=2",
+        "sae.k=3",
+        "sae.tied=false",
+        "sae.decoder_bias=true",
+        "mfr.mmcs=max",
+        "mfr.beta=auto",
+        "mfr.match_every=1",
+    ],
 }
 
 

@@ -62,8 +62,11 @@ def test_the_history_keeps_the_last_reinit_samples_vectors_and_survives_a_checkp
 
 @pytest.mark.parametrize("plant", [False, True])
 def test_a_planted_bad_initialisation_triggers_reinit_and_a_good_one_does_not(tmp_path, easy_overrides, plant):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "mfr.enabled=true",
-                                              "mfr.reinit_samples=1000", "mfr.reinit_window=10"])
+    cfg = load_config(
+        None,
+        easy_overrides
+        + ["train.n_samples=20000", "mfr.enabled=true", "mfr.reinit_samples=1000", "mfr.reinit_window=10"],
+    )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     if plant:  # member 1: three quarters of its latents can never win the TopK
         with torch.no_grad():

@@ -3,13 +3,12 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import mfr_sae.reproduce as reproduce  # noqa: E402
-from mfr_sae.config import load_config  # noqa: E402
-from mfr_sae.report import (count_axis, figure_link, fmt_duration, fmt_mean_sd, fmt_num, fmt_p,  # noqa: E402
-                            markdown_table, round_sig)
-from mfr_sae.reproduce import RunTracker, describe_runs, time_left  # noqa: E402
+import mfr_sae.reproduce as reproduce
+from mfr_sae.config import load_config
+from mfr_sae.report import count_axis, figure_link, fmt_duration, fmt_mean_sd, fmt_num, fmt_p, markdown_table, round_sig
+from mfr_sae.reproduce import RunTracker, describe_runs, time_left
 
 
 def test_fmt_mean_sd_gives_the_mean_to_3_significant_digits_and_the_sd_to_2():
@@ -65,7 +64,9 @@ def test_the_tracker_numbers_runs_estimates_the_time_left_and_names_reused_ones(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"[a] reused: {finished} (run 1 of 3)"
     assert out[1] == f"[b] training: {tmp_path / 'runs' / 'b'} (run 2 of 3)"  # no run trained yet: no estimate
-    assert out[2].startswith(f"[c] training: {tmp_path / 'runs' / 'c'} (run 3 of 3, about ") and out[2].endswith(" left)")
+    assert out[2].startswith(f"[c] training: {tmp_path / 'runs' / 'c'} (run 3 of 3, about ") and out[2].endswith(
+        " left)"
+    )
     summary = tracker.summary()
     assert summary["train_seconds"] == 9.0 and [r["how"] for r in summary["runs"]] == ["reused", "trained", "trained"]
     text = describe_runs(summary, 3.0)

@@ -13,8 +13,11 @@ LAYOUTS = [(3, 2), (5, 4), (6, 3), (7, 4), (4, 4), (8, 6), (9, 6), (2, 2), (2, 4
 def _schedule(n_members: int, world: int) -> dict[tuple[int, int], tuple[list, list]]:
     """(position, stage) -> (pairs matched there, pairs received there), for one replica's ring."""
     shards = [shard for shard in (Shard(n_members, rank, world) for rank in range(world)) if shard.replica == 0]
-    return {(shard.position, stage): pairs_at_stage(shard, stage, shard.shard_members(shard.position - stage))
-            for shard in shards for stage in range(shard.n_shards)}
+    return {
+        (shard.position, stage): pairs_at_stage(shard, stage, shard.shard_members(shard.position - stage))
+        for shard in shards
+        for stage in range(shard.n_shards)
+    }
 
 
 @pytest.mark.parametrize("n_members, world", LAYOUTS)

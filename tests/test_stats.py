@@ -13,6 +13,7 @@ CONTROL = [0.5, 2.2, 2.1, 3.0, 4.8, 5.0]
 
 # ---------------------------------------------------------------- paired_test
 
+
 def test_paired_test_matches_scipy_on_known_numbers():
     out = paired_test(TREATED, CONTROL)
     diff = np.subtract(TREATED, CONTROL)
@@ -57,8 +58,9 @@ def test_all_differences_zero_is_no_test_with_the_reason():
     assert out["note"] == "all differences zero: no test"
 
 
-@pytest.mark.parametrize("treated, control", [([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]),
-                                              ([1.1, 2.1, 5.1], [1.0, 2.0, 5.0])])  # constant up to rounding
+@pytest.mark.parametrize(
+    "treated, control", [([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]), ([1.1, 2.1, 5.1], [1.0, 2.0, 5.0])]
+)  # constant up to rounding
 def test_constant_nonzero_differences_have_no_t_test(treated, control):
     out = paired_test(treated, control)
     mean = out["mean_diff"]
@@ -91,14 +93,20 @@ def _brute_force_signed_rank(diff):
     ranks = sps.rankdata(np.abs(d))
     centre = ranks.sum() / 2
     observed = abs(ranks[d > 0].sum() - centre)
-    sums = [abs(sum(r for r, s in zip(ranks, signs) if s) - centre)
-            for signs in itertools.product([0, 1], repeat=len(d))]
+    sums = [
+        abs(sum(r for r, s in zip(ranks, signs) if s) - centre) for signs in itertools.product([0, 1], repeat=len(d))
+    ]
     return np.mean([s >= observed - 1e-9 for s in sums])
 
 
-@pytest.mark.parametrize("diff", [[0.5, -0.2, 0.9, 1.0, 0.2, 1.5, 0.3],  # a tie in |d|
-                                  [1.0, 1.0, -1.0, 2.0, 2.0, 3.0, 0.0, 4.0],  # ties and a zero
-                                  [0.4, 0.4, 0.4, 0.4, 0.4, 0.4]])  # all tied: p = 2 / 2^6
+@pytest.mark.parametrize(
+    "diff",
+    [
+        [0.5, -0.2, 0.9, 1.0, 0.2, 1.5, 0.3],  # a tie in |d|
+        [1.0, 1.0, -1.0, 2.0, 2.0, 3.0, 0.0, 4.0],  # ties and a zero
+        [0.4, 0.4, 0.4, 0.4, 0.4, 0.4],
+    ],
+)  # all tied: p = 2 / 2^6
 def test_the_exact_signed_rank_p_is_the_enumeration_of_sign_flips(diff):
     assert signed_rank_exact_p(diff) == pytest.approx(_brute_force_signed_rank(diff))
 
@@ -111,6 +119,7 @@ def test_the_exact_signed_rank_p_equals_scipy_without_ties():
 
 
 # ---------------------------------------------------------------- holm
+
 
 def test_holm_on_a_hand_computed_example():
     # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (monotone)
@@ -132,6 +141,7 @@ def test_holm_is_monotone_in_the_raw_p_values():
 
 
 # ---------------------------------------------------------------- paired_permutation_test
+
 
 def _similarity(treated: float, control: float, cross: float, R: int) -> np.ndarray:
     """Agreement `treated` among treated ensembles, `control` among controls, `cross` in between."""
@@ -192,6 +202,7 @@ def test_permutation_rejects_a_wrong_shape_and_an_asymmetric_matrix():
 
 
 # ---------------------------------------------------------------- verdict and ranking
+
 
 def test_verdict_words():
     assert verdict(paired_test([0.7], [0.5])) == "too few replicates for a test (n=1)"

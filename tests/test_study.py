@@ -13,8 +13,11 @@ def _data(values: dict[str, dict[str, list[float]]]) -> dict:
     """A dataset's raw study data with every ensemble agreeing 0.5 with every other (no agreement effect)."""
     agreement = np.full((2 * R, 2 * R), 0.5)
     np.fill_diagonal(agreement, np.nan)
-    return {"values": values, "agreement": {n: agreement.tolist() for n in values if n != BASELINE},
-            "baseline_agreement": agreement[:R, :R].tolist()}
+    return {
+        "values": values,
+        "agreement": {n: agreement.tolist() for n in values if n != BASELINE},
+        "baseline_agreement": agreement[:R, :R].tolist(),
+    }
 
 
 def _measures(mcc, fvu, twin=0.0):
@@ -24,15 +27,18 @@ def _measures(mcc, fvu, twin=0.0):
 def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss():
     base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
     noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
-    data = _data({
-        BASELINE: _measures(base_mcc, base_fvu),
-        "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
-        "better but lossy": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)],
-                                      [f + 0.02 + e for f, e in zip(base_fvu, noise)]),
-        "worse": _measures([m - 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu),
-        "noise": _measures([m + 3 * e for m, e in zip(base_mcc, noise)], base_fvu),
-        "best but twinned": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, twin=0.1),
-    })
+    data = _data(
+        {
+            BASELINE: _measures(base_mcc, base_fvu),
+            "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
+            "better but lossy": _measures(
+                [m + 0.03 + e for m, e in zip(base_mcc, noise)], [f + 0.02 + e for f, e in zip(base_fvu, noise)]
+            ),
+            "worse": _measures([m - 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu),
+            "noise": _measures([m + 3 * e for m, e in zip(base_mcc, noise)], base_fvu),
+            "best but twinned": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, twin=0.1),
+        }
+    )
     result = analyse(data, R)
     rows = result["rows"]
     assert result["winners"] == ["best but twinned", "better"] and result["best"] == "best but twinned"
@@ -71,8 +77,9 @@ def test_study_end_to_end_writes_the_verdict_first_and_reuses_its_runs(tmp_path,
     monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
     monkeypatch.setattr(study, "BETA_FACTORS", (0.01, 1.0))  # 7 settings, to keep the test short
     out = tmp_path / "study"
-    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 0
+    )
     report = (out / "report.md").read_text()
     first = report.splitlines()[2]
     assert first.startswith("**learnable: ") and "the baseline" in first
@@ -80,14 +87,22 @@ def test_study_end_to_end_writes_the_verdict_first_and_reuses_its_runs(tmp_path,
     saved = json.loads((out / "results.json").read_text())
     rows = saved["datasets"]["learnable"]["rows"]
     assert set(rows) == {s.name for s in settings()}
-    assert len(rows) == 7 and set(rows["max 1*auto"]["tests"]) == {"gt_mcc", "fvu", "twin_frac", "gt_distinct", "across_pw_mcc"}
+    assert len(rows) == 7 and set(rows["max 1*auto"]["tests"]) == {
+        "gt_mcc",
+        "fvu",
+        "twin_frac",
+        "gt_distinct",
+        "across_pw_mcc",
+    }
     assert len(saved["datasets"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
     # a second run reuses every finished run (nothing retrained: the results files stay as they were)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
-    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 0
+    )
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # a folder of another setting is refused, naming the field, not mixed in
     monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
-    assert main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out),
-                 "--no-progress"]) == 2
+    assert (
+        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 2
+    )

@@ -26,8 +26,9 @@ def test_an_easy_ensemble_recovers_at_least_90_percent_of_true_features(tmp_path
 
 
 def test_results_logs_and_checkpoint_of_a_run(tmp_path, easy_overrides):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5",
-                                              "eval.every=10", "sae.k=[2, 4]"])
+    cfg = load_config(
+        None, easy_overrides + ["train.n_samples=20000", "train.log_every=5", "eval.every=10", "sae.k=[2, 4]"]
+    )
     train(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -40,18 +41,22 @@ def test_results_logs_and_checkpoint_of_a_run(tmp_path, easy_overrides):
     assert [r["step"] for r in lines if "eval" in r] == [10, 20]
     assert load(run).ks == [2, 4]
     from safetensors.torch import load_file
+
     sparsity = load_file(run / "checkpoint" / "member_1" / "sparsity.safetensors")["sparsity"]
     assert sparsity.shape == (128,) and (sparsity <= 0).all()
     # log10 firing probabilities of a k=4 member sum (as probabilities) to its L0 of at most 4
-    assert 0 < (10 ** sparsity).sum() <= 4.01
+    assert 0 < (10**sparsity).sum() <= 4.01
     assert load_config(run / "config.yaml").sae.k == [2, 4]
 
 
 def test_loss_goes_down(tmp_path, easy_overrides):
     cfg = load_config(None, easy_overrides + ["train.n_samples=50000", "train.log_every=1"])
     train(cfg, tmp_path / "run", progress=False)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -83,8 +88,11 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_
     for name, p in load(tmp_path / "full").named_parameters():
         assert torch.equal(p, getattr(load(tmp_path / "cut"), name)), name
     assert resumed["members"] == full["members"]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert steps == list(range(5, 61, 5))  # no step logged twice
 
 
@@ -100,8 +108,14 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same
     """SIGKILL at seeded random moments after each process's first checkpoint, with a checkpoint every other
     step (so kills land inside checkpoint and log writes too), then `--resume`: the same weights and log as an
     uninterrupted run."""
-    overrides = easy_overrides + ["train.n_samples=60000", "train.batch_size=500", "train.checkpoint_every=2",
-                                  "train.log_every=1", "mfr.enabled=true", "mfr.match_every=3"]
+    overrides = easy_overrides + [
+        "train.n_samples=60000",
+        "train.batch_size=500",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "mfr.enabled=true",
+        "mfr.match_every=3",
+    ]
     sets = [arg for o in overrides for arg in ("--set", o)]
     cmd = [sys.executable, "-m", "mfr_sae", "train", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,8 +143,10 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same
         assert torch.equal(p, getattr(cut, name)), name
 
     def logged_steps(folder):
-        return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-                if '"loss"' in line]
+        return [
+            json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+        ]
+
     assert logged_steps(run_dir) == logged_steps(tmp_path / "full") == list(range(1, 121))
 
 
@@ -143,8 +159,11 @@ def test_resume_drops_a_log_line_cut_off_by_a_kill(tmp_path, easy_overrides, mon
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as log:
         log.write('{"step": 17, "loss": 0.1')  # a write the kill cut short
     resume(tmp_path / "cut", progress=False)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert steps == list(range(5, 31, 5))
 
 
@@ -159,6 +178,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path, easy_overrides):
 
 class _NaNAfter(SyntheticData):
     """Training batches from step `first` on hold a NaN."""
+
     first = 3
 
     def sample(self, batch_size, stream=0, index=0):
@@ -210,8 +230,10 @@ def test_denoising_pairs_train_against_the_clean_target(tmp_path, easy_overrides
 def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, easy_overrides):
     results = {}
     for autocast in (False, True):
-        cfg = load_config(None, easy_overrides + ["train.n_samples=100000", "mfr.enabled=true",
-                                                  f"train.autocast={str(autocast).lower()}"])
+        cfg = load_config(
+            None,
+            easy_overrides + ["train.n_samples=100000", "mfr.enabled=true", f"train.autocast={str(autocast).lower()}"],
+        )
         trainer = Trainer(cfg, tmp_path / str(autocast), progress=False)
         results[autocast] = trainer.fit()
         assert all(p.dtype == torch.float32 for p in trainer.ensemble.parameters())
@@ -222,12 +244,14 @@ def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, easy_overrid
 
 # ------------------------------------------------------------------ issue 17: nothing lost, nothing misleading
 
+
 def test_dead_frac_is_not_measured_in_a_run_shorter_than_the_dead_window(tmp_path, easy_overrides):
     cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5", "eval.every=10"])
     results = train(cfg, tmp_path / "short", progress=True)  # the progress bar shows no dead fraction
     assert [m["dead_frac"] for m in results["members"]] == [None, None]
-    assert results["dead_frac_note"] == ("run shorter than eval.dead_window (1,000,000 vectors): "
-                                         "dead_frac not measured")
+    assert results["dead_frac_note"] == (
+        "run shorter than eval.dead_window (1,000,000 vectors): dead_frac not measured"
+    )
     on_disk = json.loads((tmp_path / "short" / "results.json").read_text())
     assert on_disk["dead_frac_note"] == results["dead_frac_note"]
     lines = [json.loads(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
@@ -237,8 +261,7 @@ def test_dead_frac_is_not_measured_in_a_run_shorter_than_the_dead_window(tmp_pat
         assert 0 <= member["silent_frac"] <= 1
 
     # once the run is past the window: numbers, and no note
-    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5",
-                                              "eval.dead_window=15000"])
+    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "train.log_every=5", "eval.dead_window=15000"])
     results = train(cfg, tmp_path / "long", progress=False)
     assert all(isinstance(m["dead_frac"], float) for m in results["members"])
     assert results["dead_frac_note"] is None
@@ -248,16 +271,26 @@ def test_dead_frac_is_not_measured_in_a_run_shorter_than_the_dead_window(tmp_pat
 
 
 def test_dead_frac_of_a_member_re_initialised_late_is_not_measured(tmp_path, easy_overrides):
-    cfg = load_config(None, easy_overrides + ["train.n_samples=20000", "mfr.enabled=true", "mfr.reinit_samples=1000",
-                                              "mfr.reinit_window=10", "eval.dead_window=19500"])
+    cfg = load_config(
+        None,
+        easy_overrides
+        + [
+            "train.n_samples=20000",
+            "mfr.enabled=true",
+            "mfr.reinit_samples=1000",
+            "mfr.reinit_window=10",
+            "eval.dead_window=19500",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     with torch.no_grad():  # member 1 cannot use most latents: re-initialised at step 0, 19 steps before the end
         trainer.ensemble.b_enc[1, 32:] = -100.0
     results = trainer.fit()
     assert [(e["step"], e["member"]) for e in results["reinit_events"]] == [(0, 1)]
     assert isinstance(results["members"][0]["dead_frac"], float) and results["members"][1]["dead_frac"] is None
-    assert results["dead_frac_note"] == ("member 1 re-initialised less than eval.dead_window (19,500 vectors) "
-                                         "before the end: its dead_frac not measured")
+    assert results["dead_frac_note"] == (
+        "member 1 re-initialised less than eval.dead_window (19,500 vectors) before the end: its dead_frac not measured"
+    )
 
 
 class _Bar:

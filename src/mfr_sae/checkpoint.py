@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mfr_sae.ensemble import Ensemble
-
 from mfr_sae.files import fsync_dir, fsync_file, write_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -88,8 +87,9 @@ def member_tensors(ensemble: Ensemble, i: int) -> dict[str, Tensor]:
         return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None,
-                firing_prob: Tensor | None = None) -> None:
+def save_member(
+    folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None, firing_prob: Tensor | None = None
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(member_tensors(ensemble, i), folder / WEIGHTS_FILE)
     fsync_file(folder / WEIGHTS_FILE)
@@ -100,9 +100,14 @@ def save_member(folder: Path, ensemble: Ensemble, i: int, extra: dict[str, Any] 
     write_json(folder / CFG_FILE, member_cfg(ensemble, i, extra))  # also fsyncs the folder's entries
 
 
-def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] | None = None,
-                    state_meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                    firing_prob: Tensor | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    ensemble: Ensemble,
+    state: dict[str, Tensor] | None = None,
+    state_meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    firing_prob: Tensor | None = None,
+) -> Path:
     """Write run_dir/checkpoint atomically: build it beside, then rename it into place. `firing_prob`
     [N, h] (from the last evaluation) is saved per member as SAELens' sparsity.safetensors."""
     run_dir = Path(run_dir)
@@ -112,8 +117,7 @@ def save_checkpoint(run_dir: Path, ensemble: Ensemble, state: dict[str, Tensor] 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for i, member_id in enumerate(ensemble.member_ids):
-        save_member(tmp / f"member_{member_id}", ensemble, i, extra,
-                    None if firing_prob is None else firing_prob[i])
+        save_member(tmp / f"member_{member_id}", ensemble, i, extra, None if firing_prob is None else firing_prob[i])
     if state is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
@@ -145,8 +149,9 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
 
 
-def load_trainer_state(folder: Path, member_rows: slice | None = None,
-                       whole: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_trainer_state(
+    folder: Path, member_rows: slice | None = None, whole: tuple[str, ...] = ()
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and metadata of trainer_state.safetensors. member_rows: read only these rows of the
     tensors with a member axis first (all but scalars and those named in `whole`), so that a process
     reads its own members' state only."""
@@ -157,7 +162,7 @@ def load_trainer_state(folder: Path, member_rows: slice | None = None,
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not `in`)
                 part = f.get_slice(name)
                 shape = part.get_shape()
                 if member_rows is None or name in whole or not shape:
@@ -198,9 +203,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", members: list[int
     tensors = [_load_safetensors(f / WEIGHTS_FILE) for f in folders]
     try:
         own = [c["mfr_sae"] for c in cfgs]
-        ensemble = Ensemble(cfgs[0]["d_in"], cfgs[0]["d_sae"], [c["k"] for c in cfgs],
-                            tied=own[0]["tied"], decoder_bias=own[0]["decoder_bias"],
-                            seed=own[0]["seed"], member_ids=[o["member"] for o in own])
+        ensemble = Ensemble(
+            cfgs[0]["d_in"],
+            cfgs[0]["d_sae"],
+            [c["k"] for c in cfgs],
+            tied=own[0]["tied"],
+            decoder_bias=own[0]["decoder_bias"],
+            seed=own[0]["seed"],
+            member_ids=[o["member"] for o in own],
+        )
     except KeyError as err:
         raise CheckpointError(f"{folders[0] / CFG_FILE}: missing key {err}") from None
     _fill(ensemble, tensors, folders)
@@ -216,16 +227,20 @@ def _fill(ensemble: Ensemble, tensors: list[dict[str, Tensor]], folders: list[Pa
             if name not in weights:
                 raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing tensor {name}")
             if tuple(weights[name].shape) != shape:
-                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has shape {list(weights[name].shape)}, "
-                                      f"{CFG_FILE} says {list(shape)} (d_in={d}, d_sae={h})")
+                raise CheckpointError(
+                    f"{folder / WEIGHTS_FILE}: {name} has shape {list(weights[name].shape)}, "
+                    f"{CFG_FILE} says {list(shape)} (d_in={d}, d_sae={h})"
+                )
             if not weights[name].is_floating_point():
-                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} has dtype {weights[name].dtype}, "
-                                      f"not a floating-point type")
+                raise CheckpointError(
+                    f"{folder / WEIGHTS_FILE}: {name} has dtype {weights[name].dtype}, not a floating-point type"
+                )
             finite = torch.isfinite(weights[name])
             if not finite.all():
                 what = "NaN" if weights[name].isnan().any() else "inf"
-                raise CheckpointError(f"{folder / WEIGHTS_FILE}: {name} holds {what} "
-                                      f"({int((~finite).sum())} of {finite.numel()} values)")
+                raise CheckpointError(
+                    f"{folder / WEIGHTS_FILE}: {name} holds {what} ({int((~finite).sum())} of {finite.numel()} values)"
+                )
         ensemble.W_enc[i].copy_(weights["W_enc"].T)
         ensemble.b_enc[i].copy_(weights["b_enc"])
         if ensemble.W_dec is not None:

@@ -20,15 +20,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from mfr_sae.checkpoint import CheckpointError, load  # noqa: E402
-from mfr_sae.files import write_json  # noqa: E402
-from mfr_sae.config import ConfigError  # noqa: E402
-from mfr_sae.ensemble import Ensemble  # noqa: E402
-from mfr_sae.metrics import hungarian_match, twin_fraction  # noqa: E402
-from mfr_sae.report import save_figure  # noqa: E402
+from mfr_sae.checkpoint import CheckpointError, load
+from mfr_sae.config import ConfigError
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.files import write_json
+from mfr_sae.metrics import hungarian_match, twin_fraction
+from mfr_sae.report import save_figure
 
 
 def member_slots(ensemble: Ensemble) -> list[tuple[int, int]]:
@@ -65,16 +65,24 @@ def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[s
     for slot in slots:
         values, shared, pooled = [], [], []
         for i, j in combinations(range(len(runs)), 2):
-            mcc, frac, cos = decoder_agreement(decoders[i][position[i][slot]], decoders[j][position[j][slot]],
-                                               threshold)
+            mcc, frac, cos = decoder_agreement(
+                decoders[i][position[i][slot]], decoders[j][position[j][slot]], threshold
+            )
             values.append(mcc)
             shared.append(frac)
             pooled.append(cos)
         cosines[slot] = np.concatenate(pooled)
-        members.append({"k": slot[0], "member_of_k": slot[1], "member_per_run": [p[slot] for p in position],
-                        "pw_mcc": float(np.mean(values)),
-                        "shared_frac": float(np.mean(shared)), "pw_mcc_per_run_pair": values,
-                        "shared_frac_per_run_pair": shared})
+        members.append(
+            {
+                "k": slot[0],
+                "member_of_k": slot[1],
+                "member_per_run": [p[slot] for p in position],
+                "pw_mcc": float(np.mean(values)),
+                "shared_frac": float(np.mean(shared)),
+                "pw_mcc_per_run_pair": values,
+                "shared_frac_per_run_pair": shared,
+            }
+        )
     twins = [[twin_fraction(member) for member in decoder] for decoder in decoders]
     summary = {
         "runs": [str(r) for r in runs],
@@ -105,11 +113,15 @@ def series_label(names: list[str], member: dict[str, Any]) -> str:
 
 def histogram(summary: dict[str, Any], cosines: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    bins = np.linspace(-0.2, 1.0, 61)
+    bins = np.linspace(-0.2, 1.0, 61).tolist()
     names = run_names(summary["runs"])
     for member in summary["members"]:
-        ax.hist(cosines[(member["k"], member["member_of_k"])], bins=bins, histtype="step",
-                label=series_label(names, member))
+        ax.hist(
+            cosines[(member["k"], member["member_of_k"])],
+            bins=bins,
+            histtype="step",
+            label=series_label(names, member),
+        )
     threshold = summary["threshold"]
     ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold}")
     ax.set_xlabel("cosine of one-to-one matched latents across runs")
@@ -119,14 +131,14 @@ def histogram(summary: dict[str, Any], cosines: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def compare(runs: list[str | Path], out: str | Path, threshold: float = 0.7,
-            overwrite: bool = False) -> dict[str, Any]:
+def compare(runs: list[str | Path], out: str | Path, threshold: float = 0.7, overwrite: bool = False) -> dict[str, Any]:
     """Write out/compare.json and out/matched_cosines.png; return the summary. A folder that already holds
     a comparison is refused (before any work) unless `overwrite`."""
     out = Path(out)
     if (out / "compare.json").is_file() and not overwrite:
-        raise ConfigError(f"{out} already holds a comparison (compare.json): pass --overwrite to replace it, "
-                          "or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a comparison (compare.json): pass --overwrite to replace it, or choose another --out"
+        )
     summary, cosines = compare_runs(runs, threshold)
     out.mkdir(parents=True, exist_ok=True)
     histogram(summary, cosines, out / "matched_cosines.png")

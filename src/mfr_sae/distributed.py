@@ -21,8 +21,9 @@ import gc
 import os
 import re
 import time
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,7 @@ def init(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
         atexit.register(close)
     return rank, world, device
 
@@ -80,20 +80,27 @@ class Shard:
         """R <= N processes: contiguous shards of members. R > N (a multiple of N): data parallel as well,
         each member on R / N processes ("replicas"), each taking an equal slice of every batch."""
         if world > n_members and world % n_members:
-            raise ConfigError(f"{world} processes for sae.n_members={n_members}: use at most {n_members} "
-                              f"processes, or a multiple of {n_members} (each member then splits its batch)")
+            raise ConfigError(
+                f"{world} processes for sae.n_members={n_members}: use at most {n_members} "
+                f"processes, or a multiple of {n_members} (each member then splits its batch)"
+            )
         self.n_members, self.rank, self.world = n_members, rank, world
         self.replicas = max(1, world // n_members)
         self.replica = rank % self.replicas
-        self.sizes = ([n_members // world + (other < n_members % world) for other in range(world)]
-                      if self.replicas == 1 else [1] * world)
+        self.sizes = (
+            [n_members // world + (other < n_members % world) for other in range(world)]
+            if self.replicas == 1
+            else [1] * world
+        )
         self.start = sum(self.sizes[:rank]) if self.replicas == 1 else rank // self.replicas
         self.stop = self.start + self.sizes[rank]
         self.members = list(range(self.start, self.stop))
         self.group = None  # the processes that hold this rank's member (data parallel)
         if self.replicas > 1 and dist.is_initialized():
-            groups = [dist.new_group(list(range(member * self.replicas, (member + 1) * self.replicas)))
-                      for member in range(n_members)]  # every rank creates every group, in the same order
+            groups = [
+                dist.new_group(list(range(member * self.replicas, (member + 1) * self.replicas)))
+                for member in range(n_members)
+            ]  # every rank creates every group, in the same order
             self.group = groups[self.start]
         self.received_bytes = 0  # tensor bytes this rank received from the others (bench/distributed.py)
 
@@ -114,7 +121,7 @@ class Shard:
 
     def local(self, full: Tensor) -> Tensor:
         """This rank's slice of a tensor with the member axis first."""
-        return full[self.start:self.stop]
+        return full[self.start : self.stop]
 
     def _all_parts(self, local: Tensor) -> list[Tensor]:
         """Every rank's `local` (its shard's rows), on every rank, without padding (gloo's all-gather takes
@@ -124,8 +131,10 @@ class Shard:
             parts = [torch.empty_like(local) for _ in range(self.world)]
             _collective(dist.all_gather, parts, local)
         else:
-            parts = [local if source == self.rank else local.new_empty(size, *local.shape[1:])
-                     for source, size in enumerate(self.sizes)]
+            parts = [
+                local if source == self.rank else local.new_empty(size, *local.shape[1:])
+                for source, size in enumerate(self.sizes)
+            ]
             for work in [_collective(dist.broadcast, part, source, async_op=True) for source, part in enumerate(parts)]:
                 _collective(work.wait)
         received = sum(part.numel() for source, part in enumerate(parts) if source != self.rank)
@@ -144,7 +153,7 @@ class Shard:
         replica 0's: they hold the same values)."""
         if self.world == 1:
             return local
-        return torch.cat(self._all_parts(local)[::self.replicas])
+        return torch.cat(self._all_parts(local)[:: self.replicas])
 
     def gather_to_main(self, local: Tensor) -> Tensor | None:
         """[n_local, ...] -> [N, ...] on rank 0 only, where checkpoints are written, on the CPU (rank 0's
@@ -175,7 +184,7 @@ class Shard:
         if self.world == 1:
             return local
         full = self.gather(local.detach())
-        return torch.cat([full[:self.start], local, full[self.stop:]])
+        return torch.cat([full[: self.start], local, full[self.stop :]])
 
     def gather_objects(self, value: Any) -> list[Any]:
         """One picklable value per member shard (replica 0's), in member order, on every rank."""
@@ -183,7 +192,7 @@ class Shard:
             return [value]
         out: list[Any] = [None] * self.world
         _collective(dist.all_gather_object, out, value)
-        return out[::self.replicas]
+        return out[:: self.replicas]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -204,7 +213,7 @@ class Shard:
     def shard_members(self, position: int) -> range:
         """The members of the shard at `position`."""
         position %= self.n_shards
-        start = sum(self.sizes[:position * self.replicas:self.replicas])
+        start = sum(self.sizes[: position * self.replicas : self.replicas])
         return range(start, start + self.sizes[position * self.replicas])
 
     def _rank_at(self, position: int) -> int:
@@ -238,8 +247,10 @@ def _collective(fn, *args, **kwargs) -> Any:
         global _broken
         _broken = True
         reason = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0])  # drop gloo's source location
-        raise RankLost(f"lost contact with the other processes ({lost_ranks()}): {reason.split('. ')[0][:120]}; "
-                       f"the last checkpoint is intact, continue with --resume") from None
+        raise RankLost(
+            f"lost contact with the other processes ({lost_ranks()}): {reason.split('. ')[0][:120]}; "
+            f"the last checkpoint is intact, continue with --resume"
+        ) from None
 
 
 def report_failure(err: BaseException) -> None:
@@ -250,7 +261,7 @@ def report_failure(err: BaseException) -> None:
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set(f"mfr_sae/failed/{world_from_env()[0]}", f"{type(err).__name__}: {str(err)[:200]}")
-    except Exception:  # noqa: BLE001 (best effort: the error itself is raised by the caller)
+    except Exception:
         pass
 
 
@@ -265,12 +276,18 @@ def lost_ranks(wait_s: float = 10.0) -> str:
         store.set(f"mfr_sae/alive/{rank}", "1")
         missing, deadline = list(range(world)), time.monotonic() + wait_s
         while missing and time.monotonic() < deadline:
-            missing = [other for other in missing if not (store.check([f"mfr_sae/alive/{other}"])
-                                                          or store.check([f"mfr_sae/failed/{other}"]))]
+            missing = [
+                other
+                for other in missing
+                if not (store.check([f"mfr_sae/alive/{other}"]) or store.check([f"mfr_sae/failed/{other}"]))
+            ]
             time.sleep(0.1)
-        failed = {other: store.get(f"mfr_sae/failed/{other}").decode() for other in range(world)
-                  if store.check([f"mfr_sae/failed/{other}"])}
-    except Exception:  # noqa: BLE001 (the store went with the process that hosted it)
+        failed = {
+            other: store.get(f"mfr_sae/failed/{other}").decode()
+            for other in range(world)
+            if store.check([f"mfr_sae/failed/{other}"])
+        }
+    except Exception:
         return "rank 0, which hosts the rendezvous store, or unknown ranks"
     said = [f"rank {other} failed with {message}" for other, message in failed.items()]
     if missing:

@@ -31,9 +31,20 @@ class EnsembleOutput:
 
 
 class Ensemble(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, ks: list[int], tied: bool = True,
-                 decoder_bias: bool = False, seed: int = 0, member_ids: list[int] | None = None,
-                 device: str | torch.device | None = None, shared_init: bool = False):
+    k_mask: Tensor  # a buffer (registered in __init__): [N, 1, k_max], True up to each member's k
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        ks: list[int],
+        tied: bool = True,
+        decoder_bias: bool = False,
+        seed: int = 0,
+        member_ids: list[int] | None = None,
+        device: str | torch.device | None = None,
+        shared_init: bool = False,
+    ):
         super().__init__()
         n = len(ks)
         self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
@@ -121,8 +132,9 @@ class Ensemble(nn.Module):
         if self.W_dec is not None:
             acts, idx = self.encode(x)
             return EnsembleOutput(self.decode(acts, idx), acts, idx)
-        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), self.k_max,
-                                     None if self._uniform_k else self.k_mask)
+        x_hat, acts, idx = tied_topk(
+            x, self.W_enc, self._encoder_bias(x), self.k_max, None if self._uniform_k else self.k_mask
+        )
         if self.b_dec is not None:
             x_hat = x_hat + self.b_dec.unsqueeze(1)
         return EnsembleOutput(x_hat, acts, idx)
@@ -134,9 +146,17 @@ class Ensemble(nn.Module):
 
     def select(self, members: list[int]) -> Ensemble:
         """A new ensemble holding copies of the given members (a shard of the member axis)."""
-        part = Ensemble(self.d_in, self.d_sae, [self.ks[i] for i in members], self.tied,
-                        self.b_dec is not None, self.seed, [self.member_ids[i] for i in members],
-                        self.W_enc.device, self.shared_init)
+        part = Ensemble(
+            self.d_in,
+            self.d_sae,
+            [self.ks[i] for i in members],
+            self.tied,
+            self.b_dec is not None,
+            self.seed,
+            [self.member_ids[i] for i in members],
+            self.W_enc.device,
+            self.shared_init,
+        )
         with torch.no_grad():
             for name, param in part.named_parameters():
                 param.copy_(getattr(self, name)[members])

@@ -52,5 +52,7 @@ def dead_frac_note(unmeasured: list[int], samples: int, dead_window: int) -> str
     if samples < dead_window:
         return f"run shorter than {window}: dead_frac not measured"
     many = len(unmeasured) > 1
-    return (f"member{'s' if many else ''} {', '.join(map(str, unmeasured))} re-initialised less than {window} "
-            f"before the end: {'their' if many else 'its'} dead_frac not measured")
+    return (
+        f"member{'s' if many else ''} {', '.join(map(str, unmeasured))} re-initialised less than {window} "
+        f"before the end: {'their' if many else 'its'} dead_frac not measured"
+    )

@@ -53,16 +53,24 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             cols = torch.arange(batch, device=idx.device).view(1, -1, 1).expand_as(idx).reshape(-1)
-            sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad.reshape(-1),
-                                             (n_members * d_sae, batch), is_coalesced=False,
-                                             check_invariants=False)
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([rows, cols]),
+                grad.reshape(-1),
+                (n_members * d_sae, batch),
+                is_coalesced=False,
+                check_invariants=False,
+            )
             grad_weight = torch.sparse.mm(sparse, x).view_as(weight)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.new_zeros(n_members * d_sae).index_add_(0, rows, grad.reshape(-1))
             grad_bias = grad_bias.view(n_members, d_sae)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(rows.view(-1, idx.shape[-1]), weight.reshape(-1, d_in),
-                                     per_sample_weights=grad.reshape(-1, idx.shape[-1]), mode="sum")
+            grad_x = F.embedding_bag(
+                rows.view(-1, idx.shape[-1]),
+                weight.reshape(-1, d_in),
+                per_sample_weights=grad.reshape(-1, idx.shape[-1]),
+                mode="sum",
+            )
             grad_x = grad_x.view(n_members, batch, d_in).sum(0)
         return grad_x, grad_weight, grad_bias, None, None
 
@@ -118,7 +126,10 @@ class _TiedTopK(torch.autograd.Function):
             sparse = torch.sparse_coo_tensor(
                 torch.stack([row_ids.repeat(2), torch.cat([samples, outputs])]),
                 torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]),
-                (n_members * d_sae, batch + n_members * batch), is_coalesced=False, check_invariants=False)
+                (n_members * d_sae, batch + n_members * batch),
+                is_coalesced=False,
+                check_invariants=False,
+            )
             grad_weight = torch.sparse.mm(sparse, torch.cat([x, grad_rows]))
             along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, (scaled * dot).reshape(-1))
             grad_weight.addcmul_(flat, (along * inv_norm.square()).unsqueeze(1), value=-1)
@@ -132,8 +143,9 @@ class _TiedTopK(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def tied_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None = None
-              ) -> tuple[Tensor, Tensor, Tensor]:
+def tied_topk(
+    x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """A tied ensemble's reconstruction: x_hat = sum of the kept ReLU(TopK(x W^T + b)) times the
     unit-norm rows of W. mask [N, 1, k] (optional, sorts TopK) zeroes the slots beyond a member's k.
     -> (x_hat [N, B, d], acts [N, B, k], idx [N, B, k]); acts and idx carry no gradient."""
@@ -146,8 +158,12 @@ def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
     n_members, d_sae, d_in = decoder.shape
     acts, decoder = autocast_to(acts, decoder)
     rows = idx + member_offsets(n_members, d_sae, idx.device)
-    out = F.embedding_bag(rows.reshape(-1, idx.shape[-1]), decoder.reshape(-1, d_in),
-                          per_sample_weights=acts.reshape(-1, idx.shape[-1]), mode="sum")
+    out = F.embedding_bag(
+        rows.reshape(-1, idx.shape[-1]),
+        decoder.reshape(-1, d_in),
+        per_sample_weights=acts.reshape(-1, idx.shape[-1]),
+        mode="sum",
+    )
     return out.view(n_members, -1, d_in)
 
 

@@ -18,8 +18,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mfr_sae.config import RunConfig
-from mfr_sae.data.activations import (capture, load_model, read_manifest, read_texts, resolve_hook, splice,
-                                      token_sequences)
+from mfr_sae.data.activations import (
+    capture,
+    load_model,
+    read_manifest,
+    read_texts,
+    resolve_hook,
+    splice,
+    token_sequences,
+)
 from mfr_sae.ensemble import Ensemble
 
 
@@ -39,8 +46,14 @@ def _keep_bos(rest: Tensor):
 
 
 @torch.no_grad()
-def loss_recovered(model: nn.Module, module: nn.Module, ensemble: Ensemble, sequences: Tensor,
-                   batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+def loss_recovered(
+    model: nn.Module,
+    module: nn.Module,
+    ensemble: Ensemble,
+    sequences: Tensor,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Clean, zero-ablated and per-member spliced next-token losses on token sequences [S, L]."""
     device = next(model.parameters()).device
     n = ensemble.n_members
@@ -64,9 +77,14 @@ def loss_recovered(model: nn.Module, module: nn.Module, ensemble: Ensemble, sequ
             kl_sae[i] += F.kl_div(spliced, clean, log_target=True, reduction="sum").item()
     ce_clean, ce_zero = ce_clean / tokens, ce_zero / tokens
     gap = ce_zero - ce_clean
-    members = [{"ce_sae": ce_sae[i] / tokens,
-                "frac_recovered": (ce_zero - ce_sae[i] / tokens) / gap if gap else math.nan,
-                "kl": kl_sae[i] / tokens} for i in range(n)]
+    members = [
+        {
+            "ce_sae": ce_sae[i] / tokens,
+            "frac_recovered": (ce_zero - ce_sae[i] / tokens) / gap if gap else math.nan,
+            "kl": kl_sae[i] / tokens,
+        }
+        for i in range(n)
+    ]
     return {"ce_clean": ce_clean, "ce_zero": ce_zero, "tokens": tokens, "members": members}
 
 
@@ -85,8 +103,14 @@ def heldout_sequences(manifest: dict[str, Any], n_sequences: int, tokenizer: Any
     return torch.stack(sequences)
 
 
-def evaluate_on_lm(cache: str | Path, ensemble: Ensemble, n_sequences: int, batch_size: int = 8,
-                   device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any] | None:
+def evaluate_on_lm(
+    cache: str | Path,
+    ensemble: Ensemble,
+    n_sequences: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any] | None:
     """Loss recovered for a run trained on an activation cache, on held-out text of the same source."""
     manifest = read_manifest(cache, verify=False)
     model, tokenizer = load_model(manifest["model"], device)
@@ -99,14 +123,14 @@ def evaluate_on_lm(cache: str | Path, ensemble: Ensemble, n_sequences: int, batc
     return result
 
 
-def add_loss_recovered(cfg: RunConfig, ensemble: Ensemble, members: list[dict[str, Any]], device: torch.device,
-                       progress: bool = True) -> dict[str, Any] | None:
+def add_loss_recovered(
+    cfg: RunConfig, ensemble: Ensemble, members: list[dict[str, Any]], device: torch.device, progress: bool = True
+) -> dict[str, Any] | None:
     """On an activation cache (`cfg.data`): CE clean / zero-ablated / spliced of every member, added to its
     entry of `members`; the summary, or None when the run's data is not a cache or eval.lm_sequences is 0."""
     if cfg.data.kind != "activations" or not cfg.eval.lm_sequences:
         return None
-    result = evaluate_on_lm(cfg.data.path, ensemble, cfg.eval.lm_sequences, cfg.eval.lm_batch_size, device,
-                            progress)
+    result = evaluate_on_lm(cfg.data.path, ensemble, cfg.eval.lm_sequences, cfg.eval.lm_batch_size, device, progress)
     if result is None:
         return {"skipped": "the cache's text has no sequences left after those cached"}
     for member, scores in zip(members, result.pop("members")):

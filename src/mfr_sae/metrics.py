@@ -31,7 +31,7 @@ def max_cosine(a: Tensor, b: Tensor, chunk: int = CHUNK_ROWS) -> tuple[Tensor, T
     b_unit = F.normalize(b, dim=-1)
     values, index = [], []
     for start in range(0, len(a), chunk):
-        sims = F.normalize(a[start:start + chunk], dim=-1) @ b_unit.T
+        sims = F.normalize(a[start : start + chunk], dim=-1) @ b_unit.T
         v, i = sims.max(dim=1)
         values.append(v)
         index.append(i)
@@ -42,10 +42,10 @@ def twin_fraction(decoder: Tensor, threshold: float = TWIN_COSINE, chunk: int = 
     """Share of the rows of one SAE's decoder [h, d] that have another row of the same decoder at cosine
     > threshold: latents folded onto a shared direction (the collapse the `max` MFR penalty can cause)."""
     unit = F.normalize(decoder.detach().float(), dim=-1)
-    twins = 0
+    twins: float = 0
     for start in range(0, len(unit), chunk):
-        sims = unit[start:start + chunk] @ unit.T
-        sims[:, start:start + chunk].fill_diagonal_(-1.0)  # a row is not its own twin
+        sims = unit[start : start + chunk] @ unit.T
+        sims[:, start : start + chunk].fill_diagonal_(-1.0)  # a row is not its own twin
         twins += (sims > threshold).any(dim=1).sum().item()
     return twins / len(unit)
 
@@ -87,8 +87,9 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
 
 
 @torch.no_grad()
-def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int = 5000,
-                           targets: Tensor | None = None) -> dict[str, Tensor]:
+def reconstruction_metrics(
+    ensemble: Ensemble, vectors: Tensor, batch_size: int = 5000, targets: Tensor | None = None
+) -> dict[str, Tensor]:
     """Per-member MSE, FVU, L0 and per-latent firing probability on held-out vectors; with `targets`
     (denoising) the errors are against them, and the SNR of the input and of the output are added.
 
@@ -103,8 +104,8 @@ def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int 
     mean = targets.double().mean(0).to(device)
     total_variance = signal = input_error = 0.0
     for start in range(0, len(vectors), batch_size):
-        x = vectors[start:start + batch_size].to(device)
-        target = targets[start:start + batch_size].to(device).double()
+        x = vectors[start : start + batch_size].to(device)
+        target = targets[start : start + batch_size].to(device).double()
         out = ensemble(x)
         squared_error += (out.x_hat - target).pow(2).sum(dim=(1, 2))
         total_variance += (target - mean).pow(2).sum().item()
@@ -126,9 +127,16 @@ def reconstruction_metrics(ensemble: Ensemble, vectors: Tensor, batch_size: int 
     return metrics
 
 
-def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, dead: Tensor,
-             threshold: float = 0.9, batch_size: int = 5000, targets: Tensor | None = None,
-             dead_measured: Sequence[bool] | None = None) -> tuple[list[dict[str, float | None]], Tensor]:
+def evaluate(
+    ensemble: Ensemble,
+    vectors: Tensor,
+    ground_truth: Tensor | None,
+    dead: Tensor,
+    threshold: float = 0.9,
+    batch_size: int = 5000,
+    targets: Tensor | None = None,
+    dead_measured: Sequence[bool] | None = None,
+) -> tuple[list[dict[str, float | None]], Tensor]:
     """One dict per member (k, mse, fvu, l0, dead_frac, silent_frac, twin_frac, the ground-truth metrics when
     known, and with denoising `targets` mse_clean, snr_in_db, snr_out_db), and the firing probability of every
     latent [N, h]. `dead` [N, h] marks latents that never fired over the training window; `dead_measured`
@@ -152,8 +160,11 @@ def evaluate(ensemble: Ensemble, vectors: Tensor, ground_truth: Tensor | None, d
         }
         if "snr_out_db" in rec:
             snr_in = rec["snr_in_db"].item()
-            member.update(mse_clean=member["mse"], snr_in_db=snr_in if math.isfinite(snr_in) else None,
-                          snr_out_db=rec["snr_out_db"][i].item())
+            member.update(
+                mse_clean=member["mse"],
+                snr_in_db=snr_in if math.isfinite(snr_in) else None,
+                snr_out_db=rec["snr_out_db"][i].item(),
+            )
         if ground_truth is not None:
             member.update(ground_truth_metrics(decoder[i], ground_truth.to(decoder.device), threshold))
         members.append(member)
@@ -164,6 +175,7 @@ def feature_agreement(decoder_a: Tensor, decoder_b: Tensor, truth: Tensor) -> tu
     """Paper Figure 3: for every latent of SAE a, the cosine with its one-to-one (Hungarian) partner in
     SAE b (x) and with its one-to-one partner among the true features (y). Latents left unmatched
     (when the other side is smaller) get their plain max cosine instead."""
+
     def per_latent(other: Tensor) -> np.ndarray:
         values = max_cosine(decoder_a, other)[0].cpu().numpy()
         rows, _, matched = hungarian_match(decoder_a, other)

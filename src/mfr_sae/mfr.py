@@ -17,7 +17,8 @@ Reinitialisation: reinit.py; a reinitialisation makes the next penalty re-match 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +27,17 @@ from torch.nn import functional as F
 from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
 from mfr_sae.kernels import unit_rows
-from mfr_sae.mmcs import (Links, Pair, changed_fraction, dense_mmcs, linked_similarity, links_between, match_pair,
-                          member_pairs, n_member_pairs)
+from mfr_sae.mmcs import (
+    Links,
+    Pair,
+    changed_fraction,
+    dense_mmcs,
+    linked_similarity,
+    links_between,
+    match_pair,
+    member_pairs,
+    n_member_pairs,
+)
 from mfr_sae.reinit import ReinitRule
 from mfr_sae.ring import Stream, linked_product, stream_shards
 
@@ -44,8 +54,9 @@ class MutualRegularizer:
     rank keeps the matches and firing history of its own members and computes its own members' part of
     the penalty; beta and the reinitialisation record are the same on every rank."""
 
-    def __init__(self, cfg: MFRConfig, ks: list[int], shard: Shard | None = None,
-                 column_dtype: torch.dtype | None = None):
+    def __init__(
+        self, cfg: MFRConfig, ks: list[int], shard: Shard | None = None, column_dtype: torch.dtype | None = None
+    ):
         """With cfg.enabled false (the baseline) it only measures: the reinitialisation metric is
         logged during the window, nothing is penalised or re-initialised. column_dtype: the dtype the
         decoders of all members are matched and linked in (bf16 under autocast: half the bytes between
@@ -97,8 +108,13 @@ class MutualRegularizer:
     def _auto_beta(self, distance: float, recon_loss: Callable[[], float]) -> float:
         """beta=auto: the penalty equals the reconstruction loss at the start (times beta_factor)."""
         if distance <= 1e-8:
-            raise ConfigError("mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
-                              "so no beta makes the penalty equal the loss; set mfr.beta to a number")
+            raise ConfigError(
+                "mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
+                "so no beta makes the penalty equal the loss; set mfr.beta to a number"
+            )
+        # beta is unset only with beta=auto (which sets beta_factor) or with MFR off, when penalty_on is
+        # false and the trainer never asks for the penalty
+        assert self.beta_factor is not None
         return self.beta_factor * recon_loss() / distance
 
     def _matched_mmcs(self, weight: Tensor, rematch: bool) -> Tensor:
@@ -112,8 +128,10 @@ class MutualRegularizer:
             if self.decoders_in is None:
                 self.prefetch(weight)
             stream, self.decoders_in = self.decoders_in, None
-            product = linked_product(self.shard, weight, stream, self.matches, self.links,
-                                     self._match if rematch else None)
+            assert stream is not None  # prefetch streams whenever the penalty is on, as it is when asked for
+            product = linked_product(
+                self.shard, weight, stream, self.matches, self.links, self._match if rematch else None
+            )
         return self.shard.gather_differentiable(linked_similarity(weight, product)).sum()
 
     @torch.no_grad()
@@ -168,8 +186,9 @@ class MutualRegularizer:
 
     # ------------------------------------------------------------------ checkpointing
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """All members' state, whole on rank 0 (a collective across processes: every rank calls it)."""
+    def state(self) -> tuple[dict[str, Tensor | None], dict[str, Any]]:
+        """All members' state, whole on rank 0 (a collective across processes: every rank calls it; the
+        firing history is None on the other ranks)."""
         tensors = {"mfr.matches": self._all_matches()} if self.matches else {}
         reinit_tensors, reinit_meta = self.reinit.state()
         return tensors | reinit_tensors, {"beta": self.beta, **reinit_meta}

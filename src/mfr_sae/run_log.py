@@ -37,7 +37,7 @@ class RunLog:
 
     def __init__(self, path: Path, shard: Shard, wandb_project: str = "", config: dict[str, Any] | None = None):
         self.shard = shard
-        self.file = open(path if shard.is_main else os.devnull, "a")
+        self.file = open(path if shard.is_main else os.devnull, "a")  # noqa: SIM115 (open for the run: close())
         self.window_lines: list[dict[str, Any]] = []
         self.wandb_run = None
         if wandb_project and shard.is_main:
@@ -110,8 +110,10 @@ class TrainingProgress:
 
     def __init__(self, step: int, n_steps: int, batch_size: int, show: bool):
         if show and step < n_steps:
-            tqdm.write(f"{n_steps - step:,} steps of {batch_size:,} vectors"
-                       + (f" (from step {step:,} of {n_steps:,})" if step else ""))
+            tqdm.write(
+                f"{n_steps - step:,} steps of {batch_size:,} vectors"
+                + (f" (from step {step:,} of {n_steps:,})" if step else "")
+            )
         self.estimate = DurationEstimate(step, n_steps) if show else None
         self.bar = tqdm(total=n_steps, initial=step, desc="train", disable=not show, dynamic_ncols=True)
 

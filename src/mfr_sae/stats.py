@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from scipy import stats as sps
@@ -23,7 +23,7 @@ _REL_TOL = 1e-12
 EXACT_WILCOXON_MAX = 400
 
 
-def _present(value: Any) -> bool:
+def _present(value: float | None) -> TypeGuard[float]:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
@@ -46,8 +46,16 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
         raise ValueError(f"paired_test: {len(treated)} treated values but {len(control)} control values")
     kept = [(float(t), float(c)) for t, c in zip(treated, control) if _present(t) and _present(c)]
     n = len(kept)
-    out: dict[str, Any] = {"n": n, "mean_diff": None, "sd_diff": None, "ci95": None, "effect_size": None,
-                           "t_test_p": None, "wilcoxon_p": None, "note": None}
+    out: dict[str, Any] = {
+        "n": n,
+        "mean_diff": None,
+        "sd_diff": None,
+        "ci95": None,
+        "effect_size": None,
+        "t_test_p": None,
+        "wilcoxon_p": None,
+        "note": None,
+    }
     if n == 0:
         out["note"] = "no pairs: no test"
         return out
@@ -68,21 +76,24 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
         notes.append("constant nonzero differences (sd 0): no t-test, effect size undefined")
     else:
         half = t_half_width(sd, n)
-        out.update(sd_diff=sd, ci95=[mean - half, mean + half], effect_size=mean / sd,
-                   t_test_p=float(sps.ttest_rel([t for t, _ in kept], [c for _, c in kept]).pvalue))
+        out.update(
+            sd_diff=sd,
+            ci95=[mean - half, mean + half],
+            effect_size=mean / sd,
+            t_test_p=float(sps.ttest_rel([t for t, _ in kept], [c for _, c in kept]).pvalue),
+        )
     nonzero = int(np.count_nonzero(diff))
     if nonzero >= WILCOXON_MIN_N:
         out["wilcoxon_p"] = signed_rank_exact_p(diff)
     elif nonzero == n:
-        notes.append(f"n = {n} <= 5: Wilcoxon cannot go below {2 / 2 ** n:.3g}, not run")
+        notes.append(f"n = {n} <= 5: Wilcoxon cannot go below {2 / 2**n:.3g}, not run")
     else:
-        notes.append(f"{nonzero} nonzero differences <= 5: Wilcoxon cannot go below "
-                     f"{2 / 2 ** nonzero:.3g}, not run")
+        notes.append(f"{nonzero} nonzero differences <= 5: Wilcoxon cannot go below {2 / 2**nonzero:.3g}, not run")
     out["note"] = "; ".join(notes) or None
     return out
 
 
-def signed_rank_exact_p(diff: Sequence[float]) -> float:
+def signed_rank_exact_p(diff: Sequence[float] | np.ndarray) -> float:
     """Exact two-sided p of the Wilcoxon signed-rank test: zero differences dropped, tied absolute
     values given mid-ranks, and the null distribution of the positive-rank sum enumerated over all
     2^n sign assignments (by dynamic programming). Equals scipy's exact p without ties. Above
@@ -120,8 +131,9 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     return out
 
 
-def paired_permutation_test(similarity: np.ndarray, n_replicates: int, max_exact: int = 16,
-                            n_random: int = 20000, seed: int = 0) -> dict[str, Any]:
+def paired_permutation_test(
+    similarity: np.ndarray, n_replicates: int, max_exact: int = 16, n_random: int = 20000, seed: int = 0
+) -> dict[str, Any]:
     """Does treatment raise the agreement ACROSS independently seeded ensembles? A paired design of R
     replicates: `similarity` is a symmetric [2R, 2R] matrix of agreement between ensembles, index r the
     treated ensemble of replicate r and R + r its control (same data and seed). Statistic: mean over
@@ -134,8 +146,15 @@ def paired_permutation_test(similarity: np.ndarray, n_replicates: int, max_exact
     R = int(n_replicates)
     if S.shape != (2 * R, 2 * R):
         raise ValueError(f"similarity has shape {S.shape}; {R} replicates need ({2 * R}, {2 * R})")
-    out: dict[str, Any] = {"n": R, "diff": None, "treated_mean": None, "control_mean": None, "p": None,
-                           "min_p": None, "note": None}
+    out: dict[str, Any] = {
+        "n": R,
+        "diff": None,
+        "treated_mean": None,
+        "control_mean": None,
+        "p": None,
+        "min_p": None,
+        "note": None,
+    }
     if R < 2:
         out["note"] = f"{'one replicate' if R == 1 else 'no replicates'}: no pairs of replicates, no test"
         return out
@@ -156,12 +175,12 @@ def paired_permutation_test(similarity: np.ndarray, n_replicates: int, max_exact
 
     observed = float(statistic(np.zeros((1, R), dtype=int))[0])
     out.update(diff=observed, treated_mean=float(S[iu, ju].mean()), control_mean=float(S[iu + R, ju + R].mean()))
-    if R <= max_exact:
-        swaps = (np.arange(2 ** R)[:, None] >> base[None, :]) & 1
+    if max_exact >= R:
+        swaps = (np.arange(2**R)[:, None] >> base[None, :]) & 1
         extreme = np.abs(statistic(swaps)) >= abs(observed) - 1e-12
         out["p"] = float(extreme.mean())
-        out["min_p"] = 2 / 2 ** R
-        out["note"] = f"exact: all {2 ** R} label swaps of the {R} replicates"
+        out["min_p"] = 2 / 2**R
+        out["note"] = f"exact: all {2**R} label swaps of the {R} replicates"
     else:
         rng = np.random.default_rng(seed)
         count = 0
@@ -169,7 +188,7 @@ def paired_permutation_test(similarity: np.ndarray, n_replicates: int, max_exact
             swaps = rng.integers(0, 2, size=(min(4096, n_random - start), R))
             count += int((np.abs(statistic(swaps)) >= abs(observed) - 1e-12).sum())
         out["p"] = (1 + count) / (1 + n_random)
-        out["min_p"] = max(2 / 2 ** R, 1 / (1 + n_random))
+        out["min_p"] = max(2 / 2**R, 1 / (1 + n_random))
         out["note"] = f"{n_random} random label swaps of the {R} replicates (seed {seed}) and the observed one"
     return out
 
@@ -178,8 +197,13 @@ def _fmt(p: float) -> str:
     return f"{p:.3g}"
 
 
-def verdict(test: dict[str, Any], higher_is_better: bool = True, name: str = "MFR", alpha: float = ALPHA,
-            p_key: str = "t_test_p") -> str:
+def verdict(
+    test: dict[str, Any],
+    higher_is_better: bool = True,
+    name: str = "MFR",
+    alpha: float = ALPHA,
+    p_key: str = "t_test_p",
+) -> str:
     """Words for one test of `name` against its control, from a paired_test (or
     paired_permutation_test, p_key="p") result: "better"/"worse" only when test[p_key] < alpha."""
     n = test.get("n", 0)
@@ -194,6 +218,7 @@ def verdict(test: dict[str, Any], higher_is_better: bool = True, name: str = "MF
     if p is None:
         return f"no test ({test['note']})" if test.get("note") else "no test"
     if p < alpha:
+        assert diff is not None  # a test ran (p is set), so the difference it tested is set
         better = (diff > 0) == higher_is_better
         return f"{name} {'better' if better else 'worse'} (p = {_fmt(p)})"
     return f"no significant difference (p = {_fmt(p)})"
@@ -208,10 +233,22 @@ def rank_methods(means: dict[str, float | None], higher_is_better: bool) -> dict
     order = sorted(finite.values(), reverse=higher_is_better)
     levels = list(dict.fromkeys(order))  # distinct means, best first
     groups = [[m for m in finite if finite[m] == level] for level in levels]
-    return {"groups": groups, "best": groups[0] if groups else [],
-            "runner_up": groups[1] if len(groups) > 1 else [], "tie": bool(groups) and len(groups[0]) > 1,
-            "excluded": [m for m in means if m not in finite]}
+    return {
+        "groups": groups,
+        "best": groups[0] if groups else [],
+        "runner_up": groups[1] if len(groups) > 1 else [],
+        "tie": bool(groups) and len(groups[0]) > 1,
+        "excluded": [m for m in means if m not in finite],
+    }
 
 
-__all__ = ["paired_test", "signed_rank_exact_p", "holm", "paired_permutation_test", "verdict",
-           "rank_methods", "ALPHA", "WILCOXON_MIN_N"]
+__all__ = [
+    "paired_test",
+    "signed_rank_exact_p",
+    "holm",
+    "paired_permutation_test",
+    "verdict",
+    "rank_methods",
+    "ALPHA",
+    "WILCOXON_MIN_N",
+]

@@ -18,6 +18,7 @@ writes the report.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -50,20 +51,49 @@ FEATURE_SEED = 0  # the true features of every dataset; replicates vary the samp
 DATASETS = {
     # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
     "learnable": {
-        "full": ["data.firing=independent", "data.d=128", "data.n_features=1024", "data.mean_active=6",
-                 "data.zipf_exponent=0.3", "data.normalize_features=true", "sae.n_members=3",
-                 "sae.d_sae=1024", "sae.k=6", "train.n_samples=500000", "train.batch_size=512",
-                 "eval.n_samples=10000"],
-        "quick": ["data.firing=independent", "data.d=48", "data.n_features=192", "data.mean_active=4",
-                  "data.zipf_exponent=0.3", "data.normalize_features=true", "sae.n_members=3",
-                  "sae.d_sae=192", "sae.k=4", "train.n_samples=120000", "train.batch_size=256",
-                  "eval.n_samples=5000"],
+        "full": [
+            "data.firing=independent",
+            "data.d=128",
+            "data.n_features=1024",
+            "data.mean_active=6",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=1024",
+            "sae.k=6",
+            "train.n_samples=500000",
+            "train.batch_size=512",
+            "eval.n_samples=10000",
+        ],
+        "quick": [
+            "data.firing=independent",
+            "data.d=48",
+            "data.n_features=192",
+            "data.mean_active=4",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=192",
+            "sae.k=4",
+            "train.n_samples=120000",
+            "train.batch_size=256",
+            "eval.n_samples=5000",
+        ],
     },
     # the paper's generator and SAEs (SPEC sections 1-2), 2 members, 400 steps of 1,000 vectors
     "paper": {
         "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
-        "quick": ["data.d=64", "data.n_features=128", "data.n_groups=4", "data.n_active=9", "sae.d_sae=128",
-                  "sae.k=9", "train.n_samples=100000", "train.batch_size=1000", "eval.n_samples=5000"],
+        "quick": [
+            "data.d=64",
+            "data.n_features=128",
+            "data.n_groups=4",
+            "data.n_active=9",
+            "sae.d_sae=128",
+            "sae.k=9",
+            "train.n_samples=100000",
+            "train.batch_size=1000",
+            "eval.n_samples=5000",
+        ],
     },
 }
 COMMON = ["train.checkpoint_every=0", "train.log_every=50", f"data.seed={FEATURE_SEED}", *PAPER_MFR]
@@ -84,15 +114,22 @@ def settings() -> list[Setting]:
     grid = [Setting(BASELINE, ("mfr.enabled=false",))]
     for form, overrides in FORMS.items():
         for factor in BETA_FACTORS:
-            grid.append(Setting(f"{form} {factor:g}*auto",
-                                ("mfr.enabled=true", f"mfr.beta={factor:g}*auto", *overrides)))
+            grid.append(
+                Setting(f"{form} {factor:g}*auto", ("mfr.enabled=true", f"mfr.beta={factor:g}*auto", *overrides))
+            )
     return grid
 
 
-def run_config(dataset: str, setting: Setting, replicate: int, quick: bool, extra: list[str] = ()) -> RunConfig:
+def run_config(dataset: str, setting: Setting, replicate: int, quick: bool, extra: Sequence[str] = ()) -> RunConfig:
     scale = DATASETS[dataset]["quick" if quick else "full"]
-    return load_config(None, COMMON + scale + list(extra) + list(setting.overrides)
-                       + [f"data.stream_seed={replicate}", f"train.seed={replicate}"])
+    return load_config(
+        None,
+        COMMON
+        + scale
+        + list(extra)
+        + list(setting.overrides)
+        + [f"data.stream_seed={replicate}", f"train.seed={replicate}"],
+    )
 
 
 def member_means(results: dict[str, Any]) -> dict[str, float]:
@@ -114,8 +151,9 @@ def agreement_matrix(decoders: list, progress: bool = False) -> np.ndarray:
     return matrix
 
 
-def run_dataset(out: Path, dataset: str, replicates: int, quick: bool, progress: bool,
-                extra: list[str] = ()) -> dict[str, Any]:
+def run_dataset(
+    out: Path, dataset: str, replicates: int, quick: bool, progress: bool, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     """Train (or reuse) every setting on every replicate of one dataset; per-run measures and the
     agreement between the ensembles of every setting and the baseline's."""
     grid = settings()
@@ -147,13 +185,24 @@ def run_dataset(out: Path, dataset: str, replicates: int, quick: bool, progress:
             matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(ens[r], base[q])
             matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(ens[q], base[r])
         across[setting.name] = matrix.tolist()
-    return {"values": values, "betas": betas, "agreement": across, "baseline_agreement": base_matrix.tolist(),
-            "config": run_config(dataset, grid[0], 0, quick, extra).to_dict(),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "values": values,
+        "betas": betas,
+        "agreement": across,
+        "baseline_agreement": base_matrix.tolist(),
+        "config": run_config(dataset, grid[0], 0, quick, extra).to_dict(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
-def study(out: str | Path, quick: bool = False, replicates: int = 5, datasets: tuple[str, ...] = ("learnable", "paper"),
-          progress: bool = True, extra: list[str] = ()) -> dict[str, Any]:
+def study(
+    out: str | Path,
+    quick: bool = False,
+    replicates: int = 5,
+    datasets: tuple[str, ...] = ("learnable", "paper"),
+    progress: bool = True,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
     """Run the grid on each dataset and write out/report.md, out/results.json and out/fig_fvu_mcc.png.
     `extra` (section.field=value) changes every run, e.g. for a smaller test."""
     out = Path(out)
@@ -161,10 +210,13 @@ def study(out: str | Path, quick: bool = False, replicates: int = 5, datasets: t
     started = time.perf_counter()
     raw = {name: run_dataset(out, name, replicates, quick, progress, extra) for name in datasets}
     summary = {
-        "quick": quick, "replicates": replicates, "machine": machine(),
+        "quick": quick,
+        "replicates": replicates,
+        "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in settings()],
-        "fvu_margin": FVU_MARGIN, "twin_tolerance": TWIN_TOLERANCE,
+        "fvu_margin": FVU_MARGIN,
+        "twin_tolerance": TWIN_TOLERANCE,
         "datasets": {name: {**data, **analyse(data, replicates)} for name, data in raw.items()},
     }
     write_report(out, summary)
@@ -190,18 +242,21 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
     (`recommended`: fit to be the default)."""
     values, names = data["values"], [n for n in data["values"] if n != BASELINE]
     base = values[BASELINE]
-    rows: dict[str, dict[str, Any]] = {n: {"measures": {k: describe(v) for k, v in values[n].items()}}
-                                       for n in values}
+    rows: dict[str, dict[str, Any]] = {n: {"measures": {k: describe(v) for k, v in values[n].items()}} for n in values}
     base_across = np.asarray(data["baseline_agreement"])
-    rows[BASELINE]["measures"]["across_pw_mcc"] = describe(
-        [float(np.nanmean(np.delete(base_across[r], r))) for r in range(replicates)]) if replicates > 1 else None
+    rows[BASELINE]["measures"]["across_pw_mcc"] = (
+        describe([float(np.nanmean(np.delete(base_across[r], r))) for r in range(replicates)])
+        if replicates > 1
+        else None
+    )
     for name in names:
         tests = {key: paired_test(values[name][key], base[key]) for key in MEASURES}
         matrix = np.asarray(data["agreement"][name])
         tests["across_pw_mcc"] = paired_permutation_test(matrix, replicates)
         own = matrix[:replicates, :replicates]
-        rows[name]["measures"]["across_pw_mcc"] = describe(
-            [float(np.nanmean(np.delete(own[r], r))) for r in range(replicates)]) if replicates > 1 else None
+        rows[name]["measures"]["across_pw_mcc"] = (
+            describe([float(np.nanmean(np.delete(own[r], r))) for r in range(replicates)]) if replicates > 1 else None
+        )
         rows[name]["tests"] = tests
     for key in (*MEASURES, "across_pw_mcc"):
         p_key = "p" if key == "across_pw_mcc" else "t_test_p"
@@ -216,10 +271,20 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         twin = tests["twin_frac"]["mean_diff"]
         rows[name]["twin_ok"] = twin is not None and abs(twin) <= TWIN_TOLERANCE
         rows[name]["beats_baseline"] = bool(
-            rows[name]["fvu_not_worse"] and mcc["mean_diff"] is not None and mcc["mean_diff"] > 0
-            and mcc["p_holm"] is not None and mcc["p_holm"] < ALPHA)
-    winners = sorted((n for n in names if rows[n]["beats_baseline"]),
-                     key=lambda n: -rows[n]["tests"]["gt_mcc"]["mean_diff"])
+            rows[name]["fvu_not_worse"]
+            and mcc["mean_diff"] is not None
+            and mcc["mean_diff"] > 0
+            and mcc["p_holm"] is not None
+            and mcc["p_holm"] < ALPHA
+        )
+    winners = sorted(
+        (n for n in names if rows[n]["beats_baseline"]), key=lambda n: -rows[n]["tests"]["gt_mcc"]["mean_diff"]
+    )
     recommended = [n for n in winners if rows[n]["twin_ok"]]
-    return {"rows": rows, "winners": winners, "best": winners[0] if winners else None,
-            "recommended": recommended[0] if recommended else None, "fvu_margin": FVU_MARGIN * base_fvu}
+    return {
+        "rows": rows,
+        "winners": winners,
+        "best": winners[0] if winners else None,
+        "recommended": recommended[0] if recommended else None,
+        "fvu_margin": FVU_MARGIN * base_fvu,
+    }

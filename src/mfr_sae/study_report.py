@@ -12,8 +12,10 @@ from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table, save_figure
 
 FIGURE = "fig_fvu_mcc.png"
-CAPTION = ("FVU against MCC: top, one point per setting, mean over replicates with 95% CIs, the star the baseline; "
-           "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge).")
+CAPTION = (
+    "FVU against MCC: top, one point per setting, mean over replicates with 95% CIs, the star the baseline; "
+    "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge)."
+)
 DATASET_WORDS = {
     "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
     "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
@@ -27,8 +29,16 @@ def interval(ci: list[float] | None) -> str:
 def commit() -> str:
     """The repository's commit, when the package runs from a git checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -41,17 +51,24 @@ def verdict_line(name: str, result: dict[str, Any], twin_tolerance: float) -> st
         candidates = [n for n in rows if rows[n].get("tests")]
         top = max(candidates, key=lambda n: rows[n]["tests"]["gt_mcc"]["mean_diff"] or -np.inf)
         t = rows[top]["tests"]
-        return (f"**{name}: no MFR setting beat the baseline** on MCC without losing FVU. Highest mean MCC: "
-                f"`{top}`, MCC {_diff(t['gt_mcc'])}, FVU {_diff(t['fvu'])}.")
+        return (
+            f"**{name}: no MFR setting beat the baseline** on MCC without losing FVU. Highest mean MCC: "
+            f"`{top}`, MCC {_diff(t['gt_mcc'])}, FVU {_diff(t['fvu'])}."
+        )
     t = rows[best]["tests"]
     others = [w for w in result["winners"] if w != best]
-    line = (f"**{name}: `{best}` beats the baseline** on MCC {_diff(t['gt_mcc'])} without losing FVU "
-            f"({_diff(t['fvu'])}), twin_frac {_diff(t['twin_frac'])}"
-            + (f"; also: {', '.join(f'`{w}`' for w in others)}" if others else "") + ".")
+    line = (
+        f"**{name}: `{best}` beats the baseline** on MCC {_diff(t['gt_mcc'])} without losing FVU "
+        f"({_diff(t['fvu'])}), twin_frac {_diff(t['twin_frac'])}"
+        + (f"; also: {', '.join(f'`{w}`' for w in others)}" if others else "")
+        + "."
+    )
     pick = result.get("recommended")
     if pick and pick != best:
-        line += (f" The largest gain whose twin_frac stays within {twin_tolerance:g} of the baseline's: `{pick}`, MCC "
-                 f"{_diff(rows[pick]['tests']['gt_mcc'])}.")
+        line += (
+            f" The largest gain whose twin_frac stays within {twin_tolerance:g} of the baseline's: `{pick}`, MCC "
+            f"{_diff(rows[pick]['tests']['gt_mcc'])}."
+        )
     elif not pick:
         line += f" None of these keeps twin_frac within {twin_tolerance:g} of the baseline's."
     return line
@@ -61,8 +78,10 @@ def _diff(test: dict[str, Any]) -> str:
     """`+0.0123 (95% CI [a, b], Holm p = ...)` for a paired test against the baseline."""
     if test.get("mean_diff") is None:
         return "no difference measurable"
-    return (f"{test['mean_diff']:+.3g} (95% CI {interval(test.get('ci95'))}, Holm-corrected p = "
-            f"{fmt_p(test.get('p_holm'))})")
+    return (
+        f"{test['mean_diff']:+.3g} (95% CI {interval(test.get('ci95'))}, Holm-corrected p = "
+        f"{fmt_p(test.get('p_holm'))})"
+    )
 
 
 def dataset_table(result: dict[str, Any]) -> str:
@@ -70,19 +89,23 @@ def dataset_table(result: dict[str, Any]) -> str:
     for name, row in result["rows"].items():
         m, t = row["measures"], row.get("tests", {})
         across = m.get("across_pw_mcc")
-        rows.append({
-            "setting": name,
-            "MCC": _mean_ci(m["gt_mcc"]),
-            "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
-            "Holm p": fmt_p(t["gt_mcc"]["p_holm"]) if t else "-",
-            "FVU": _mean_ci(m["fvu"]),
-            "ΔFVU [95% CI]": _delta(t.get("fvu")),
-            "twin_frac": fmt_num(m["twin_frac"]["mean"]),
-            "gt_distinct": fmt_num(m["gt_distinct"]["mean"]),
-            "across PW-MCC": "-" if across is None else fmt_num(across["mean"]),
-            "Δacross (perm. p)": "-" if not t else f"{t['across_pw_mcc']['diff']:+.3g} ({fmt_p(t['across_pw_mcc']['p'])})",
-            "beats baseline": "-" if not t else ("yes" if row["beats_baseline"] else "no"),
-        })
+        rows.append(
+            {
+                "setting": name,
+                "MCC": _mean_ci(m["gt_mcc"]),
+                "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
+                "Holm p": fmt_p(t["gt_mcc"]["p_holm"]) if t else "-",
+                "FVU": _mean_ci(m["fvu"]),
+                "ΔFVU [95% CI]": _delta(t.get("fvu")),
+                "twin_frac": fmt_num(m["twin_frac"]["mean"]),
+                "gt_distinct": fmt_num(m["gt_distinct"]["mean"]),
+                "across PW-MCC": "-" if across is None else fmt_num(across["mean"]),
+                "Δacross (perm. p)": "-"
+                if not t
+                else f"{t['across_pw_mcc']['diff']:+.3g} ({fmt_p(t['across_pw_mcc']['p'])})",
+                "beats baseline": "-" if not t else ("yes" if row["beats_baseline"] else "no"),
+            }
+        )
     return markdown_table(rows, list(rows[0]))
 
 
@@ -111,17 +134,36 @@ def figure(summary: dict[str, Any], path: Path) -> None:
         top, bottom = axes[0][column], axes[1][column]
         for setting, row in data["rows"].items():
             is_base = "tests" not in row
-            style = dict(fmt="*" if is_base else "o", ms=14 if is_base else 6, capsize=2, lw=1,
-                         color="black" if is_base else colours.get(setting.split(" ")[0], "grey"))
+            style = dict(
+                fmt="*" if is_base else "o",
+                ms=14 if is_base else 6,
+                capsize=2,
+                lw=1,
+                color="black" if is_base else colours.get(setting.split(" ")[0], "grey"),
+            )
             mcc, fvu = row["measures"]["gt_mcc"], row["measures"]["fvu"]
-            _point(top, fvu["mean"], mcc["mean"], fvu["ci95"], mcc["ci95"], style,
-                   "baseline" if is_base else setting.split(" ")[1].replace("*auto", ""))
+            _point(
+                top,
+                fvu["mean"],
+                mcc["mean"],
+                fvu["ci95"],
+                mcc["ci95"],
+                style,
+                "baseline" if is_base else setting.split(" ")[1].replace("*auto", ""),
+            )
             if is_base:
                 _point(bottom, 0.0, 0.0, None, None, style, "baseline")
             else:
                 mcc, fvu = row["tests"]["gt_mcc"], row["tests"]["fvu"]
-                _point(bottom, fvu["mean_diff"], mcc["mean_diff"], fvu["ci95"], mcc["ci95"], style,
-                       setting.split(" ")[1].replace("*auto", ""))
+                _point(
+                    bottom,
+                    fvu["mean_diff"],
+                    mcc["mean_diff"],
+                    fvu["ci95"],
+                    mcc["ci95"],
+                    style,
+                    setting.split(" ")[1].replace("*auto", ""),
+                )
         for form, colour in colours.items():
             top.plot([], [], "o", color=colour, label=f"MFR {form} (label: beta / auto)")
         top.set(xlabel="FVU (lower is better)", ylabel="MCC to the true features (higher is better)")
@@ -153,47 +195,67 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     lines = ["# MFR study: does any setting beat the baseline where the truth is known?", ""]
     for name, data in summary["datasets"].items():
         lines += [verdict_line(name, data, summary["twin_tolerance"]), ""]
-    lines += [f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; "
-              f"{fmt_duration(summary['seconds'])}."]
+    lines += [
+        f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; {fmt_duration(summary['seconds'])}."
+    ]
     if quick:
-        lines += ["", "This is the `--quick` form (small data and SAEs, short runs): it checks that the study runs; "
-                      "the full study (without `--quick`) is the evidence."]
-    lines += ["", "## Design", "",
-              f"- {r} independent replicates per setting: replicate r has its own sample stream (data.stream_seed = r) "
-              "and initialisation (train.seed = r); the true features of a dataset are fixed (data.seed = 0), so "
-              "ensembles of different replicates can be compared latent by latent. Every setting of replicate r "
-              "sees the samples and starts from the weights of the baseline of replicate r.",
-              "- Settings: the baseline (no MFR), and MFR (penalty and reinitialisation) with beta = "
-              "{0.001, 0.01, 0.1, 1} x auto (auto: the penalty equals the reconstruction loss at the first step) "
-              "for each similarity form: `max` (the paper's MMCS), `hungarian` (one-to-one, re-matched every 10 steps), "
-              "`max>0.7` (the paper's MMCS counting only matches at cosine >= 0.7).",
-              "- Measures, each the mean over an ensemble's members: MCC (mean |cosine| of a one-to-one matching of "
-              "latents to true features), FVU on held-out vectors, twin_frac (latents with another latent of the same "
-              "SAE at cosine > 0.9), gt_distinct (distinct true features that are some latent's best match); "
-              "across PW-MCC: a replicate's ensemble against every other replicate's of the same setting (member m "
-              "with member m, one-to-one matched latents), mean over the others.",
-              "- Tests against the baseline, paired over replicates: paired t-test (two-sided) with the 95% CI of "
-              "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
-              "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
-              f"{r} replicates its smallest p is {fmt_p(2 / 2 ** r)}). Holm's correction over the 12 settings, "
-              "within each measure.",
-              "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
-              f"not worse: the upper end of the 95% CI of its FVU difference is at most "
-              f"{100 * summary['fvu_margin']:g}% of the baseline's FVU. A winner fit to be the default also keeps "
-              f"twin_frac within {summary['twin_tolerance']:g} of the baseline's.",
-              "", figure_link(FIGURE, CAPTION)]
+        lines += [
+            "",
+            "This is the `--quick` form (small data and SAEs, short runs): it checks that the study runs; "
+            "the full study (without `--quick`) is the evidence.",
+        ]
+    lines += [
+        "",
+        "## Design",
+        "",
+        f"- {r} independent replicates per setting: replicate r has its own sample stream (data.stream_seed = r) "
+        "and initialisation (train.seed = r); the true features of a dataset are fixed (data.seed = 0), so "
+        "ensembles of different replicates can be compared latent by latent. Every setting of replicate r "
+        "sees the samples and starts from the weights of the baseline of replicate r.",
+        "- Settings: the baseline (no MFR), and MFR (penalty and reinitialisation) with beta = "
+        "{0.001, 0.01, 0.1, 1} x auto (auto: the penalty equals the reconstruction loss at the first step) "
+        "for each similarity form: `max` (the paper's MMCS), `hungarian` (one-to-one, re-matched every 10 steps), "
+        "`max>0.7` (the paper's MMCS counting only matches at cosine >= 0.7).",
+        "- Measures, each the mean over an ensemble's members: MCC (mean |cosine| of a one-to-one matching of "
+        "latents to true features), FVU on held-out vectors, twin_frac (latents with another latent of the same "
+        "SAE at cosine > 0.9), gt_distinct (distinct true features that are some latent's best match); "
+        "across PW-MCC: a replicate's ensemble against every other replicate's of the same setting (member m "
+        "with member m, one-to-one matched latents), mean over the others.",
+        "- Tests against the baseline, paired over replicates: paired t-test (two-sided) with the 95% CI of "
+        "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
+        "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
+        f"{r} replicates its smallest p is {fmt_p(2 / 2**r)}). Holm's correction over the 12 settings, "
+        "within each measure.",
+        "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
+        f"not worse: the upper end of the 95% CI of its FVU difference is at most "
+        f"{100 * summary['fvu_margin']:g}% of the baseline's FVU. A winner fit to be the default also keeps "
+        f"twin_frac within {summary['twin_tolerance']:g} of the baseline's.",
+        "",
+        figure_link(FIGURE, CAPTION),
+    ]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
-        data_keys = (("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")
-                     if cfg["data"]["firing"] == "independent" else
-                     ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
-        lines += ["", f"## {name}: {DATASET_WORDS.get(name, name)}", "",
-                  "Data: " + ", ".join(f"{k}={cfg['data'][k]}" for k in (*data_keys, "normalize_features"))
-                  + "; SAEs: " + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in ("n_members", "d_sae", "k"))
-                  + "; training: " + ", ".join(f"{k}={v}" for k, v in cfg["train"].items()
-                                               if k in ("n_samples", "batch_size", "lr")) + ".",
-                  "", dataset_table(data), "",
-                  "Means with 95% CIs over replicates; Δ: setting minus baseline, paired; Holm p: the MCC test. "
-                  "Δacross: the permutation test's difference of across-replicate PW-MCC, its p uncorrected "
-                  "(results.json has the Holm-corrected ones)."]
+        data_keys = (
+            ("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")
+            if cfg["data"]["firing"] == "independent"
+            else ("firing", "d", "n_features", "n_groups", "n_active", "decay")
+        )
+        lines += [
+            "",
+            f"## {name}: {DATASET_WORDS.get(name, name)}",
+            "",
+            "Data: "
+            + ", ".join(f"{k}={cfg['data'][k]}" for k in (*data_keys, "normalize_features"))
+            + "; SAEs: "
+            + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in ("n_members", "d_sae", "k"))
+            + "; training: "
+            + ", ".join(f"{k}={v}" for k, v in cfg["train"].items() if k in ("n_samples", "batch_size", "lr"))
+            + ".",
+            "",
+            dataset_table(data),
+            "",
+            "Means with 95% CIs over replicates; Δ: setting minus baseline, paired; Holm p: the MCC test. "
+            "Δacross: the permutation test's difference of across-replicate PW-MCC, its p uncorrected "
+            "(results.json has the Holm-corrected ones).",
+        ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

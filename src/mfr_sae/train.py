@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -21,16 +21,25 @@ from mfr_sae.config import ConfigError, RunConfig, load_config
 from mfr_sae.data import VectorSource, load_ground_truth, make_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.metrics import evaluate
 from mfr_sae.files import write_json
 from mfr_sae.firing import LatentFiring, dead_frac_note, dead_measured
 from mfr_sae.lm_eval import add_loss_recovered
+from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer
 from mfr_sae.mmcs import pairwise_mmcs
-from mfr_sae.trainer_state import ensemble_on_main, optimizer_state_from_tensors, optimizer_state_on_main
-from mfr_sae.run_folder import (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, TrainingError, is_finished,
-                                remove_failed_start, start_new_run, truncate_metrics)
+from mfr_sae.run_folder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    TrainingError,
+    is_finished,
+    remove_failed_start,
+    start_new_run,
+    truncate_metrics,
+)
 from mfr_sae.run_log import RunLog, TrainingProgress, require_wandb
+from mfr_sae.trainer_state import ensemble_on_main, optimizer_state_from_tensors, optimizer_state_on_main
+
 
 class Interrupted(Exception):
     """Training was stopped by the user (Ctrl-C); nothing was saved since the last checkpoint."""
@@ -51,8 +60,15 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Holds the ensemble, optimiser and counters of one run; `fit()` trains to the end."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, source: VectorSource | None = None,
-                 resume: bool = False, progress: bool = True, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        source: VectorSource | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        overwrite: bool = False,
+    ):
         """overwrite: a new run in a folder that holds another clears that run's files (`run_paths`) first,
         once everything else has been checked; without it such a folder is an error."""
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
@@ -71,9 +87,12 @@ class Trainer:
             self.ground_truth = self.ground_truth.to(self.device)
         self.ensemble = self._new_ensemble(self.shard.members, self.device)
         # fused: one pass over parameters, gradients and moments (8x faster than for-each on 2 CPU cores)
-        self.optimizer = torch.optim.AdamW(self.ensemble.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay,
-                                           fused=self.device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.AdamW(
+            self.ensemble.parameters(),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         self.firing = LatentFiring(len(self.shard.members), cfg.sae.d_sae, cfg.eval.dead_window, self.device)
         self.mfr = MutualRegularizer(cfg.mfr, cfg.ks, self.shard, torch.bfloat16 if cfg.train.autocast else None)
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
@@ -90,8 +109,17 @@ class Trainer:
 
     def _new_ensemble(self, members: list[int], device: torch.device) -> Ensemble:
         cfg = self.cfg
-        return Ensemble(cfg.data.d, cfg.sae.d_sae, [cfg.ks[i] for i in members], cfg.sae.tied, cfg.sae.decoder_bias,
-                        seed=cfg.train.seed, member_ids=members, device=device, shared_init=cfg.sae.shared_init)
+        return Ensemble(
+            cfg.data.d,
+            cfg.sae.d_sae,
+            [cfg.ks[i] for i in members],
+            cfg.sae.tied,
+            cfg.sae.decoder_bias,
+            seed=cfg.train.seed,
+            member_ids=members,
+            device=device,
+            shared_init=cfg.sae.shared_init,
+        )
 
     # ------------------------------------------------------------------ run folder and resume
 
@@ -101,16 +129,14 @@ class Trainer:
             (self.run_dir / METRICS_FILE).write_text("")
             return
         # this process's members only (the files hold all N, whatever the number of processes that wrote them)
-        state, meta = ckpt.load_trainer_state(folder, slice(self.shard.start, self.shard.stop),
-                                              whole=("mfr.matches",))
+        state, meta = ckpt.load_trainer_state(folder, slice(self.shard.start, self.shard.stop), whole=("mfr.matches",))
         loaded = ckpt.load(folder, self.device, members=self.shard.members)
         with torch.no_grad():
             for name, param in self.ensemble.named_parameters():
                 param.copy_(getattr(loaded, name))
         self.step = meta["step"]
         self.firing.samples_since_fired.copy_(state.pop("samples_since_fired"))
-        self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")},
-                            meta["mfr"])
+        self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
         state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
         self.optimizer.load_state_dict(optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
         self.shard.barrier()  # every rank has read before rank 0 truncates the log
@@ -123,11 +149,18 @@ class Trainer:
         ensemble = ensemble_on_main(self.shard, self.ensemble, self._new_ensemble)
         state["samples_since_fired"] = self.shard.gather_to_main(self.firing.samples_since_fired)
         mfr_tensors, mfr_meta = self.mfr.state()
-        if self.shard.is_main:
+        if self.shard.is_main:  # where everything gathered is present: no None among the tensors
+            assert ensemble is not None
             state.update(mfr_tensors)
             meta = {"step": self.step, "mfr": mfr_meta}
-            ckpt.save_checkpoint(self.run_dir, ensemble, state, meta, extra={"mfr": self.cfg.mfr.enabled},
-                                 firing_prob=self.firing_prob)
+            ckpt.save_checkpoint(
+                self.run_dir,
+                ensemble,
+                cast("dict[str, Tensor]", state),
+                meta,
+                extra={"mfr": self.cfg.mfr.enabled},
+                firing_prob=self.firing_prob,
+            )
         self.shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
 
     # ------------------------------------------------------------------ training
@@ -152,14 +185,18 @@ class Trainer:
         loss = mse.sum() / n_members  # this rank's part of the mean over all members
         logs: dict[str, Any] = {"mse": mse.detach()}
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
-            penalty, values = self.mfr.penalty(self.ensemble.decoder_weight, self.step,
-                                               lambda: (self.shard.gather_sum(mse.detach()).sum() / n_members).item())
+            penalty, values = self.mfr.penalty(
+                self.ensemble.decoder_weight,
+                self.step,
+                lambda: (self.shard.gather_sum(mse.detach()).sum() / n_members).item(),
+            )
             logs.update(values)
             if self.shard.replica == 0:  # once per member: the replicas' gradients are summed
                 loss = loss + penalty
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {self.step} (try a lower train.lr); "
-                                f"the last checkpoint is intact")
+            raise TrainingError(
+                f"loss became {loss.item()} at step {self.step} (try a lower train.lr); the last checkpoint is intact"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.shard.reduce_gradients(self.ensemble.parameters())
@@ -172,7 +209,7 @@ class Trainer:
         for n in chosen:
             self._reinit_member(n)
         if chosen:
-            logs["reinit"] = self.mfr.events[-len(chosen):]
+            logs["reinit"] = self.mfr.events[-len(chosen) :]
         self.step += 1
         logs["l0"] = (acts > 0).sum(-1).float().mean(-1) * share
         return logs
@@ -197,10 +234,16 @@ class Trainer:
         if not hasattr(self, "_eval_batch"):
             self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
         x, target = self._eval_batch
-        members, firing_prob = evaluate(self.ensemble, x, self.ground_truth, self.firing.dead_mask(),
-                                        self.cfg.eval.recovered_threshold, self.cfg.eval.batch_size,
-                                        None if target is x else target,
-                                        self._dead_measured()[self.shard.start:self.shard.stop])
+        members, firing_prob = evaluate(
+            self.ensemble,
+            x,
+            self.ground_truth,
+            self.firing.dead_mask(),
+            self.cfg.eval.recovered_threshold,
+            self.cfg.eval.batch_size,
+            None if target is x else target,
+            self._dead_measured()[self.shard.start : self.shard.stop],
+        )
         lm_result = add_loss_recovered(self.cfg, self.ensemble, members, self.device, self.progress) if lm else None
         self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
         return [m for part in self.shard.gather_objects(members) for m in part], lm_result
@@ -276,11 +319,18 @@ class Trainer:
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
             "lm": lm,
-            "ground_truth": None if self.ground_truth is None else {
+            "ground_truth": None
+            if self.ground_truth is None
+            else {
                 "source": cfg.eval.ground_truth or cfg.data.kind,
-                "n_true": len(self.ground_truth), "layout": self.ground_truth_layout},
-            "dead_frac_note": dead_frac_note([m["member"] for m in members if m["dead_frac"] is None],
-                                             self.step * cfg.train.batch_size, cfg.eval.dead_window),
+                "n_true": len(self.ground_truth),
+                "layout": self.ground_truth_layout,
+            },
+            "dead_frac_note": dead_frac_note(
+                [m["member"] for m in members if m["dead_frac"] is None],
+                self.step * cfg.train.batch_size,
+                cfg.eval.dead_window,
+            ),
             "members": members,
             "config": cfg.to_dict(),
         }
@@ -309,8 +359,9 @@ class Trainer:
         }
 
 
-def train(cfg: RunConfig, out: str | Path, source: VectorSource | None = None, progress: bool = True,
-          overwrite: bool = False) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, out: str | Path, source: VectorSource | None = None, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Train a new run in folder `out`; returns what results.json holds. A folder that holds another run is an
     error, or with `overwrite` is cleared of that run's files (`run_paths`, nothing else) once the new config
     and data source are checked."""
@@ -327,5 +378,3 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     if is_finished(run_dir, cfg.n_steps):
         raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
     return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
-
-

@@ -23,8 +23,9 @@ def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, model: torch.nn
     return tensors
 
 
-def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                                 tensors: dict[str, Tensor]) -> dict[str, Any]:
+def optimizer_state_from_tensors(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict[str, Tensor]
+) -> dict[str, Any]:
     """The `state_dict` that `optimizer.load_state_dict` takes, from `optimizer_state_to_tensors`' output."""
     index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     state: dict[int, dict[str, Tensor]] = {}
@@ -34,17 +35,21 @@ def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, model: torch.
     return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
 
 
-def optimizer_state_on_main(shard: Shard, optimizer: torch.optim.Optimizer, model: torch.nn.Module
-                            ) -> dict[str, Tensor | None]:
+def optimizer_state_on_main(
+    shard: Shard, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+) -> dict[str, Tensor | None]:
     """All members' AdamW state on rank 0 (None on the others), one tensor at a time; the step counts are
     scalars, the same on every rank."""
-    return {k: v if v.ndim == 0 else shard.gather_to_main(v)
-            for k, v in optimizer_state_to_tensors(optimizer, model).items()}
+    return {
+        k: v if v.ndim == 0 else shard.gather_to_main(v)
+        for k, v in optimizer_state_to_tensors(optimizer, model).items()
+    }
 
 
 @torch.no_grad()
-def ensemble_on_main(shard: Shard, ensemble: Ensemble, build: Callable[[list[int], torch.device], Ensemble]
-                     ) -> Ensemble | None:
+def ensemble_on_main(
+    shard: Shard, ensemble: Ensemble, build: Callable[[list[int], torch.device], Ensemble]
+) -> Ensemble | None:
     """All N members in one Ensemble on rank 0 (on its CPU, `build(members, device)` making it), None on the
     other ranks; in one process, `ensemble` itself."""
     if shard.world == 1:

@@ -7,11 +7,19 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mfr_sae.cli import main  # noqa: E402
-from mfr_sae.data import DataError  # noqa: E402
-from mfr_sae.data.activations import (ActivationCache, build_cache, capture, load_model, read_manifest,  # noqa: E402
-                                      read_texts, resolve_hook, token_sequences)
-from mfr_sae.extras import MissingExtra  # noqa: E402
+from mfr_sae.cli import main
+from mfr_sae.data import DataError
+from mfr_sae.data.activations import (
+    ActivationCache,
+    build_cache,
+    capture,
+    load_model,
+    read_manifest,
+    read_texts,
+    resolve_hook,
+    token_sequences,
+)
+from mfr_sae.extras import MissingExtra
 
 
 def test_aliases_and_module_paths_resolve_to_the_same_module(tiny_gpt2):
@@ -53,8 +61,17 @@ def test_sequences_start_with_bos_and_have_the_context_length(tiny_gpt2, tmp_pat
 
 def test_the_cache_holds_the_hooked_activations_without_bos(tiny_gpt2, tmp_path):
     model_dir, corpus = tiny_gpt2
-    out = build_cache(str(model_dir), "blocks.0.hook_mlp_out", str(corpus), tmp_path / "cache", n_tokens=500,
-                      context=16, batch_size=4, shard_tokens=200, progress=False)
+    out = build_cache(
+        str(model_dir),
+        "blocks.0.hook_mlp_out",
+        str(corpus),
+        tmp_path / "cache",
+        n_tokens=500,
+        context=16,
+        batch_size=4,
+        shard_tokens=200,
+        progress=False,
+    )
     manifest = read_manifest(out)
     assert [s["rows"] for s in manifest["shards"]] == [200, 200, 100]
     assert manifest["d"] == 32 and manifest["module"] == "transformer.h.0.mlp" and manifest["n_tokens"] == 500
@@ -79,8 +96,18 @@ def test_the_cache_holds_the_hooked_activations_without_bos(tiny_gpt2, tmp_path)
 
 
 def test_missing_model_or_text_are_clear_errors(tmp_path, capsys):
-    code = main(["cache", "--model", str(tmp_path / "no-model"), "--text", "x.txt", "--out", str(tmp_path / "c"),
-                 "--no-progress"])
+    code = main(
+        [
+            "cache",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--text",
+            "x.txt",
+            "--out",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "cannot load model" in capsys.readouterr().err
     with pytest.raises(DataError, match="not an activation cache"):
         read_manifest(tmp_path)
@@ -88,8 +115,22 @@ def test_missing_model_or_text_are_clear_errors(tmp_path, capsys):
 
 def _cache_args(tiny_gpt2, out, tokens=100):
     model_dir, corpus = tiny_gpt2
-    return ["cache", "--model", str(model_dir), "--text", str(corpus), "--out", str(out), "--tokens", str(tokens),
-            "--context", "16", "--shard-tokens", "60", "--no-progress"]
+    return [
+        "cache",
+        "--model",
+        str(model_dir),
+        "--text",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        str(tokens),
+        "--context",
+        "16",
+        "--shard-tokens",
+        "60",
+        "--no-progress",
+    ]
 
 
 def test_cache_refuses_a_folder_that_is_neither_empty_nor_a_cache(tiny_gpt2, tmp_path, capsys):

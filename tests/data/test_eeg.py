@@ -8,8 +8,18 @@ import torch
 mne = pytest.importorskip("mne")
 
 from mfr_sae.data import DataError  # noqa: E402
-from mfr_sae.data.eeg import (NOISE_KINDS, EEGData, add_noise, band_pass, cut_windows, load_eeg,  # noqa: E402
-                              select_channels, snr_db, split_holdout, zscore)
+from mfr_sae.data.eeg import (  # noqa: E402
+    NOISE_KINDS,
+    EEGData,
+    add_noise,
+    band_pass,
+    cut_windows,
+    load_eeg,
+    select_channels,
+    snr_db,
+    split_holdout,
+    zscore,
+)
 from mfr_sae.extras import MissingExtra  # noqa: E402
 
 SFREQ = 250.0
@@ -18,8 +28,10 @@ SFREQ = 250.0
 def _raw(channels, seconds=20.0, sfreq=SFREQ, seed=0, freqs=None, noise=0.1):
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sfreq)) / sfreq
-    data = [np.sin(2 * np.pi * (freqs[i] if freqs else 10) * t) + noise * rng.standard_normal(len(t))
-            for i in range(len(channels))]
+    data = [
+        np.sin(2 * np.pi * (freqs[i] if freqs else 10) * t) + noise * rng.standard_normal(len(t))
+        for i in range(len(channels))
+    ]
     info = mne.create_info(channels, sfreq, "eeg")
     return mne.io.RawArray(np.array(data) * 1e-5, info, verbose="error")
 
@@ -27,8 +39,8 @@ def _raw(channels, seconds=20.0, sfreq=SFREQ, seed=0, freqs=None, noise=0.1):
 def test_the_band_pass_attenuates_60_hz_and_passes_10_hz():
     raw = band_pass(_raw(["Cz", "Pz"], freqs=[10.0, 60.0], noise=0.0))
     data = raw.get_data()[:, 500:-500]  # away from the edges
-    rms = np.sqrt((data ** 2).mean(axis=1)) / (1e-5 / np.sqrt(2))
-    assert rms[0] > 0.9      # 10 Hz passes
+    rms = np.sqrt((data**2).mean(axis=1)) / (1e-5 / np.sqrt(2))
+    assert rms[0] > 0.9  # 10 Hz passes
     # 60 Hz, above the 45 Hz corner: order-5 Butterworth applied twice gives 1 / (1 + (60/45)^10) = 0.053
     assert rms[1] < 0.06
 
@@ -98,10 +110,11 @@ def test_real_recordings_show_the_berger_effect():
 
     try:
         folder = eeg()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         pytest.skip(f"real EEG not available here: {err}")
-    closed, opened = (load_eeg(next(folder.rglob(f"*task-{task}_run-01_eeg.vhdr")), sfreq=250.0)
-                      for task in ("EC", "EO"))
+    closed, opened = (
+        load_eeg(next(folder.rglob(f"*task-{task}_run-01_eeg.vhdr")), sfreq=250.0) for task in ("EC", "EO")
+    )
     assert len(closed.channels) == 32 and closed.windows.shape[1:] == (32, 250)
     assert len(closed.windows) >= 300  # 5.2 minutes of 1 s windows
     occipital = [closed.channels.index(c) for c in ("O1", "Oz", "O2")]
@@ -118,7 +131,8 @@ def test_real_recordings_show_the_berger_effect():
 def _folder(tmp_path, seconds=40.0):
     for i, name in enumerate(("a", "b")):
         _raw(["Fz", "Cz", "Pz", "Oz"], seconds=seconds, seed=i, freqs=[7.0, 10.0, 13.0, 20.0]).save(
-            tmp_path / f"{name}_raw.fif", verbose="error")
+            tmp_path / f"{name}_raw.fif", verbose="error"
+        )
     return tmp_path
 
 

@@ -67,8 +67,10 @@ def test_supports_are_drawn_per_sample():
 
 
 def test_stream_is_deterministic_by_seed_and_index():
-    a, b = SyntheticData(d=8, n_features=24, n_groups=2, n_active=2, seed=0), \
-        SyntheticData(d=8, n_features=24, n_groups=2, n_active=2, seed=0)
+    a, b = (
+        SyntheticData(d=8, n_features=24, n_groups=2, n_active=2, seed=0),
+        SyntheticData(d=8, n_features=24, n_groups=2, n_active=2, seed=0),
+    )
     assert torch.equal(a.sample(100, TRAIN_STREAM, 3), b.sample(100, TRAIN_STREAM, 3))
     assert not torch.equal(a.sample(100, TRAIN_STREAM, 3), a.sample(100, TRAIN_STREAM, 4))
     assert not torch.equal(a.sample(100, TRAIN_STREAM, 0), a.sample(100, EVAL_STREAM, 0))

@@ -35,7 +35,7 @@ def test_the_stream_restarts_exactly_at_any_step(tmp_path):
     full = [next(stream) for _ in range(30)]  # crosses two epoch boundaries
     for start in (0, 1, 12, 13, 25):
         again = data.batches(70, start_step=start)
-        for expected in full[start:start + 4]:
+        for expected in full[start : start + 4]:
             assert torch.equal(next(again), expected)
     other = VectorsData(tmp_path / "x.npy", seed=4, holdout=100, shuffle_buffer=128)
     assert not torch.equal(next(other.batches(70)), full[0])
@@ -50,11 +50,14 @@ def test_a_folder_of_npy_and_safetensors_shards_is_one_array(tmp_path):
     torch.testing.assert_close(data.read_rows(100, 140), torch.from_numpy(rows[100:140]), rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.zeros(10, np.float32), r"expected a 2-D array \[n_vectors, d\], got shape \[10\]"),
-    (np.zeros((10, 4), np.int64), "expected floating-point vectors, got dtype int64"),
-    (np.zeros((0, 4), np.float32), "holds no vectors"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros(10, np.float32), r"expected a 2-D array \[n_vectors, d\], got shape \[10\]"),
+        (np.zeros((10, 4), np.int64), "expected floating-point vectors, got dtype int64"),
+        (np.zeros((0, 4), np.float32), "holds no vectors"),
+    ],
+)
 def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, array, message):
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(DataError, match=message) as err:
@@ -83,15 +86,25 @@ def test_nan_names_the_file_and_row_and_keeps_the_checkpoint(tmp_path):
     rows = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
     rows[2500, 3] = np.nan
     np.save(tmp_path / "x.npy", rows)
-    overrides = ["data.kind=vectors", f"data.path={tmp_path / 'x.npy'}", "data.holdout=100",
-                 "data.shuffle_buffer=400", "sae.d_sae=16", "sae.k=2", "train.batch_size=100",
-                 "train.n_samples=5000", "train.checkpoint_every=1", "eval.n_samples=100"]
+    overrides = [
+        "data.kind=vectors",
+        f"data.path={tmp_path / 'x.npy'}",
+        "data.holdout=100",
+        "data.shuffle_buffer=400",
+        "sae.d_sae=16",
+        "sae.k=2",
+        "train.batch_size=100",
+        "train.n_samples=5000",
+        "train.checkpoint_every=1",
+        "eval.n_samples=100",
+    ]
     sets = [a for o in overrides for a in ("--set", o)]
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"] + sets) == 2
     with pytest.raises(DataError, match=r"x.npy: row 2500 holds NaN or inf"):
         train(load_config(None, overrides), tmp_path / "run2", progress=False)
     # the checkpoints written before the bad row are intact and loadable
     from mfr_sae import load
+
     assert load(tmp_path / "run2").n_members == 2
 
 
@@ -113,9 +126,16 @@ def test_end_to_end_on_a_npy_file_with_a_ground_truth_file(tmp_path, easy_overri
     vectors = torch.cat([source.sample(10_000, 0, i) for i in range(21)])
     np.save(tmp_path / "acts.npy", vectors.numpy())
     np.save(tmp_path / "truth.npy", source.ground_truth.T.numpy())  # [d, n_true]: transposed on load
-    cfg = load_config(None, easy_overrides + [
-        "data.kind=vectors", f"data.path={tmp_path / 'acts.npy'}", "train.n_samples=400000",
-        f"eval.ground_truth={tmp_path / 'truth.npy'}"])
+    cfg = load_config(
+        None,
+        easy_overrides
+        + [
+            "data.kind=vectors",
+            f"data.path={tmp_path / 'acts.npy'}",
+            "train.n_samples=400000",
+            f"eval.ground_truth={tmp_path / 'truth.npy'}",
+        ],
+    )
     results = train(cfg, tmp_path / "run", progress=False)
     assert results["ground_truth"]["n_true"] == 64 and "transposed" in results["ground_truth"]["layout"]
     for member in results["members"]:
@@ -124,12 +144,16 @@ def test_end_to_end_on_a_npy_file_with_a_ground_truth_file(tmp_path, easy_overri
     assert saved["config"]["data"]["d"] == 32
 
 
-@pytest.mark.parametrize("write", [
-    lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True),  # an object array
-    lambda p: p.write_text("0.1 0.2 0.3\n0.4 0.5 0.6\n"),                                 # text under a .npy name
-    lambda p: p.write_bytes(pickle.dumps(np.zeros((10, 4), np.float32))),                # a pickle of an array
-    lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr'"),                       # a cut-off header
-], ids=["object-array", "text", "pickle", "truncated"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True),  # an object array
+        lambda p: p.write_text("0.1 0.2 0.3\n0.4 0.5 0.6\n"),  # text under a .npy name
+        lambda p: p.write_bytes(pickle.dumps(np.zeros((10, 4), np.float32))),  # a pickle of an array
+        lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr'"),  # a cut-off header
+    ],
+    ids=["object-array", "text", "pickle", "truncated"],
+)
 def test_a_file_that_is_not_a_numpy_array_is_a_one_line_error_naming_it(tmp_path, write):
     write(tmp_path / "acts.npy")
     with pytest.raises(DataError, match="not a numpy array file \\(\\.npy\\)") as err:

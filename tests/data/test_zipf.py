@@ -40,8 +40,10 @@ def test_vectors_are_the_weighted_sum_of_features_and_streams_are_seeded():
     data = ZipfData(d=8, n_features=32, mean_active=3.0, seed=1)
     codes = data.sample_codes(100, TRAIN_STREAM, 4)
     torch.testing.assert_close(data.sample(100, TRAIN_STREAM, 4), codes @ data.features)
-    assert torch.equal(data.sample(100, TRAIN_STREAM, 4), ZipfData(d=8, n_features=32, mean_active=3.0,
-                                                                   seed=1).sample(100, TRAIN_STREAM, 4))
+    assert torch.equal(
+        data.sample(100, TRAIN_STREAM, 4),
+        ZipfData(d=8, n_features=32, mean_active=3.0, seed=1).sample(100, TRAIN_STREAM, 4),
+    )
     assert not torch.equal(data.sample(100, TRAIN_STREAM, 4), data.sample(100, EVAL_STREAM, 4))
     # stream_seed: same true features, other samples
     other = ZipfData(d=8, n_features=32, mean_active=3.0, seed=1, stream_seed=9)
@@ -50,13 +52,25 @@ def test_vectors_are_the_weighted_sum_of_features_and_streams_are_seeded():
 
 
 def test_the_config_selects_the_generator_and_checks_its_fields():
-    cfg = load_config(None, ["data.firing=independent", "data.d=16", "data.n_features=40",
-                             "data.mean_active=3", "data.stream_seed=5", "data.normalize_features=true"])
+    cfg = load_config(
+        None,
+        [
+            "data.firing=independent",
+            "data.d=16",
+            "data.n_features=40",
+            "data.mean_active=3",
+            "data.stream_seed=5",
+            "data.normalize_features=true",
+        ],
+    )
     source = make_source(cfg.data)
     assert isinstance(source, ZipfData) and source.stream_seed == 5 and source.ground_truth.shape == (40, 16)
-    for wrong, message in [("data.firing=poisson", "data.firing"), ("data.mean_active=0", "data.mean_active"),
-                           ("data.zipf_exponent=-1", "data.zipf_exponent"),
-                           ("data.min_magnitude=1", "data.min_magnitude")]:
+    for wrong, message in [
+        ("data.firing=poisson", "data.firing"),
+        ("data.mean_active=0", "data.mean_active"),
+        ("data.zipf_exponent=-1", "data.zipf_exponent"),
+        ("data.min_magnitude=1", "data.min_magnitude"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["data.firing=independent", wrong])
     # n_active larger than a group is only an error for the paper's grouped firing

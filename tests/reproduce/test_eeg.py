@@ -18,8 +18,10 @@ def _recordings(folder, n=2, seconds=60.0, sfreq=200.0):
     for i in range(n):
         rng = np.random.default_rng(i)
         t = np.arange(int(seconds * sfreq)) / sfreq
-        data = [np.sin(2 * np.pi * rng.uniform(8, 12) * t + rng.uniform(0, 6)) + 0.5 * rng.standard_normal(len(t))
-                for _ in names]
+        data = [
+            np.sin(2 * np.pi * rng.uniform(8, 12) * t + rng.uniform(0, 6)) + 0.5 * rng.standard_normal(len(t))
+            for _ in names
+        ]
         raw = mne.io.RawArray(np.array(data) * 1e-5, mne.create_info(names, sfreq, "eeg"), verbose="error")
         raw.save(folder / f"rec{i}_raw.fif", verbose="error")
     return folder
@@ -29,8 +31,13 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     data = _recordings(tmp_path / "eeg")
     out = tmp_path / "out"
     reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False, overrides=SMALL)
-    for name in ("report.md", "results.json", "fig_mse_by_k.png", "fig_decoder_distance.png",
-                 "fig_denoising_example.png"):
+    for name in (
+        "report.md",
+        "results.json",
+        "fig_mse_by_k.png",
+        "fig_decoder_distance.png",
+        "fig_denoising_example.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     assert results["recordings"]["n_channels"] == 6 and len(results["recordings"]["files"]) == 2
@@ -64,16 +71,14 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
     assert [row["k"] for row in results["mse_by_k"]] == KS
     assert "Test over the 2 seeds" in report and "paired t-test p = " in report
     # a second call reuses the finished runs
-    again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False,
-                          overrides=SMALL)
+    again = reproduce_eeg(out, data, quick=True, seeds=2, noise="line", snr_db=5.0, progress=False, overrides=SMALL)
     assert again["members"] == results["members"]
     assert {r["how"] for r in again["runs"]["runs"]} == {"reused"}
     assert again["train_seconds"] == results["train_seconds"]
     reused = "Reused from an earlier invocation, not trained now: 4 (`runs/seed0/baseline`"
     assert reused in (out / "report.md").read_text()
     # one seed (its runs reused): no test, and no p-value anywhere in the report
-    one = reproduce_eeg(out, data, quick=True, seeds=1, noise="line", snr_db=5.0, progress=False,
-                        overrides=SMALL)
+    one = reproduce_eeg(out, data, quick=True, seeds=1, noise="line", snr_db=5.0, progress=False, overrides=SMALL)
     assert one["mse_test"]["n"] == 1 and one["mse_test"]["t_test_p"] is None
     assert "not independent replicates" in one["mse_test"]["note"]
     report = (out / "report.md").read_text()
@@ -84,8 +89,18 @@ def test_a_quick_eeg_reproduction_writes_every_file(tmp_path):
 def test_a_folder_without_usable_recordings_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "eeg").mkdir()
     (tmp_path / "eeg" / "a.edf").write_bytes(b"not an edf")
-    code = main(["reproduce", "eeg", "--quick", "--data", str(tmp_path / "eeg"), "--out", str(tmp_path / "out"),
-                 "--no-progress"])
+    code = main(
+        [
+            "reproduce",
+            "eeg",
+            "--quick",
+            "--data",
+            str(tmp_path / "eeg"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no usable EEG recording" in err and "cannot read" in err
     assert len(err.strip().splitlines()) == 1

@@ -6,9 +6,21 @@ import pytest
 
 from mfr_sae.reproduce.synthetic import METHODS, QUICK, reproduce_synthetic
 
-TINY = ["data.d=32", "data.n_features=64", "data.n_groups=4", "data.n_active=3", "sae.d_sae=64",
-        "sae.k=3", "train.n_samples=30000", "train.batch_size=1000", "eval.every=10",
-        "eval.n_samples=2000", "mfr.reinit_samples=1000", "mfr.warmup_steps=10", "mfr.reinit_window=10"]
+TINY = [
+    "data.d=32",
+    "data.n_features=64",
+    "data.n_groups=4",
+    "data.n_active=3",
+    "sae.d_sae=64",
+    "sae.k=3",
+    "train.n_samples=30000",
+    "train.batch_size=1000",
+    "eval.every=10",
+    "eval.n_samples=2000",
+    "mfr.reinit_samples=1000",
+    "mfr.warmup_steps=10",
+    "mfr.reinit_window=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +32,14 @@ def two_seeds(tmp_path_factory):
 
 def test_an_end_to_end_reproduction_writes_every_file(two_seeds):
     tmp_path, summary = two_seeds
-    for name in ["report.md", "results.json", "fig3_agreement.png", "fig5_cluster_firing.png",
-                 "fig7_reinit_metric.png", "fig8_recovery.png"]:
+    for name in [
+        "report.md",
+        "results.json",
+        "fig3_agreement.png",
+        "fig5_cluster_firing.png",
+        "fig7_reinit_metric.png",
+        "fig8_recovery.png",
+    ]:
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(summary))
@@ -42,8 +60,10 @@ def test_an_end_to_end_reproduction_writes_every_file(two_seeds):
     # across-seed agreement is tested over seeds (label swaps inside a seed), not over seed pairs
     across = results["tests"]["shared_init vs baseline"]["across_pw_mcc"]
     assert across["n"] == 2 and across["min_p"] == 0.5 and across["p"] in (0.5, 1.0)
-    assert across["diff"] == pytest.approx(shared["per_seed_pair"]["across_pw_mcc"][0]
-                                           - results["methods"]["baseline"]["per_seed_pair"]["across_pw_mcc"][0])
+    assert across["diff"] == pytest.approx(
+        shared["per_seed_pair"]["across_pw_mcc"][0]
+        - results["methods"]["baseline"]["per_seed_pair"]["across_pw_mcc"][0]
+    )
     # Holm over every test of the tests section that has a p-value
     family = [t for by_key in results["tests"].values() for t in by_key.values()]
     with_p = [t for t in family if t["p"] is not None]
@@ -102,8 +122,12 @@ def test_the_report_links_its_figures_with_captions_and_stays_small(two_seeds):
     lines = report.splitlines()
     links = [(i, re.fullmatch(r"!\[(.+)\]\(([^)/]+\.png)\)", line)) for i, line in enumerate(lines)]
     links = [(i, m) for i, m in links if m]
-    assert [m.group(2) for _, m in links] == ["fig3_agreement.png", "fig5_cluster_firing.png",
-                                              "fig7_reinit_metric.png", "fig8_recovery.png"]
+    assert [m.group(2) for _, m in links] == [
+        "fig3_agreement.png",
+        "fig5_cluster_firing.png",
+        "fig7_reinit_metric.png",
+        "fig8_recovery.png",
+    ]
     for i, m in links:
         assert (out / m.group(2)).stat().st_size > 0
         assert lines[i + 1] == "" and lines[i + 2] == f"*{m.group(1)}*"  # the caption, on one line, under it
@@ -116,7 +140,8 @@ def test_a_second_invocation_reports_its_runs_as_reused_with_the_first_ones_trai
     out, first = two_seeds
     assert {r["how"] for r in first["runs"]["runs"]} == {"trained"}
     assert first["runs"]["train_seconds"] == pytest.approx(
-        sum(json.loads(p.read_text())["train_seconds"] for p in (out / "runs").glob("*/results.json")), abs=0.1)
+        sum(json.loads(p.read_text())["train_seconds"] for p in (out / "runs").glob("*/results.json")), abs=0.1
+    )
     again = reproduce_synthetic(out, quick=True, n_seeds=2, progress=True, overrides=TINY)
     printed = capsys.readouterr().out
     assert f"[mfr, seed 1] reused: {out / 'runs' / 'mfr-seed1'} (run 7 of 8)" in printed
@@ -125,4 +150,3 @@ def test_a_second_invocation_reports_its_runs_as_reused_with_the_first_ones_trai
     report = (out / "report.md").read_text()
     assert "Trained now: 0." in report and "Reused from an earlier invocation, not trained now: 8 (" in report
     assert all(f"`runs/{m}-seed{s}`" in report for m in METHODS for s in (0, 1))
-

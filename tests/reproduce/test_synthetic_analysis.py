@@ -7,8 +7,10 @@ from mfr_sae.reproduce.synthetic_analysis import ACROSS_KEYS, AcrossAgreement
 
 def _runs(n_seeds=2, members=2, h=8, d=4):
     generator = torch.Generator().manual_seed(0)
-    return {m: [{"decoder": torch.randn(members, h, d, generator=generator)} for _ in range(n_seeds)]
-            for m in ("mfr", "baseline")}
+    return {
+        m: [{"decoder": torch.randn(members, h, d, generator=generator)} for _ in range(n_seeds)]
+        for m in ("mfr", "baseline")
+    }
 
 
 def test_across_agreement_matches_member_m_with_member_m_and_computes_each_pair_once():

@@ -14,8 +14,12 @@ def _method(values):
 def test_means_equal_at_the_printed_precision_are_a_tie_not_a_win():
     # mfr and reinit differ only past the 3 significant digits printed; on mse (lower is better)
     # baseline and shared_init are exactly equal
-    methods = {"baseline": _method([0.01, 0.02]), "reinit": _method([0.12340, 0.12342]),
-               "mfr": _method([0.12343, 0.12345]), "shared_init": _method([0.01, 0.02])}
+    methods = {
+        "baseline": _method([0.01, 0.02]),
+        "reinit": _method([0.12340, 0.12342]),
+        "mfr": _method([0.12343, 0.12345]),
+        "shared_init": _method([0.01, 0.02]),
+    }
     rows = winners(methods, ["gt_mcc", "mse"], agreement=None)
     for row, tied in zip(rows, ("reinit = mfr", "baseline = shared_init")):
         assert row["best"] == tied and row["clear win"] == "no (tie)" and row["p"] == "-"
@@ -40,7 +44,9 @@ def test_per_seed_measures_get_a_paired_t_test_and_across_seed_ones_a_permutatio
     agreement = AcrossAgreement(runs, threshold=0.7)
     across = compare_methods("mfr", "baseline", methods, agreement, "across_pw_mcc")
     assert across["test_name"] == "permutation over seeds" and across["n"] == 3
-    assert across["diff"] == pytest.approx(np.mean(agreement.per_seed_pair("mfr")["across_pw_mcc"])
-                                           - np.mean(agreement.per_seed_pair("baseline")["across_pw_mcc"]))
+    assert across["diff"] == pytest.approx(
+        np.mean(agreement.per_seed_pair("mfr")["across_pw_mcc"])
+        - np.mean(agreement.per_seed_pair("baseline")["across_pw_mcc"])
+    )
     with pytest.raises(ValueError, match="AcrossAgreement"):
         compare_methods("mfr", "baseline", methods, None, "across_pw_mcc")

@@ -1,11 +1,52 @@
 """Run configuration: `fields` (the dataclasses, their docstrings as help text, validation, PAPER_MFR) and
 `loading` (YAML files, `--set section.field=value` overrides, the --help text)."""
 
-from mfr_sae.config.fields import (DATA_KINDS, EEG_NOISE_KINDS, FIRING_KINDS, PAPER_MFR, ConfigError, DataConfig,
-                                   EvalConfig, MFRConfig, RunConfig, SAEConfig, TrainConfig, beta_parts)
-from mfr_sae.config.loading import (field_docs, field_types, from_dict, help_text, load_config, parse_override,
-                                    save_config, sections, set_field)
+from mfr_sae.config.fields import (
+    DATA_KINDS,
+    EEG_NOISE_KINDS,
+    FIRING_KINDS,
+    PAPER_MFR,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    MFRConfig,
+    RunConfig,
+    SAEConfig,
+    TrainConfig,
+    beta_parts,
+)
+from mfr_sae.config.loading import (
+    field_docs,
+    field_types,
+    from_dict,
+    help_text,
+    load_config,
+    parse_override,
+    save_config,
+    sections,
+    set_field,
+)
 
-__all__ = ["DATA_KINDS", "EEG_NOISE_KINDS", "FIRING_KINDS", "PAPER_MFR", "ConfigError", "DataConfig", "EvalConfig",
-           "MFRConfig", "RunConfig", "SAEConfig", "TrainConfig", "beta_parts", "field_docs", "field_types",
-           "from_dict", "help_text", "load_config", "parse_override", "save_config", "sections", "set_field"]
+__all__ = [
+    "DATA_KINDS",
+    "EEG_NOISE_KINDS",
+    "FIRING_KINDS",
+    "PAPER_MFR",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "MFRConfig",
+    "RunConfig",
+    "SAEConfig",
+    "TrainConfig",
+    "beta_parts",
+    "field_docs",
+    "field_types",
+    "from_dict",
+    "help_text",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "sections",
+    "set_field",
+]

@@ -20,8 +20,8 @@ import yaml
 from mfr_sae.config.fields import ConfigError, RunConfig
 from mfr_sae.files import atomic_write_text
 
-
 # ---------------------------------------------------------------- dicts, YAML and overrides
+
 
 def sections() -> dict[str, type]:
     """Section name -> its dataclass, in file order."""
@@ -131,6 +131,7 @@ def _type_name(tp: Any) -> str:
 
 # ---------------------------------------------------------------- help text from docstrings
 
+
 @cache
 def field_types(cls: type) -> dict[str, Any]:
     """Field name -> its type (the annotations, which `from __future__ import annotations` keeps as text)."""
@@ -141,9 +142,15 @@ def field_types(cls: type) -> dict[str, Any]:
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal under each field of a dataclass (its docstring), on one line."""
     body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
-    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in pairwise(body)
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-            and isinstance(doc.value.value, str)}
+    return {
+        node.target.id: " ".join(doc.value.value.split())
+        for node, doc in pairwise(body)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
 
 
 def help_text() -> str:

@@ -5,11 +5,11 @@ stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 from torch import Tensor
-from collections.abc import Iterator
 
 from mfr_sae.config import DataConfig
 from mfr_sae.data.synthetic import SyntheticData
@@ -40,11 +40,29 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
     """The data source a config names."""
     stream_seed = None if cfg.stream_seed < 0 else cfg.stream_seed
     if cfg.kind == "synthetic" and cfg.firing == "independent":
-        return ZipfData(cfg.d, cfg.n_features, cfg.mean_active, cfg.zipf_exponent, cfg.min_magnitude,
-                        cfg.normalize_features, cfg.seed, device, stream_seed)
+        return ZipfData(
+            cfg.d,
+            cfg.n_features,
+            cfg.mean_active,
+            cfg.zipf_exponent,
+            cfg.min_magnitude,
+            cfg.normalize_features,
+            cfg.seed,
+            device,
+            stream_seed,
+        )
     if cfg.kind == "synthetic":
-        return SyntheticData(cfg.d, cfg.n_features, cfg.n_groups, cfg.n_active, cfg.decay,
-                             cfg.normalize_features, cfg.seed, device, stream_seed)
+        return SyntheticData(
+            cfg.d,
+            cfg.n_features,
+            cfg.n_groups,
+            cfg.n_active,
+            cfg.decay,
+            cfg.normalize_features,
+            cfg.seed,
+            device,
+            stream_seed,
+        )
     if cfg.kind == "vectors":
         return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
     if cfg.kind == "activations":
@@ -54,10 +72,29 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
     if cfg.kind == "eeg":
         from mfr_sae.data.eeg import EEGData
 
-        return EEGData(cfg.path, cfg.channels, cfg.sfreq, cfg.window_s, cfg.hop_s, cfg.holdout_fraction,
-                       cfg.noise, cfg.snr_db, cfg.line_freq, cfg.seed)
+        return EEGData(
+            cfg.path,
+            cfg.channels,
+            cfg.sfreq,
+            cfg.window_s,
+            cfg.hop_s,
+            cfg.holdout_fraction,
+            cfg.noise,
+            cfg.snr_db,
+            cfg.line_freq,
+            cfg.seed,
+        )
     raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
 
 
-__all__ = ["Batch", "DataError", "SyntheticData", "VectorSource", "VectorsData", "load_ground_truth", "make_source",
-           "split_batch", "ZipfData"]
+__all__ = [
+    "Batch",
+    "DataError",
+    "SyntheticData",
+    "VectorSource",
+    "VectorsData",
+    "load_ground_truth",
+    "make_source",
+    "split_batch",
+    "ZipfData",
+]

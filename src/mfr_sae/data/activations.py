@@ -60,12 +60,15 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu") -> tuple[n
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except ImportError as err:  # transformers asks for a package of its own (accelerate, sentencepiece, ...)
-        raise MissingExtra(f"loading model {name_or_path!r} needs a package that is not installed "
-                           f"({str(err).splitlines()[0][:200]}); {hint('transformers')}") from None
+        raise MissingExtra(
+            f"loading model {name_or_path!r} needs a package that is not installed "
+            f"({str(err).splitlines()[0][:200]}); {hint('transformers')}"
+        ) from None
     except (OSError, ValueError) as err:
         raise DataError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0][:160]}); without access to the "
-            f"Hugging Face hub, pass a local path: a folder saved with save_pretrained or a .gguf file") from None
+            f"Hugging Face hub, pass a local path: a folder saved with save_pretrained or a .gguf file"
+        ) from None
     return model.to(device).eval(), tokenizer
 
 
@@ -86,8 +89,10 @@ def resolve_hook(model: nn.Module, hook: str) -> tuple[str, nn.Module]:
     if match:
         family = model_family(model)
         if family == "unknown":
-            raise DataError(f"hook {hook!r}: TransformerLens aliases are known for GPT-2 and Llama-style "
-                            f"models only; give the HF module path (e.g. model.layers.0.mlp)")
+            raise DataError(
+                f"hook {hook!r}: TransformerLens aliases are known for GPT-2 and Llama-style "
+                f"models only; give the HF module path (e.g. model.layers.0.mlp)"
+            )
         layer, part = match.groups()
         path = f"{BLOCK_PATHS[family]}.{layer}"
         if part != "resid_post":
@@ -128,6 +133,7 @@ def capture(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
 @contextmanager
 def splice(module: nn.Module, replace):
     """Within the block, the module's output is replace(output) (first element, for tuple outputs)."""
+
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):
             return (replace(output[0]), *output[1:])
@@ -141,6 +147,7 @@ def splice(module: nn.Module, replace):
 
 
 # ---------------------------------------------------------------- text
+
 
 def is_local_text(source: str) -> bool:
     """Whether read_texts takes `source` as a local file or folder (else: a Hugging Face dataset name)."""
@@ -180,13 +187,15 @@ def _hub_texts(name: str) -> Iterator[str]:
     try:  # streaming needs the hub; a copy in the local Hugging Face cache serves without it
         rows = datasets.load_dataset(name, split="train", streaming=True)
         first = next(iter(rows))
-    except Exception:  # noqa: BLE001 (the hub raises many kinds)
+    except Exception:
         try:
             rows = datasets.load_dataset(name, split="train")
             first = None
-        except Exception as err:  # noqa: BLE001
-            raise DataError(f"cannot read dataset {name!r} from the hub or the local cache "
-                            f"({str(err).splitlines()[0][:160]}); pass a local .txt or .jsonl file") from None
+        except Exception as err:
+            raise DataError(
+                f"cannot read dataset {name!r} from the hub or the local cache "
+                f"({str(err).splitlines()[0][:160]}); pass a local .txt or .jsonl file"
+            ) from None
     if first is not None:
         yield first["text"]
         rows = rows.skip(1)
@@ -195,8 +204,9 @@ def _hub_texts(name: str) -> Iterator[str]:
 
 
 def _require_datasets(name: str):
-    return require("datasets", f"text {name!r} is not a local .txt/.jsonl file or folder, and reading it as a "
-                               f"Hugging Face dataset")
+    return require(
+        "datasets", f"text {name!r} is not a local .txt/.jsonl file or folder, and reading it as a Hugging Face dataset"
+    )
 
 
 def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Iterator[Tensor]:
@@ -210,7 +220,7 @@ def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Itera
         buffer += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
         while len(buffer) >= context - 1:
             yield torch.tensor([bos] + buffer[: context - 1])
-            buffer = buffer[context - 1:]
+            buffer = buffer[context - 1 :]
 
 
 def batched(sequences: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
@@ -226,13 +236,24 @@ def batched(sequences: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
 
 # ---------------------------------------------------------------- the cache
 
+
 def cache_key(model: str, hook: str, text: str, context: int, n_tokens: int, dtype: str) -> dict[str, Any]:
     return {"model": model, "hook": hook, "text": text, "context": context, "n_tokens": n_tokens, "dtype": dtype}
 
 
-def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens: int, context: int = 128,
-                batch_size: int = 8, dtype: str = "float32", shard_tokens: int = 1_000_000,
-                device: str | torch.device = "cpu", progress: bool = True) -> Path:
+def build_cache(
+    model_name: str,
+    hook: str,
+    text: str,
+    out: str | Path,
+    n_tokens: int,
+    context: int = 128,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    shard_tokens: int = 1_000_000,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
     """Write n_tokens activation vectors of `hook` to `out` (reusing a matching cache there). `out` must
     be absent, an empty folder, or a cache; the cache is built in a folder beside it that this process
     names and creates, and that is removed if the build fails."""
@@ -250,8 +271,10 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: a file, not a folder; choose another path for the cache")
     if out.is_dir() and any(out.iterdir()):
-        raise DataError(f"{out}: this folder is not empty and is not an activation cache (no {MANIFEST}); "
-                        f"choose an empty or new folder")
+        raise DataError(
+            f"{out}: this folder is not empty and is not an activation cache (no {MANIFEST}); "
+            f"choose an empty or new folder"
+        )
     if dtype not in ("float32", "float16"):
         raise DataError(f"cache dtype {dtype!r}: must be float32 or float16")
     if not is_local_text(text):
@@ -265,20 +288,28 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
     tmp = out.with_name(f"{out.name}.mfr-sae-building-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()  # fails if the name is taken: the folder removed below is always this process's own
     try:
-        shards, width = _write_shards(model, module, tokenizer, text, tmp, n_tokens, context, batch_size, dtype,
-                                      shard_tokens, device, progress)
+        shards, width = _write_shards(
+            model, module, tokenizer, text, tmp, n_tokens, context, batch_size, dtype, shard_tokens, device, progress
+        )
         for entry in shards:
             entry["sha256"] = sha256(tmp / entry["file"])
-        manifest = {**key, "module": module_path,
-                    "revision": getattr(model.config, "_commit_hash", None) or "local", "d": int(width),
-                    "bos": "each sequence starts with BOS; the BOS position is not cached", "shards": shards}
+        manifest = {
+            **key,
+            "module": module_path,
+            "revision": getattr(model.config, "_commit_hash", None) or "local",
+            "d": int(width),
+            "bos": "each sequence starts with BOS; the BOS position is not cached",
+            "shards": shards,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.is_dir():
             try:
                 out.rmdir()  # empty (checked above); refuses if something appeared in it since
             except OSError:
-                raise DataError(f"{out}: files appeared in this folder while the cache was built; "
-                                f"left as it is, choose an empty or new folder") from None
+                raise DataError(
+                    f"{out}: files appeared in this folder while the cache was built; "
+                    f"left as it is, choose an empty or new folder"
+                ) from None
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,26 +317,38 @@ def build_cache(model_name: str, hook: str, text: str, out: str | Path, n_tokens
     return out
 
 
-def _write_shards(model: nn.Module, module: nn.Module, tokenizer: Any, text: str, tmp: Path, n_tokens: int,
-                  context: int, batch_size: int, dtype: str, shard_tokens: int, device: str | torch.device,
-                  progress: bool) -> tuple[list[dict[str, Any]], int]:
+def _write_shards(
+    model: nn.Module,
+    module: nn.Module,
+    tokenizer: Any,
+    text: str,
+    tmp: Path,
+    n_tokens: int,
+    context: int,
+    batch_size: int,
+    dtype: str,
+    shard_tokens: int,
+    device: str | torch.device,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], int]:
     """Write the shards of n_tokens vectors into tmp; returns their manifest entries and d."""
-    shards, shard, filled, written, width = [], None, 0, 0, 0
+    shards: list[dict[str, Any]] = []
+    shard, filled, written, width = None, 0, 0, 0
     with tqdm(total=n_tokens, desc="cache", unit="tok", disable=not progress) as bar:
         for ids in batched(token_sequences(read_texts(text), tokenizer, context), batch_size):
-            acts = capture(model, module, ids.to(device))[:, 1:]  # drop the BOS position
-            width = acts.shape[-1]
-            acts = acts.reshape(-1, width).float().cpu().numpy()
+            captured = capture(model, module, ids.to(device))[:, 1:]  # drop the BOS position
+            width = captured.shape[-1]
+            acts = captured.reshape(-1, width).float().cpu().numpy()
+            del captured  # (freed here, before the next batch is captured)
             while len(acts) and written < n_tokens:
                 if shard is None:
                     rows = min(shard_tokens, n_tokens - written)
                     name = f"shard_{len(shards):05d}.npy"
-                    shard = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype,
-                                                      shape=(rows, acts.shape[1]))
+                    shard = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=(rows, acts.shape[1]))
                     shards.append({"file": name, "rows": rows})
                     filled = 0
                 take = min(len(acts), len(shard) - filled)
-                shard[filled:filled + take] = acts[:take]
+                shard[filled : filled + take] = acts[:take]
                 acts, filled, written = acts[take:], filled + take, written + take
                 bar.update(take)
                 if filled == len(shard):
@@ -340,7 +383,13 @@ def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:
 class ActivationCache(VectorsData):
     """Training vectors from a cache built by `build_cache` (checked against its manifest)."""
 
-    def __init__(self, cache: str | Path, seed: int = 0, holdout: int = 10_000,
-                 shuffle_buffer: int = 131_072, verify: bool = True):
+    def __init__(
+        self,
+        cache: str | Path,
+        seed: int = 0,
+        holdout: int = 10_000,
+        shuffle_buffer: int = 131_072,
+        verify: bool = True,
+    ):
         self.manifest = read_manifest(cache, verify)
         super().__init__(cache, seed, holdout, shuffle_buffer)

@@ -55,7 +55,7 @@ def read_raw(path: Path):
     mne = require_mne()
     try:
         raw = mne.io.read_raw(path, preload=True, verbose="error")
-    except Exception as err:  # noqa: BLE001 (readers raise many kinds)
+    except Exception as err:
         raise DataError(f"{path}: cannot read ({str(err).splitlines()[0][:160]})") from None
     return raw.pick("eeg")
 
@@ -73,8 +73,10 @@ def select_channels(files: list[list[str]], channels: str | list[str]) -> list[s
         try:
             order = mne.channels.make_standard_montage(channels).ch_names
         except ValueError:
-            raise DataError(f"data.channels={channels!r}: neither `common`, a list of names, nor an MNE "
-                            f"montage ({', '.join(mne.channels.get_builtin_montages()[:6])}, ...)") from None
+            raise DataError(
+                f"data.channels={channels!r}: neither `common`, a list of names, nor an MNE "
+                f"montage ({', '.join(mne.channels.get_builtin_montages()[:6])}, ...)"
+            ) from None
     return [c for c in order if all(c in names for names in files)]
 
 
@@ -98,8 +100,9 @@ class EEGWindows:
 
 def band_pass(raw, l_freq: float = 0.5, h_freq: float = 45.0, order: int = 5):
     """Butterworth band-pass of the given order, zero phase (MNE applies it forward and backward)."""
-    return raw.filter(l_freq, h_freq, method="iir", iir_params={"order": order, "ftype": "butter"},
-                      phase="zero", verbose="error")
+    return raw.filter(
+        l_freq, h_freq, method="iir", iir_params={"order": order, "ftype": "butter"}, phase="zero", verbose="error"
+    )
 
 
 def window_starts(n_samples: int, length: int, hop: int) -> np.ndarray:
@@ -109,7 +112,7 @@ def window_starts(n_samples: int, length: int, hop: int) -> np.ndarray:
 def cut_windows(data: np.ndarray, length: int, hop: int) -> np.ndarray:
     """[channels, time] -> [windows, channels, length], a window every `hop` samples."""
     starts = window_starts(data.shape[1], length, hop)
-    return np.stack([data[:, s:s + length] for s in starts]) if len(starts) else np.empty((0, len(data), length))
+    return np.stack([data[:, s : s + length] for s in starts]) if len(starts) else np.empty((0, len(data), length))
 
 
 def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -119,9 +122,16 @@ def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     return (windows - mean) / np.maximum(sd, eps)
 
 
-def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: float = 250.0,
-             window_s: float = 1.0, hop_s: float = 1.0, l_freq: float = 0.5, h_freq: float = 45.0,
-             order: int = 5) -> EEGWindows:
+def load_eeg(
+    path: str | Path,
+    channels: str | list[str] = "common",
+    sfreq: float = 250.0,
+    window_s: float = 1.0,
+    hop_s: float = 1.0,
+    l_freq: float = 0.5,
+    h_freq: float = 45.0,
+    order: int = 5,
+) -> EEGWindows:
     """Read, filter, resample, window and z-score every usable recording under `path`."""
     raws, skipped = [], []
     recordings = find_recordings(path)
@@ -133,16 +143,25 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
             skipped.append({"file": str(file), "reason": str(err)})
     names = select_channels([raw.ch_names for _, raw in raws], channels)
     length, hop = round(window_s * sfreq), round(hop_s * sfreq)
-    parts, recording, starts, files = [], [], [], []
+    parts, recording, starts = [], [], []
+    files: list[dict] = []
     for file, raw in raws:
         missing = [c for c in names if c not in raw.ch_names]
         if missing or not names:
-            skipped.append({"file": str(file), "reason": f"missing channels {missing[:5]}" if missing
-                            else "no EEG channels in common"})
+            skipped.append(
+                {
+                    "file": str(file),
+                    "reason": f"missing channels {missing[:5]}" if missing else "no EEG channels in common",
+                }
+            )
             continue
         if raw.n_times / raw.info["sfreq"] < window_s:
-            skipped.append({"file": str(file), "reason": f"{raw.n_times / raw.info['sfreq']:.2f} s, shorter "
-                                                         f"than one {window_s} s window"})
+            skipped.append(
+                {
+                    "file": str(file),
+                    "reason": f"{raw.n_times / raw.info['sfreq']:.2f} s, shorter than one {window_s} s window",
+                }
+            )
             continue
         raw = band_pass(raw.pick(names), l_freq, h_freq, order)
         if raw.info["sfreq"] != sfreq:
@@ -151,14 +170,21 @@ def load_eeg(path: str | Path, channels: str | list[str] = "common", sfreq: floa
         parts.append(windows.astype(np.float32))
         starts.append(window_starts(raw.n_times, length, hop))
         recording.append(np.full(len(windows), len(files)))
-        files.append({"file": str(file), "windows": len(windows), "samples": int(raw.n_times),
-                      "minutes": float(raw.n_times / sfreq / 60)})
+        files.append(
+            {
+                "file": str(file),
+                "windows": len(windows),
+                "samples": int(raw.n_times),
+                "minutes": float(raw.n_times / sfreq / 60),
+            }
+        )
     for entry in skipped:
         log.warning("skipped %s: %s", entry["file"], entry["reason"])
     if not parts:
         raise DataError(f"{path}: no usable EEG recording ({'; '.join(s['reason'] for s in skipped)[:300]})")
-    return EEGWindows(np.concatenate(parts), names, sfreq, np.concatenate(recording), np.concatenate(starts),
-                      files, skipped)
+    return EEGWindows(
+        np.concatenate(parts), names, sfreq, np.concatenate(recording), np.concatenate(starts), files, skipped
+    )
 
 
 def split_holdout(eeg: EEGWindows, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +195,10 @@ def split_holdout(eeg: EEGWindows, fraction: float) -> tuple[np.ndarray, np.ndar
     train = np.flatnonzero(eeg.starts + length <= cut)
     held = np.flatnonzero(eeg.starts >= cut)
     if not len(train) or not len(held):
-        raise DataError(f"the EEG recordings are too short to hold out {fraction:.0%} of each and train on "
-                        f"the rest with {length}-sample windows")
+        raise DataError(
+            f"the EEG recordings are too short to hold out {fraction:.0%} of each and train on "
+            f"the rest with {length}-sample windows"
+        )
     return train, held
 
 
@@ -183,9 +211,19 @@ class EEGData:
 
     ground_truth = None
 
-    def __init__(self, path: str | Path, channels: str | list[str] = "common", sfreq: float = 250.0,
-                 window_s: float = 1.0, hop_s: float = 1.0, holdout_fraction: float = 0.1, noise: str = "none",
-                 snr_db: float = 0.0, line_freq: float = 50.0, seed: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        channels: str | list[str] = "common",
+        sfreq: float = 250.0,
+        window_s: float = 1.0,
+        hop_s: float = 1.0,
+        holdout_fraction: float = 0.1,
+        noise: str = "none",
+        snr_db: float = 0.0,
+        line_freq: float = 50.0,
+        seed: int = 0,
+    ):
         self.eeg = load_eeg(path, channels, sfreq, window_s, hop_s)
         train, held = split_holdout(self.eeg, holdout_fraction)
         vectors = torch.from_numpy(self.eeg.vectors)
@@ -198,8 +236,9 @@ class EEGData:
     def corrupt(self, clean: Tensor, *key: int) -> Tensor:
         """The noisy copy of clean vectors, seeded by (seed, *key)."""
         windows = clean.numpy().reshape(len(clean), *self.window_shape)
-        noisy = add_noise(windows, self.noise, self.snr_db, self.eeg.sfreq, seed=[self.seed, *key],
-                          line_freq=self.line_freq)
+        noisy = add_noise(
+            windows, self.noise, self.snr_db, self.eeg.sfreq, seed=[self.seed, *key], line_freq=self.line_freq
+        )
         return torch.from_numpy(noisy.reshape(len(clean), -1))
 
     def batches(self, batch_size: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -211,7 +250,7 @@ class EEGData:
         while True:
             parts, needed = [], batch_size
             while needed:
-                take = order[position:position + needed]
+                take = order[position : position + needed]
                 parts.append(take)
                 needed -= len(take)
                 position += len(take)
@@ -229,24 +268,34 @@ class EEGData:
 
     def describe(self) -> dict:
         """What was read: files, channels, rate, windows for training and evaluation, skipped files."""
-        return {"files": self.eeg.files, "skipped": self.eeg.skipped, "channels": self.eeg.channels,
-                "n_channels": len(self.eeg.channels), "sfreq": self.eeg.sfreq,
-                "window_samples": int(self.window_shape[1]), "train_windows": len(self.train),
-                "holdout_windows": len(self.held), "holdout_fraction": self.holdout_fraction,
-                "noise": self.noise, "snr_db": self.snr_db}
+        return {
+            "files": self.eeg.files,
+            "skipped": self.eeg.skipped,
+            "channels": self.eeg.channels,
+            "n_channels": len(self.eeg.channels),
+            "sfreq": self.eeg.sfreq,
+            "window_samples": int(self.window_shape[1]),
+            "train_windows": len(self.train),
+            "holdout_windows": len(self.held),
+            "holdout_fraction": self.holdout_fraction,
+            "noise": self.noise,
+            "snr_db": self.snr_db,
+        }
 
 
 # ---------------------------------------------------------------- noise
 
+
 def _scaled(noise: np.ndarray, clean: np.ndarray, snr_db: float) -> np.ndarray:
     """Noise rescaled per window so that 10 log10(P_clean / P_noise) = snr_db exactly."""
-    p_clean = (clean ** 2).mean(axis=(1, 2), keepdims=True)
-    p_noise = np.maximum((noise ** 2).mean(axis=(1, 2), keepdims=True), 1e-20)
+    p_clean = (clean**2).mean(axis=(1, 2), keepdims=True)
+    p_noise = np.maximum((noise**2).mean(axis=(1, 2), keepdims=True), 1e-20)
     return noise * np.sqrt(p_clean / p_noise / 10 ** (snr_db / 10))
 
 
-def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: int | list[int] = 0,
-              line_freq: float = 50.0) -> np.ndarray:
+def add_noise(
+    clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: int | list[int] = 0, line_freq: float = 50.0
+) -> np.ndarray:
     """Noisy copies of clean windows [n, channels, samples] at the target SNR (dB); seeded by `seed`."""
     if kind not in NOISE_KINDS:
         raise DataError(f"noise {kind!r}: must be one of {', '.join(NOISE_KINDS)}")
@@ -270,11 +319,12 @@ def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: i
             for _ in range(rng.integers(1, 4)):
                 width = int(rng.uniform(0.05, 0.3) * sfreq)
                 start = rng.integers(0, max(1, samples - width))
-                envelope[i, :, start:start + width] += np.hanning(width)[: samples - start]
+                envelope[i, :, start : start + width] += np.hanning(width)[: samples - start]
         noise = broadband * envelope
     else:  # pops: a step that decays on one channel, plus slow baseline wander on all
-        noise = np.sin(2 * np.pi * rng.uniform(0.05, 0.4, (n, channels, 1)) * t
-                       + rng.uniform(0, 2 * np.pi, (n, channels, 1)))
+        noise = np.sin(
+            2 * np.pi * rng.uniform(0.05, 0.4, (n, channels, 1)) * t + rng.uniform(0, 2 * np.pi, (n, channels, 1))
+        )
         for i in range(n):
             ch, start = rng.integers(channels), rng.integers(samples)
             noise[i, ch, start:] += 5 * np.exp(-(t[start:] - t[start]) / 0.1)
@@ -283,4 +333,4 @@ def add_noise(clean: np.ndarray, kind: str, snr_db: float, sfreq: float, seed: i
 
 def snr_db(clean: np.ndarray, estimate: np.ndarray) -> float:
     """10 log10(P_clean / P_(estimate - clean)) over all windows."""
-    return float(10 * np.log10((clean ** 2).mean() / max(((estimate - clean) ** 2).mean(), 1e-20)))
+    return float(10 * np.log10((clean**2).mean() / max(((estimate - clean) ** 2).mean(), 1e-20)))

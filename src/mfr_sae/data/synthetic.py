@@ -28,8 +28,15 @@ class FeatureStream:
     unit rows), and of the sample stream unless stream_seed is given (replicates that share the true
     features but not their samples)."""
 
-    def __init__(self, d: int, n_features: int, normalize_features: bool, seed: int,
-                 device: str | torch.device, stream_seed: int | None):
+    def __init__(
+        self,
+        d: int,
+        n_features: int,
+        normalize_features: bool,
+        seed: int,
+        device: str | torch.device,
+        stream_seed: int | None,
+    ):
         self.d, self.n_features, self.seed = d, n_features, seed
         self.stream_seed = seed if stream_seed is None else stream_seed
         self.device = torch.device(device)
@@ -60,8 +67,7 @@ class FeatureStream:
 
     def eval_vectors(self, n: int, chunk: int = 10_000) -> Tensor:
         """n held-out vectors from a stream the training never sees."""
-        parts = [self.sample(min(chunk, n - start), EVAL_STREAM, i)
-                 for i, start in enumerate(range(0, n, chunk))]
+        parts = [self.sample(min(chunk, n - start), EVAL_STREAM, i) for i, start in enumerate(range(0, n, chunk))]
         return torch.cat(parts)
 
 
@@ -69,9 +75,18 @@ class SyntheticData(FeatureStream):
     """The paper's synthetic data: a feature matrix and an endless seeded stream of samples, each from
     one group of features."""
 
-    def __init__(self, d: int = 256, n_features: int = 512, n_groups: int = 12, n_active: int = 36,
-                 decay: float = 0.99, normalize_features: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", stream_seed: int | None = None):
+    def __init__(
+        self,
+        d: int = 256,
+        n_features: int = 512,
+        n_groups: int = 12,
+        n_active: int = 36,
+        decay: float = 0.99,
+        normalize_features: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        stream_seed: int | None = None,
+    ):
         super().__init__(d, n_features, normalize_features, seed, device, stream_seed)
         self.n_active = n_active
         self.groups = [torch.from_numpy(g) for g in np.array_split(np.arange(n_features), n_groups)]

@@ -36,22 +36,29 @@ def _check_npy(path: Path) -> None:
     """Refuse a .npy name on anything but a numpy array of plain values (numpy would ask for allow_pickle)."""
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise DataError(f"{path}: not a numpy array file (.npy): it does not start with the .npy header "
-                            f"(a pickle, text or another format under a .npy name?); {NPY_HELP}")
+            raise DataError(
+                f"{path}: not a numpy array file (.npy): it does not start with the .npy header "
+                f"(a pickle, text or another format under a .npy name?); {NPY_HELP}"
+            )
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
             if read_header is None:  # a newer header version: np.load judges it
                 return
             _, _, dtype = read_header(f)
         except (ValueError, OSError, SyntaxError) as err:
-            raise DataError(f"{path}: not a numpy array file (.npy): corrupt header "
-                            f"({str(err).splitlines()[0][:120]}); {NPY_HELP}") from None
+            raise DataError(
+                f"{path}: not a numpy array file (.npy): corrupt header ({str(err).splitlines()[0][:120]}); {NPY_HELP}"
+            ) from None
     if dtype.hasobject:
-        raise DataError(f"{path}: not a numpy array file (.npy) of numbers: it holds Python objects, which "
-                        f"numpy stores as a pickle and which are not read here; {NPY_HELP}")
+        raise DataError(
+            f"{path}: not a numpy array file (.npy) of numbers: it holds Python objects, which "
+            f"numpy stores as a pickle and which are not read here; {NPY_HELP}"
+        )
 
 
 class _ShardFile:
@@ -108,8 +115,14 @@ class VectorsData:
 
     ground_truth = None
 
-    def __init__(self, path: str | Path, seed: int = 0, holdout: int = 10_000,
-                 shuffle_buffer: int = 131_072, chunks_per_buffer: int = 8):
+    def __init__(
+        self,
+        path: str | Path,
+        seed: int = 0,
+        holdout: int = 10_000,
+        shuffle_buffer: int = 131_072,
+        chunks_per_buffer: int = 8,
+    ):
         self.shards = [_ShardFile(p) for p in find_shards(path)]
         dims = {s.d for s in self.shards}
         if len(dims) > 1:
@@ -147,7 +160,7 @@ class VectorsData:
     def _buffer_chunks(self, epoch: int) -> list[list[int]]:
         """The chunks of each buffer of an epoch."""
         order = self._chunk_order(epoch)
-        return [order[i:i + self.chunks_per_buffer] for i in range(0, self.n_chunks, self.chunks_per_buffer)]
+        return [order[i : i + self.chunks_per_buffer] for i in range(0, self.n_chunks, self.chunks_per_buffer)]
 
     def _buffer(self, epoch: int, index: int, chunks: list[int]) -> Tensor:
         """Buffer `index` of `epoch`: its chunks' rows, permuted."""

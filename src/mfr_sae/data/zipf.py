@@ -39,9 +39,18 @@ def zipf_probabilities(n_features: int, mean_active: float, exponent: float) -> 
 class ZipfData(FeatureStream):
     """Independent per-feature firing with Zipf probabilities (see the module's docstring)."""
 
-    def __init__(self, d: int = 256, n_features: int = 2048, mean_active: float = 6.0, exponent: float = 1.0,
-                 min_magnitude: float = 0.0, normalize_features: bool = True, seed: int = 0,
-                 device: str | torch.device = "cpu", stream_seed: int | None = None):
+    def __init__(
+        self,
+        d: int = 256,
+        n_features: int = 2048,
+        mean_active: float = 6.0,
+        exponent: float = 1.0,
+        min_magnitude: float = 0.0,
+        normalize_features: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        stream_seed: int | None = None,
+    ):
         super().__init__(d, n_features, normalize_features, seed, device, stream_seed)
         if not 0 <= min_magnitude < 1:
             raise ValueError(f"min_magnitude={min_magnitude} must be in [0, 1)")

@@ -12,15 +12,14 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from mfr_sae.checkpoint import load  # noqa: E402
-from mfr_sae.config import ConfigError, RunConfig, load_config  # noqa: E402
-from mfr_sae.report import fmt_duration, save_figure  # noqa: E402
-from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train  # noqa: E402
-
+from mfr_sae.checkpoint import load
+from mfr_sae.config import ConfigError, RunConfig, load_config
+from mfr_sae.report import fmt_duration, save_figure
+from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train
 
 HOW_WORDS = {"trained": "training", "resumed": "resuming", "reused": "reused"}
 
@@ -72,14 +71,18 @@ class RunTracker:
         if self.progress:
             rate = float(np.mean(self.work_seconds)) if self.work_seconds else None
             done = len(self.records)
-            print(f"[{name}] {HOW_WORDS[how]}: {run_dir} (run {done + 1} of {self.total}"
-                  f"{time_left(rate, self.total - done)})", flush=True)
+            print(
+                f"[{name}] {HOW_WORDS[how]}: {run_dir} (run {done + 1} of {self.total}"
+                f"{time_left(rate, self.total - done)})",
+                flush=True,
+            )
         started = time.perf_counter()
         results = _carry_out(how, cfg, run_dir, self.bars)
         if how != "reused":
             self.work_seconds.append(time.perf_counter() - started)
-        self.records.append({"run": name, "folder": self._folder(run_dir), "how": how,
-                             "train_seconds": results["train_seconds"]})
+        self.records.append(
+            {"run": name, "folder": self._folder(run_dir), "how": how, "train_seconds": results["train_seconds"]}
+        )
         return results
 
     def _folder(self, run_dir: Path) -> str:
@@ -99,15 +102,20 @@ def describe_runs(runs: dict[str, Any], seconds: float) -> str:
     records = runs["runs"]
     by_how = {how: [r for r in records if r["how"] == how] for how in HOW_WORDS}
     trained = by_how["trained"]
-    lines = [f"Runs: {len(records)}, {fmt_duration(runs['train_seconds'])} of training in all (the sum of each "
-             f"run's own `train_seconds`, from its results.json). Trained now: {len(trained)}"
-             + (f" ({fmt_duration(sum(r['train_seconds'] for r in trained))})." if trained else ".")]
-    for how, words in (("resumed", "Resumed now from an earlier invocation's checkpoint (the time of each counts "
-                                   "from that checkpoint on)"),
-                       ("reused", "Reused from an earlier invocation, not trained now")):
+    lines = [
+        f"Runs: {len(records)}, {fmt_duration(runs['train_seconds'])} of training in all (the sum of each "
+        f"run's own `train_seconds`, from its results.json). Trained now: {len(trained)}"
+        + (f" ({fmt_duration(sum(r['train_seconds'] for r in trained))})." if trained else ".")
+    ]
+    for how, words in (
+        (
+            "resumed",
+            "Resumed now from an earlier invocation's checkpoint (the time of each counts from that checkpoint on)",
+        ),
+        ("reused", "Reused from an earlier invocation, not trained now"),
+    ):
         if by_how[how]:
-            lines.append(f"{words}: {len(by_how[how])} (" + ", ".join(f"`{r['folder']}`" for r in by_how[how])
-                         + ").")
+            lines.append(f"{words}: {len(by_how[how])} (" + ", ".join(f"`{r['folder']}`" for r in by_how[how]) + ").")
     lines.append(f"This invocation took {fmt_duration(seconds)}.")
     return " ".join(lines)
 
@@ -128,14 +136,22 @@ def reinit_summary(events: list[dict], n_members: int, n_steps: int, ks: list[in
     history = [reinit_history(events, i) for i in range(n_members)]
     if not events:
         return "No reinitialisation fired."
-    parts = [f"k={k} {h['reinits']}x, last at step {h['last_reinit_step']} of {n_steps}"
-             for k, h in zip(ks, history) if h["reinits"]]
-    late = [k for k, h in zip(ks, history)
-            if h["last_reinit_step"] is not None and n_steps - h["last_reinit_step"] < LATE_REINIT_SHARE * n_steps]
+    parts = [
+        f"k={k} {h['reinits']}x, last at step {h['last_reinit_step']} of {n_steps}"
+        for k, h in zip(ks, history)
+        if h["reinits"]
+    ]
+    late = [
+        k
+        for k, h in zip(ks, history)
+        if h["last_reinit_step"] is not None and n_steps - h["last_reinit_step"] < LATE_REINIT_SHARE * n_steps
+    ]
     text = f"{len(events)} reinitialisation(s): {', '.join(parts)}."
     if late:
-        text += (f" **The members with k={late} were re-initialised in the last {LATE_REINIT_SHARE:.0%} of "
-                 "training: their numbers measure barely trained SAEs, not the effect of the penalty.**")
+        text += (
+            f" **The members with k={late} were re-initialised in the last {LATE_REINIT_SHARE:.0%} of "
+            "training: their numbers measure barely trained SAEs, not the effect of the penalty.**"
+        )
     return text
 
 
@@ -153,8 +169,11 @@ def config_difference(saved: RunConfig, wanted: RunConfig) -> str | None:
 
 
 def machine() -> str:
-    return (torch.cuda.get_device_name() if torch.cuda.is_available()
-            else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
 
 
 def relative_diff(a: float, b: float) -> float:

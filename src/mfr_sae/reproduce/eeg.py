@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,21 @@ import numpy as np
 import torch
 
 from mfr_sae.checkpoint import load
-from mfr_sae.files import write_json
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
+from mfr_sae.files import write_json
 from mfr_sae.report import figure_link, fmt_mean_sd, fmt_num, fmt_p, markdown_table, save_figure
-from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, reinit_history,
-                               relative, relative_diff)
+from mfr_sae.reproduce import (
+    RunTracker,
+    decoder_distances,
+    describe_runs,
+    figure_distances,
+    machine,
+    reinit_history,
+    relative,
+    relative_diff,
+)
 from mfr_sae.stats import paired_test, verdict
 
 KS = [12, 24, 36, 48, 60]
@@ -36,33 +45,69 @@ KS = [12, 24, 36, 48, 60]
 PAPER_MSE = {12: (0.42, 0.44), 24: (0.30, 0.32), 36: (0.26, 0.27), 48: (0.23, 0.23), 60: (0.21, 0.20)}
 PAPER_DIFF = {12: -4.76, 24: -6.67, 36: -3.85, 48: 1.80, 60: 4.04}
 # The firing probabilities of the reinitialisation check are measured over 10 batches in both settings.
-FULL = {"sfreq": 250.0, "hop_s": 1.0, "d_sae": 4096, "batch_size": 1024, "n_samples": 3_500_000,
-        "match_every": 1, "reinit_samples": 10_240}
+FULL = {
+    "sfreq": 250.0,
+    "hop_s": 1.0,
+    "d_sae": 4096,
+    "batch_size": 1024,
+    "n_samples": 3_500_000,
+    "match_every": 1,
+    "reinit_samples": 10_240,
+}
 # --quick: 100 Hz (d = channels x 100), overlapping windows, h = 1024, 400 steps of 256: long enough
 # that the reinitialisation phase (at most 10 checks of 10 batches per member) is over well before the end.
-QUICK = {"sfreq": 100.0, "hop_s": 0.25, "d_sae": 1024, "batch_size": 256, "n_samples": 102_400,
-         "match_every": 10, "reinit_samples": 2560}
+QUICK = {
+    "sfreq": 100.0,
+    "hop_s": 0.25,
+    "d_sae": 1024,
+    "batch_size": 256,
+    "n_samples": 102_400,
+    "match_every": 10,
+    "reinit_samples": 2560,
+}
 MEMBER_KEYS = ("k", "mse_clean", "snr_in_db", "snr_out_db", "fvu", "l0", "dead_frac")
 ONE_SEED = "one seed: no test; the k values are not independent replicates"
 # The report's figures: file (beside report.md) and caption.
 FIGURES = {
-    "mse": ("fig_mse_by_k.png", "MSE to the clean window on held-out data by k, baseline and MFR (mean ± sd "
-                                "over seeds; paper Figure 10)."),
-    "example": ("fig_denoising_example.png", "One held-out window of one channel (seed 0): the clean signal, "
-                                             "the noisy input and the k=60 members' outputs."),
-    "distance": ("fig_decoder_distance.png", "Mean L2 distance of each member's decoder to the other members' "
-                                             "decoders, by k, baseline beside MFR (paper Section 4.3)."),
+    "mse": (
+        "fig_mse_by_k.png",
+        "MSE to the clean window on held-out data by k, baseline and MFR (mean ± sd over seeds; paper Figure 10).",
+    ),
+    "example": (
+        "fig_denoising_example.png",
+        "One held-out window of one channel (seed 0): the clean signal, the noisy input and the k=60 members' outputs.",
+    ),
+    "distance": (
+        "fig_decoder_distance.png",
+        "Mean L2 distance of each member's decoder to the other members' "
+        "decoders, by k, baseline beside MFR (paper Section 4.3).",
+    ),
 }
 
 
-def run_overrides(data: Path, mfr: bool, seed: int, setting: dict[str, Any], noise: str,
-                  snr_db: float) -> list[str]:
-    return [*PAPER_MFR, "data.kind=eeg", f"data.path={data}", f"data.sfreq={setting['sfreq']}", "data.window_s=1.0",
-            f"data.hop_s={setting['hop_s']}", f"data.noise={noise}", f"data.snr_db={snr_db}", f"data.seed={seed}",
-            "sae.n_members=5", f"sae.k={KS}", f"sae.d_sae={setting['d_sae']}", "train.lr=1e-3",
-            f"train.batch_size={setting['batch_size']}", f"train.n_samples={setting['n_samples']}",
-            f"train.seed={seed}", "train.checkpoint_every=200", f"mfr.enabled={str(mfr).lower()}",
-            f"mfr.match_every={setting['match_every']}", f"mfr.reinit_samples={setting['reinit_samples']}"]
+def run_overrides(data: Path, mfr: bool, seed: int, setting: dict[str, Any], noise: str, snr_db: float) -> list[str]:
+    return [
+        *PAPER_MFR,
+        "data.kind=eeg",
+        f"data.path={data}",
+        f"data.sfreq={setting['sfreq']}",
+        "data.window_s=1.0",
+        f"data.hop_s={setting['hop_s']}",
+        f"data.noise={noise}",
+        f"data.snr_db={snr_db}",
+        f"data.seed={seed}",
+        "sae.n_members=5",
+        f"sae.k={KS}",
+        f"sae.d_sae={setting['d_sae']}",
+        "train.lr=1e-3",
+        f"train.batch_size={setting['batch_size']}",
+        f"train.n_samples={setting['n_samples']}",
+        f"train.seed={seed}",
+        "train.checkpoint_every=200",
+        f"mfr.enabled={str(mfr).lower()}",
+        f"mfr.match_every={setting['match_every']}",
+        f"mfr.reinit_samples={setting['reinit_samples']}",
+    ]
 
 
 def default_data() -> Path:
@@ -71,9 +116,16 @@ def default_data() -> Path:
     return eeg()
 
 
-def reproduce_eeg(out: str | Path, data: str | Path | None = None, quick: bool = False, seeds: int = 1,
-                  noise: str = "white", snr_db: float = 0.0, progress: bool = True,
-                  overrides: list[str] = ()) -> dict[str, Any]:
+def reproduce_eeg(
+    out: str | Path,
+    data: str | Path | None = None,
+    quick: bool = False,
+    seeds: int = 1,
+    noise: str = "white",
+    snr_db: float = 0.0,
+    progress: bool = True,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
     """Train both ensembles for each seed (finished runs reused), score them against the clean
     signal, and write report.md, results.json and the figures."""
     out = Path(out)
@@ -89,11 +141,21 @@ def reproduce_eeg(out: str | Path, data: str | Path | None = None, quick: bool =
             run_dir = out / "runs" / f"seed{seed}" / name
             result = tracker.run(f"seed {seed}, {name}", cfg, run_dir)
             runs[(seed, name)] = (run_dir, result)
-            members += [{"seed": seed, "mfr": mfr, **{k: m.get(k) for k in MEMBER_KEYS},
-                         **reinit_history(result["reinit_events"], i)} for i, m in enumerate(result["members"])]
+            members += [
+                {
+                    "seed": seed,
+                    "mfr": mfr,
+                    **{k: m.get(k) for k in MEMBER_KEYS},
+                    **reinit_history(result["reinit_events"], i),
+                }
+                for i, m in enumerate(result["members"])
+            ]
     source = make_source(dataclasses.replace(cfg.data, seed=0))  # seed 0's held-out pairs, for the figure
-    dist = {name: np.mean([decoder_distances(runs[(s, name)][0]) for s in range(seeds)], axis=0).tolist()
-            for name in ("baseline", "mfr")}
+    assert isinstance(source, EEGData)  # data.kind is eeg
+    dist = {
+        name: np.mean([decoder_distances(runs[(s, name)][0]) for s in range(seeds)], axis=0).tolist()
+        for name in ("baseline", "mfr")
+    }
     figures = {name: out / file for name, (file, _) in FIGURES.items()}
     figure_mse(members, figures["mse"])
     figure_distances(dist, KS, figures["distance"])
@@ -105,7 +167,8 @@ def reproduce_eeg(out: str | Path, data: str | Path | None = None, quick: bool =
         "recordings": source.describe(),
         "seeds": seeds,
         "setting": setting,
-        "noise": noise, "snr_db": snr_db,
+        "noise": noise,
+        "snr_db": snr_db,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "runs": (ran := tracker.summary()),
@@ -140,8 +203,13 @@ def mse_test(members: list[dict], seeds: int) -> dict[str, Any]:
     test = paired_test(mfr, base)
     if test["n"] == 1:
         test["note"] = ONE_SEED
-    return {"unit": "seed", "statistic": "per seed: mean over k of MSE to the clean window, MFR - baseline",
-            "mfr_per_seed": mfr, "baseline_per_seed": base, **test}
+    return {
+        "unit": "seed",
+        "statistic": "per seed: mean over k of MSE to the clean window, MFR - baseline",
+        "mfr_per_seed": mfr,
+        "baseline_per_seed": base,
+        **test,
+    }
 
 
 def mse_by_k(members: list[dict]) -> list[dict[str, Any]]:
@@ -212,14 +280,21 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         base_all += base
         p_mfr, p_base = PAPER_MSE[k]
         # the paper's numbers as it prints them (str: not rounded like the measured ones)
-        table.append({"k": k, "paper MFR": str(p_mfr), "paper baseline": str(p_base),
-                      "paper diff": f"{PAPER_DIFF[k]:+.2f}%",
-                      "measured MFR": fmt_mean_sd(mfr), "measured baseline": fmt_mean_sd(base),
-                      "measured diff": relative(np.mean(mfr), np.mean(base)),
-                      "SNR out MFR (dB)": fmt_mean_sd(values(members, True, k, "snr_out_db")),
-                      "SNR out baseline (dB)": fmt_mean_sd(values(members, False, k, "snr_out_db")),
-                      "SNR gain MFR (dB)": fmt_mean_sd(snr_gains(members, True, k)),
-                      "SNR gain baseline (dB)": fmt_mean_sd(snr_gains(members, False, k))})
+        table.append(
+            {
+                "k": k,
+                "paper MFR": str(p_mfr),
+                "paper baseline": str(p_base),
+                "paper diff": f"{PAPER_DIFF[k]:+.2f}%",
+                "measured MFR": fmt_mean_sd(mfr),
+                "measured baseline": fmt_mean_sd(base),
+                "measured diff": relative(float(np.mean(mfr)), float(np.mean(base))),
+                "SNR out MFR (dB)": fmt_mean_sd(values(members, True, k, "snr_out_db")),
+                "SNR out baseline (dB)": fmt_mean_sd(values(members, False, k, "snr_out_db")),
+                "SNR gain MFR (dB)": fmt_mean_sd(snr_gains(members, True, k)),
+                "SNR gain baseline (dB)": fmt_mean_sd(snr_gains(members, False, k)),
+            }
+        )
     test = s["mse_test"]
     mean_diff = np.mean([relative_diff(m, b) for m, b in zip(mfr_all, base_all)])
     better = sum(m < b for m, b in zip(mfr_all, base_all))
@@ -227,22 +302,33 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         tested = f"{ONE_SEED.capitalize()}; the per-k differences in the table below are descriptive."
     else:
         ci = test["ci95"]
-        tested = (f"Test over the {test['n']} seeds (per seed, the mean over k of MFR - baseline MSE; the k "
-                  f"values of a seed are not independent replicates): mean difference {test['mean_diff']:+.3g}"
-                  + (f", 95% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
-                  + f"; paired t-test p = {fmt_p(test['t_test_p'])}"
-                  + (f", Wilcoxon p = {fmt_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else "")
-                  + f" (two-sided): {verdict(test, higher_is_better=False)}"
-                  + (f"; {test['note']}" if test["note"] and test["t_test_p"] is not None else "") + ".")
+        tested = (
+            f"Test over the {test['n']} seeds (per seed, the mean over k of MFR - baseline MSE; the k "
+            f"values of a seed are not independent replicates): mean difference {test['mean_diff']:+.3g}"
+            + (f", 95% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
+            + f"; paired t-test p = {fmt_p(test['t_test_p'])}"
+            + (f", Wilcoxon p = {fmt_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else "")
+            + f" (two-sided): {verdict(test, higher_is_better=False)}"
+            + (f"; {test['note']}" if test["note"] and test["t_test_p"] is not None else "")
+            + "."
+        )
     snr_in = next((m["snr_in_db"] for m in members if m["snr_in_db"] is not None), None)
-    files = "; ".join(f"`{Path(f['file']).name}` ({fmt_num(f['minutes'])} min, {f['windows']} windows)"
-                      for f in rec["files"])
+    files = "; ".join(
+        f"`{Path(f['file']).name}` ({fmt_num(f['minutes'])} min, {f['windows']} windows)" for f in rec["files"]
+    )
     setting = s["setting"]
     n_steps = setting["n_samples"] // setting["batch_size"]
     mfr_members = sorted((m for m in members if m["mfr"]), key=lambda m: (m["seed"], m["k"]))
-    reinits = ", ".join(f"k={m['k']}" + (f" (seed {m['seed']})" if s["seeds"] > 1 else "") +
-                        f" {m['reinits']}x, last at step {m['last_reinit_step']} of {n_steps}"
-                        for m in mfr_members if m["reinits"]) or "none"
+    reinits = (
+        ", ".join(
+            f"k={m['k']}"
+            + (f" (seed {m['seed']})" if s["seeds"] > 1 else "")
+            + f" {m['reinits']}x, last at step {m['last_reinit_step']} of {n_steps}"
+            for m in mfr_members
+            if m["reinits"]
+        )
+        or "none"
+    )
     lines = [
         "# Reproduction: MFR on EEG denoising (paper Section 4.2)",
         "",
@@ -257,7 +343,8 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         f"{rec['train_windows']}, held-out windows {rec['holdout_windows']} (the last "
         f"{rec['holdout_fraction']:.0%} of each recording). "
         f"Skipped files: {len(rec['skipped'])}"
-        + "".join(f"; `{Path(f['file']).name}`: {f['reason']}" for f in rec["skipped"]) + ".",
+        + "".join(f"; `{Path(f['file']).name}`: {f['reason']}" for f in rec["skipped"])
+        + ".",
         "",
         f"Task: denoising. Input = clean window + {s['noise']} noise at {s['snr_db']:g} dB SNR (exact per window; "
         f"held-out input SNR {fmt_num(snr_in)} dB); loss and scores against the "
@@ -267,8 +354,15 @@ def write_report(out: Path, s: dict[str, Any], figures: dict[str, Path]) -> None
         f"{setting['match_every']} steps; firing probabilities for the reinitialisation check over "
         f"{setting['reinit_samples']:,} vectors; {s['reinit_events']} reinitialisation(s): {reinits}.",
         "",
-        *(["This is the `--quick` setting: a lower rate, a smaller h and far fewer vectors than the paper's, "
-           "so the SAEs are not converged.", ""] if s["quick"] else []),
+        *(
+            [
+                "This is the `--quick` setting: a lower rate, a smaller h and far fewer vectors than the paper's, "
+                "so the SAEs are not converged.",
+                "",
+            ]
+            if s["quick"]
+            else []
+        ),
         "## Verdict",
         "",
         f"MFR vs baseline, MSE to the clean signal, described over the {len(mfr_all)} (seed, k) pairs: mean "

@@ -11,24 +11,37 @@ distance analysis of the paper's Section 4.3.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mfr_sae.files import write_json
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
+from mfr_sae.files import write_json
 from mfr_sae.report import figure_link, fmt_num, markdown_table
-from mfr_sae.reproduce import (RunTracker, decoder_distances, describe_runs, figure_distances, machine, reinit_summary,
-                               relative, relative_diff)
+from mfr_sae.reproduce import (
+    RunTracker,
+    decoder_distances,
+    describe_runs,
+    figure_distances,
+    machine,
+    reinit_summary,
+    relative,
+    relative_diff,
+)
 
 KS = [6, 12, 18, 24, 30]
 # Paper Tables 1 (MSE) and 2 (cross-entropy with the SAE spliced in), MFR and baseline, by k.
-PAPER_MSE = {6: (0.00132, 0.00160), 12: (0.00121, 0.00135), 18: (0.00116, 0.00122),
-             24: (0.00114, 0.00112), 30: (0.00114, 0.00105)}
-PAPER_CE = {6: (10.121, 10.798), 12: (9.782, 10.300), 18: (9.367, 9.742), 24: (10.136, 10.505),
-            30: (9.624, 10.527)}
+PAPER_MSE = {
+    6: (0.00132, 0.00160),
+    12: (0.00121, 0.00135),
+    18: (0.00116, 0.00122),
+    24: (0.00114, 0.00112),
+    30: (0.00114, 0.00105),
+}
+PAPER_CE = {6: (10.121, 10.798), 12: (9.782, 10.300), 18: (9.367, 9.742), 24: (10.136, 10.505), 30: (9.624, 10.527)}
 # The paper's printed relative differences: Table 1 divides by the MFR value, Table 2 by the baseline.
 PAPER_MSE_DIFF = {6: -21.21, 12: -11.57, 18: -5.17, 24: 1.75, 30: 7.89}
 PAPER_CE_DIFF = {6: -6.27, 12: -5.03, 18: -3.85, 24: -3.51, 30: -8.58}
@@ -38,23 +51,46 @@ FULL = {"tokens": 2_000_000, "lm_sequences": 1000, "match_every": 1}
 # the firing probabilities of the reinitialisation check over 10 batches, not 20, so that its phase (at most 10
 # checks per member) ends halfway: with 20, a member re-initialised 10 times is re-initialised at the last step.
 QUICK = {"tokens": 100_000, "lm_sequences": 20, "match_every": 10, "reinit_samples": 5000}
-FIGURE = ("fig_decoder_distance.png", "Mean L2 distance of each member's decoder to the other members' decoders, "
-                                      "by k, baseline beside MFR (paper Section 4.3).")
+FIGURE = (
+    "fig_decoder_distance.png",
+    "Mean L2 distance of each member's decoder to the other members' decoders, "
+    "by k, baseline beside MFR (paper Section 4.3).",
+)
 
 
 def run_overrides(cache: Path, mfr: bool, setting: dict[str, int], holdout: int) -> list[str]:
-    return [*PAPER_MFR, "data.kind=activations", f"data.path={cache}", f"data.holdout={holdout}", "sae.n_members=5",
-            f"sae.k={KS}", "sae.d_sae=3072", "train.batch_size=500", "train.lr=1e-3",
-            f"train.n_samples={setting['tokens']}", "train.checkpoint_every=200", f"eval.n_samples={holdout}",
-            f"eval.lm_sequences={setting['lm_sequences']}", f"mfr.enabled={str(mfr).lower()}",
-            f"mfr.match_every={setting['match_every']}",
-            *([f"mfr.reinit_samples={setting['reinit_samples']}"] if "reinit_samples" in setting else [])]
+    return [
+        *PAPER_MFR,
+        "data.kind=activations",
+        f"data.path={cache}",
+        f"data.holdout={holdout}",
+        "sae.n_members=5",
+        f"sae.k={KS}",
+        "sae.d_sae=3072",
+        "train.batch_size=500",
+        "train.lr=1e-3",
+        f"train.n_samples={setting['tokens']}",
+        "train.checkpoint_every=200",
+        f"eval.n_samples={holdout}",
+        f"eval.lm_sequences={setting['lm_sequences']}",
+        f"mfr.enabled={str(mfr).lower()}",
+        f"mfr.match_every={setting['match_every']}",
+        *([f"mfr.reinit_samples={setting['reinit_samples']}"] if "reinit_samples" in setting else []),
+    ]
 
 
-def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
-                   text: str = "Skylion007/openwebtext", hook: str = "blocks.0.hook_mlp_out",
-                   progress: bool = True, overrides: list[str] = (), tokens: int | None = None,
-                   holdout: int = 10_000, context: int = 128) -> dict[str, Any]:
+def reproduce_gpt2(
+    out: str | Path,
+    quick: bool = False,
+    model: str = "gpt2",
+    text: str = "Skylion007/openwebtext",
+    hook: str = "blocks.0.hook_mlp_out",
+    progress: bool = True,
+    overrides: Sequence[str] = (),
+    tokens: int | None = None,
+    holdout: int = 10_000,
+    context: int = 128,
+) -> dict[str, Any]:
     """Cache, train both ensembles, score them on the LM, and write report.md, results.json and the
     figure. `tokens` overrides the training tokens; `holdout` vectors are cached beyond them for eval."""
     out = Path(out)
@@ -63,25 +99,39 @@ def reproduce_gpt2(out: str | Path, quick: bool = False, model: str = "gpt2",
     if tokens is not None:
         setting["tokens"] = tokens
     started = time.perf_counter()
-    cache = build_cache(model, hook, text, out / "cache", setting["tokens"] + holdout, context=context,
-                        progress=progress)
+    cache = build_cache(
+        model, hook, text, out / "cache", setting["tokens"] + holdout, context=context, progress=progress
+    )
     manifest = read_manifest(cache, verify=False)
     results = {}
     tracker = RunTracker(2, out, progress)
     for name, mfr in (("baseline", False), ("mfr", True)):
         cfg = load_config(None, run_overrides(cache, mfr, setting, holdout) + list(overrides))
         results[name] = tracker.run(name, cfg, out / "runs" / name)
-    members = [{**{k: m.get(k) for k in ("k", "mse", "fvu", "l0", "dead_frac", "ce_clean", "ce_zero", "ce_sae",
-                                         "frac_recovered", "kl")}, "mfr": name == "mfr"}
-               for name in ("baseline", "mfr") for m in results[name]["members"]]
+    members = [
+        {
+            **{
+                k: m.get(k)
+                for k in ("k", "mse", "fvu", "l0", "dead_frac", "ce_clean", "ce_zero", "ce_sae", "frac_recovered", "kl")
+            },
+            "mfr": name == "mfr",
+        }
+        for name in ("baseline", "mfr")
+        for m in results[name]["members"]
+    ]
     dist = {name: decoder_distances(out / "runs" / name) for name in ("baseline", "mfr")}
     figure = out / FIGURE[0]
     figure_distances(dist, KS, figure)
     summary = {
         "experiment": "gpt2",
         "quick": quick,
-        "model": model, "text": text, "hook": hook, "module": manifest["module"],
-        "tokens": setting["tokens"], "match_every": setting["match_every"], "context": context,
+        "model": model,
+        "text": text,
+        "hook": hook,
+        "module": manifest["module"],
+        "tokens": setting["tokens"],
+        "match_every": setting["match_every"],
+        "context": context,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "runs": tracker.summary(),
@@ -103,18 +153,36 @@ def write_report(out: Path, s: dict[str, Any], figure: Path) -> None:
         mfr, base = by[(True, k)], by[(False, k)]
         p_mfr, p_base = PAPER_MSE[k]
         # the paper's numbers as it prints them (str: not rounded like the measured ones)
-        table1.append({"k": k, "paper MFR": str(p_mfr), "paper baseline": str(p_base),
-                       "paper diff": f"{PAPER_MSE_DIFF[k]:+.2f}%",
-                       "measured MFR": mfr["mse"], "measured baseline": base["mse"],
-                       "measured diff": relative(mfr["mse"], base["mse"])})
+        table1.append(
+            {
+                "k": k,
+                "paper MFR": str(p_mfr),
+                "paper baseline": str(p_base),
+                "paper diff": f"{PAPER_MSE_DIFF[k]:+.2f}%",
+                "measured MFR": mfr["mse"],
+                "measured baseline": base["mse"],
+                "measured diff": relative(mfr["mse"], base["mse"]),
+            }
+        )
         c_mfr, c_base = PAPER_CE[k]
-        row = {"k": k, "paper CE MFR": str(c_mfr), "paper CE baseline": str(c_base),
-               "paper diff": f"{PAPER_CE_DIFF[k]:+.2f}%"}
+        row = {
+            "k": k,
+            "paper CE MFR": str(c_mfr),
+            "paper CE baseline": str(c_base),
+            "paper diff": f"{PAPER_CE_DIFF[k]:+.2f}%",
+        }
         if mfr.get("ce_sae") is not None:
-            row.update({"CE MFR": mfr["ce_sae"], "CE baseline": base["ce_sae"],
-                        "diff": relative(mfr["ce_sae"], base["ce_sae"]),
-                        "recovered MFR": mfr["frac_recovered"], "recovered baseline": base["frac_recovered"],
-                        "KL MFR": mfr["kl"], "KL baseline": base["kl"]})
+            row.update(
+                {
+                    "CE MFR": mfr["ce_sae"],
+                    "CE baseline": base["ce_sae"],
+                    "diff": relative(mfr["ce_sae"], base["ce_sae"]),
+                    "recovered MFR": mfr["frac_recovered"],
+                    "recovered baseline": base["frac_recovered"],
+                    "KL MFR": mfr["kl"],
+                    "KL baseline": base["kl"],
+                }
+            )
         table2.append(row)
     lm = s["lm"]["baseline"] or {}
     mean_mse = np.mean([relative_diff(by[(True, k)]["mse"], by[(False, k)]["mse"]) for k in KS])
@@ -130,8 +198,15 @@ def write_report(out: Path, s: dict[str, Any], figure: Path) -> None:
         f"(= {fmt_num(s['beta'])}), warmup 100 steps, matches recomputed every {s['match_every']} steps. "
         f"MFR's reinitialisation: {s['reinit']}",
         "",
-        *(["This is the `--quick` setting: far fewer tokens than the paper's 2,000,000, so the SAEs are "
-           "not converged.", ""] if s["quick"] else []),
+        *(
+            [
+                "This is the `--quick` setting: far fewer tokens than the paper's 2,000,000, so the SAEs are "
+                "not converged.",
+                "",
+            ]
+            if s["quick"]
+            else []
+        ),
         "## Verdict",
         "",
         f"Mean relative MSE difference, MFR vs baseline, over the five k: {mean_mse:+.3g}% "

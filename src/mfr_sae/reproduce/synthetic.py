@@ -40,20 +40,37 @@ DATA_SEED = 0
 FULL = ["eval.every=100", "train.checkpoint_every=100"]
 # --quick: the same data and SAEs, 800k vectors in batches of 2,000 (the paper's batch is lost; the
 # reference code used 10,000), so that 3 seeds x 4 methods finish in minutes on 2 CPU cores.
-QUICK = ["train.n_samples=800000", "train.batch_size=2000", "eval.every=50", "eval.n_samples=10000",
-         "train.checkpoint_every=100", "mfr.reinit_samples=10000"]
+QUICK = [
+    "train.n_samples=800000",
+    "train.batch_size=2000",
+    "eval.every=50",
+    "eval.n_samples=10000",
+    "train.checkpoint_every=100",
+    "mfr.reinit_samples=10000",
+]
 
 
 def run_config(method: str, seed: int, quick: bool, overrides: Sequence[str] = ()) -> RunConfig:
     """The config of one run: the paper's setting, --quick's or the full logging, `overrides`, the method's
     switches, the shared data seed and the run's seed."""
-    return load_config(None, PAPER_MFR + (QUICK if quick else FULL) + list(overrides) + METHODS[method]
-                       + [f"data.seed={DATA_SEED}", f"train.seed={seed}"])
+    return load_config(
+        None,
+        PAPER_MFR
+        + (QUICK if quick else FULL)
+        + list(overrides)
+        + METHODS[method]
+        + [f"data.seed={DATA_SEED}", f"train.seed={seed}"],
+    )
 
 
-def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | None = None,
-                        progress: bool = True, overrides: Sequence[str] = (),
-                        shared_threshold: float = 0.7) -> dict[str, Any]:
+def reproduce_synthetic(
+    out: str | Path,
+    quick: bool = False,
+    n_seeds: int | None = None,
+    progress: bool = True,
+    overrides: Sequence[str] = (),
+    shared_threshold: float = 0.7,
+) -> dict[str, Any]:
     """Train every method on every seed, analyse, and write report.md, results.json and the figures.
     `overrides` (section.field=value) change the setting of every run, e.g. for a smaller test."""
     out = Path(out)
@@ -88,9 +105,12 @@ def reproduce_synthetic(out: str | Path, quick: bool = False, n_seeds: int | Non
         "methods": per_method,
         "tests": tests,
         "multiple_comparisons": {
-            "method": "holm", "alpha": ALPHA, "family_size": family_size,
+            "method": "holm",
+            "alpha": ALPHA,
+            "family_size": family_size,
             "family": "every test in `tests` (mfr, reinit and shared_init each against baseline, on every "
-                      "measure compared) that has a p-value; the `winners` tests are a second family"},
+            "measure compared) that has a p-value; the `winners` tests are a second family",
+        },
         "winners": winners(per_method, WINNER_KEYS, agreement),
         "figures": {k: v.name for k, v in figures.items()},
     }

@@ -24,11 +24,27 @@ from mfr_sae.train import METRICS_FILE
 CLUSTER_CROSS_MIN = 0.9
 CLUSTER_GT_MAX = 0.5
 # The per-member numbers of a run's results that its summary averages over the members.
-MEMBER_KEYS = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "dead_frac",
-               "silent_frac", "twin_frac"]
+MEMBER_KEYS = [
+    "gt_mmcs",
+    "gt_mmcs_hungarian",
+    "gt_recovered_frac",
+    "gt_mcc",
+    "mse",
+    "fvu",
+    "dead_frac",
+    "silent_frac",
+    "twin_frac",
+]
 # A run's summary: one value per seed of a method.
-SUMMARY_KEYS = [*MEMBER_KEYS, "pairwise_mmcs", "within_pw_mcc", "within_shared_frac", "pearson_r", "cluster_size",
-                "reinit_events"]
+SUMMARY_KEYS = [
+    *MEMBER_KEYS,
+    "pairwise_mmcs",
+    "within_pw_mcc",
+    "within_shared_frac",
+    "pearson_r",
+    "cluster_size",
+    "reinit_events",
+]
 # Agreement across seeds: one value per pair of seeds of a method.
 ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 
@@ -51,8 +67,9 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> RunAn
     truth = source.ground_truth
     vectors = source.eval_vectors(cfg.eval.n_samples)
     if truth is None or not isinstance(vectors, Tensor):
-        raise ValueError(f"data.kind={cfg.data.kind!r}: the synthetic reproduction needs plain vectors with "
-                         "known true features")
+        raise ValueError(
+            f"data.kind={cfg.data.kind!r}: the synthetic reproduction needs plain vectors with known true features"
+        )
     decoder = ensemble.decoder().detach()
     firing = reconstruction_metrics(ensemble, vectors)["firing_prob"]
     cross, gt, fire, cluster_sizes, rs = [], [], [], [], []
@@ -67,17 +84,31 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> RunAn
     log = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     summary = {key: _mean_of_measured([m.get(key) for m in results["members"]]) for key in MEMBER_KEYS}
     within_mcc, within_shared, _ = decoder_agreement(decoder[0], decoder[1])
-    summary.update(pairwise_mmcs=results["pairwise_mmcs"], within_pw_mcc=within_mcc,
-                   within_shared_frac=within_shared, pearson_r=float(np.mean(rs)) if rs else None,
-                   cluster_size=float(np.mean(cluster_sizes)), reinit_events=len(results["reinit_events"]))
+    summary.update(
+        pairwise_mmcs=results["pairwise_mmcs"],
+        within_pw_mcc=within_mcc,
+        within_shared_frac=within_shared,
+        pearson_r=float(np.mean(rs)) if rs else None,
+        cluster_size=float(np.mean(cluster_sizes)),
+        reinit_events=len(results["reinit_events"]),
+    )
     return {
         "summary": summary,
         "decoder": decoder,
         "beta": results["beta"],
         "cluster_sizes": cluster_sizes,
-        "cross": np.concatenate(cross), "gt": np.concatenate(gt), "firing": np.concatenate(fire),
-        "curve": [(r["step"] * cfg.train.batch_size, [m["gt_mmcs"] for m in r["eval"]],
-                   [m["gt_recovered_frac"] for m in r["eval"]]) for r in log if "eval" in r],
+        "cross": np.concatenate(cross),
+        "gt": np.concatenate(gt),
+        "firing": np.concatenate(fire),
+        "curve": [
+            (
+                r["step"] * cfg.train.batch_size,
+                [m["gt_mmcs"] for m in r["eval"]],
+                [m["gt_recovered_frac"] for m in r["eval"]],
+            )
+            for r in log
+            if "eval" in r
+        ],
         "reinit_metric": [(r["step"], r["reinit_metric"]) for r in log if "reinit_metric" in r],
     }
 
@@ -95,8 +126,10 @@ class AcrossAgreement:
         if key not in self.cache:
             x, y = self.runs[a[0]][a[1]]["decoder"], self.runs[b[0]][b[1]]["decoder"]
             pairs = [decoder_agreement(x[m], y[m], self.threshold) for m in range(len(x))]
-            self.cache[key] = {"across_pw_mcc": float(np.mean([p[0] for p in pairs])),
-                               "across_shared_frac": float(np.mean([p[1] for p in pairs]))}
+            self.cache[key] = {
+                "across_pw_mcc": float(np.mean([p[0] for p in pairs])),
+                "across_shared_frac": float(np.mean([p[1] for p in pairs])),
+            }
         return self.cache[key]
 
     def per_seed_pair(self, method: str) -> dict[str, list[float]]:
@@ -121,6 +154,11 @@ class AcrossAgreement:
 def per_method_values(runs: dict[str, list[RunAnalysis]], agreement: AcrossAgreement) -> dict[str, Any]:
     """Each method's numbers: `per_seed` (SUMMARY_KEYS, one value per seed), `per_seed_pair`
     (ACROSS_KEYS, one value per pair of seeds) and `beta` (each run's)."""
-    return {m: {"per_seed": {k: [r["summary"][k] for r in rs] for k in SUMMARY_KEYS},
-                "per_seed_pair": agreement.per_seed_pair(m),
-                "beta": [r["beta"] for r in rs]} for m, rs in runs.items()}
+    return {
+        m: {
+            "per_seed": {k: [r["summary"][k] for r in rs] for k in SUMMARY_KEYS},
+            "per_seed_pair": agreement.per_seed_pair(m),
+            "beta": [r["beta"] for r in rs],
+        }
+        for m, rs in runs.items()
+    }

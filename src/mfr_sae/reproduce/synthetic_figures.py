@@ -14,20 +14,28 @@ from mfr_sae.reproduce.synthetic_analysis import CLUSTER_CROSS_MIN, CLUSTER_GT_M
 
 # The report's figures: file (beside report.md) and caption.
 FIGURES = {
-    "Figure 3": ("fig3_agreement.png",
-                 "Figure 3: each latent's cosine to its matched latent in the other member (x) against its "
-                 "cosine to its matched true feature (y), seed 0 of each method; the grey lines bound the "
-                 "Figure 5 cluster."),
-    "Figure 5": ("fig5_cluster_firing.png",
-                 f"Figure 5: firing probability of the cluster latents (cosine >= {CLUSTER_CROSS_MIN} to their "
-                 f"matched latent in the other member, < {CLUSTER_GT_MAX} to their matched true feature) and of "
-                 "the rest, all seeds."),
-    "Figure 7": ("fig7_reinit_metric.png",
-                 "Figure 7: the reinitialisation metric of each baseline member over the first steps, coloured "
-                 "by the member's final cluster size; dashed, the threshold."),
-    "Figure 8": ("fig8_recovery.png",
-                 "Figure 8: ground-truth recovery over training (MMCS and fraction of true features recovered), "
-                 "mean ± sd over seeds."),
+    "Figure 3": (
+        "fig3_agreement.png",
+        "Figure 3: each latent's cosine to its matched latent in the other member (x) against its "
+        "cosine to its matched true feature (y), seed 0 of each method; the grey lines bound the "
+        "Figure 5 cluster.",
+    ),
+    "Figure 5": (
+        "fig5_cluster_firing.png",
+        f"Figure 5: firing probability of the cluster latents (cosine >= {CLUSTER_CROSS_MIN} to their "
+        f"matched latent in the other member, < {CLUSTER_GT_MAX} to their matched true feature) and of "
+        "the rest, all seeds.",
+    ),
+    "Figure 7": (
+        "fig7_reinit_metric.png",
+        "Figure 7: the reinitialisation metric of each baseline member over the first steps, coloured "
+        "by the member's final cluster size; dashed, the threshold.",
+    ),
+    "Figure 8": (
+        "fig8_recovery.png",
+        "Figure 8: ground-truth recovery over training (MMCS and fraction of true features recovered), "
+        "mean ± sd over seeds.",
+    ),
 }
 
 
@@ -58,8 +66,10 @@ def figure_cluster_firing(runs: dict[str, list[RunAnalysis]], path: Path) -> Non
         labels += [f"{method}\ncluster (n={cluster.sum()})", f"{method}\nrest (n={(~cluster).sum()})"]
     ax.boxplot([d[~np.isnan(d)] if np.isfinite(d).any() else [0] for d in data], tick_labels=labels)
     ax.set_ylabel("firing probability after TopK (held-out data)")
-    ax.set_title(f"Figure 5: latents with cross-SAE cosine >= {CLUSTER_CROSS_MIN} "
-                 f"and true-feature cosine < {CLUSTER_GT_MAX}", fontsize=9)
+    ax.set_title(
+        f"Figure 5: latents with cross-SAE cosine >= {CLUSTER_CROSS_MIN} and true-feature cosine < {CLUSTER_GT_MAX}",
+        fontsize=9,
+    )
     ax.tick_params(axis="x", labelsize=7)
     save_figure(fig, path)
 

@@ -14,10 +14,29 @@ from mfr_sae.reproduce.synthetic_stats import LOWER_IS_BETTER, ci_text, differen
 from mfr_sae.stats import verdict
 
 # The columns of the tables of ground truth and reconstruction, and of agreement.
-GROUND_TRUTH_COLUMNS = ["method", "gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu",
-                        "twin_frac", "pairwise_mmcs", "pearson_r", "cluster_size", "reinit_events"]
-AGREEMENT_COLUMNS = ["method", "across_pw_mcc", "across_shared_frac", "within_pw_mcc", "within_shared_frac",
-                     "gt_mcc", "gt_recovered_frac"]
+GROUND_TRUTH_COLUMNS = [
+    "method",
+    "gt_mmcs",
+    "gt_mmcs_hungarian",
+    "gt_recovered_frac",
+    "gt_mcc",
+    "mse",
+    "fvu",
+    "twin_frac",
+    "pairwise_mmcs",
+    "pearson_r",
+    "cluster_size",
+    "reinit_events",
+]
+AGREEMENT_COLUMNS = [
+    "method",
+    "across_pw_mcc",
+    "across_shared_frac",
+    "within_pw_mcc",
+    "within_shared_frac",
+    "gt_mcc",
+    "gt_recovered_frac",
+]
 
 
 def _ground_truth_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
@@ -28,10 +47,17 @@ def _ground_truth_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
 def _agreement_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
     """Agreement across seeds (mean ± sd over seed pairs) beside agreement inside an ensemble and with
     the true features (over seeds)."""
-    return [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed_pair"].items()},
-             **{k: fmt_mean_sd(st["per_seed"][k]) for k in ("within_pw_mcc", "within_shared_frac",
-                                                            "gt_mcc", "gt_recovered_frac")}}
-            for m, st in methods.items()]
+    return [
+        {
+            "method": m,
+            **{k: fmt_mean_sd(v) for k, v in st["per_seed_pair"].items()},
+            **{
+                k: fmt_mean_sd(st["per_seed"][k])
+                for k in ("within_pw_mcc", "within_shared_frac", "gt_mcc", "gt_recovered_frac")
+            },
+        }
+        for m, st in methods.items()
+    ]
 
 
 def _significance_rows(tests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,11 +66,20 @@ def _significance_rows(tests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     for name, test in tests.items():
         for key, t in test.items():
             diff = difference(t)
-            rows.append({"comparison": name, "metric": key, "test": t["test_name"], "n": t["n"],
-                         "mean difference": "-" if diff is None else diff, "95% CI": ci_text(t),
-                         "p": fmt_p(t["p"]), "p (Holm)": fmt_p(t["p_holm"]),
-                         "Wilcoxon p": fmt_p(t.get("wilcoxon_p")),
-                         "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0], p_key="p_holm")})
+            rows.append(
+                {
+                    "comparison": name,
+                    "metric": key,
+                    "test": t["test_name"],
+                    "n": t["n"],
+                    "mean difference": "-" if diff is None else diff,
+                    "95% CI": ci_text(t),
+                    "p": fmt_p(t["p"]),
+                    "p (Holm)": fmt_p(t["p_holm"]),
+                    "Wilcoxon p": fmt_p(t.get("wilcoxon_p")),
+                    "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0], p_key="p_holm"),
+                }
+            )
     return rows
 
 
@@ -61,13 +96,17 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         return verdict(main[key], key not in LOWER_IS_BETTER, p_key="p_holm")
 
     family = s["multiple_comparisons"]["family_size"]
-    min_perm = 2 / 2 ** n_seeds
+    min_perm = 2 / 2**n_seeds
     if n_seeds == 1:
-        testing = ("One seed: one replicate per method, so no test is made and no p-value is given; the "
-                   "numbers below describe that one replicate.")
+        testing = (
+            "One seed: one replicate per method, so no test is made and no p-value is given; the "
+            "numbers below describe that one replicate."
+        )
     else:
-        testing = (f"Tests are over the {n_seeds} seeds (the replicates), two-sided; p-values in the verdicts "
-                   f"are Holm-adjusted over the family of the {family} tests of the Significance section.")
+        testing = (
+            f"Tests are over the {n_seeds} seeds (the replicates), two-sided; p-values in the verdicts "
+            f"are Holm-adjusted over the family of the {family} tests of the Significance section."
+        )
     n_reinit = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
     lines = [
         "# Reproduction: MFR on the paper's synthetic data",
@@ -93,19 +132,34 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         f"Reinitialisation events: {n_reinit['reinit']} in the `reinit` runs and {n_reinit['mfr']} in the "
         f"`mfr` runs (threshold {s['reinit_threshold']}).",
         "",
-        *(["This is the `--quick` setting: "
-           f"{s['config']['train']['n_samples']:,} training vectors, far below the paper's scale, so the SAEs "
-           "are not converged and these numbers describe early training. The paper-scale run is the same "
-           "command without `--quick`.", ""] if s["quick"] else []),
+        *(
+            [
+                "This is the `--quick` setting: "
+                f"{s['config']['train']['n_samples']:,} training vectors, far below the paper's scale, so the SAEs "
+                "are not converged and these numbers describe early training. The paper-scale run is the same "
+                "command without `--quick`.",
+                "",
+            ]
+            if s["quick"]
+            else []
+        ),
         "## Setup",
         "",
-        "Data (SPEC section 1): " + ", ".join(f"{k}={v}" for k, v in s["config"]["data"].items()
-                                               if k in ("d", "n_features", "n_groups", "n_active", "decay",
-                                                        "normalize_features", "seed")),
+        "Data (SPEC section 1): "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in s["config"]["data"].items()
+            if k in ("d", "n_features", "n_groups", "n_active", "decay", "normalize_features", "seed")
+        ),
         "",
-        "SAEs: " + ", ".join(f"{k}={v}" for k, v in s["config"]["sae"].items() if k != "shared_init")
-        + "; training: " + ", ".join(f"{k}={v}" for k, v in s["config"]["train"].items()
-                                     if k in ("n_samples", "batch_size", "lr", "weight_decay")),
+        "SAEs: "
+        + ", ".join(f"{k}={v}" for k, v in s["config"]["sae"].items() if k != "shared_init")
+        + "; training: "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in s["config"]["train"].items()
+            if k in ("n_samples", "batch_size", "lr", "weight_decay")
+        ),
         "",
         "MFR: " + ", ".join(f"{k}={v}" for k, v in s["config"]["mfr"].items() if k != "enabled"),
         "",

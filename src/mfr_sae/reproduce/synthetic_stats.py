@@ -13,11 +13,20 @@ from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, ran
 
 LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac", "silent_frac", "twin_frac"}
 # The measures on which each method is tested against baseline (the Significance section).
-COMPARED_KEYS = ["gt_mmcs", "gt_mmcs_hungarian", "gt_recovered_frac", "gt_mcc", "mse", "fvu", "pearson_r",
-                 "cluster_size", "within_pw_mcc", *ACROSS_KEYS]
+COMPARED_KEYS = [
+    "gt_mmcs",
+    "gt_mmcs_hungarian",
+    "gt_recovered_frac",
+    "gt_mcc",
+    "mse",
+    "fvu",
+    "pearson_r",
+    "cluster_size",
+    "within_pw_mcc",
+    *ACROSS_KEYS,
+]
 # The measures of the table of winners.
-WINNER_KEYS = ["across_pw_mcc", "across_shared_frac", "within_pw_mcc", "gt_mcc", "gt_mmcs", "gt_recovered_frac",
-               "mse"]
+WINNER_KEYS = ["across_pw_mcc", "across_shared_frac", "within_pw_mcc", "gt_mcc", "gt_mmcs", "gt_recovered_frac", "mse"]
 Test = dict[str, Any]
 
 
@@ -26,8 +35,9 @@ def values_of(method_stats: dict[str, Any], key: str) -> list:
     return (method_stats["per_seed_pair"] if key in ACROSS_KEYS else method_stats["per_seed"])[key]
 
 
-def compare_methods(treated: str, control: str, per_method: dict[str, Any], agreement: AcrossAgreement | None,
-                    key: str) -> Test:
+def compare_methods(
+    treated: str, control: str, per_method: dict[str, Any], agreement: AcrossAgreement | None, key: str
+) -> Test:
     """One test of `treated` against `control` on one measure, over seeds (the replicates): a paired
     t-test of the per-seed values, or, for the across_* measures (whose values are seed PAIRS, not
     independent), the permutation test that swaps the two methods' labels inside each seed."""
@@ -53,8 +63,10 @@ def add_holm(tests: list[Test]) -> int:
 def against_baseline(per_method: dict[str, Any], agreement: AcrossAgreement) -> dict[str, dict[str, Test]]:
     """`{method} vs baseline` for mfr, reinit and shared_init: a test on each of COMPARED_KEYS (not yet
     Holm-adjusted: add_holm over all of them is the family)."""
-    return {f"{m} vs baseline": {k: compare_methods(m, "baseline", per_method, agreement, k) for k in COMPARED_KEYS}
-            for m in ("mfr", "reinit", "shared_init")}
+    return {
+        f"{m} vs baseline": {k: compare_methods(m, "baseline", per_method, agreement, k) for k in COMPARED_KEYS}
+        for m in ("mfr", "reinit", "shared_init")
+    }
 
 
 def difference(test: Test) -> float | None:
@@ -74,11 +86,14 @@ def winners(methods: dict[str, Any], keys: list[str], agreement: AcrossAgreement
     second place, the largest p kept), Holm-adjusted over the tests of this table."""
     rows, tests, ties = [], [], []
     for key in keys:
-        means = {m: float(np.mean(vs)) if (vs := [v for v in values_of(st, key) if v is not None]) else None
-                 for m, st in methods.items()}
+        means = {
+            m: float(np.mean(vs)) if (vs := [v for v in values_of(st, key) if v is not None]) else None
+            for m, st in methods.items()
+        }
         # ranked as printed: means that read the same are a tie, never a win
-        ranking = rank_methods({m: None if v is None else round_sig(v) for m, v in means.items()},
-                               key not in LOWER_IS_BETTER)
+        ranking = rank_methods(
+            {m: None if v is None else round_sig(v) for m, v in means.items()}, key not in LOWER_IS_BETTER
+        )
         best, second = ranking["best"], ranking["runner_up"]
         test = None
         if best and not ranking["tie"] and second:
@@ -86,15 +101,29 @@ def winners(methods: dict[str, Any], keys: list[str], agreement: AcrossAgreement
             test = max(candidates, key=lambda t: 2.0 if t["p"] is None else t["p"])
         tests.append(test)
         ties.append(ranking["tie"])
-        rows.append({"measure": key, "best": " = ".join(best) or "-",
-                     "mean": means[best[0]] if best else "-",
-                     "runner-up": " = ".join(second) or "-", "runner-up mean": means[second[0]] if second else "-",
-                     "difference": difference(test) if test else "-", "95% CI": ci_text(test) if test else "-",
-                     "p": fmt_p(test["p"]) if test else "-", "test": test["test_name"] if test else "-"})
+        rows.append(
+            {
+                "measure": key,
+                "best": " = ".join(best) or "-",
+                "mean": means[best[0]] if best else "-",
+                "runner-up": " = ".join(second) or "-",
+                "runner-up mean": means[second[0]] if second else "-",
+                "difference": difference(test) if test else "-",
+                "95% CI": ci_text(test) if test else "-",
+                "p": fmt_p(test["p"]) if test else "-",
+                "test": test["test_name"] if test else "-",
+            }
+        )
     add_holm([t for t in tests if t is not None])
     for row, test, tie in zip(rows, tests, ties):
         row["p (Holm)"] = fmt_p(test["p_holm"]) if test else "-"
-        row["clear win"] = ("no (tie)" if tie else
-                            "no test" if test is None or test["p_holm"] is None else
-                            "yes" if test["p_holm"] < ALPHA else "no")
+        row["clear win"] = (
+            "no (tie)"
+            if tie
+            else "no test"
+            if test is None or test["p_holm"] is None
+            else "yes"
+            if test["p_holm"] < ALPHA
+            else "no"
+        )
     return rows
