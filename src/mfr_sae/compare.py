@@ -17,11 +17,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from mfr_sae.checkpoint import CheckpointError, load
 from mfr_sae.config import ConfigError
@@ -112,7 +109,8 @@ def series_label(names: list[str], member: dict[str, Any]) -> str:
 
 
 def histogram(summary: dict[str, Any], cosines: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # not pyplot's: no backend or global figure state for a library call
+    ax = fig.subplots()
     bins = np.linspace(-0.2, 1.0, 61).tolist()
     names = run_names(summary["runs"])
     for member in summary["members"]:

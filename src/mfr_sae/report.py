@@ -94,12 +94,14 @@ def fmt_duration(seconds: float) -> str:
 
 
 def save_figure(fig, path) -> None:
-    """Every report figure the same way: tight layout, a PNG at 110 dpi, the figure released."""
-    import matplotlib.pyplot as plt
-
+    """Every report figure the same way: tight layout, a PNG at 110 dpi, the figure released (from pyplot,
+    when pyplot made it)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if fig.canvas.manager is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def figure_link(path: str | Path, caption: str) -> str:
