@@ -6,7 +6,8 @@ import torch
 pytest.importorskip("transformers")
 
 from mfr_sae.cli import main
-from mfr_sae.data.activations import load_model, read_texts, splice, token_sequences
+from mfr_sae.data.activations import read_texts, token_sequences
+from mfr_sae.data.lm_model import load_model, splice
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.lm_eval import loss_recovered
 

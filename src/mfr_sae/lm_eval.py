@@ -18,15 +18,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mfr_sae.config import RunConfig
-from mfr_sae.data.activations import (
-    capture,
-    load_model,
-    read_manifest,
-    read_texts,
-    resolve_hook,
-    splice,
-    token_sequences,
-)
+from mfr_sae.data.activations import read_manifest, read_texts, token_sequences
+from mfr_sae.data.lm_model import capture, load_model, resolve_hook, splice
 from mfr_sae.ensemble import Ensemble
 
 

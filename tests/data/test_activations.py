@@ -9,16 +9,8 @@ pytest.importorskip("transformers")
 
 from mfr_sae.cli import main
 from mfr_sae.data import DataError
-from mfr_sae.data.activations import (
-    ActivationCache,
-    build_cache,
-    capture,
-    load_model,
-    read_manifest,
-    read_texts,
-    resolve_hook,
-    token_sequences,
-)
+from mfr_sae.data.activations import ActivationCache, build_cache, read_manifest, read_texts, token_sequences
+from mfr_sae.data.lm_model import capture, load_model, resolve_hook
 from mfr_sae.extras import MissingExtra
 
 
