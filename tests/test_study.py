@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mfr_sae.cli import main
-from mfr_sae.study import BASELINE, FVU_MARGIN, analyse, settings
+from mfr_sae.config import load_config
+from mfr_sae.study import BASELINE, FVU_MARGIN, analyse, run_config, settings
 
 R = 5
 
@@ -106,3 +107,14 @@ def test_study_end_to_end_writes_the_verdict_first_and_reuses_its_runs(tmp_path,
     assert (
         main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 2
     )
+
+
+def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():
+    """README's first run claims to be one replicate of the study's learnable setting with the defaults of mfr.*:
+    the same config but for logging, checkpoints and the stream seed's spelling (-1: data.seed, which is 0)."""
+    setting = next(s for s in settings() if s.name == "hungarian 0.1*auto")
+    study_cfg = run_config("learnable", setting, replicate=0, quick=False).to_dict()
+    quick_cfg = load_config("configs/quick.yaml").to_dict()
+    for cfg in (study_cfg, quick_cfg):
+        cfg["train"].pop("log_every"), cfg["train"].pop("checkpoint_every"), cfg["data"].pop("stream_seed")
+    assert quick_cfg == study_cfg

@@ -130,17 +130,19 @@ def reinit_history(events: list[dict], member: int) -> dict[str, int | None]:
 LATE_REINIT_SHARE = 0.2
 
 
+def reinit_phrase(k: int, history: dict[str, Any], n_steps: int, seed: int | None = None) -> str:
+    """`k=12 (seed 1) 10x, last at step 99 of 400` from a member's reinit_history (the seed only when given)."""
+    label = f"k={k}" + (f" (seed {seed})" if seed is not None else "")
+    return f"{label} {history['reinits']}x, last at step {history['last_reinit_step']} of {n_steps}"
+
+
 def reinit_summary(events: list[dict], n_members: int, n_steps: int, ks: list[int]) -> str:
     """One sentence on a run's reinitialisations: per member how many and the last step, and a warning when
     a member's last one came in the last LATE_REINIT_SHARE of the run."""
     history = [reinit_history(events, i) for i in range(n_members)]
     if not events:
         return "No reinitialisation fired."
-    parts = [
-        f"k={k} {h['reinits']}x, last at step {h['last_reinit_step']} of {n_steps}"
-        for k, h in zip(ks, history)
-        if h["reinits"]
-    ]
+    parts = [reinit_phrase(k, h, n_steps) for k, h in zip(ks, history) if h["reinits"]]
     late = [
         k
         for k, h in zip(ks, history)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mfr_sae.report import figure_link, fmt_mean_sd, fmt_num, fmt_p, markdown_table
-from mfr_sae.reproduce import describe_runs, relative, relative_diff
+from mfr_sae.reproduce import describe_runs, reinit_phrase, relative, relative_diff
 from mfr_sae.reproduce.eeg_analysis import KS, ONE_SEED, snr_gains, values
 from mfr_sae.reproduce.eeg_figures import FIGURES
 from mfr_sae.stats import verdict
@@ -82,16 +82,10 @@ def reinits(s: dict[str, Any]) -> str:
     setting = s["setting"]
     n_steps = setting["n_samples"] // setting["batch_size"]
     mfr_members = sorted((m for m in s["members"] if m["mfr"]), key=lambda m: (m["seed"], m["k"]))
-    return (
-        ", ".join(
-            f"k={m['k']}"
-            + (f" (seed {m['seed']})" if s["seeds"] > 1 else "")
-            + f" {m['reinits']}x, last at step {m['last_reinit_step']} of {n_steps}"
-            for m in mfr_members
-            if m["reinits"]
-        )
-        or "none"
-    )
+    phrases = [
+        reinit_phrase(m["k"], m, n_steps, m["seed"] if s["seeds"] > 1 else None) for m in mfr_members if m["reinits"]
+    ]
+    return ", ".join(phrases) or "none"
 
 
 def setup(s: dict[str, Any]) -> list[str]:
