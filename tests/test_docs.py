@@ -52,7 +52,7 @@ def inline_code(page: Path) -> list[str]:
 
 @cache
 def parser() -> argparse.ArgumentParser:
-    from mfr_sae.cli import build_parser
+    from mfr_sae.cli_parser import build_parser
 
     return build_parser()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,15 +18,12 @@ from torch import Tensor
 from mfr_sae import checkpoint as ckpt
 from mfr_sae import distributed
 from mfr_sae.config import ConfigError, RunConfig, load_config
-from mfr_sae.data import VectorSource, load_ground_truth, make_source, split_batch
+from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.files import write_json
-from mfr_sae.firing import LatentFiring, dead_frac_note, dead_measured
-from mfr_sae.lm_eval import add_loss_recovered
-from mfr_sae.metrics import evaluate
+from mfr_sae.firing import LatentFiring
 from mfr_sae.mfr import MutualRegularizer
-from mfr_sae.mmcs import pairwise_mmcs
 from mfr_sae.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -38,7 +35,8 @@ from mfr_sae.run_folder import (
     truncate_metrics,
 )
 from mfr_sae.run_log import RunLog, TrainingProgress, require_wandb
-from mfr_sae.trainer_state import ensemble_on_main, optimizer_state_from_tensors, optimizer_state_on_main
+from mfr_sae.run_report import RunReport
+from mfr_sae.trainer_state import restore_training, save_training
 
 
 class Interrupted(Exception):
@@ -76,15 +74,7 @@ class Trainer:
         rank, world, self.device = distributed.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
         self.shard = Shard(len(cfg.ks), rank, world)
         require_wandb(cfg.train.wandb_project)
-        self.source = source if source is not None else make_source(cfg.data, self.device)
-        if cfg.data.kind != "synthetic":
-            cfg.data.d = self.source.d
-        elif self.source.d != cfg.data.d:
-            raise ConfigError(f"data.d={cfg.data.d} but the data source gives vectors of size {self.source.d}")
-        self.ground_truth, self.ground_truth_layout = self.source.ground_truth, None
-        if cfg.eval.ground_truth:
-            self.ground_truth, self.ground_truth_layout = load_ground_truth(cfg.eval.ground_truth, cfg.data.d)
-            self.ground_truth = self.ground_truth.to(self.device)
+        self.source, truth, layout = run_source(cfg, self.device, source)
         self.ensemble = self._new_ensemble(self.shard.members, self.device)
         # fused: one pass over parameters, gradients and moments (bench/RESULTS.md)
         self.optimizer = torch.optim.AdamW(
@@ -95,7 +85,9 @@ class Trainer:
         )
         self.firing = LatentFiring(len(self.shard.members), cfg.sae.d_sae, cfg.eval.dead_window, self.device)
         self.mfr = MutualRegularizer(cfg.mfr, cfg.ks, self.shard, torch.bfloat16 if cfg.train.autocast else None)
-        self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
+        self.report = RunReport(
+            cfg, self.shard, self.device, self.source, truth, layout, self.ensemble, self.firing, self.mfr, progress
+        )
         self.step = 0
         try:
             if resume:
@@ -128,49 +120,35 @@ class Trainer:
         if folder is None:  # killed before the first checkpoint: start over in place
             (self.run_dir / METRICS_FILE).write_text("")
             return
-        # this process's members only (the files hold all N, whatever the number of processes that wrote them)
-        state, meta = ckpt.load_trainer_state(folder, slice(self.shard.start, self.shard.stop), whole=("mfr.matches",))
-        loaded = ckpt.load(folder, self.device, members=self.shard.members)
-        with torch.no_grad():
-            for name, param in self.ensemble.named_parameters():
-                param.copy_(getattr(loaded, name))
-        self.step = meta["step"]
-        self.firing.samples_since_fired.copy_(state.pop("samples_since_fired"))
-        self.mfr.load_state({k: v.to(self.device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
-        state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
-        self.optimizer.load_state_dict(optimizer_state_from_tensors(self.optimizer, self.ensemble, state))
+        self.step = restore_training(
+            folder, self.shard, self.device, self.ensemble, self.optimizer, self.firing, self.mfr
+        )
         self.shard.barrier()  # every rank has read before rank 0 truncates the log
         if self.shard.is_main:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
     def save(self) -> None:
         """Write the checkpoint of all N members (gathered to rank 0, which writes it)."""
-        state = optimizer_state_on_main(self.shard, self.optimizer, self.ensemble)
-        ensemble = ensemble_on_main(self.shard, self.ensemble, self._new_ensemble)
-        state["samples_since_fired"] = self.shard.gather_to_main(self.firing.samples_since_fired)
-        mfr_tensors, mfr_meta = self.mfr.state()
-        if self.shard.is_main:  # where everything gathered is present: no None among the tensors
-            assert ensemble is not None
-            state.update(mfr_tensors)
-            meta = {"step": self.step, "mfr": mfr_meta}
-            ckpt.save_checkpoint(
-                self.run_dir,
-                ensemble,
-                cast("dict[str, Tensor]", state),
-                meta,
-                extra={"mfr": self.cfg.mfr.enabled},
-                firing_prob=self.firing_prob,
-            )
-        self.shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+        save_training(
+            self.run_dir,
+            self.shard,
+            self.ensemble,
+            self._new_ensemble,
+            self.optimizer,
+            self.firing,
+            self.mfr,
+            self.step,
+            self.report.firing_prob,
+        )
 
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: Tensor, target: Tensor | None = None) -> dict[str, Any]:
         """One step on input x; the loss is against `target` (denoising) or x itself. Returns this rank's
-        numbers as they are (`_log_record` gathers them, at log steps only): the MSE and L0 of its members
-        [n] on its slice of the batch (weighted by the slice's share), the penalty's values (all members'),
-        inside the reinitialisation window the metric of its members [n], and reinitialisation events.
-        In one process, every member's."""
+        numbers as they are (`RunReport.log_record` gathers them, at log steps only): the MSE and L0 of its
+        members [n] on its slice of the batch (weighted by the slice's share), the penalty's values (all
+        members'), inside the reinitialisation window the metric of its members [n], and reinitialisation
+        events. In one process, every member's."""
         target = x if target is None else target
         if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
@@ -228,26 +206,6 @@ class Trainer:
                 if key in self.optimizer.state.get(param, {}):
                     self.optimizer.state[param][key][local].zero_()
 
-    def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
-        recovered on an activation cache's model."""
-        if not hasattr(self, "_eval_batch"):
-            self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
-        x, target = self._eval_batch
-        members, firing_prob = evaluate(
-            self.ensemble,
-            x,
-            self.ground_truth,
-            self.firing.dead_mask(),
-            self.cfg.eval.recovered_threshold,
-            self.cfg.eval.batch_size,
-            None if target is x else target,
-            self._dead_measured()[self.shard.start : self.shard.stop],
-        )
-        lm_result = add_loss_recovered(self.cfg, self.ensemble, members, self.device, self.progress) if lm else None
-        self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
-        return [m for part in self.shard.gather_objects(members) for m in part], lm_result
-
     def fit(self) -> dict[str, Any]:
         """Train to the end; an error that stops this rank is left for the others to name (distributed).
         Ctrl-C raises `Interrupted` (nothing saved since the last checkpoint: `resume` goes on from it); a new
@@ -272,7 +230,7 @@ class Trainer:
         try:
             members, lm = self._train_to_end(log)
             self.save()
-            results = self._results(members, lm, time.perf_counter() - started)
+            results = self.report.results(self.step, time.perf_counter() - started, members, lm)
             if self.shard.is_main:
                 write_json(self.run_dir / RESULTS_FILE, results)
         finally:
@@ -291,72 +249,21 @@ class Trainer:
                 bar.step_done(self.step)
                 log.add_window_line(self.step, logs)
                 if self.step % cfg.train.log_every == 0 or self.step == n_steps:
-                    record = self._log_record(logs)
+                    record = self.report.log_record(self.step, logs)
                     log.write(record)
                     bar.show_record(record)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
-                    log.write({"step": self.step, "eval": self.evaluate()[0]})
+                    log.write({"step": self.step, "eval": self.report.evaluate()[0]})
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     log.write(None)  # the window lines up to the checkpoint
                     log.flush()
                     self.save()
             bar.close()
-            members, lm = self.evaluate(lm=True)
+            members, lm = self.report.evaluate(lm=True)
             log.write({"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
         finally:
             bar.close()
         return members, lm
-
-    def _results(self, members: list[dict[str, Any]], lm: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
-        """What results.json holds."""
-        cfg = self.cfg
-        return {
-            "steps": self.step,
-            "samples": self.step * cfg.train.batch_size,
-            "train_seconds": round(seconds, 3),
-            "mfr": cfg.mfr.enabled,
-            **self._pairwise_mmcs(),
-            "beta": self.mfr.beta,
-            "reinit_events": self.mfr.events,
-            "lm": lm,
-            "ground_truth": None
-            if self.ground_truth is None
-            else {
-                "source": cfg.eval.ground_truth or cfg.data.kind,
-                "n_true": len(self.ground_truth),
-                "layout": self.ground_truth_layout,
-            },
-            "dead_frac_note": dead_frac_note(
-                [m["member"] for m in members if m["dead_frac"] is None],
-                self.step * cfg.train.batch_size,
-                cfg.eval.dead_window,
-            ),
-            "members": members,
-            "config": cfg.to_dict(),
-        }
-
-    def _pairwise_mmcs(self) -> dict[str, float | None]:
-        """pairwise_mmcs of all members, computed on rank 0 and sent to the others."""
-        decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
-        return self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
-
-    def _dead_measured(self) -> list[bool]:
-        return dead_measured(self.mfr.steps_since_init, self.cfg.train.batch_size, self.cfg.eval.dead_window)
-
-    def _log_record(self, logs: dict[str, Any]) -> dict[str, Any]:
-        """The log line of this step, all members' numbers (gathered from the ranks)."""
-        mse, l0 = self.shard.gather_sum(torch.stack([logs["mse"], logs["l0"]], dim=1)).T
-        dead = self.shard.gather(self.firing.dead_mask().float().mean(-1)).tolist()
-        return {
-            "step": self.step,
-            "samples": self.step * self.cfg.train.batch_size,
-            "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
-            "mse": mse.tolist(),
-            "l0": l0.tolist(),
-            **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
-            **({"match_stale_frac": self.mfr.stale_frac} if self.mfr.stale_frac is not None else {}),
-            "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],
-        }
 
 
 def train(

@@ -1,16 +1,21 @@
-"""What a checkpoint of a training run holds besides the weights, gathered from the processes: the AdamW
-state as flat named tensors (safetensors holds no pickle) and all members in one Ensemble on rank 0."""
+"""A training run's checkpoint, gathered from the processes and read back by each: all members in one
+Ensemble on rank 0, the AdamW state as flat named tensors (safetensors holds no pickle), the latents' firing
+history and the MFR state (`save_training`, `restore_training`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from mfr_sae import checkpoint as ckpt
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.firing import LatentFiring
+from mfr_sae.mfr import MutualRegularizer
 
 
 def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Tensor]:
@@ -60,3 +65,58 @@ def ensemble_on_main(
         if full is not None:
             getattr(full, name).copy_(gathered)
     return full
+
+
+def save_training(
+    run_dir: Path,
+    shard: Shard,
+    ensemble: Ensemble,
+    build: Callable[[list[int], torch.device], Ensemble],
+    optimizer: torch.optim.Optimizer,
+    firing: LatentFiring,
+    mfr: MutualRegularizer,
+    step: int,
+    firing_prob: Tensor | None,
+) -> None:
+    """Write the checkpoint of all N members at `step` (gathered to rank 0, which writes it; `build` as for
+    `ensemble_on_main`); every rank returns once it is in place."""
+    state = optimizer_state_on_main(shard, optimizer, ensemble)
+    full = ensemble_on_main(shard, ensemble, build)
+    state["samples_since_fired"] = shard.gather_to_main(firing.samples_since_fired)
+    mfr_tensors, mfr_meta = mfr.state()
+    if shard.is_main:  # where everything gathered is present: no None among the tensors
+        assert full is not None
+        state.update(mfr_tensors)
+        meta = {"step": step, "mfr": mfr_meta}
+        ckpt.save_checkpoint(
+            run_dir,
+            full,
+            cast("dict[str, Tensor]", state),
+            meta,
+            extra={"mfr": mfr.cfg.enabled},
+            firing_prob=firing_prob,
+        )
+    shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+
+
+def restore_training(
+    folder: Path,
+    shard: Shard,
+    device: torch.device,
+    ensemble: Ensemble,
+    optimizer: torch.optim.Optimizer,
+    firing: LatentFiring,
+    mfr: MutualRegularizer,
+) -> int:
+    """Load this process's members (weights, AdamW state, firing history, MFR state) from the checkpoint
+    folder, whatever the number of processes that wrote it (the files hold all N); returns its step."""
+    state, meta = ckpt.load_trainer_state(folder, slice(shard.start, shard.stop), whole=("mfr.matches",))
+    loaded = ckpt.load(folder, device, members=shard.members)
+    with torch.no_grad():
+        for name, param in ensemble.named_parameters():
+            param.copy_(getattr(loaded, name))
+    firing.samples_since_fired.copy_(state.pop("samples_since_fired"))
+    mfr.load_state({k: v.to(device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
+    state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
+    optimizer.load_state_dict(optimizer_state_from_tensors(optimizer, ensemble, state))
+    return meta["step"]

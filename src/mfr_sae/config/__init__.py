@@ -1,5 +1,6 @@
-"""Run configuration: `fields` (the dataclasses, their docstrings as help text, validation, PAPER_MFR) and
-`loading` (YAML files, `--set section.field=value` overrides, the --help text)."""
+"""Run configuration: `fields` (the sections' dataclasses, their docstrings as help text, PAPER_MFR), `run`
+(RunConfig: the sections together, and their validation) and `loading` (YAML files, `--set
+section.field=value` overrides, the --help text)."""
 
 from mfr_sae.config.fields import (
     DATA_KINDS,
@@ -10,7 +11,6 @@ from mfr_sae.config.fields import (
     DataConfig,
     EvalConfig,
     MFRConfig,
-    RunConfig,
     SAEConfig,
     TrainConfig,
     beta_parts,
@@ -26,6 +26,7 @@ from mfr_sae.config.loading import (
     sections,
     set_field,
 )
+from mfr_sae.config.run import RunConfig
 
 __all__ = [
     "DATA_KINDS",

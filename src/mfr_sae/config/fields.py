@@ -1,12 +1,10 @@
-"""The run configuration's fields: dataclasses whose docstrings (the string literal under each field) are its
-help text, their validation, and the paper's MFR setting. Defaults are the paper's synthetic setting (SPEC
-sections 1-4)."""
+"""The run configuration's sections: dataclasses whose docstrings (the string literal under each field) are its
+help text, the values some fields may take, and the paper's MFR setting. Defaults are the paper's synthetic
+setting (SPEC sections 1-4). RunConfig, the sections together and their validation, is in `run.py`."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -168,116 +166,6 @@ class EvalConfig:
     """activations: sequences per forward pass of the language model during loss recovered."""
 
 
-@dataclass
-class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mfr: MFRConfig = field(default_factory=MFRConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    @property
-    def ks(self) -> list[int]:
-        """One k per member."""
-        k = self.sae.k
-        return list(k) if isinstance(k, list) else [k] * self.sae.n_members
-
-    @property
-    def n_steps(self) -> int:
-        return self.train.n_samples // self.train.batch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> RunConfig:
-        """Raise ConfigError on the first value that cannot work."""
-        d, s, t, e = self.data, self.sae, self.train, self.eval
-        _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r}: must be one of {', '.join(DATA_KINDS)}")
-        _check(d.firing in FIRING_KINDS, f"data.firing={d.firing!r}: must be one of {', '.join(FIRING_KINDS)}")
-        for name, value in [
-            ("data.d", d.d),
-            ("data.n_features", d.n_features),
-            ("data.n_groups", d.n_groups),
-            ("data.n_active", d.n_active),
-            ("sae.n_members", s.n_members),
-            ("sae.d_sae", s.d_sae),
-            ("train.n_samples", t.n_samples),
-            ("train.batch_size", t.batch_size),
-            ("eval.n_samples", e.n_samples),
-            ("eval.batch_size", e.batch_size),
-            ("eval.dead_window", e.dead_window),
-        ]:
-            _check(value >= 1, f"{name}={value}: must be >= 1")
-        if d.kind in ("vectors", "activations"):
-            _check(bool(d.path), f"data.kind={d.kind} needs data.path (a file or folder of vectors, or a cache)")
-            _check(d.holdout >= 1, f"data.holdout={d.holdout}: must be >= 1")
-            _check(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 1")
-        if d.kind == "eeg":
-            _check(bool(d.path), "data.kind=eeg needs data.path (an EEG file or a folder of recordings)")
-            for name, amount in [("data.sfreq", d.sfreq), ("data.window_s", d.window_s), ("data.hop_s", d.hop_s)]:
-                _check(amount > 0, f"{name}={amount}: must be > 0")
-            _check(d.sfreq > 90, f"data.sfreq={d.sfreq}: must exceed 90 Hz (twice the 45 Hz band-pass edge)")
-            _check(0 < d.holdout_fraction < 1, f"data.holdout_fraction={d.holdout_fraction}: must be in (0, 1)")
-            _check(d.noise in EEG_NOISE_KINDS, f"data.noise={d.noise!r}: must be one of {', '.join(EEG_NOISE_KINDS)}")
-            _check(
-                isinstance(d.channels, (str, list)) and bool(d.channels),
-                f"data.channels={d.channels!r}: must be common, an MNE montage name or a list of channel names",
-            )
-        if d.kind == "synthetic" and d.firing == "independent":
-            _check(
-                0 < d.mean_active <= d.n_features,
-                f"data.mean_active={d.mean_active}: must be in (0, data.n_features={d.n_features}]",
-            )
-            _check(d.zipf_exponent >= 0, f"data.zipf_exponent={d.zipf_exponent}: must be >= 0")
-            _check(0 <= d.min_magnitude < 1, f"data.min_magnitude={d.min_magnitude}: must be in [0, 1)")
-        elif d.kind == "synthetic":
-            smallest_group = d.n_features // d.n_groups
-            _check(
-                d.n_groups <= d.n_features, f"data.n_groups={d.n_groups}: more groups than features ({d.n_features})"
-            )
-            _check(
-                d.n_active <= smallest_group,
-                f"data.n_active={d.n_active}: the smallest group has {smallest_group} features",
-            )
-            _check(0 < d.decay <= 1, f"data.decay={d.decay}: must be in (0, 1]")
-        if isinstance(s.k, list):
-            _check(len(s.k) == s.n_members, f"sae.k has {len(s.k)} values but sae.n_members={s.n_members}")
-        for k in self.ks:
-            _check(1 <= k <= s.d_sae, f"sae.k={k}: must be between 1 and sae.d_sae={s.d_sae}")
-        _check(t.lr > 0, f"train.lr={t.lr}: must be > 0")
-        _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
-        _check(
-            t.n_samples >= t.batch_size,
-            f"train.n_samples={t.n_samples} is less than one batch (train.batch_size={t.batch_size})",
-        )
-        _check(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
-        _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
-        _check(e.every >= 0, f"eval.every={e.every}: must be >= 0")
-        _check(0 < e.recovered_threshold <= 1, f"eval.recovered_threshold={e.recovered_threshold}: must be in (0, 1]")
-        m = self.mfr
-        _check(beta_parts(m.beta) is not None, f"mfr.beta={m.beta!r}: must be auto, a number >= 0, or NUMBER*auto")
-        _check(-1 <= m.min_cosine <= 1, f"mfr.min_cosine={m.min_cosine}: must be in [-1, 1]")
-        _check(m.mmcs in ("max", "hungarian"), f"mfr.mmcs={m.mmcs!r}: must be max or hungarian")
-        _check(
-            not (m.mmcs == "hungarian" and m.match_every == 0),
-            "mfr.mmcs=hungarian needs mfr.match_every >= 1 (a matching has no dense form)",
-        )
-        for name, value in [
-            ("mfr.warmup_steps", m.warmup_steps),
-            ("mfr.match_every", m.match_every),
-            ("mfr.reinit_window", m.reinit_window),
-            ("mfr.reinit_max", m.reinit_max),
-        ]:
-            _check(value >= 0, f"{name}={value}: must be >= 0")
-        _check(m.reinit_samples >= 1, f"mfr.reinit_samples={m.reinit_samples}: must be >= 1")
-        _check(not m.enabled or s.n_members >= 2, "mfr.enabled needs sae.n_members >= 2")
-        _check(
-            t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-            f"train.device={t.device!r}: must be auto, cpu or cuda[:N]",
-        )
-        return self
-
-
 # The paper's MFR (SPEC section 4), field by field: what the reproductions and the study's grid build on,
 # whatever the defaults of mfr.* are.
 PAPER_MFR = [
@@ -310,8 +198,3 @@ def beta_parts(beta: float | str) -> tuple[float, bool] | None:
     except ValueError:
         return None
     return (value, True) if sep and rest == "auto" and value >= 0 else None
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from mfr_sae.config.fields import ConfigError, RunConfig
+from mfr_sae.config.fields import ConfigError
+from mfr_sae.config.run import RunConfig
 from mfr_sae.files import atomic_write_text
 
 # ---------------------------------------------------------------- dicts, YAML and overrides

@@ -1,7 +1,8 @@
 """Sources of training vectors. Each has `d`, `batches(batch_size, start_step)` (a deterministic
 stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) and `ground_truth`
 (true feature directions [n_true, d], or None when unknown). A denoising source (EEG) yields
-(input, target) pairs instead of vectors: the SAE reads the input and is scored against the target."""
+(input, target) pairs instead of vectors: the SAE reads the input and is scored against the target.
+`make_source` builds the source a config names; `run_source` that of a run, with its ground truth."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mfr_sae.config import DataConfig
+from mfr_sae.config import ConfigError, DataConfig, RunConfig
 from mfr_sae.data.synthetic import SyntheticData
 from mfr_sae.data.vectors import DataError, VectorsData, load_ground_truth
 from mfr_sae.data.zipf import ZipfData
@@ -87,6 +88,24 @@ def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSo
     raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
 
 
+def run_source(
+    cfg: RunConfig, device: torch.device, source: VectorSource | None = None
+) -> tuple[VectorSource, Tensor | None, str | None]:
+    """What a run trains on and is scored against: `source` (or the one cfg.data names), with data.d set from
+    its vectors (synthetic: checked against them); the ground truth, eval.ground_truth's file (on `device`)
+    else the source's own; and how that file was read (None for the source's own)."""
+    source = source if source is not None else make_source(cfg.data, device)
+    if cfg.data.kind != "synthetic":
+        cfg.data.d = source.d
+    elif source.d != cfg.data.d:
+        raise ConfigError(f"data.d={cfg.data.d} but the data source gives vectors of size {source.d}")
+    ground_truth, layout = source.ground_truth, None
+    if cfg.eval.ground_truth:
+        ground_truth, layout = load_ground_truth(cfg.eval.ground_truth, cfg.data.d)
+        ground_truth = ground_truth.to(device)
+    return source, ground_truth, layout
+
+
 __all__ = [
     "Batch",
     "DataError",
@@ -95,6 +114,7 @@ __all__ = [
     "VectorsData",
     "load_ground_truth",
     "make_source",
+    "run_source",
     "split_batch",
     "ZipfData",
 ]

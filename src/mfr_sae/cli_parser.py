@@ -1,0 +1,150 @@
+"""The parser of the `mfr-sae` command line: its subcommands and their options, and the help formatter that
+wraps the config field list of `mfr-sae train --help` to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+from mfr_sae.config import EEG_NOISE_KINDS, help_text
+
+
+class WrappingRawFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks and indentation (the config field list) but
+    wraps each line longer than the terminal, continuing at the line's own indentation."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            lead = indent + line[: len(line) - len(line.lstrip())]
+            lines += textwrap.wrap(
+                line.strip(),
+                max(width, len(lead) + 20),
+                initial_indent=lead,
+                subsequent_indent=lead,
+                break_long_words=False,
+                break_on_hyphens=False,
+            ) or [""]
+        return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfr-sae", description="The `mfr-sae` command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "train",
+        help="train an ensemble of TopK SAEs (baseline or MFR)",
+        description="Train an ensemble of TopK SAEs. Without --config, the built-in defaults "
+        "(the paper's synthetic setting) are used.",
+        epilog=help_text(),
+        formatter_class=WrappingRawFormatter,
+    )
+    p.add_argument("--config", type=Path, help="YAML file with sections data, sae, train, mfr, eval")
+    p.add_argument("--out", type=Path, help="run folder to create (config, logs, checkpoint, results)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field (repeatable)",
+    )
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out with a new one (its files are deleted only once "
+        "the new config is validated)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser(
+        "reproduce",
+        help="reproduce one of the paper's experiments",
+        description="Reproduce an experiment of the paper: writes DIR/report.md, "
+        "DIR/results.json, figures (PNG) and the runs (DIR/runs/).",
+    )
+    p.add_argument("experiment", choices=["synthetic", "gpt2", "eeg"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (finished runs in it are reused)")
+    p.add_argument("--quick", action="store_true", help="a small version that runs in minutes on a CPU")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help="synthetic: number of seeds (default: 3 with --quick, else 5); eeg: number of seeds (default 1)",
+    )
+    p.add_argument("--model", default="gpt2", help="gpt2: HF model name or local path (folder or .gguf file)")
+    p.add_argument(
+        "--text",
+        default="Skylion007/openwebtext",
+        help="gpt2: HF dataset name (streamed) or a local .txt / .jsonl file or folder",
+    )
+    p.add_argument("--hook", default="blocks.0.hook_mlp_out", help="gpt2: the hooked module")
+    p.add_argument("--tokens", type=int, help="gpt2: training tokens (default 2,000,000; --quick 100,000)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="eeg: EDF/BDF/FIF/BrainVision file or folder (e.g. your TUH EDF "
+        "folder); default: the real recordings of `python -m mfr_sae.offline eeg`",
+    )
+    p.add_argument("--noise", default="white", choices=EEG_NOISE_KINDS, help="eeg: corruption of the input")
+    p.add_argument("--snr-db", type=float, default=0.0, help="eeg: SNR of the corrupted input in dB")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = commands.add_parser(
+        "study",
+        help="does any MFR setting beat the baseline where the truth is known? (grid x replicates)",
+        description="Train the baseline and MFR over a grid of beta x similarity form on learnable and on the "
+        "paper's synthetic data, with independent replicates; writes DIR/report.md (the verdict "
+        "first), DIR/results.json and DIR/fig_fvu_mcc.png. Finished runs in DIR are reused.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="small data and short runs: about 7 minutes on 2 CPU cores")
+    p.add_argument("--replicates", type=int, default=5, help="independent replicates per setting (>= 2)")
+    p.add_argument("--data", choices=["both", "learnable", "paper"], default="both", help="which datasets")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+    p = commands.add_parser(
+        "cache",
+        help="cache activations of a language model on disk",
+        description="Run a Hugging Face causal LM over text and store the output of "
+        "one module as sharded .npy arrays with a manifest; train on it "
+        "with --set data.kind=activations --set data.path=DIR.",
+    )
+    p.add_argument("--model", default="gpt2", help="HF model name or local path (folder or .gguf file)")
+    p.add_argument(
+        "--hook",
+        default="blocks.0.hook_mlp_out",
+        help="HF module path (transformer.h.0.mlp) or TransformerLens alias (blocks.0.hook_mlp_out)",
+    )
+    p.add_argument(
+        "--text",
+        default="Skylion007/openwebtext",
+        help="HF dataset name (streamed) or a local .txt / .jsonl file or folder",
+    )
+    p.add_argument("--out", type=Path, required=True, help="cache folder (a matching cache there is reused)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="activation vectors to store")
+    p.add_argument("--context", type=int, default=128, help="tokens per sequence, BOS included")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--shard-tokens", type=int, default=1_000_000, help="vectors per shard file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = commands.add_parser(
+        "compare",
+        help="agreement between runs: PW-MCC and shared-latent fraction",
+        description="Compare runs member by member (same k with same k): PW-MCC and "
+        "the shared-latent fraction, in DIR/compare.json, with a histogram "
+        "of matched cosines in DIR/matched_cosines.png.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (or checkpoint folders)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.7, help="cosine above which a latent is shared")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the comparison already in --out (without it, such a folder is refused)",
+    )
+    return parser

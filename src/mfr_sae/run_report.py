@@ -1,0 +1,117 @@
+"""What a run measures and reports, on the objects the trainer trains (the ensemble, its latents' firing
+history, the MFR state): each evaluation (every member's metrics, and the loss recovered on an activation
+cache's model), the log line of a step, and at the end what results.json holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mfr_sae.config import RunConfig
+from mfr_sae.data import VectorSource, split_batch
+from mfr_sae.distributed import Shard
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.firing import LatentFiring, dead_frac_note, dead_measured
+from mfr_sae.lm_eval import add_loss_recovered
+from mfr_sae.metrics import evaluate
+from mfr_sae.mfr import MutualRegularizer
+from mfr_sae.mmcs import pairwise_mmcs
+
+
+class RunReport:
+    """The numbers of one run's members, all gathered from the processes that hold them."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        shard: Shard,
+        device: torch.device,
+        source: VectorSource,
+        ground_truth: Tensor | None,
+        ground_truth_layout: str | None,
+        ensemble: Ensemble,
+        firing: LatentFiring,
+        mfr: MutualRegularizer,
+        progress: bool = True,
+    ):
+        """ground_truth: the true features the members are scored against (or None); ground_truth_layout: how
+        eval.ground_truth's file was read (None for the source's own)."""
+        self.cfg, self.shard, self.device, self.source, self.progress = cfg, shard, device, source, progress
+        self.ground_truth, self.ground_truth_layout = ground_truth, ground_truth_layout
+        self.ensemble, self.firing, self.mfr = ensemble, firing, mfr
+        self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
+
+    def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
+        recovered on an activation cache's model."""
+        if not hasattr(self, "_eval_batch"):
+            self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
+        x, target = self._eval_batch
+        members, firing_prob = evaluate(
+            self.ensemble,
+            x,
+            self.ground_truth,
+            self.firing.dead_mask(),
+            self.cfg.eval.recovered_threshold,
+            self.cfg.eval.batch_size,
+            None if target is x else target,
+            self._dead_measured()[self.shard.start : self.shard.stop],
+        )
+        lm_result = add_loss_recovered(self.cfg, self.ensemble, members, self.device, self.progress) if lm else None
+        self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
+        return [m for part in self.shard.gather_objects(members) for m in part], lm_result
+
+    def log_record(self, step: int, logs: dict[str, Any]) -> dict[str, Any]:
+        """The log line of this step, all members' numbers (gathered from the ranks); logs: `train_step`'s."""
+        mse, l0 = self.shard.gather_sum(torch.stack([logs["mse"], logs["l0"]], dim=1)).T
+        dead = self.shard.gather(self.firing.dead_mask().float().mean(-1)).tolist()
+        return {
+            "step": step,
+            "samples": step * self.cfg.train.batch_size,
+            "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
+            "mse": mse.tolist(),
+            "l0": l0.tolist(),
+            **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
+            **({"match_stale_frac": self.mfr.stale_frac} if self.mfr.stale_frac is not None else {}),
+            "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],
+        }
+
+    def results(
+        self, step: int, seconds: float, members: list[dict[str, Any]], lm: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """What results.json holds, after `step` steps in `seconds`; members and lm: the final `evaluate`."""
+        cfg = self.cfg
+        return {
+            "steps": step,
+            "samples": step * cfg.train.batch_size,
+            "train_seconds": round(seconds, 3),
+            "mfr": cfg.mfr.enabled,
+            **self._pairwise_mmcs(),
+            "beta": self.mfr.beta,
+            "reinit_events": self.mfr.events,
+            "lm": lm,
+            "ground_truth": None
+            if self.ground_truth is None
+            else {
+                "source": cfg.eval.ground_truth or cfg.data.kind,
+                "n_true": len(self.ground_truth),
+                "layout": self.ground_truth_layout,
+            },
+            "dead_frac_note": dead_frac_note(
+                [m["member"] for m in members if m["dead_frac"] is None],
+                step * cfg.train.batch_size,
+                cfg.eval.dead_window,
+            ),
+            "members": members,
+            "config": cfg.to_dict(),
+        }
+
+    def _pairwise_mmcs(self) -> dict[str, float | None]:
+        """pairwise_mmcs of all members, computed on rank 0 and sent to the others."""
+        decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
+        return self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
+
+    def _dead_measured(self) -> list[bool]:
+        return dead_measured(self.mfr.steps_since_init, self.cfg.train.batch_size, self.cfg.eval.dead_window)
