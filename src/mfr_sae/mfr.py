@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mfr_sae.certified import CertifiedMaxMatcher
 from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
 from mfr_sae.kernels import unit_rows
@@ -55,12 +56,18 @@ class MutualRegularizer:
     the penalty; beta and the reinitialisation record are the same on every rank."""
 
     def __init__(
-        self, cfg: MFRConfig, ks: list[int], shard: Shard | None = None, column_dtype: torch.dtype | None = None
+        self,
+        cfg: MFRConfig,
+        ks: list[int],
+        shard: Shard | None = None,
+        column_dtype: torch.dtype | None = None,
+        certify: bool = True,
     ):
         """With cfg.enabled false (the baseline) it only measures: the reinitialisation metric is
         logged during the window, nothing is penalised or re-initialised. column_dtype: the dtype the
         decoders of all members are matched and linked in (bf16 under autocast: half the bytes between
-        ranks); None keeps the weights' dtype."""
+        ranks); None keeps the weights' dtype. certify=False: exact matching (match_every=1) matches every
+        row every step, the reference the certified matching is measured against."""
         if cfg.enabled and len(ks) < 2:
             raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
         self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
@@ -74,6 +81,10 @@ class MutualRegularizer:
         self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
         self.decoders_in: Stream | None = None  # across processes: the decoders of all shards, streaming in
         self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
+        # exact every step in one process (`max`): matched anew only where the bounds cannot certify a match
+        certify = certify and cfg.match_every == 1 and cfg.mmcs == "max" and self.shard.world == 1
+        self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify else None
+        self.rematched: list[float] = []  # the certified matching's share of rows re-matched, each step since a log
 
     @property
     def penalty_on(self) -> bool:
@@ -94,6 +105,8 @@ class MutualRegularizer:
             rematch = not self.matches or step % self.cfg.match_every == 0
             previous = self.matches
             mmcs = self._matched_mmcs(weight, rematch)
+            if self.certified is not None and self.certified.rematched_frac is not None:
+                self.rematched.append(self.certified.rematched_frac)
             stale = changed_fraction(previous, self.matches) if rematch and self.cfg.match_every > 1 else None
             if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
                 logged["match_stale_frac"] = self.stale_frac = stale
@@ -104,6 +117,16 @@ class MutualRegularizer:
         penalty = penalty_weight * distance
         logged.update(penalty=penalty.item(), penalty_weight=penalty_weight, pairwise_mmcs=mmcs.item())
         return penalty, logged
+
+    def match_log(self) -> dict[str, float]:
+        """For the log line: `match_stale_frac` (match_every > 1: the share of matches changed at the last
+        re-matching) and `match_rematched_frac` (certified exact matching: the mean share of rows matched
+        again per step since the last log line)."""
+        logged = {} if self.stale_frac is None else {"match_stale_frac": self.stale_frac}
+        if self.rematched:
+            logged["match_rematched_frac"] = sum(self.rematched) / len(self.rematched)
+            self.rematched = []
+        return logged
 
     def _auto_beta(self, distance: float, recon_loss: Callable[[], float]) -> float:
         """beta=auto: the penalty equals the reconstruction loss at the start (times beta_factor)."""
@@ -120,7 +143,7 @@ class MutualRegularizer:
     def _matched_mmcs(self, weight: Tensor, rematch: bool) -> Tensor:
         """Mean over pairs of MMCS = sum(D * (L @ D)), from the matches (made anew when `rematch`); across
         processes each rank adds its own rows' part, summed in member order whatever the shards."""
-        if rematch:
+        if rematch and self.certified is None:
             self.matches, self.links = {}, {}
         if self.shard.world == 1:
             product = self._one_process_product(weight, rematch)
@@ -140,7 +163,13 @@ class MutualRegularizer:
         n, h, d = weight.shape
         # in column_dtype and back: rounded as the rows that travel between ranks, so that 1 and R processes agree
         columns = self._columns(weight).to(weight.dtype).reshape(-1, d)
-        if rematch:
+        if self.certified is not None:
+            matches = self.certified.match(F.normalize(columns, dim=-1).view(n, h, d))
+            if not self.links or any(
+                pair not in self.matches or not torch.equal(m, self.matches[pair]) for pair, m in matches.items()
+            ):
+                self.matches, self.links = matches, {}  # links made anew only when a match changed
+        elif rematch:
             unit = F.normalize(columns, dim=-1).view(n, h, d)
             self.matches = {(a, b): self._match(unit[a], unit[b]) for a, b in member_pairs(n)}
         if not self.links:  # one block: all members' rows to all members' rows
@@ -170,6 +199,8 @@ class MutualRegularizer:
         if chosen:  # fresh partners: matches of its old weights would pull it until the next re-matching, so
             # the next penalty re-matches (every rank takes this decision: all re-match together)
             self.matches, self.links = {}, {}
+            if self.certified is not None:
+                self.certified.reset()
         return chosen, own_metric
 
     @property

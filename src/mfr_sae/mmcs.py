@@ -17,6 +17,7 @@ With the matches of the current weights this is exactly the mean pairwise MMCS (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,6 +42,11 @@ def n_member_pairs(n_members: int) -> int:
 # ---------------------------------------------------------------------- 1. matching
 
 
+# Cosines closer than this (to each other, or to min_cosine) are compared again in float64: fp32 rounding
+# of a d = 768 dot product (~1e-6) then cannot decide a match, whichever way the product was blocked.
+TIE_TOLERANCE = 1e-4
+
+
 @torch.no_grad()
 def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
     """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
@@ -51,27 +57,67 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS,
         rows, cols, _ = hungarian_match(a, b)
         a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
         matches = torch.stack([a_to_b, torch.argsort(a_to_b)])
-    else:
-        matches = _max_matches(a, b, chunk)
-    if min_cosine > -1:
         cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
-        matches = matches.masked_fill(cosines < min_cosine, NO_MATCH)
+    else:
+        (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
+        matches, cosines = torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])
+    if min_cosine > -1:
+        linked = torch.stack(
+            [
+                at_least(cosines[0], a, b[matches[0]], min_cosine),
+                at_least(cosines[1], b, a[matches[1]], min_cosine),
+            ]
+        )
+        matches = matches.masked_fill(~linked, NO_MATCH)
     return matches
 
 
-def _max_matches(a: Tensor, b: Tensor, chunk: int) -> Tensor:
-    """The arg-max matches of match_pair, both directions from one chunked pass over a @ b.T."""
-    best_for_b = torch.full((len(b),), -torch.inf, device=a.device, dtype=a.dtype)
-    arg_for_b = torch.zeros(len(b), dtype=torch.long, device=a.device)
-    arg_for_a = []
+class Top(NamedTuple):
+    """For each row, its k largest cosines (descending) and the rows they are with: [rows, k]."""
+
+    values: Tensor
+    indices: Tensor
+
+
+Best = tuple[Tensor, Tensor, Top]  # for each row: its best cosine, its match (near ties settled), its top k
+
+
+def best_both_ways(a: Tensor, b: Tensor, k: int = 2, chunk: int = CHUNK_ROWS) -> tuple[Best, Best]:
+    """For each row of a its k best cosines with rows of b, and the same for each row of b with a, from one
+    chunked pass over a @ b.T; each row's match is its best, near ties settled in float64 (`settle_near_ties`)."""
+    a_parts = []
+    b_top = Top(b.new_full((k, len(b)), -torch.inf), torch.zeros(k, len(b), dtype=torch.long, device=b.device))
     for start in range(0, len(a), chunk):
         sims = a[start : start + chunk] @ b.T
-        arg_for_a.append(sims.argmax(dim=1))
-        chunk_best, chunk_arg = sims.max(dim=0)
-        better = chunk_best > best_for_b
-        best_for_b = torch.where(better, chunk_best, best_for_b)
-        arg_for_b = torch.where(better, chunk_arg + start, arg_for_b)
-    return torch.stack([torch.cat(arg_for_a), arg_for_b])
+        a_parts.append(sims.topk(k, dim=1))
+        top = sims.topk(min(k, len(sims)), dim=0)
+        merged = torch.cat([b_top.values, top.values]).topk(k, dim=0)
+        b_top = Top(merged.values, torch.cat([b_top.indices, top.indices + start]).gather(0, merged.indices))
+    a_top = Top(torch.cat([part.values for part in a_parts]), torch.cat([part.indices for part in a_parts]))
+    b_top = Top(b_top.values.T, b_top.indices.T)
+    return (
+        (a_top.values[:, 0], settle_near_ties(a, b, a_top.values, a_top.indices[:, 0]), a_top),
+        (b_top.values[:, 0], settle_near_ties(b, a, b_top.values, b_top.indices[:, 0]), b_top),
+    )
+
+
+def settle_near_ties(rows: Tensor, columns: Tensor, top2: Tensor, best: Tensor) -> Tensor:
+    """`best` (each row's arg-max column), with the rows whose two best cosines `top2` [rows, 2] are
+    within TIE_TOLERANCE matched again in float64 (lowest index among equals)."""
+    near = ((top2[:, 0] - top2[:, 1]) < TIE_TOLERANCE).nonzero().squeeze(1)
+    if len(near):
+        best = best.clone()
+        best[near] = (rows[near].double() @ columns.double().T).argmax(dim=1)
+    return best
+
+
+def at_least(cosine: Tensor, rows: Tensor, partners: Tensor, min_cosine: float) -> Tensor:
+    """cosine >= min_cosine for each row and its partner, decided in float64 within TIE_TOLERANCE of it."""
+    linked = cosine >= min_cosine
+    near = ((cosine - min_cosine).abs() < TIE_TOLERANCE).nonzero().squeeze(1)
+    if len(near):
+        linked[near] = torch.linalg.vecdot(rows[near].double(), partners[near].double()) >= min_cosine
+    return linked
 
 
 def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:

@@ -74,7 +74,7 @@ class RunReport:
             "mse": mse.tolist(),
             "l0": l0.tolist(),
             **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
-            **({"match_stale_frac": self.mfr.stale_frac} if self.mfr.stale_frac is not None else {}),
+            **self.mfr.match_log(),
             "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],
         }
 
