@@ -134,8 +134,10 @@ class MFRConfig:
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
     match_every: int = 10
-    """Recompute the matched feature pairs every this many steps (1: exact every step; 0: the naive dense penalty,
-    `max` only); in between, `match_stale_frac` in the log measures how many matches had changed."""
+    """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
+    measures how many matches had changed. 1: exact every step (with `max` in one process, certified: only
+    rows whose match a bound cannot vouch for are matched again, `match_rematched_frac` in the log);
+    0: the naive dense penalty, `max` only."""
     reinit_window: int = 100
     """Check a member for reinitialisation during its first this-many steps after (re)initialisation; 0: never."""
     reinit_threshold: float = 2.5
