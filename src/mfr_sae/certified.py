@@ -10,9 +10,8 @@ candidate's cosine is above the bound (by `margin`), the best candidate is the m
 fails is matched again against every row of b (a [rows, h] product), which renews its candidates and its
 bound; when most rows fail, everything is matched anew (one product serves both directions of a pair).
 
-Bounds grow by each step's movement rather than by the movement since a fixed reference: tried side by
-side (bench/RESULTS.md), a fixed reference re-matched more rows, since a row matched anew carried the
-movement of every step before it.
+Bounds grow by each step's movement rather than by the movement since a fixed reference: against a fixed
+reference, a row matched anew would carry the movement of every step before it.
 
 Near ties are settled in float64 as exact matching settles them (mmcs.TIE_TOLERANCE), so that the result
 is the matching `match_pair` finds, bitwise; with a threshold (min_cosine > -1) a match's cosine is exact

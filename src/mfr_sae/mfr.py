@@ -5,7 +5,8 @@ a cosine warmup and beta either given or `auto`: set at the first step so that P
 reconstruction loss of the members (times a factor with `0.02*auto`).
 
 MMCS comes from matches of the decoder rows, recomputed every `match_every` steps and kept in between
-(exact at a re-matching step, cheap between), and from the links L they make: the mean over pairs of
+(exact at a re-matching step, cheap between; exact `max` matching every step is certified in one process,
+certified.py), and from the links L they make: the mean over pairs of
 MMCS is sum(D * (L @ D)). In one process that is all; across processes each rank computes its own rows'
 part of it, with the decoders of the others streaming round a ring (ring.py). `match_every=0` is the naive dense penalty
 (full h x h similarities with autograd every step), kept as the reference.
@@ -56,18 +57,12 @@ class MutualRegularizer:
     the penalty; beta and the reinitialisation record are the same on every rank."""
 
     def __init__(
-        self,
-        cfg: MFRConfig,
-        ks: list[int],
-        shard: Shard | None = None,
-        column_dtype: torch.dtype | None = None,
-        certify: bool = True,
+        self, cfg: MFRConfig, ks: list[int], shard: Shard | None = None, column_dtype: torch.dtype | None = None
     ):
         """With cfg.enabled false (the baseline) it only measures: the reinitialisation metric is
         logged during the window, nothing is penalised or re-initialised. column_dtype: the dtype the
         decoders of all members are matched and linked in (bf16 under autocast: half the bytes between
-        ranks); None keeps the weights' dtype. certify=False: exact matching (match_every=1) matches every
-        row every step, the reference the certified matching is measured against."""
+        ranks); None keeps the weights' dtype."""
         if cfg.enabled and len(ks) < 2:
             raise ConfigError("mfr.enabled needs sae.n_members >= 2 (the penalty compares members)")
         self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
@@ -81,8 +76,9 @@ class MutualRegularizer:
         self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
         self.decoders_in: Stream | None = None  # across processes: the decoders of all shards, streaming in
         self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
-        # exact every step in one process (`max`): matched anew only where the bounds cannot certify a match
-        certify = certify and cfg.match_every == 1 and cfg.mmcs == "max" and self.shard.world == 1
+        # exact every step in one process (`max`): matched anew only where the bounds cannot certify a match;
+        # None matches every row every step (the reference of tests/test_certified.py, bench/certified.py)
+        certify = cfg.match_every == 1 and cfg.mmcs == "max" and self.shard.world == 1
         self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify else None
         self.rematched: list[float] = []  # the certified matching's share of rows re-matched, each step since a log
 
