@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.nn import functional as F
 
+from mfr_sae.assignment import max_assignment
 from mfr_sae.ensemble import Ensemble
 
 CHUNK_ROWS = 2048
@@ -61,7 +61,7 @@ def hungarian_match(a: Tensor, b: Tensor, absolute: bool = False) -> tuple[np.nd
     Returns (rows of a, rows of b, matched cosines); min(len(a), len(b)) pairs."""
     sims = cosine_matrix(a.detach().float(), b.detach().float()).cpu().numpy()
     score = np.abs(sims) if absolute else sims
-    rows, cols = linear_sum_assignment(score, maximize=True)
+    rows, cols = max_assignment(score)
     return rows, cols, sims[rows, cols]
 
 

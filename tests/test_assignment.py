@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from mfr_sae import assignment
+from mfr_sae.assignment import max_assignment
+
+
+def _cosines(n: int, d: int, shared: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, d))
+    a = base + rng.standard_normal((n, d)) / max(shared, 1e-9)
+    b = base[rng.permutation(n)] + rng.standard_normal((n, d)) / max(shared, 1e-9)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return (a @ b.T).astype(np.float32)
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 2.0])  # random rows, weakly and strongly shared features
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_sparse_optimum_is_proven_the_dense_one(monkeypatch, shared, seed):
+    score = _cosines(400, 32, shared, seed)
+    rows, columns = linear_sum_assignment(score, maximize=True)
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense solver was needed")
+
+    monkeypatch.setattr(assignment, "linear_sum_assignment", no_dense)
+    mine = max_assignment(score)
+    assert np.array_equal(mine[0], rows) and np.array_equal(mine[1], columns)
+
+
+def test_when_the_candidates_miss_the_optimum_the_dense_solver_answers():
+    score = _cosines(200, 32, 0.0, 3)
+    rows, columns = linear_sum_assignment(score, maximize=True)
+    sparse = assignment._sparse_optimum(score.astype(np.float64), 2)  # 2 candidates a row: too few
+    assert sparse is None or not np.array_equal(sparse, columns)  # the sparse graph alone would be wrong
+    mine = max_assignment(score, n_candidates=2)
+    assert np.array_equal(mine[0], rows) and np.array_equal(mine[1], columns)
+
+
+def test_the_check_refuses_a_matching_that_is_not_optimal():
+    score = _cosines(200, 32, 0.5, 4)
+    _, columns = linear_sum_assignment(score, maximize=True)
+    worse = columns.copy()
+    worse[[0, 1]] = worse[[1, 0]]  # two rows swap partners
+    assert assignment._optimal_for_dense(score.astype(np.float64), columns, 32)
+    assert not assignment._optimal_for_dense(score.astype(np.float64), worse, 32)
+
+
+def test_rectangular_and_small_matrices_go_to_the_dense_solver():
+    score = _cosines(300, 16, 1.0, 5)[:, :250]
+    assert all(np.array_equal(x, y) for x, y in zip(max_assignment(score), linear_sum_assignment(score, maximize=True)))
+    small = _cosines(40, 8, 1.0, 6)
+    assert all(np.array_equal(x, y) for x, y in zip(max_assignment(small), linear_sum_assignment(small, maximize=True)))
