@@ -8,20 +8,24 @@ almost always among its few most similar rows, so:
 2. prove it optimal for the dense matrix by linear-programming duality: column potentials v from shortest
    paths in the sparse solution's residual graph (Bellman-Ford, vectorised) make every sparse edge's reduced
    cost non-negative; if every entry of the dense matrix satisfies S_ij + v_j <= S_iM(i) + v_M(i) (checked
-   in one pass over S), the duals are feasible for the dense problem and the sparse optimum is the dense one.
-If the sparse graph has no full matching, or the check fails anywhere, the dense solver answers instead:
-the result is always the dense optimum.
+   in one pass over S), the duals are feasible for the dense problem and the sparse optimum is the dense one;
+3. where the check fails, add the entry that breaks it to the graph and solve again (a few rounds).
+If the sparse graph has no full matching, or no proof is found, the dense solver answers instead: the
+result is always the dense optimum.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 N_CANDIDATES = 32  # columns per row in the sparse graph: enough at h = 3,072 even for random rows
-TOLERANCE = 1e-9  # float64 slack of the optimality check
+TOLERANCE = 1e-6  # slack of the optimality check (scores in float32)
+CHUNK = 1024  # rows of the matrix checked at a time
+ROUNDS = 4  # solve-and-check rounds before the dense solver is asked
 
 
 def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
@@ -34,41 +38,43 @@ def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple
     return np.arange(n), match
 
 
-def sparse_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> np.ndarray | None:
+def sparse_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES, rounds: int = ROUNDS) -> np.ndarray | None:
     """Each row's column in the optimum of the square matrix `score`, found on the graph of every row's
     n_candidates best columns and proven optimal for the whole matrix; None when that graph has no full
-    matching or the proof fails."""
-    score = score.astype(np.float64, copy=False)
-    match = _sparse_optimum(score, n_candidates)
-    return match if match is not None and _optimal_for_dense(score, match, n_candidates) else None
-
-
-def _candidates(score: np.ndarray, k: int) -> np.ndarray:
-    return np.argpartition(-score, k, axis=1)[:, :k]
-
-
-def _sparse_optimum(score: np.ndarray, k: int) -> np.ndarray | None:
-    """Each row's column in the optimum of the graph of every row's k best columns (None: no full matching)."""
+    matching or no proof is found in `rounds` rounds (each adds, for every row the proof fails on, the
+    column that breaks it, and solves again)."""
     n = len(score)
-    rows, columns = np.repeat(np.arange(n), k), _candidates(score, k).ravel()
-    # costs 2 - score > 0: the sparse solver reads stored zeros as missing edges
-    graph = csr_matrix((2.0 - score[rows, columns], (rows, columns)), shape=score.shape)
-    try:
-        matched_rows, matched_columns = min_weight_full_bipartite_matching(graph)
-    except ValueError:
-        return None
-    match = np.empty(n, dtype=np.int64)
-    match[matched_rows] = matched_columns
-    return match
+    columns = torch.from_numpy(score).topk(n_candidates, dim=1).indices.numpy().ravel()
+    rows = np.repeat(np.arange(n), n_candidates)
+    for _ in range(rounds):
+        edge_score = score[rows, columns].astype(np.float64)
+        # costs 2 - score > 0: the sparse solver reads stored zeros as missing edges
+        graph = csr_matrix((2.0 - edge_score, (rows, columns)), shape=score.shape)
+        try:
+            matched_rows, matched_columns = min_weight_full_bipartite_matching(graph)
+        except ValueError:  # no full matching among the candidates
+            return None
+        match = np.empty(n, dtype=np.int64)
+        match[matched_rows] = matched_columns
+        broken_rows, breaking_columns = _unproven(score, match, rows, columns, edge_score)
+        if broken_rows is None:
+            return None
+        if not len(broken_rows):
+            return match
+        rows, columns = np.concatenate([rows, broken_rows]), np.concatenate([columns, breaking_columns])
+    return None
 
 
-def _optimal_for_dense(score: np.ndarray, match: np.ndarray, k: int) -> bool:
-    """Whether potentials from the sparse residual graph certify `match` for the whole matrix."""
+def _unproven(
+    score: np.ndarray, match: np.ndarray, rows: np.ndarray, columns: np.ndarray, edge_score: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The rows on which potentials from the residual graph of the edges (rows, columns) fail to certify
+    `match` for the whole matrix, and for each the column that breaks it (no rows: `match` is optimal;
+    None: no potentials found)."""
     n = len(score)
-    rows, columns = np.repeat(np.arange(n), k), _candidates(score, k).ravel()
-    matched = score[np.arange(n), match]
+    matched = score[np.arange(n), match].astype(np.float64)
     # the edge from column match[i] to column j (row i swaps to j) costs matched[i] - score[i, j]
-    sources, lengths = match[rows], matched[rows] - score[rows, columns]
+    sources, lengths = match[rows], matched[rows] - edge_score
     potential = np.zeros(n)
     for _ in range(n):  # Bellman-Ford sweeps until nothing relaxes (no negative cycle: match is optimal)
         relaxed = potential.copy()
@@ -77,6 +83,14 @@ def _optimal_for_dense(score: np.ndarray, match: np.ndarray, k: int) -> bool:
             break
         potential = relaxed
     else:
-        return False
-    slack = (matched + potential[match])[:, None] - (score + potential[None, :])
-    return bool((slack >= -TOLERANCE).all())
+        return None, np.empty(0, dtype=np.int64)
+    # every entry: score[i, j] + potential[j] <= matched[i] + potential[match[i]], a chunk of rows at a time
+    limit = matched + potential[match] + TOLERANCE
+    broken, breaking = [], []
+    for start in range(0, n, CHUNK):
+        block = score[start : start + CHUNK] + potential[None, :]
+        worst = block.argmax(axis=1)
+        over = np.flatnonzero(block[np.arange(len(block)), worst] > limit[start : start + CHUNK])
+        broken.append(over + start)
+        breaking.append(worst[over])
+    return np.concatenate(broken), np.concatenate(breaking)
