@@ -26,6 +26,7 @@ N_CANDIDATES = 32  # columns per row in the sparse graph: enough at h = 3,072 ev
 TOLERANCE = 1e-6  # slack of the optimality check (scores in float32)
 CHUNK = 1024  # rows of the matrix checked at a time
 ROUNDS = 4  # solve-and-check rounds before the dense solver is asked
+MAX_SWEEPS = 1000  # Bellman-Ford sweeps before giving up on a proof (then the dense solver answers)
 
 
 def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +77,7 @@ def _unproven(
     # the edge from column match[i] to column j (row i swaps to j) costs matched[i] - score[i, j]
     sources, lengths = match[rows], matched[rows] - edge_score
     potential = np.zeros(n)
-    for _ in range(n):  # Bellman-Ford sweeps until nothing relaxes (no negative cycle: match is optimal)
+    for _ in range(min(n, MAX_SWEEPS)):  # Bellman-Ford sweeps until nothing relaxes (match optimal: no negative cycle)
         relaxed = potential.copy()
         np.minimum.at(relaxed, columns, potential[sources] + lengths)
         if np.array_equal(relaxed, potential):
