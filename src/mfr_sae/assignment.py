@@ -26,6 +26,7 @@ N_CANDIDATES = 32  # columns per row in the sparse graph: enough at h = 3,072 ev
 TOLERANCE = 1e-6  # slack of the optimality check (scores in float32)
 CHUNK = 1024  # rows of the matrix checked at a time
 ROUNDS = 4  # solve-and-check rounds before the dense solver is asked
+BREAKING_PER_ROW = 8  # entries that break the proof added to the graph per row and round
 MAX_SWEEPS = 1000  # Bellman-Ford sweeps before giving up on a proof (then the dense solver answers)
 
 
@@ -69,8 +70,8 @@ def sparse_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES, round
 def _unproven(
     score: np.ndarray, match: np.ndarray, rows: np.ndarray, columns: np.ndarray, edge_score: np.ndarray
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """The rows on which potentials from the residual graph of the edges (rows, columns) fail to certify
-    `match` for the whole matrix, and for each the column that breaks it (no rows: `match` is optimal;
+    """The entries (row, column) on which potentials from the residual graph of the edges (rows, columns)
+    fail to certify `match` for the whole matrix, up to BREAKING_PER_ROW a row (none: `match` is optimal;
     None: no potentials found)."""
     n = len(score)
     matched = score[np.arange(n), match].astype(np.float64)
@@ -90,8 +91,14 @@ def _unproven(
     broken, breaking = [], []
     for start in range(0, n, CHUNK):
         block = score[start : start + CHUNK] + potential[None, :]
-        worst = block.argmax(axis=1)
-        over = np.flatnonzero(block[np.arange(len(block)), worst] > limit[start : start + CHUNK])
-        broken.append(over + start)
-        breaking.append(worst[over])
+        over = np.flatnonzero(block.max(axis=1) > limit[start : start + CHUNK])
+        if not len(over):
+            continue
+        # each broken row's worst entries (those over its limit), so that few rounds are needed
+        worst = np.argpartition(-block[over], BREAKING_PER_ROW, axis=1)[:, :BREAKING_PER_ROW]
+        above = np.take_along_axis(block[over], worst, axis=1) > limit[start + over][:, None]
+        broken.append(np.repeat(over + start, BREAKING_PER_ROW)[above.ravel()])
+        breaking.append(worst.ravel()[above.ravel()])
+    if not broken:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     return np.concatenate(broken), np.concatenate(breaking)
