@@ -145,8 +145,9 @@ class CertifiedMaxMatcher:
         candidates = self.candidates[pair]
         for start in range(0, len(failed), self.chunk):
             chunk = failed[start : start + self.chunk]
-            top = (unit[rows][chunk] @ unit[columns].T).topk(k + 1, dim=1)
+            chunk_rows = unit[rows][chunk]
+            top = (chunk_rows @ unit[columns].T).topk(k + 1, dim=1)
             best[0][chunk] = top.values[:, 0]
-            best[1][chunk] = settle_near_ties(unit[rows][chunk], unit[columns], top.values, top.indices[:, 0])
+            best[1][chunk] = settle_near_ties(chunk_rows, unit[columns], top.values, top.indices[:, 0])
             candidates.columns[chunk] = top.indices[:, :k].sort(dim=1).values
             candidates.bound_rest[chunk] = top.values[:, k]

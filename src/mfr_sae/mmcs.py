@@ -57,11 +57,13 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS,
         rows, cols, _ = hungarian_match(a, b)
         a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
         matches = torch.stack([a_to_b, torch.argsort(a_to_b)])
-        cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
+        cosines = None  # taken below only for a threshold
     else:
         (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
         matches, cosines = torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])
     if min_cosine > -1:
+        if cosines is None:
+            cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
         linked = torch.stack(
             [
                 at_least(cosines[0], a, b[matches[0]], min_cosine),
