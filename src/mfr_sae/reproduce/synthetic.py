@@ -1,7 +1,8 @@
 """`mfr-sae reproduce synthetic`: baseline vs MFR on the paper's synthetic data (paper Section 3).
 
-Four methods, each trained once per seed on the same data (data.seed=0; the seed sets the members'
-initialisation, so methods are compared in pairs): `baseline` (penalty and reinitialisation off),
+Four methods, each trained once per seed on the same true features (data.seed=0); a seed sets the sample
+stream (data.stream_seed) and the members' initialisation, so seeds are independent replicates and the
+methods of one seed are compared in pairs: `baseline` (penalty and reinitialisation off),
 `reinit` (the reinitialisation alone, mfr.beta=0), `mfr` (reinitialisation and penalty) and
 `shared_init` (no penalty; the members start from one shared initialisation: the cheap way to make
 members agree). Besides ground-truth recovery, the report measures agreement INSIDE an ensemble (its
@@ -52,14 +53,14 @@ QUICK = [
 
 def run_config(method: str, seed: int, quick: bool, overrides: Sequence[str] = ()) -> RunConfig:
     """The config of one run: the paper's setting, --quick's or the full logging, `overrides`, the method's
-    switches, the shared data seed and the run's seed."""
+    switches, the true features' seed (shared) and the seed of the run's samples and initialisation."""
     return load_config(
         None,
         PAPER_MFR
         + (QUICK if quick else FULL)
         + list(overrides)
         + METHODS[method]
-        + [f"data.seed={DATA_SEED}", f"train.seed={seed}"],
+        + [f"data.seed={DATA_SEED}", f"data.stream_seed={seed}", f"train.seed={seed}"],
     )
 
 

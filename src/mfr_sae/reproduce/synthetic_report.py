@@ -165,7 +165,8 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         "Methods: `baseline` (no penalty, no reinitialisation), `reinit` (reinitialisation alone, beta=0), "
         "`mfr` (reinitialisation and penalty), `shared_init` (no penalty; both members start from one "
-        "initialisation). All runs see the same data (data.seed=0); a seed sets the initialisation; seeds "
+        "initialisation). All runs share the true features (data.seed=0); a seed sets the sample stream "
+        "(data.stream_seed) and the initialisation, so seeds are independent replicates; seeds "
         f"{s['seeds']}. Evaluation on {s['config']['eval']['n_samples']} held-out vectors.",
         "",
         "## Ground truth and reconstruction (mean ± sd over seeds; a seed's value is the mean over its members)",
@@ -196,8 +197,8 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         "## Significance",
         "",
-        "Each method against baseline, two-sided, the unit a seed (one replicate: the same data and "
-        "initialisation seed for every method, so methods are paired by seed). Per-seed measures: paired "
+        "Each method against baseline, two-sided, the unit a seed (one replicate: its own samples and "
+        "initialisation, the same for every method, so methods are paired by seed). Per-seed measures: paired "
         "t-test; `mean difference` is method - baseline, with its t-based 95% CI. The across_* measures have "
         "one value per seed PAIR, and the pairs share seeds, so they are not independent: their test is a "
         "permutation test over seeds (the method and baseline labels of a seed's two ensembles are swapped "
