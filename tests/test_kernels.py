@@ -108,3 +108,33 @@ def test_fused_tied_reconstruction_matches_the_reference_values_and_gradients(ks
     for name, g, r in zip(["x", "W", "b_enc"], grads, ref_grads):
         torch.testing.assert_close(g, r, msg=f"gradient of {name}")
     assert torch.autograd.gradcheck(lambda x, w, b: tied_topk(x, w, b, k, None if uniform else mask)[0], (x, w, bias))
+
+
+def test_fused_tied_reconstruction_under_bf16_autocast_returns_fp32_gradients_close_to_fp32():
+    from mfr_sae.kernels import tied_topk
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 32, generator=gen)
+    w = torch.randn(2, 96, 32, generator=gen, requires_grad=True)
+    bias = torch.zeros(2, 96, requires_grad=True)
+
+    def run(autocast):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out, _, _ = tied_topk(x, w, bias, 8)
+        return out, torch.autograd.grad((out.float() - x).pow(2).mean(), [w, bias])
+
+    (out, grads), (ref_out, ref_grads) = run(True), run(False)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+    assert (out.float() - ref_out).norm() / ref_out.norm() < 0.1
+    for name, g, r in zip(["W_enc", "b_enc"], grads, ref_grads):
+        assert 0 < (g - r).norm() / r.norm() < 0.25, name  # bf16 products; near ties swap a few latents
+
+
+def test_member_mse_is_each_members_mean_squared_error_with_its_gradient():
+    from mfr_sae.kernels import member_mse
+
+    x, _, _, dec = _inputs()
+    x_hat = dec.detach().clone().requires_grad_()  # [3, 11, 6]: 11 samples of 6 dimensions
+    target = x[:11].detach().clone().requires_grad_()
+    torch.testing.assert_close(member_mse(x_hat, target), (x_hat - target).pow(2).mean(dim=(1, 2)))
+    assert torch.autograd.gradcheck(member_mse, (x_hat, target))

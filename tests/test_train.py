@@ -418,3 +418,14 @@ def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeyp
     monkeypatch.setattr(run_log, "_now", lambda: 4.0 * trainer.step)
     trainer.fit()
     assert capsys.readouterr().out.splitlines() == ["10 steps of 1,000 vectors"]
+
+
+def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_a_sum_that_overflows():
+    from mfr_sae.train import all_finite
+
+    x = torch.full((4, 3), 3e38)  # finite, yet its float32 sum overflows to inf
+    assert all_finite(x) and all_finite(torch.zeros(2, 2))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = torch.zeros(4, 3)
+        y[2, 1] = bad
+        assert not all_finite(y)

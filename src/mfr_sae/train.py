@@ -23,6 +23,7 @@ from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.files import write_json
 from mfr_sae.firing import LatentFiring
+from mfr_sae.kernels import member_mse
 from mfr_sae.mfr import MutualRegularizer
 from mfr_sae.run_folder import (
     CONFIG_FILE,
@@ -150,7 +151,7 @@ class Trainer:
         members'), inside the reinitialisation window the metric of its members [n], and reinitialisation
         events. In one process, every member's."""
         target = x if target is None else target
-        if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
+        if not (all_finite(x) and (target is x or all_finite(target))):
             raise TrainingError(f"training batch of step {self.step} holds NaN or inf")
         rows = self.shard.batch_rows(len(x))  # data parallel: this replica's slice; else the whole batch
         share = (rows.stop - rows.start) / len(x)
@@ -158,7 +159,7 @@ class Trainer:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
             out = self.ensemble(x[rows])
         acts, idx = out.acts, out.idx
-        mse = (out.x_hat.float() - target[rows]).pow(2).mean(dim=(1, 2)) * share  # this slice's part
+        mse = member_mse(out.x_hat.float(), target[rows]) * share  # this slice's part
         n_members = self.shard.n_members
         loss = mse.sum() / n_members  # this rank's part of the mean over all members
         logs: dict[str, Any] = {"mse": mse.detach()}
@@ -285,3 +286,9 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     if is_finished(run_dir, cfg.n_steps):
         raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
     return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
+
+
+def all_finite(x: Tensor) -> bool:
+    """No NaN or inf in x: a finite sum proves it (one reduction), else every element is checked (a sum of
+    finite values can overflow)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
