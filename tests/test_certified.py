@@ -8,13 +8,14 @@ from mfr_sae.mmcs import TIE_TOLERANCE, match_pair, member_pairs
 from mfr_sae.train import Trainer
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("min_cosine", [-1.0, 0.2])
-def test_certified_matches_equal_exact_matching_along_a_drift(min_cosine):
+def test_certified_matches_equal_exact_matching_along_a_drift(min_cosine, screen):
     gen = torch.Generator().manual_seed(0)
     n, h, d = 3, 256, 32
     shared = torch.randn(h, d, generator=gen)
     rows = F.normalize(shared + 0.8 * torch.randn(n, h, d, generator=gen), dim=-1)
-    matcher = CertifiedMaxMatcher(min_cosine)
+    matcher = CertifiedMaxMatcher(min_cosine, screen=screen)
     rematched = []
     for step in range(60):
         step_size = 0.05 if step % 20 == 19 else 2e-3  # now and then a jump that fails many bounds
@@ -36,8 +37,9 @@ def test_near_ties_are_settled_the_same_way_whatever_the_product():
     exact = (a.double() @ b.double().T).argmax(1)
     assert torch.equal(match_pair(a, b, "max")[0], exact)
     assert torch.equal(match_pair(a, b, "max", chunk=3)[0], exact)
-    matcher = CertifiedMaxMatcher()
-    assert torch.equal(matcher.match(torch.stack([a, b]))[(0, 1)], match_pair(a, b, "max"))
+    for screen in (False, True):
+        matcher = CertifiedMaxMatcher(screen=screen)
+        assert torch.equal(matcher.match(torch.stack([a, b]))[(0, 1)], match_pair(a, b, "max"))
 
 
 def _trainer(tmp_path, easy_overrides, name, extra):
@@ -58,12 +60,16 @@ def _trainer(tmp_path, easy_overrides, name, extra):
     return Trainer(load_config(None, overrides), tmp_path / name, progress=False)
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("extra", [[], ["mfr.min_cosine=0.3"]])
-def test_a_run_with_certified_matching_has_the_matches_and_weights_of_exact_matching(tmp_path, easy_overrides, extra):
+def test_a_run_with_certified_matching_has_the_matches_and_weights_of_exact_matching(
+    tmp_path, easy_overrides, extra, screen
+):
     certified = _trainer(tmp_path, easy_overrides, "certified", extra)
     exact = _trainer(tmp_path, easy_overrides, "exact", extra)
     exact.mfr.certified = None  # every row matched every step
     assert certified.mfr.certified is not None
+    certified.mfr.certified.screen = screen  # the bf16 screen, whether or not it is faster here
     batches = certified.source.batches(certified.cfg.train.batch_size)
     rematched, reinits = [], 0
     for step in range(certified.cfg.n_steps):

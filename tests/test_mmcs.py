@@ -72,3 +72,24 @@ def test_thresholded_and_one_to_one_penalties_equal_their_dense_reference(mode, 
     torch.testing.assert_close(torch.autograd.grad(fast, raw)[0], torch.autograd.grad(dense, raw)[0])
     if min_cosine > 0.5:  # the threshold leaves out some matches but not all: the test sees it act
         assert 0 < (matches == NO_MATCH).float().mean() < 1
+
+
+def test_near_ties_settled_among_the_top_columns_as_among_all_columns():
+    from mfr_sae.mmcs import Top, settle_near_ties
+
+    gen = torch.Generator().manual_seed(4)
+    columns = torch.nn.functional.normalize(torch.randn(60, 16, generator=gen), dim=-1)
+    columns[7] = columns[3]  # exact float64 ties: the lower index wins
+    rows = torch.nn.functional.normalize(
+        torch.cat([columns[:30] + columns[30:], columns[[3, 3]], torch.randn(10, 16, generator=gen)]), dim=-1
+    )
+    rows = torch.nn.functional.normalize(rows + 1e-7 * torch.randn(rows.shape, generator=gen), dim=-1)
+    everywhere = (rows.double() @ columns.double().T).argmax(dim=1)
+    sims = rows @ columns.T
+    for m in (2, 3, 6):  # m = 2 compares every column; wider tops compare only their own
+        top = sims.topk(m, dim=1)
+        settled = settle_near_ties(rows, columns, Top(top.values, top.indices))
+        near = (top.values[:, 0] - top.values[:, 1]) < 1e-4
+        assert near.sum() >= 10
+        assert torch.equal(settled[near], everywhere[near]), m
+        assert torch.equal(settled[~near], top.indices[~near, 0])

@@ -109,7 +109,7 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same
     step (so kills land inside checkpoint and log writes too), then `--resume`: the same weights and log as an
     uninterrupted run."""
     overrides = easy_overrides + [
-        "train.n_samples=60000",
+        "train.n_samples=150000",  # long enough that 5 kills land before the end
         "train.batch_size=500",
         "train.checkpoint_every=2",
         "train.log_every=1",
@@ -147,7 +147,7 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same
             json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
         ]
 
-    assert logged_steps(run_dir) == logged_steps(tmp_path / "full") == list(range(1, 121))
+    assert logged_steps(run_dir) == logged_steps(tmp_path / "full") == list(range(1, 301))
 
 
 def test_resume_drops_a_log_line_cut_off_by_a_kill(tmp_path, easy_overrides, monkeypatch):

@@ -10,6 +10,11 @@ candidate's cosine is above the bound (by `margin`), the best candidate is the m
 fails is matched again against every row of b (a [rows, h] product), which renews its candidates and its
 bound; when most rows fail, everything is matched anew (one product serves both directions of a pair).
 
+Where bf16 products are fast (AMX, tensor cores; `screen`), that product is first taken in bf16
+(`mfr_sae.screen`, whose error bound is proven): the screen decides a row by itself when its best leads
+its second by more than twice the bound, else it renews the row's candidates, whose exact cosines decide;
+only rows still open are matched in fp32 against every row (about 1 in 3,000 at the GPT-2 shape).
+
 Bounds grow by each step's movement rather than by the movement since a fixed reference: against a fixed
 reference, a row matched anew would carry the movement of every step before it.
 
@@ -27,7 +32,17 @@ import torch
 from torch import Tensor
 
 from mfr_sae.metrics import CHUNK_ROWS
-from mfr_sae.mmcs import NO_MATCH, TIE_TOLERANCE, Pair, at_least, best_both_ways, member_pairs, settle_near_ties
+from mfr_sae.mmcs import (
+    NO_MATCH,
+    TIE_TOLERANCE,
+    Pair,
+    Top,
+    at_least,
+    best_both_ways,
+    member_pairs,
+    settle_near_ties,
+)
+from mfr_sae.screen import bf16_is_faster, screen_both_ways, screen_error, screen_rows
 
 
 @dataclass
@@ -61,14 +76,16 @@ class CertifiedMaxMatcher:
         margin: float = 1e-4,
         full_share: float = 0.5,
         chunk: int = CHUNK_ROWS,
+        screen: bool | None = None,
     ):
         """full_share: when more than this share of all rows fails, everything is matched anew rather than
-        row by row."""
+        row by row. screen: renew candidates from a bf16 product first (`mfr_sae.screen`; None: where bf16
+        products are at least twice as fast as fp32 ones)."""
         self.min_cosine, self.n_candidates, self.margin = min_cosine, n_candidates, margin
-        self.full_share, self.chunk = full_share, chunk
+        self.full_share, self.chunk, self.screen = full_share, chunk, screen
         self.previous: Tensor | None = None  # [N, h, d] the unit rows of the last call
         self.candidates: dict[tuple[int, int], _Candidates] = {}  # by (row member, column member)
-        self.rematched_frac: float | None = None  # share of rows matched again at the last call
+        self.rematched_frac: float | None = None  # share of rows matched against all rows at the last call
 
     def reset(self) -> None:
         self.previous, self.candidates = None, {}
@@ -77,33 +94,97 @@ class CertifiedMaxMatcher:
     def match(self, unit: Tensor) -> dict[Pair, Tensor]:
         """The matches of every pair (a, b), a < b: [2, h] long (row 0: a's rows into b; row 1: b's into a;
         NO_MATCH below min_cosine), equal to exact matching (`match_pair`) of these rows."""
-        n, h, _ = unit.shape
+        n, h, d = unit.shape
         k = min(self.n_candidates, h - 1)
-        if self.previous is None or self.previous.shape != unit.shape or k < 1:
+        fresh = self.previous is None or self.previous.shape != unit.shape or k < 1
+        if self.screen is None:
+            self.screen = bf16_is_faster(unit.device)
+        if fresh and (k < 1 or not self.screen):
             return self._match_everything(unit, k)
-        moved = torch.linalg.vector_norm(unit - self.previous, dim=-1)  # [N, h]
-        self.previous.copy_(unit)
-        farthest = moved.amax(dim=1)
-        best: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        failed: dict[tuple[int, int], Tensor] = {}
-        for (rows, columns), candidates in self.candidates.items():
-            cosines = torch.sparse.sampled_addmm(candidates.mask(), unit[rows], unit[columns].T).values().view(h, k)
-            top = cosines.topk(min(2, k), dim=1)
-            best[(rows, columns)] = top.values[:, 0], candidates.columns.gather(1, top.indices[:, :1]).squeeze(1)
-            candidates.bound_rest += moved[rows] + farthest[columns]
-            certain = top.values[:, 0] > candidates.bound_rest + self.margin
-            if k > 1:  # a near tie between candidates: settled as exact matching settles it
-                certain &= top.values[:, 0] - top.values[:, 1] >= TIE_TOLERANCE
-            failed[(rows, columns)] = (~certain).nonzero().squeeze(1)
-        n_failed = sum(len(rows) for rows in failed.values())
-        if n_failed > self.full_share * len(self.candidates) * h:
-            # one product serves both directions of a pair: dearer to re-match this many rows one way at a time
-            return self._match_everything(unit, k)
-        for pair, failed_rows in failed.items():
-            if len(failed_rows):
-                self._rematch(unit, pair, failed_rows, best[pair], k)
-        self.rematched_frac = n_failed / (len(self.candidates) * h)
+        if fresh:
+            self.previous = unit.clone()
+            self._screen_everything(unit, k)
+        else:
+            assert self.previous is not None  # not fresh
+            moved = torch.linalg.vector_norm(unit - self.previous, dim=-1)  # [N, h]
+            self.previous.copy_(unit)
+            farthest = moved.amax(dim=1)
+            for (rows, columns), candidates in self.candidates.items():
+                candidates.bound_rest += moved[rows] + farthest[columns]
+        best, failed = self._certify_all(unit, k)
+        total = len(self.candidates) * h
+        renewed = total if fresh else sum(len(failing) for failing in failed.values())
+        if not fresh and renewed > self.full_share * total:
+            if not self.screen:  # one product serves both directions of a pair: dearer row by row
+                return self._match_everything(unit, k)
+            self._screen_everything(unit, k)
+            best, failed = self._certify_all(unit, k)
+            renewed = total
+        elif self.screen and not fresh and renewed:
+            low = unit.bfloat16()
+            for pair, failing in failed.items():
+                if len(failing):
+                    failed[pair] = self._screen_again(unit, low, pair, failing, best[pair], k)
+        for pair, failing in failed.items():
+            if len(failing):
+                self._rematch(unit, pair, failing, best[pair], k)
+        self.rematched_frac = renewed / total
         return self._matches(unit, best)
+
+    def _certify_all(self, unit: Tensor, k: int) -> tuple[dict, dict]:
+        """`_certify` of every row of every pair and direction, the candidates' cosines from sampled products."""
+        best, failed = {}, {}
+        for pair, candidates in self.candidates.items():
+            cosines = torch.sparse.sampled_addmm(candidates.mask(), unit[pair[0]], unit[pair[1]].T).values()
+            best[pair], failed[pair] = self._certify(cosines.view(len(candidates.columns), k), candidates, k)
+        return best, failed
+
+    def _certify(self, cosines: Tensor, candidates: _Candidates, k: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """From the exact cosines of rows with their candidates [rows, K]: each row's best candidate (cosine,
+        column), and the positions of the rows whose best is not proven the best of all columns."""
+        top = cosines.topk(min(2, k), dim=1)
+        best = top.values[:, 0], candidates.columns.gather(1, top.indices[:, :1]).squeeze(1)
+        certain = top.values[:, 0] > candidates.bound_rest + self.margin
+        if k > 1:  # a near tie between candidates: settled as exact matching settles it
+            certain &= top.values[:, 0] - top.values[:, 1] >= TIE_TOLERANCE
+        return best, (~certain).nonzero().squeeze(1)
+
+    def _screen_again(
+        self, unit: Tensor, low: Tensor, pair: tuple[int, int], rows: Tensor, best: tuple[Tensor, Tensor], k: int
+    ) -> Tensor:
+        """Renew the candidates of `rows` from the bf16 screen (low: unit in bf16) and write into `best` the
+        match of each row the screen decides: by itself where its best leads its second by more than twice
+        its error (and a near tie), else from the candidates' exact cosines. Returns the rows still open."""
+        row_member, column_member = pair
+        candidates, error = self.candidates[pair], screen_error(unit.shape[-1])
+        top = screen_rows(low[row_member][rows], low[column_member], k + 1, self.chunk)
+        candidates.columns[rows] = top.indices[:, :k].sort(dim=1).values
+        candidates.bound_rest[rows] = top.values[:, k] + error
+        clear = top.values[:, 0] - top.values[:, 1] >= 2 * error + TIE_TOLERANCE
+        decided, rows = rows[clear], rows[~clear]
+        match = top.indices[clear, 0]
+        best[0][decided] = torch.linalg.vecdot(unit[row_member][decided], unit[column_member][match])
+        best[1][decided] = match
+        if not len(rows):
+            return rows
+        partners = unit[column_member][candidates.columns[rows]]  # [rows, K, d]
+        cosines = torch.bmm(partners, unit[row_member][rows].unsqueeze(2)).squeeze(2)
+        (cosine, match), failed = self._certify(
+            cosines, _Candidates(candidates.columns[rows], candidates.bound_rest[rows]), k
+        )
+        best[0][rows], best[1][rows] = cosine, match
+        return rows[failed]
+
+    # ------------------------------------------------------------------ exact matching
+
+    def _screen_everything(self, unit: Tensor, k: int) -> None:
+        """Every row's candidates and bound from the bf16 screen, both directions of a pair from one product."""
+        self.candidates, error = {}, screen_error(unit.shape[-1])
+        for a, b in member_pairs(len(unit)):
+            for direction, top in zip([(a, b), (b, a)], screen_both_ways(unit[a], unit[b], k + 1, self.chunk)):
+                self.candidates[direction] = _Candidates(
+                    top.indices[:, :k].sort(dim=1).values, top.values[:, k] + error
+                )
 
     def _matches(self, unit: Tensor, best: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> dict[Pair, Tensor]:
         matches = {}
@@ -117,8 +198,6 @@ class CertifiedMaxMatcher:
                 directions.append(match)
             matches[(a, b)] = torch.stack(directions)
         return matches
-
-    # ------------------------------------------------------------------ exact matching
 
     def _match_everything(self, unit: Tensor, k: int) -> dict[Pair, Tensor]:
         """All rows of all pairs matched exactly, both directions of a pair from one chunked product; the
@@ -148,6 +227,6 @@ class CertifiedMaxMatcher:
             chunk_rows = unit[rows][chunk]
             top = (chunk_rows @ unit[columns].T).topk(k + 1, dim=1)
             best[0][chunk] = top.values[:, 0]
-            best[1][chunk] = settle_near_ties(chunk_rows, unit[columns], top.values, top.indices[:, 0])
+            best[1][chunk] = settle_near_ties(chunk_rows, unit[columns], Top(top.values, top.indices))
             candidates.columns[chunk] = top.indices[:, :k].sort(dim=1).values
             candidates.bound_rest[chunk] = top.values[:, k]

@@ -87,6 +87,16 @@ Best = tuple[Tensor, Tensor, Top]  # for each row: its best cosine, its match (n
 def best_both_ways(a: Tensor, b: Tensor, k: int = 2, chunk: int = CHUNK_ROWS) -> tuple[Best, Best]:
     """For each row of a its k best cosines with rows of b, and the same for each row of b with a, from one
     chunked pass over a @ b.T; each row's match is its best, near ties settled in float64 (`settle_near_ties`)."""
+    a_top, b_top = top_both_ways(a, b, k, chunk)
+    return (
+        (a_top.values[:, 0], settle_near_ties(a, b, a_top), a_top),
+        (b_top.values[:, 0], settle_near_ties(b, a, b_top), b_top),
+    )
+
+
+def top_both_ways(a: Tensor, b: Tensor, k: int, chunk: int = CHUNK_ROWS) -> tuple[Top, Top]:
+    """The k largest entries of each row of a @ b.T and of each of its columns, from one chunked pass, in the
+    product's dtype (bf16 rows give the screen of `mfr_sae.screen`)."""
     a_parts = []
     b_top = Top(b.new_full((k, len(b)), -torch.inf), torch.zeros(k, len(b), dtype=torch.long, device=b.device))
     for start in range(0, len(a), chunk):
@@ -96,20 +106,29 @@ def best_both_ways(a: Tensor, b: Tensor, k: int = 2, chunk: int = CHUNK_ROWS) ->
         merged = torch.cat([b_top.values, top.values]).topk(k, dim=0)
         b_top = Top(merged.values, torch.cat([b_top.indices, top.indices + start]).gather(0, merged.indices))
     a_top = Top(torch.cat([part.values for part in a_parts]), torch.cat([part.indices for part in a_parts]))
-    b_top = Top(b_top.values.T, b_top.indices.T)
-    return (
-        (a_top.values[:, 0], settle_near_ties(a, b, a_top.values, a_top.indices[:, 0]), a_top),
-        (b_top.values[:, 0], settle_near_ties(b, a, b_top.values, b_top.indices[:, 0]), b_top),
-    )
+    return a_top, Top(b_top.values.T, b_top.indices.T)
 
 
-def settle_near_ties(rows: Tensor, columns: Tensor, top2: Tensor, best: Tensor) -> Tensor:
-    """`best` (each row's arg-max column), with the rows whose two best cosines `top2` [rows, 2] are
-    within TIE_TOLERANCE matched again in float64 (lowest index among equals)."""
-    near = ((top2[:, 0] - top2[:, 1]) < TIE_TOLERANCE).nonzero().squeeze(1)
-    if len(near):
-        best = best.clone()
-        best[near] = (rows[near].double() @ columns.double().T).argmax(dim=1)
+def settle_near_ties(rows: Tensor, columns: Tensor, top: Top) -> Tensor:
+    """Each row's arg-max column (top [rows, m]: its m best cosines, descending, and their columns), with the
+    rows whose two best are within TIE_TOLERANCE matched again in float64 (lowest index among equals). The
+    float64 arg-max lies within the fp32 rounding of two dot products (2 d 2^-24) below the fp32 best, so
+    where the m-th best is below that window it is one of the m; else every column is compared."""
+    best = top.indices[:, 0]
+    near = ((top.values[:, 0] - top.values[:, 1]) < TIE_TOLERANCE).nonzero().squeeze(1)
+    if not len(near):
+        return best
+    best = best.clone()
+    window = max(TIE_TOLERANCE, 2.02 * rows.shape[-1] * 2.0**-24)
+    inside = top.values[near, -1] < top.values[near, 0] - window
+    few, many = near[inside], near[~inside]
+    if len(few):
+        indices = top.indices[few]
+        exact = torch.bmm(columns[indices].double(), rows[few].double().unsqueeze(2)).squeeze(2)
+        tied = exact == exact.amax(dim=1, keepdim=True)
+        best[few] = torch.where(tied, indices, len(columns)).amin(dim=1)
+    if len(many):
+        best[many] = (rows[many].double() @ columns.double().T).argmax(dim=1)
     return best
 
 
