@@ -95,8 +95,8 @@ def _assert_same_weights(a: Path, b: Path, label: str) -> None:
 
 
 def _assert_same_log(a: Path, b: Path) -> None:
-    """metrics.jsonl of run b has the lines of run a: the same steps and keys, numbers within 1e-4; one
-    process certifies exact matching (match_rematched_frac), several match every row."""
+    """metrics.jsonl of run b has the lines of run a: the same steps and keys, numbers within 1e-4 (but
+    match_rematched_frac, a share of each rank's own pairs)."""
     one, two = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b))
     keys = lambda log: [sorted(set(r) - {"match_rematched_frac"}) for r in log]  # noqa: E731
     assert keys(two) == keys(one)

@@ -5,11 +5,11 @@ a cosine warmup and beta either given or `auto`: set at the first step so that P
 reconstruction loss of the members (times a factor with `0.02*auto`).
 
 MMCS comes from matches of the decoder rows, recomputed every `match_every` steps and kept in between
-(exact at a re-matching step, cheap between; exact `max` matching every step is certified in one process,
-certified.py), and from the links L they make: the mean over pairs of
-MMCS is sum(D * (L @ D)). In one process that is all; across processes each rank computes its own rows'
-part of it, with the decoders of the others streaming round a ring (ring.py). `match_every=0` is the naive dense penalty
-(full h x h similarities with autograd every step), kept as the reference.
+(exact at a re-matching step, cheap between; exact `max` matching every step is certified, certified.py),
+and from the links L they make: the mean over pairs of MMCS is sum(D * (L @ D)). In one process that is
+all; across processes each rank computes its own rows' part of it, with the decoders of the others
+streaming round a ring (ring.py). `match_every=0` is the naive dense penalty (full h x h similarities
+with autograd every step), kept as the reference.
 
 Reinitialisation: reinit.py; a reinitialisation makes the next penalty re-match all pairs, whatever
 `match_every`.
@@ -76,10 +76,12 @@ class MutualRegularizer:
         self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
         self.decoders_in: Stream | None = None  # across processes: the decoders of all shards, streaming in
         self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
-        # exact every step in one process (`max`): matched anew only where the bounds cannot certify a match;
+        # exact every step (`max`): matched anew only where the bounds cannot certify a match;
         # None matches every row every step (the reference of tests/test_certified.py, bench/certified.py)
-        certify = cfg.match_every == 1 and cfg.mmcs == "max" and self.shard.world == 1
-        self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify else None
+        certify = cfg.match_every == 1 and cfg.mmcs == "max"
+        self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify and self.shard.world == 1 else None
+        # across processes, each pair is matched by one rank as the decoders pass: one certified matcher a pair
+        self.pair_certified: dict[Pair, CertifiedMaxMatcher] | None = {} if certify and self.shard.world > 1 else None
         self.rematched: list[float] = []  # the certified matching's share of rows re-matched, each step since a log
 
     @property
@@ -101,8 +103,7 @@ class MutualRegularizer:
             rematch = not self.matches or step % self.cfg.match_every == 0
             previous = self.matches
             mmcs = self._matched_mmcs(weight, rematch)
-            if self.certified is not None and self.certified.rematched_frac is not None:
-                self.rematched.append(self.certified.rematched_frac)
+            self._note_rematched()
             stale = changed_fraction(previous, self.matches) if rematch and self.cfg.match_every > 1 else None
             if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
                 logged["match_stale_frac"] = self.stale_frac = stale
@@ -167,7 +168,7 @@ class MutualRegularizer:
                 self.matches, self.links = matches, {}  # links made anew only when a match changed
         elif rematch:
             unit = F.normalize(columns, dim=-1).view(n, h, d)
-            self.matches = {(a, b): self._match(unit[a], unit[b]) for a, b in member_pairs(n)}
+            self.matches = {(a, b): self._match((a, b), unit[a], unit[b]) for a, b in member_pairs(n)}
         if not self.links:  # one block: all members' rows to all members' rows
             self.links[0] = links_between(self.matches, range(n), range(n), h, n_member_pairs(n), weight.device)
         return self.links[0].matmul_unit(columns)
@@ -176,8 +177,20 @@ class MutualRegularizer:
         """The decoder rows in the dtype they are sent between ranks, matched and linked in: column_dtype."""
         return weight.detach().to(self.column_dtype or weight.dtype)
 
-    def _match(self, a: Tensor, b: Tensor) -> Tensor:
-        return match_pair(a, b, self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
+    def _match(self, pair: Pair, a: Tensor, b: Tensor) -> Tensor:
+        """The matches [2, h] of a pair from its members' unit rows; across processes with exact `max`
+        matching, certified by the pair's own matcher (one process certifies all pairs at once)."""
+        if self.pair_certified is None:
+            return match_pair(a, b, self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
+        matcher = self.pair_certified.setdefault(pair, CertifiedMaxMatcher(self.cfg.min_cosine))
+        return matcher.match(torch.stack([a, b]))[(0, 1)]
+
+    def _note_rematched(self) -> None:
+        """This step's share of rows matched against all rows, over the pairs this rank certified."""
+        matchers = [self.certified] if self.certified is not None else list((self.pair_certified or {}).values())
+        shares = [m.rematched_frac for m in matchers if m.rematched_frac is not None]
+        if shares:
+            self.rematched.append(sum(shares) / len(shares))
 
     def prefetch(self, weight: Tensor) -> None:
         """Across processes, start streaming the decoders of all members for the next `penalty`, so that the
@@ -197,6 +210,8 @@ class MutualRegularizer:
             self.matches, self.links = {}, {}
             if self.certified is not None:
                 self.certified.reset()
+            if self.pair_certified is not None:
+                self.pair_certified = {}
         return chosen, own_metric
 
     @property

@@ -25,7 +25,7 @@ from mfr_sae.distributed import Shard
 from mfr_sae.mmcs import Links, Pair, links_between, member_pairs, n_member_pairs
 
 Stream = Iterator[tuple[range, Tensor]]  # (the members of a shard, their rows), one shard at a time
-Match = Callable[[Tensor, Tensor], Tensor]  # unit rows of two members -> their matches [2, h]
+Match = Callable[[Pair, Tensor, Tensor], Tensor]  # a pair, its two members' unit rows -> their matches [2, h]
 
 
 # ---------------------------------------------------------------------- the decoders round the ring
@@ -123,7 +123,7 @@ class RingMatching:
             member: unit[member - members.start] for member in members
         }
         for a, b in matched_here:
-            self.matches[(a, b)] = self.match(unit_rows[a], unit_rows[b])
+            self.matches[(a, b)] = self.match((a, b), unit_rows[a], unit_rows[b])
         if stage and matched_here:  # int32: half the bytes
             self.outbox[shard.n_shards - stage] = torch.stack([self.matches[pair] for pair in matched_here]).int()
         if _sees_first(shard, stage):

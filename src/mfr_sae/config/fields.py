@@ -135,7 +135,7 @@ class MFRConfig:
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
     match_every: int = 10
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
-    measures how many matches had changed. 1: exact every step (with `max` in one process, certified: only
+    measures how many matches had changed. 1: exact every step (with `max`, certified: only
     rows whose match a bound cannot vouch for are matched again, `match_rematched_frac` in the log);
     0: the naive dense penalty, `max` only."""
     reinit_window: int = 100
