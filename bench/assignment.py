@@ -5,7 +5,8 @@ Decoders: h unit rows in d = 768; the second member's rows are the first's, perm
 size (`shared`: 0 is two independent random decoders, the hardest case for the candidates; 1 and 2 are
 decoders sharing their features more and more, as trained members do). Prints per h and setting the time of
 the similarity product (the floor every matching pays), of each solver, the ratio, and whether the matchings
-are the same (they must be) and whether the fast path needed the dense fallback.
+are the same (they must be) and whether the fast path needed the dense fallback. The sparse path is timed
+at every h (`max_assignment` itself hands matrices up to assignment.DENSE_UP_TO rows to the dense solver).
 
     python bench/assignment.py [--h 1024 3072 8192] [--threads 1]
 """
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from mfr_sae import assignment
 from mfr_sae.assignment import max_assignment, sparse_assignment
+
+assignment.DENSE_UP_TO = 0  # the sparse path at every size
 
 
 def decoders(h: int, d: int, shared: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,11 +26,13 @@ def test_the_sparse_optimum_is_proven_the_dense_one(monkeypatch, shared, seed):
         raise AssertionError("the dense solver was needed")
 
     monkeypatch.setattr(assignment, "linear_sum_assignment", no_dense)
+    monkeypatch.setattr(assignment, "DENSE_UP_TO", 0)  # the sparse path at any size
     mine = max_assignment(score)
     assert np.array_equal(mine[0], rows) and np.array_equal(mine[1], columns)
 
 
-def test_when_the_candidates_miss_the_optimum_the_dense_solver_answers():
+def test_when_the_candidates_miss_the_optimum_the_dense_solver_answers(monkeypatch):
+    monkeypatch.setattr(assignment, "DENSE_UP_TO", 0)
     score = _cosines(200, 32, 0.0, 3)
     rows, columns = linear_sum_assignment(score, maximize=True)
     assert assignment.sparse_assignment(score, 2, rounds=1) is None  # 2 candidates a row: too few, and it knows
@@ -56,3 +58,16 @@ def test_rectangular_and_small_matrices_go_to_the_dense_solver():
     assert all(np.array_equal(x, y) for x, y in zip(max_assignment(score), linear_sum_assignment(score, maximize=True)))
     small = _cosines(40, 8, 1.0, 6)
     assert all(np.array_equal(x, y) for x, y in zip(max_assignment(small), linear_sum_assignment(small, maximize=True)))
+
+
+def test_up_to_dense_up_to_rows_the_dense_solver_answers_directly(monkeypatch):
+    def no_sparse(*args, **kwargs):
+        raise AssertionError("the sparse solver was asked")
+
+    monkeypatch.setattr(assignment, "sparse_assignment", no_sparse)
+    monkeypatch.setattr(assignment, "DENSE_UP_TO", 400)
+    score = _cosines(400, 32, 1.0, 7)
+    assert all(np.array_equal(x, y) for x, y in zip(max_assignment(score), linear_sum_assignment(score, maximize=True)))
+    monkeypatch.setattr(assignment, "DENSE_UP_TO", 399)
+    with pytest.raises(AssertionError, match="sparse solver was asked"):
+        max_assignment(score)
