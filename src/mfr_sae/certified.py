@@ -25,12 +25,12 @@ is the matching `match_pair` finds, bitwise; with a threshold (min_cosine > -1) 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from mfr_sae.kernels import csr_matrix
 from mfr_sae.metrics import CHUNK_ROWS
 from mfr_sae.mmcs import (
     NO_MATCH,
@@ -58,9 +58,7 @@ class _Candidates:
         h, k = self.columns.shape
         offsets = torch.arange(0, h * k + 1, k, device=self.columns.device)
         values = torch.zeros(h * k, device=self.columns.device, dtype=self.bound_rest.dtype)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is what we need of it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(offsets, self.columns.flatten(), values, (h, h), check_invariants=False)
+        return csr_matrix(offsets, self.columns.flatten(), values, (h, h))  # the pattern sampled_addmm computes
 
 
 class CertifiedMaxMatcher:
@@ -94,7 +92,7 @@ class CertifiedMaxMatcher:
     def match(self, unit: Tensor) -> dict[Pair, Tensor]:
         """The matches of every pair (a, b), a < b: [2, h] long (row 0: a's rows into b; row 1: b's into a;
         NO_MATCH below min_cosine), equal to exact matching (`match_pair`) of these rows."""
-        n, h, d = unit.shape
+        h = unit.shape[1]
         k = min(self.n_candidates, h - 1)
         fresh = self.previous is None or self.previous.shape != unit.shape or k < 1
         if self.screen is None:
@@ -136,15 +134,19 @@ class CertifiedMaxMatcher:
         best, failed = {}, {}
         for pair, candidates in self.candidates.items():
             cosines = torch.sparse.sampled_addmm(candidates.mask(), unit[pair[0]], unit[pair[1]].T).values()
-            best[pair], failed[pair] = self._certify(cosines.view(len(candidates.columns), k), candidates, k)
+            cosines = cosines.view(len(candidates.columns), k)
+            best[pair], failed[pair] = self._certify(cosines, candidates.columns, candidates.bound_rest, k)
         return best, failed
 
-    def _certify(self, cosines: Tensor, candidates: _Candidates, k: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        """From the exact cosines of rows with their candidates [rows, K]: each row's best candidate (cosine,
-        column), and the positions of the rows whose best is not proven the best of all columns."""
+    def _certify(
+        self, cosines: Tensor, columns: Tensor, bound_rest: Tensor, k: int
+    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """From the exact cosines of rows with their candidates `columns` [rows, K] and the bound of all other
+        cosines [rows]: each row's best candidate (cosine, column), and the positions of the rows whose best
+        is not proven the best of all columns."""
         top = cosines.topk(min(2, k), dim=1)
-        best = top.values[:, 0], candidates.columns.gather(1, top.indices[:, :1]).squeeze(1)
-        certain = top.values[:, 0] > candidates.bound_rest + self.margin
+        best = top.values[:, 0], columns.gather(1, top.indices[:, :1]).squeeze(1)
+        certain = top.values[:, 0] > bound_rest + self.margin
         if k > 1:  # a near tie between candidates: settled as exact matching settles it
             certain &= top.values[:, 0] - top.values[:, 1] >= TIE_TOLERANCE
         return best, (~certain).nonzero().squeeze(1)
@@ -154,7 +156,8 @@ class CertifiedMaxMatcher:
     ) -> Tensor:
         """Renew the candidates of `rows` from the bf16 screen (low: unit in bf16) and write into `best` the
         match of each row the screen decides: by itself where its best leads its second by more than twice
-        its error (and a near tie), else from the candidates' exact cosines. Returns the rows still open."""
+        its error plus the near-tie tolerance, else from the candidates' exact cosines. Returns the rows
+        still open."""
         row_member, column_member = pair
         candidates, error = self.candidates[pair], screen_error(unit.shape[-1])
         top = screen_rows(low[row_member][rows], low[column_member], k + 1, self.chunk)
@@ -169,9 +172,7 @@ class CertifiedMaxMatcher:
             return rows
         partners = unit[column_member][candidates.columns[rows]]  # [rows, K, d]
         cosines = torch.bmm(partners, unit[row_member][rows].unsqueeze(2)).squeeze(2)
-        (cosine, match), failed = self._certify(
-            cosines, _Candidates(candidates.columns[rows], candidates.bound_rest[rows]), k
-        )
+        (cosine, match), failed = self._certify(cosines, candidates.columns[rows], candidates.bound_rest[rows], k)
         best[0][rows], best[1][rows] = cosine, match
         return rows[failed]
 

@@ -64,14 +64,8 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             cols = torch.arange(batch, device=idx.device).view(1, -1, 1).expand_as(idx).reshape(-1)
-            sparse = torch.sparse_coo_tensor(
-                torch.stack([rows, cols]),
-                grad.reshape(-1),
-                (n_members * d_sae, batch),
-                is_coalesced=False,
-                check_invariants=False,
-            )
-            grad_weight = torch.sparse.mm(sparse, x).view_as(weight)
+            grad_weight = add_sparse_product(x.new_zeros(n_members * d_sae, d_in), rows, cols, grad.reshape(-1), x)
+            grad_weight = grad_weight.view_as(weight)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.new_zeros(n_members * d_sae).index_add_(0, rows, grad.reshape(-1))
             grad_bias = grad_bias.view(n_members, d_sae)
@@ -129,20 +123,17 @@ class _TiedTopK(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, (scaled * dot).reshape(-1))
-            # MKL's sparse product has no bf16: under CPU autocast the gradient is summed in fp32
-            dtype = x.dtype if x.device.type != "cpu" or x.dtype in (torch.float32, torch.float64) else torch.float32
-            # the correction -w_r sum a/n (g . w_r) / n^2 first, then both sparse terms added onto it in place
-            grad_weight = (flat * (along * inv_norm.square()).neg_().unsqueeze(1)).to(dtype)
+            # the correction -w_r sum a/n (g . w_r) / n^2 first, then both sparse terms added onto it
+            correction = flat * (along * inv_norm.square()).neg_().unsqueeze(1)
             samples = torch.arange(batch, device=x.device).repeat(n_members).repeat_interleave(k)
             outputs = torch.arange(n_members * batch, device=x.device).repeat_interleave(k) + batch
-            sparse = row_sorted_csr(
+            grad_weight = add_sparse_product(
+                correction,
                 row_ids.repeat(2),
                 torch.cat([samples, outputs]),
-                torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]).to(dtype),
-                (n_members * d_sae, batch + n_members * batch),
-            )
-            grad_weight = grad_weight.addmm_(sparse, torch.cat([x, grad_rows]).to(dtype))
-            grad_weight = grad_weight.to(x.dtype).view_as(weight)
+                torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]),
+                torch.cat([x, grad_rows]),
+            ).view_as(weight)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, grad_pre.reshape(-1))
             grad_bias = grad_bias.view(n_members, d_sae)
@@ -164,16 +155,27 @@ def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     return dots.view(bags, k)
 
 
-def row_sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR matrix from (row, col, value) entries, distinct, listed with the columns of each row ascending
-    (a stable sort by row keeps them so). Its product with a dense matrix is one MKL/cuSPARSE call, 2x
-    faster here than a COO product, and it adds into an existing output in place."""
+def add_sparse_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+    """out + S @ dense, S [len(out), len(dense)] the sparse matrix of the (row, col, value) entries (distinct,
+    the columns of each row listed ascending: a stable sort by row keeps them so), in out's dtype. S is
+    taken as CSR: its product is one MKL/cuSPARSE call (2x a COO product here), added onto out in place.
+    MKL has no bf16 sparse product: under CPU autocast the sum is taken in fp32."""
+    dtype = out.dtype
+    if out.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
     order = torch.argsort(rows, stable=True)
-    crow = rows.new_zeros(shape[0] + 1)
-    torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0, out=crow[1:])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+    crow = rows.new_zeros(len(out) + 1)
+    torch.cumsum(torch.bincount(rows, minlength=len(out)), 0, out=crow[1:])
+    sparse = csr_matrix(crow, cols[order], values[order].to(dtype), (len(out), len(dense)))
+    return out.to(dtype).addmm_(sparse, dense.to(dtype)).to(out.dtype)
+
+
+def csr_matrix(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """torch.sparse_csr_tensor without its warning that CSR support is in beta (and without invariant checks:
+    the callers build valid ones)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols[order], values[order], shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 def tied_topk(
