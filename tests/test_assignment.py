@@ -71,3 +71,37 @@ def test_up_to_dense_up_to_rows_the_dense_solver_answers_directly(monkeypatch):
     monkeypatch.setattr(assignment, "DENSE_UP_TO", 399)
     with pytest.raises(AssertionError, match="sparse solver was asked"):
         max_assignment(score)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_solve_in_threads_keeps_the_order_and_holds_few_items(workers):
+    held, most_held = 0, 0
+
+    def items():
+        nonlocal held, most_held
+        for seed in range(7):
+            held += 1
+            most_held = max(most_held, held)
+            yield _cosines(60, 8, 0.5, seed)
+
+    def solve(score):
+        nonlocal held
+        solved = max_assignment(score)
+        held -= 1
+        return solved
+
+    solved = assignment.solve_in_threads(solve, items(), workers)
+    for seed, (rows, columns) in enumerate(solved):
+        expected = linear_sum_assignment(_cosines(60, 8, 0.5, seed), maximize=True)
+        assert np.array_equal(rows, expected[0]) and np.array_equal(columns, expected[1])
+    assert most_held <= workers + 1
+
+
+def test_an_error_in_a_thread_reaches_the_caller():
+    def solve(item):
+        if item == 2:
+            raise ValueError("item 2")
+        return item
+
+    with pytest.raises(ValueError, match="item 2"):
+        assignment.solve_in_threads(solve, range(5), 2)

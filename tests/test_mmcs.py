@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mfr_sae.mmcs import NO_MATCH, dense_mmcs, match_all, matched_mmcs, pairwise_mmcs
+from mfr_sae.mmcs import NO_MATCH, dense_mmcs, match_all, match_pair, matched_mmcs, member_pairs, pairwise_mmcs
 
 E = torch.eye(4)
 
@@ -93,3 +93,15 @@ def test_near_ties_settled_among_the_top_columns_as_among_all_columns():
         assert near.sum() >= 10
         assert torch.equal(settled[near], everywhere[near]), m
         assert torch.equal(settled[~near], top.indices[~near, 0])
+
+
+@pytest.mark.parametrize("min_cosine", [-1.0, 0.3])
+def test_all_pairs_matched_at_once_equal_pairs_matched_one_by_one(min_cosine):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(48, 16, generator=gen)
+    decoder = F.normalize(base + 0.7 * torch.randn(4, 48, 16, generator=gen), dim=-1)
+    for mode in ["max", "hungarian"]:
+        together = match_all(decoder, mode, min_cosine=min_cosine)
+        for matches, (a, b) in zip(together, member_pairs(4)):
+            assert torch.equal(matches, match_pair(decoder[a], decoder[b], mode, min_cosine=min_cosine))
+        assert (together == NO_MATCH).any() == (min_cosine > -1)

@@ -20,6 +20,10 @@ half have a twin, against the true features: 20 s a round against 0.56 s dense a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -34,6 +38,9 @@ BREAKING_PER_ROW = 8  # entries that break the proof added to the graph per row 
 MAX_SWEEPS = 1000  # Bellman-Ford sweeps before giving up on a proof (then the dense solver answers)
 DENSE_UP_TO = 4096  # rows up to which the dense solver answers directly
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
 
 def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) of the one-to-one matching maximising the total score, as
@@ -44,6 +51,27 @@ def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple
     if match is None:
         return linear_sum_assignment(score, maximize=True)
     return np.arange(n), match
+
+
+def solve_in_threads(
+    solve: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None
+) -> list[Result]:
+    """[solve(item) for item in items], up to `workers` at once in threads (default: torch's thread count).
+    scipy's assignment solvers release the GIL, so the matchings of several member pairs run side by side,
+    and the next item (a similarity product) is made while they run; items are drawn only as workers free
+    up, so at most workers + 1 are held at a time."""
+    workers = workers or torch.get_num_threads()
+    if workers <= 1:
+        return [solve(item) for item in items]
+    results: list[Result] = []
+    with ThreadPoolExecutor(workers) as pool:
+        pending: list[Future[Result]] = []
+        for item in items:
+            if len(pending) == workers:
+                results.append(pending.pop(0).result())
+            pending.append(pool.submit(solve, item))
+        results += [future.result() for future in pending]
+    return results
 
 
 def sparse_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES, rounds: int = ROUNDS) -> np.ndarray | None:

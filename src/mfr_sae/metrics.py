@@ -7,14 +7,14 @@ h = 16384 against h = 16384 never needs the whole h x h matrix at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mfr_sae.assignment import max_assignment
+from mfr_sae.assignment import max_assignment, solve_in_threads
 from mfr_sae.ensemble import Ensemble
 
 CHUNK_ROWS = 2048
@@ -55,13 +55,28 @@ def mmcs(a: Tensor, b: Tensor) -> float:
     return max_cosine(a, b)[0].mean().item()
 
 
-def hungarian_match(a: Tensor, b: Tensor, absolute: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Matching = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows of a, their partners in b, the matched cosines
+
+
+def hungarian_match(a: Tensor, b: Tensor, absolute: bool = False) -> Matching:
     """One-to-one matching of rows of a to rows of b maximising total cosine (absolute cosine if asked).
 
     Returns (rows of a, rows of b, matched cosines); min(len(a), len(b)) pairs."""
-    sims = cosine_matrix(a.detach().float(), b.detach().float()).cpu().numpy()
-    score = np.abs(sims) if absolute else sims
-    rows, cols = max_assignment(score)
+    return hungarian_matches([(a, b, absolute)])[0]
+
+
+def hungarian_matches(problems: Iterable[tuple[Tensor, Tensor, bool]]) -> list[Matching]:
+    """`hungarian_match(a, b, absolute)` of each problem, solved side by side in threads (`solve_in_threads`:
+    the similarity of the next problem is computed while the assignments run)."""
+    similarities = (
+        (cosine_matrix(a.detach().float(), b.detach().float()).cpu().numpy(), absolute) for a, b, absolute in problems
+    )
+    return solve_in_threads(_assign, similarities)
+
+
+def _assign(problem: tuple[np.ndarray, bool]) -> Matching:
+    sims, absolute = problem
+    rows, cols = max_assignment(np.abs(sims) if absolute else sims)
     return rows, cols, sims[rows, cols]
 
 
@@ -75,8 +90,7 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
     gt_distinct: how many distinct true features are some latent's best match."""
     best, _ = max_cosine(truth, decoder)
     _, best_feature = max_cosine(decoder, truth)
-    _, _, matched = hungarian_match(truth, decoder)
-    _, _, matched_abs = hungarian_match(truth, decoder, absolute=True)
+    (_, _, matched), (_, _, matched_abs) = hungarian_matches([(truth, decoder, False), (truth, decoder, True)])
     return {
         "gt_mmcs": best.mean().item(),
         "gt_mmcs_hungarian": float(matched.sum() / len(truth)),

@@ -36,6 +36,7 @@ from mfr_sae.mmcs import (
     dense_mmcs,
     linked_similarity,
     links_between,
+    match_all,
     match_pair,
     member_pairs,
     n_member_pairs,
@@ -167,8 +168,8 @@ class MutualRegularizer:
             ):
                 self.matches, self.links = matches, {}  # links made anew only when a match changed
         elif rematch:
-            unit = F.normalize(columns, dim=-1).view(n, h, d)
-            self.matches = {(a, b): self._match((a, b), unit[a], unit[b]) for a, b in member_pairs(n)}
+            unit = F.normalize(columns, dim=-1).view(n, h, d)  # all pairs at once: assignments side by side
+            self.matches = dict(zip(member_pairs(n), match_all(unit, self.cfg.mmcs, min_cosine=self.cfg.min_cosine)))
         if not self.links:  # one block: all members' rows to all members' rows
             self.links[0] = links_between(self.matches, range(n), range(n), h, n_member_pairs(n), weight.device)
         return self.links[0].matmul_unit(columns)

@@ -16,6 +16,7 @@ With the matches of the current weights this is exactly the mean pairwise MMCS (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mfr_sae.kernels import inverse_norms
-from mfr_sae.metrics import CHUNK_ROWS, hungarian_match
+from mfr_sae.metrics import CHUNK_ROWS, hungarian_matches
 
 Pair = tuple[int, int]  # two members (a, b), a < b
 NO_MATCH = -1  # a row whose match falls below min_cosine: not linked
@@ -53,25 +54,40 @@ def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS,
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
     directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse. A match
     whose cosine is below min_cosine is NO_MATCH."""
-    if mode == "hungarian":
-        rows, cols, _ = hungarian_match(a, b)
-        a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
-        matches = torch.stack([a_to_b, torch.argsort(a_to_b)])
-        cosines = None  # taken below only for a threshold
+    return match_pairs([(a, b)], mode, chunk, min_cosine)[0]
+
+
+@torch.no_grad()
+def match_pairs(
+    pairs: Sequence[tuple[Tensor, Tensor]], mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0
+) -> list[Tensor]:
+    """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
+    (`metrics.hungarian_matches`)."""
+    matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
+    if mode != "hungarian":
+        for a, b in pairs:
+            (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
+            matched.append((torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])))
     else:
-        (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
-        matches, cosines = torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])
-    if min_cosine > -1:
-        if cosines is None:
-            cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
-        linked = torch.stack(
-            [
-                at_least(cosines[0], a, b[matches[0]], min_cosine),
-                at_least(cosines[1], b, a[matches[1]], min_cosine),
-            ]
-        )
-        matches = matches.masked_fill(~linked, NO_MATCH)
-    return matches
+        for (a, _), (rows, cols, _) in zip(pairs, hungarian_matches([(a, b, False) for a, b in pairs])):
+            a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
+            matched.append((torch.stack([a_to_b, torch.argsort(a_to_b)]), None))  # cosines taken only for a threshold
+    return [_thresholded(a, b, matches, cosines, min_cosine) for (a, b), (matches, cosines) in zip(pairs, matched)]
+
+
+def _thresholded(a: Tensor, b: Tensor, matches: Tensor, cosines: Tensor | None, min_cosine: float) -> Tensor:
+    """matches [2, h] with those whose cosine (given, or taken here) is below min_cosine set to NO_MATCH."""
+    if min_cosine <= -1:
+        return matches
+    if cosines is None:
+        cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
+    linked = torch.stack(
+        [
+            at_least(cosines[0], a, b[matches[0]], min_cosine),
+            at_least(cosines[1], b, a[matches[1]], min_cosine),
+        ]
+    )
+    return matches.masked_fill(~linked, NO_MATCH)
 
 
 class Top(NamedTuple):
@@ -146,7 +162,7 @@ def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_c
     pairs = member_pairs(len(decoder))
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
-    return torch.stack([match_pair(decoder[a], decoder[b], mode, chunk, min_cosine) for a, b in pairs])
+    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, min_cosine))
 
 
 def changed_fraction(old: dict[Pair, Tensor], new: dict[Pair, Tensor]) -> float | None:
