@@ -5,7 +5,9 @@ this times one "ensemble step" (all 5 SAEs each take one training step on the ba
 - the floor: the encoder product alone, the faster of two ways to write it (as in bench/step.py);
 - mfr-sae: the baseline step and the paper's MFR step (`mfr.reinit_window=0`) at `mfr.match_every=50`
   on the fixed batch, and exact (`match_every=1`, certified matching) timed after `--warm` steps of
-  training on fresh batches, where the share of rows re-matched a step is what training sees;
+  training on fresh batches, where the share of rows re-matched a step is what training sees; and
+  the defaults' MFR (`hungarian`, every 10 steps) timed the same way (give --steps as a multiple of 10:
+  the time is then averaged over whole re-matching cycles);
 - SAELens (`sae-lens`): 5 `TopKTrainingSAE`s trained one after another, each by its own
   `SAETrainer.step` (`training_forward_pass`: MSE + TopK aux loss, backward, grad-norm clip, Adam
   lr 1e-3, lr scheduler); the time is the sum over the 5;
@@ -196,9 +198,10 @@ def bf16_overrides() -> list[str] | None:
     return None
 
 
-def trained_step(trainer: Any, warm: int, steps: int, device: torch.device) -> tuple[float, float]:
+def trained_step(trainer: Any, warm: int, steps: int, device: torch.device) -> tuple[float, float | None]:
     """Seconds per step of a trainer over `steps` steps after `warm` steps of training, each on a fresh batch
-    of its source, and the mean share of rows re-matched a step (its log's match_rematched_frac)."""
+    of its source, and the mean share of rows re-matched a step (its log's match_rematched_frac; None
+    without certified matching)."""
     batches = trainer.source.batches(BATCH)
     for _ in range(warm):
         trainer.train_step(next(batches).to(device))
@@ -207,10 +210,11 @@ def trained_step(trainer: Any, warm: int, steps: int, device: torch.device) -> t
 
     def step() -> None:
         trainer.train_step(fresh.pop())
-        shares.append(trainer.mfr.certified.rematched_frac)
+        if trainer.mfr.certified is not None:
+            shares.append(trainer.mfr.certified.rematched_frac)
 
     seconds = timed(step, steps, device)
-    return seconds, sum(shares[2:]) / steps
+    return seconds, sum(shares[2:]) / steps if shares else None
 
 
 def against_goal(ratio: float, sense: str, goal: float) -> str:
@@ -275,6 +279,9 @@ def main() -> None:
             else:
                 steps = max(args.steps, every)
                 seconds[dtype][f"mfr-sae MFR m={every}"] = timed(lambda: mfr.train_step(x), steps, device)
+        defaults = trainer(args.device, extra + ["mfr.enabled=true", "mfr.reinit_window=0"])  # hungarian, m=10
+        seconds[dtype]["mfr-sae MFR defaults"], _ = trained_step(defaults, args.warm, args.steps, device)
+        notes.append(f"mfr-sae MFR defaults {dtype}: steps {args.warm + 2}-{args.warm + args.steps + 1} of training")
 
     batch_file = Path(tempfile.mkdtemp()) / "batch.npy"
     import numpy as np
@@ -321,6 +328,10 @@ def main() -> None:
             print(f"[{dtype}] exact MFR step throughput / sparsify sequential = {spars / exact:.2f}")
         print(f"[{dtype}] exact MFR / baseline = {against_goal(exact / base_s, '<=', 1.2)}")
         print(f"[{dtype}] MFR match_every=50 / baseline = {row['mfr-sae MFR m=50'] / base_s:.3f}")
+        defaults = row["mfr-sae MFR defaults"]
+        print(f"[{dtype}] MFR defaults (hungarian, every 10 steps) / baseline = {defaults / base_s:.3f}")
+        if lens:
+            print(f"[{dtype}] MFR defaults step throughput / SAELens sequential = {lens / defaults:.2f}")
         print(f"[{dtype}] baseline / floor = {against_goal(base_s / row['floor'], '<=', 2)}")
     if args.json:
         args.json.write_text(
