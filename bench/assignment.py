@@ -7,8 +7,10 @@ decoders sharing their features more and more, as trained members do). Prints pe
 the similarity product (the floor every matching pays), of each solver, the ratio, and whether the matchings
 are the same (they must be) and whether the fast path needed the dense fallback. The sparse path is timed
 at every h (`max_assignment` itself hands matrices up to assignment.DENSE_UP_TO rows to the dense solver).
+`--run DIR` also times the trained decoders of a run (members 0 and 1, and member 0 against the run's
+ground truth when it has one).
 
-    python bench/assignment.py [--h 1024 3072 8192] [--threads 1]
+    python bench/assignment.py [--h 1024 3072 8192] [--threads 1] [--run DIR]
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def seconds(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--h", type=int, nargs="+", default=[1024, 3072, 8192])
+    parser.add_argument("--h", type=int, nargs="*", default=[1024, 3072, 8192])
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--run", help="a run folder whose trained decoders are matched too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, d={args.d}\n")
@@ -54,19 +57,34 @@ def main() -> None:
         "| h | shared | similarity product s | scipy dense s | mfr_sae.assignment s | dense / ours | same | fallback |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for h in args.h:
-        for shared in [0.0, 1.0, 2.0]:
-            a, b = decoders(h, args.d, shared, seed=h)
-            product_s, sims = seconds(lambda: (a @ b.T).numpy())
-            dense_s, dense = seconds(lambda: linear_sum_assignment(sims, maximize=True))
-            ours_s, ours = seconds(lambda: max_assignment(sims))
-            fallback = sparse_assignment(sims) is None  # the dense solver answered
-            same = all(np.array_equal(x, y) for x, y in zip(dense, ours))
-            print(
-                f"| {h} | {shared} | {product_s:.3f} | {dense_s:.3f} | {ours_s:.3f} | {dense_s / ours_s:.1f} | "
-                f"{'yes' if same else 'NO'} | {'yes' if fallback else 'no'} |",
-                flush=True,
-            )
+    problems = [(f"{h} | {shared}", *decoders(h, args.d, shared, seed=h)) for h in args.h for shared in [0.0, 1.0, 2.0]]
+    for label, a, b in problems + (trained(args.run) if args.run else []):
+        product_s, sims = seconds(lambda: (a @ b.T).numpy())
+        dense_s, dense = seconds(lambda: linear_sum_assignment(sims, maximize=True))
+        ours_s, ours = seconds(lambda: max_assignment(sims))
+        fallback = sims.shape[0] != sims.shape[1] or sparse_assignment(sims) is None  # the dense solver answered
+        same = all(np.array_equal(x, y) for x, y in zip(dense, ours))
+        print(
+            f"| {label} | {product_s:.3f} | {dense_s:.3f} | {ours_s:.3f} | {dense_s / ours_s:.1f} | "
+            f"{'yes' if same else 'NO'} | {'yes' if fallback else 'no'} |",
+            flush=True,
+        )
+
+
+def trained(run: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Members 0 and 1 of a run, and the run's ground truth against member 0 (when it has one)."""
+    from mfr_sae import load
+    from mfr_sae.config import load_config
+    from mfr_sae.data import run_source
+
+    unit = torch.nn.functional.normalize(load(run).decoder_weight.detach().float(), dim=-1)
+    h = unit.shape[1]
+    problems = [(f"{h} | trained: {run} members 0, 1", unit[0], unit[1])]
+    _, truth, _ = run_source(load_config(f"{run}/config.yaml", []), torch.device("cpu"))
+    if truth is not None:
+        truth = torch.nn.functional.normalize(truth.float(), dim=-1)
+        problems.append((f"{h} | trained: {run} truth, member 0", truth, unit[0]))
+    return problems
 
 
 if __name__ == "__main__":
