@@ -8,7 +8,8 @@ the similarity product (the floor every matching pays), of each solver, the rati
 are the same (they must be) and whether the fast path needed the dense fallback. The sparse path is timed
 at every h (`max_assignment` itself hands matrices up to assignment.DENSE_UP_TO rows to the dense solver).
 `--run DIR` also times the trained decoders of a run (members 0 and 1, and member 0 against the run's
-ground truth when it has one).
+ground truth when it has one). Last, the square matrices are solved one after another and side by side in
+threads (`assignment.solve_in_threads`, as a re-matching step solves its member pairs).
 
     python bench/assignment.py [--h 1024 3072 8192] [--threads 1] [--run DIR]
 """
@@ -24,8 +25,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mfr_sae import assignment
-from mfr_sae.assignment import max_assignment, sparse_assignment
+from mfr_sae.assignment import max_assignment, solve_in_threads, sparse_assignment
 
+DENSE_UP_TO = assignment.DENSE_UP_TO  # what training uses, for the side-by-side timing
 assignment.DENSE_UP_TO = 0  # the sparse path at every size
 
 
@@ -58,7 +60,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     problems = [(f"{h} | {shared}", *decoders(h, args.d, shared, seed=h)) for h in args.h for shared in [0.0, 1.0, 2.0]]
-    for label, a, b in problems + (trained(args.run) if args.run else []):
+    problems += trained(args.run) if args.run else []
+    for label, a, b in problems:
         product_s, sims = seconds(lambda: (a @ b.T).numpy())
         dense_s, dense = seconds(lambda: linear_sum_assignment(sims, maximize=True))
         ours_s, ours = seconds(lambda: max_assignment(sims))
@@ -69,6 +72,21 @@ def main() -> None:
             f"{'yes' if same else 'NO'} | {'yes' if fallback else 'no'} |",
             flush=True,
         )
+    side_by_side(problems, args.threads)
+
+
+def side_by_side(problems: list[tuple[str, torch.Tensor, torch.Tensor]], threads: int) -> None:
+    """The square matrices' assignments one after another against `solve_in_threads` (as a re-matching step
+    solves its member pairs), in the same run, with the size rule training uses (assignment.DENSE_UP_TO)."""
+    assignment.DENSE_UP_TO = DENSE_UP_TO
+    scores = [(a @ b.T).numpy() for _, a, b in problems if len(a) == len(b)]
+    serial_s, serial = seconds(lambda: [max_assignment(score) for score in scores])
+    threaded_s, threaded = seconds(lambda: solve_in_threads(max_assignment, scores, threads))
+    same = all(np.array_equal(x[1], y[1]) for x, y in zip(serial, threaded))
+    print(
+        f"\n{len(scores)} square matrices above, max_assignment one after another {serial_s:.3f} s, side by side in "
+        f"{threads} threads {threaded_s:.3f} s: {serial_s / threaded_s:.2f}x ({'same' if same else 'NOT the same'})"
+    )
 
 
 def trained(run: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
