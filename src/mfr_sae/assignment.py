@@ -49,7 +49,8 @@ def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple
     sparse = n == m and n > max(DENSE_UP_TO, 2 * n_candidates)
     match = sparse_assignment(score, n_candidates) if sparse else None
     if match is None:
-        return linear_sum_assignment(score, maximize=True)
+        # the problem maximize=True solves, in one copy of float32 scores instead of a negation and a conversion
+        return linear_sum_assignment(np.negative(score, dtype=np.float64))
     return np.arange(n), match
 
 
