@@ -36,8 +36,8 @@ from mfr_sae.mmcs import (
     dense_mmcs,
     linked_similarity,
     links_between,
-    match_all,
     match_pair,
+    match_pairs,
     member_pairs,
     n_member_pairs,
 )
@@ -168,8 +168,10 @@ class MutualRegularizer:
             ):
                 self.matches, self.links = matches, {}  # links made anew only when a match changed
         elif rematch:
-            unit = F.normalize(columns, dim=-1).view(n, h, d)  # all pairs at once: assignments side by side
-            self.matches = dict(zip(member_pairs(n), match_all(unit, self.cfg.mmcs, min_cosine=self.cfg.min_cosine)))
+            unit = F.normalize(columns, dim=-1).view(n, h, d)
+            pairs = member_pairs(n)  # all pairs at once: their assignments side by side
+            matched = match_pairs([(unit[a], unit[b]) for a, b in pairs], self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
+            self.matches = dict(zip(pairs, matched))
         if not self.links:  # one block: all members' rows to all members' rows
             self.links[0] = links_between(self.matches, range(n), range(n), h, n_member_pairs(n), weight.device)
         return self.links[0].matmul_unit(columns)
