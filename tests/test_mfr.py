@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
-from mfr_sae.mmcs import changed_fraction, match_all
+from mfr_sae.mmcs import changed_fraction, match_all, matched_mmcs
 from mfr_sae.train import Trainer, train
 
 
@@ -147,3 +147,59 @@ def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, e
     new_weights = match_all(trainer.ensemble.decoder().detach())  # the matches of the re-initialised member
     trainer.train_step(next(batches))  # step 1: not a matching step of match_every=50
     assert torch.equal(trainer.mfr.matches[(0, 1)], new_weights[0])
+
+
+def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_its_first_value():
+    decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
+    recon = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*recon", warmup_steps=0), [2, 2])
+    auto = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*auto", warmup_steps=0), [2, 2])
+    _, first = recon.penalty(decoder, 0, lambda: 1.0)
+    auto.penalty(decoder, 0, lambda: 1.0)
+    start = 1 - first["pairwise_mmcs"]
+    assert first["beta_effective"] == pytest.approx(0.1 / start, rel=1e-5) == auto.beta
+    mean = 1.0
+    for step in range(1, 400):  # the loss falls a hundredfold and stays there
+        _, logs = recon.penalty(decoder, step, lambda: 0.01)
+        _, auto_logs = auto.penalty(decoder, step, lambda: 0.01)
+        mean += 0.01 * (0.01 - mean)
+    assert logs["beta_effective"] == pytest.approx(0.1 * mean / start, rel=1e-5)
+    assert logs["beta_effective"] < 0.05 * first["beta_effective"]
+    assert auto_logs["beta_effective"] == first["beta_effective"]  # the paper's form keeps its step-1 beta
+    # a resumed run goes on from the same running mean and start distance
+    tensors, meta = recon.state()
+    again = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*recon", warmup_steps=0), [2, 2])
+    again.load_state(tensors, json.loads(json.dumps(meta)))
+    assert again.penalty(decoder, 400, lambda: 0.01)[1] == recon.penalty(decoder, 400, lambda: 0.01)[1]
+    with pytest.raises(ConfigError, match="mfr.beta"):
+        load_config(None, ["mfr.beta=0.1*recons"])
+
+
+def test_recon_beta_refuses_identical_members():
+    reg = MutualRegularizer(MFRConfig(enabled=True, beta="recon"), [2, 2])
+    decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
+    with pytest.raises(ConfigError, match="members start identical"):
+        reg.penalty(decoder, 0, lambda: 1.0)
+
+
+@pytest.mark.parametrize("mmcs, match_every", [("max", 1), ("mnn", 10), ("hungarian", 10)])
+def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_every):
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(30, 8), dim=-1)
+    close = torch.stack([a, F.normalize(a + 0.03 * torch.randn(30, 8), dim=-1)])  # every match at cosine > 0.99
+    grads = {}
+    for ceiling in (1.0, 0.98):
+        cfg = MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every, max_cosine=ceiling)
+        reg = MutualRegularizer(cfg, [2, 2])
+        assert (reg.certified is None) == (ceiling < 1 or mmcs != "max")  # the certified path has no ceiling
+        weight = close.clone().requires_grad_()
+        penalty, logs = reg.penalty(weight, 200, lambda: 1.0)
+        penalty.backward()
+        grads[ceiling] = weight.grad
+        expected = matched_mmcs(close, match_all(close, mmcs, max_cosine=ceiling)).item()
+        assert logs["pairwise_mmcs"] == pytest.approx(expected, abs=1e-6)
+    assert grads[1.0].abs().sum() > 0
+    assert torch.equal(grads[0.98], torch.zeros_like(grads[0.98]))  # no link left: no pull
+    with pytest.raises(ConfigError, match="mfr.match_every=0"):
+        load_config(None, ["mfr.mmcs=max", "mfr.match_every=0", "mfr.max_cosine=0.9"])
+    with pytest.raises(ConfigError, match="mfr.min_cosine"):
+        load_config(None, ["mfr.min_cosine=0.9", "mfr.max_cosine=0.8"])

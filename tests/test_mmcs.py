@@ -105,3 +105,53 @@ def test_all_pairs_matched_at_once_equal_pairs_matched_one_by_one(min_cosine):
         for matches, (a, b) in zip(together, member_pairs(4)):
             assert torch.equal(matches, match_pair(decoder[a], decoder[b], mode, min_cosine=min_cosine))
         assert (together == NO_MATCH).any() == (min_cosine > -1)
+
+
+def dense_mutual_reference(a, b):
+    """Mutual nearest neighbours from the full similarity matrix, in float64: [2, h] with NO_MATCH."""
+    sims = a.double() @ b.double().T
+    a_best, b_best = sims.argmax(1), sims.argmax(0)
+    a_to_b = torch.where(b_best[a_best] == torch.arange(len(a)), a_best, NO_MATCH)
+    b_to_a = torch.where(a_best[b_best] == torch.arange(len(b)), b_best, NO_MATCH)
+    return torch.stack([a_to_b, b_to_a])
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.9])
+def test_mutual_nearest_neighbours_equal_the_dense_reference_and_are_one_to_one(shared):
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(300, 24), dim=-1)  # shared=0.9: two decoders that share most features
+    a = F.normalize(base + (1 - shared) * torch.randn(300, 24), dim=-1)
+    b = F.normalize(base[torch.randperm(300)] + 0.3 * torch.randn(300, 24), dim=-1)
+    matches = match_pair(a, b, "mnn", chunk=64)
+    assert torch.equal(matches, dense_mutual_reference(a, b))
+    a_to_b, b_to_a = matches
+    linked = a_to_b != NO_MATCH
+    assert 0 < linked.sum() < 300  # partial: random rows leave some without a mutual best
+    assert torch.equal(b_to_a[a_to_b[linked]], torch.arange(300)[linked])  # each link is mutual
+    assert (b_to_a != NO_MATCH).sum() == linked.sum()
+    # its MMCS counts the unmatched as 0: the mean of matched cosines times the matched share
+    cosines = torch.linalg.vecdot(a[linked], b[a_to_b[linked]])
+    value = matched_mmcs(torch.stack([a, b]), matches.unsqueeze(0)).item()
+    assert value == pytest.approx(cosines.sum().item() / 300, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["max", "mnn", "hungarian"])
+def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
+    torch.manual_seed(1)
+    a = F.normalize(torch.randn(60, 16), dim=-1)
+    b = a.clone()
+    b[30:] = F.normalize(a[30:] + 0.8 * torch.randn(30, 16), dim=-1)  # half copies (cosine 1), half not
+    free, capped = match_pair(a, b, mode), match_pair(a, b, mode, max_cosine=0.95)
+    for side, (rows, partners) in enumerate([(a, b), (b, a)]):
+        linked = free[side] != NO_MATCH
+        cosine = torch.linalg.vecdot(rows[linked], partners[free[side][linked]])
+        expected = free[side].clone()
+        expected[linked.nonzero().squeeze(1)[cosine >= 0.95]] = NO_MATCH
+        assert torch.equal(capped[side], expected)
+    assert (capped[0, :30] == NO_MATCH).all()  # the copies are not pulled any further
+    assert (capped != NO_MATCH).any()
+    # the ceiling and the floor together: only matches inside [min_cosine, max_cosine) stay
+    both = match_pair(a, b, mode, min_cosine=0.3, max_cosine=0.95)
+    kept = both[0] != NO_MATCH
+    cosine = torch.linalg.vecdot(a[kept], b[both[0][kept]])
+    assert (cosine >= 0.3).all() and (cosine < 0.95).all()

@@ -5,7 +5,16 @@ import pytest
 
 from mfr_sae.cli import main
 from mfr_sae.config import load_config
-from mfr_sae.study import BASELINE, FVU_MARGIN, analyse, run_config, settings
+from mfr_sae.study import (
+    BASELINE,
+    CANDIDATES,
+    DEFAULT_SETTING,
+    FVU_MARGIN,
+    analyse,
+    choose,
+    run_config,
+    settings,
+)
 
 R = 5
 
@@ -21,8 +30,15 @@ def _data(values: dict[str, dict[str, list[float]]]) -> dict:
     }
 
 
-def _measures(mcc, fvu, twin=0.0):
-    return {"gt_mcc": list(mcc), "fvu": list(fvu), "twin_frac": [twin] * R, "gt_distinct": [100.0] * R}
+def _measures(mcc, fvu, twin=0.0, one_to_one=0.8):
+    return {
+        "gt_mcc": list(mcc),
+        "fvu": list(fvu),
+        "twin_frac": [twin] * R,
+        "gt_distinct": [100.0] * R,
+        "silent_frac": [0.01] * R,
+        "pairwise_mmcs_hungarian": [one_to_one] * R,
+    }
 
 
 def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss():
@@ -64,55 +80,92 @@ def test_analyse_with_no_winner():
     assert result["winners"] == [] and result["best"] is None and result["recommended"] is None
 
 
-def test_the_grid_is_the_baseline_and_every_form_times_every_beta():
+def test_the_grid_is_the_baseline_and_every_candidate_each_a_valid_config():
     grid = settings()
-    assert grid[0].name == BASELINE and len(grid) == 13
-    assert len({s.folder for s in grid}) == 13 and all("/" not in s.folder for s in grid)
-    assert "mfr.beta=0.001*auto" in grid[1].overrides
+    assert grid[0].name == BASELINE and [s.name for s in grid[1:]] == list(CANDIDATES)
+    assert len({s.folder for s in grid}) == len(grid) and all("/" not in s.folder for s in grid)
+    assert DEFAULT_SETTING in CANDIDATES
+    for setting in grid:
+        cfg = run_config("learnable", setting, replicate=2, quick=True, split="heldout")
+        assert cfg.mfr.enabled == (setting.name != BASELINE)
+        assert (cfg.data.seed, cfg.data.stream_seed, cfg.train.seed) == (1, 102, 102)  # held-out: other features, seeds
+    tuning = run_config("learnable", grid[1], replicate=2, quick=True)
+    assert (tuning.data.seed, tuning.data.stream_seed, tuning.train.seed) == (0, 2, 2)
 
 
-def test_study_end_to_end_writes_the_verdict_first_and_reuses_its_runs(tmp_path, monkeypatch):
+def test_a_collapsed_setting_is_never_recommended_and_the_pick_falls_back_to_the_largest_safe_gain():
+    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
+    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
+    data = _data(
+        {
+            BASELINE: _measures(base_mcc, base_fvu),
+            "copies": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, one_to_one=0.999),
+            "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
+        }
+    )
+    result = analyse(data, R)
+    assert result["rows"]["copies"]["collapsed"] and result["best"] == "copies"
+    assert result["recommended"] == "better" == choose(result)
+    # tuning replicates too few to prove a gain: the largest mean gain that keeps FVU and twin_frac
+    noisy = _data(
+        {
+            BASELINE: _measures(base_mcc, base_fvu),
+            "small": _measures([m + 0.004 + 5 * e for m, e in zip(base_mcc, noise)], base_fvu),
+            "smaller": _measures([m + 0.002 + 5 * e for m, e in zip(base_mcc, noise)], base_fvu),
+            "worse": _measures([m - 0.01 for m in base_mcc], base_fvu),
+        }
+    )
+    result = analyse(noisy, R)
+    assert result["recommended"] is None and choose(result) == "small"
+    assert choose(analyse(_data({BASELINE: noisy["values"][BASELINE], "worse": noisy["values"]["worse"]}), R)) is None
+
+
+def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs(tmp_path, monkeypatch):
     import mfr_sae.study as study
 
     tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
     monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
-    monkeypatch.setattr(study, "BETA_FACTORS", (0.01, 1.0))  # 7 settings, to keep the test short
+    two = {name: study.CANDIDATES[name] for name in (DEFAULT_SETTING, "mnn 1*recon")}
+    monkeypatch.setattr(study, "CANDIDATES", two)  # to keep the test short
     out = tmp_path / "study"
-    assert (
-        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 0
-    )
+    args = ["study", "--quick", "--replicates", "2", "--tune-replicates", "2", "--data", "learnable", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
     report = (out / "report.md").read_text()
-    first = report.splitlines()[2]
-    assert first.startswith("**learnable: ") and "the baseline" in first
+    lines = report.splitlines()
+    assert lines[2].startswith("Chosen on the tuning split (learnable, 2 replicates): ")
+    assert lines[4].startswith("**held-out learnable: ") and "the baseline" in lines[4]
     assert (out / "fig_fvu_mcc.png").stat().st_size > 0 and "(fig_fvu_mcc.png)" in report
     saved = json.loads((out / "results.json").read_text())
-    rows = saved["datasets"]["learnable"]["rows"]
-    assert set(rows) == {s.name for s in settings()}
-    assert len(rows) == 7 and set(rows["max 1*auto"]["tests"]) == {
+    assert set(saved["tuning"]["rows"]) == {BASELINE, *two}
+    heldout = saved["datasets"]["learnable"]
+    assert set(heldout["rows"]) == {BASELINE, DEFAULT_SETTING, *([saved["chosen"]] if saved["chosen"] else [])}
+    assert heldout["config"]["data"]["seed"] == 1 and saved["tuning"]["config"]["data"]["seed"] == 0
+    assert set(heldout["rows"][DEFAULT_SETTING]["tests"]) == {
         "gt_mcc",
         "fvu",
         "twin_frac",
         "gt_distinct",
+        "silent_frac",
+        "pairwise_mmcs_hungarian",
         "across_pw_mcc",
     }
-    assert len(saved["datasets"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
+    assert "p_holm_all" in heldout["rows"][DEFAULT_SETTING]["tests"]["gt_mcc"]
+    assert len(heldout["values"][BASELINE]["gt_mcc"]) == 2
+    assert (out / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
     # a second run reuses every finished run (nothing retrained: the results files stay as they were)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
-    assert (
-        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 0
-    )
+    assert main([*args, "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # a folder of another setting is refused, naming the field, not mixed in
     monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
-    assert (
-        main(["study", "--quick", "--replicates", "2", "--data", "learnable", "--out", str(out), "--no-progress"]) == 2
-    )
+    assert main([*args, "--no-progress"]) == 2
+    assert main(["study", "--data", "nope", "--out", str(out)]) == 2
 
 
 def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():
     """README's first run claims to be one replicate of the study's learnable setting with the defaults of mfr.*:
     the same config but for logging, checkpoints and the stream seed's spelling (-1: data.seed, which is 0)."""
-    setting = next(s for s in settings() if s.name == "hungarian 0.1*auto")
+    setting = next(s for s in settings() if s.name == DEFAULT_SETTING)
     study_cfg = run_config("learnable", setting, replicate=0, quick=False).to_dict()
     quick_cfg = load_config("configs/quick.yaml").to_dict()
     for cfg in (study_cfg, quick_cfg):

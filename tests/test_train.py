@@ -39,6 +39,10 @@ def test_results_logs_and_checkpoint_of_a_run(tmp_path, easy_overrides):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [5, 10, 15, 20]
     assert [r["step"] for r in lines if "eval" in r] == [10, 20]
+    for line in (r for r in lines if "eval" in r):  # agreement beside every evaluation: the run's own two members
+        assert 0 < line["pairwise_mmcs_hungarian"] <= line["pairwise_mmcs"] < 0.99
+    assert results["pairwise_mmcs_hungarian"] == lines[-1]["pairwise_mmcs_hungarian"]
+    assert results["collapsed"] is False and results["collapse_note"] is None and results["reinit_count"] == [0, 0]
     assert load(run).ks == [2, 4]
     from safetensors.torch import load_file
 
@@ -429,3 +433,14 @@ def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_a_sum_that_overflows(
         y = torch.zeros(4, 3)
         y[2, 1] = bad
         assert not all_finite(y)
+
+
+def test_a_run_whose_members_become_copies_says_so(tmp_path, easy_overrides, capsys):
+    from mfr_sae.cli import main
+
+    overrides = ["train.n_samples=3000", "sae.shared_init=true", "mfr.enabled=true", "mfr.beta=1"]
+    args = ["train", "--out", str(tmp_path / "copies"), "--no-progress"]
+    assert main([*args, *(f"--set={o}" for o in easy_overrides + overrides)]) == 0
+    results = json.loads((tmp_path / "copies" / "results.json").read_text())
+    assert results["collapsed"] and results["pairwise_mmcs_hungarian"] > 0.99
+    assert "collapsed into copies" in results["collapse_note"] and "collapsed into copies" in capsys.readouterr().err

@@ -65,15 +65,29 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from mfr_sae.study import study
+    from mfr_sae.study import DATASETS, study
 
-    if args.replicates < 2:
-        raise ConfigError(f"--replicates {args.replicates}: a paired test needs at least 2")
-    datasets = ("learnable", "paper") if args.data == "both" else (args.data,)
-    summary = study(args.out, args.quick, args.replicates, datasets, progress=not args.no_progress)
+    if args.replicates < 2 or args.tune_replicates < 2:
+        raise ConfigError(
+            f"--replicates {args.replicates} --tune-replicates {args.tune_replicates}: a paired test needs at least 2"
+        )
+    datasets = tuple(args.data.split(","))
+    unknown = [d for d in (*datasets, args.tune_on) if d not in DATASETS]
+    if unknown:
+        raise ConfigError(f"study: unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    summary = study(
+        args.out,
+        args.quick,
+        args.replicates,
+        datasets,
+        progress=not args.no_progress,
+        tune_replicates=args.tune_replicates,
+        tune_on=args.tune_on,
+    )
+    print(f"chosen on the tuning split ({args.tune_on}): {summary['chosen'] or 'none'}")
     for name, data in summary["datasets"].items():
         print(
-            f"{name}: "
+            f"held-out {name}: "
             + (
                 f"{data['best']} beats the baseline"
                 if data["best"]
@@ -124,6 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
     if world_from_env()[0] == 0:  # under torchrun, rank 0 speaks for all
         print(markdown_table(results["members"]))
         print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
+        if results["collapse_note"]:
+            print(f"warning: {results['collapse_note']}", file=sys.stderr)
     return 0
 
 

@@ -94,15 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "study",
-        help="does any MFR setting beat the baseline where the truth is known? (grid x replicates)",
-        description="Train the baseline and MFR over a grid of beta x similarity form on learnable and on the "
-        "paper's synthetic data, with independent replicates; writes DIR/report.md (the verdict "
-        "first), DIR/results.json and DIR/fig_fvu_mcc.png. Finished runs in DIR are reused.",
+        help="which MFR setting, chosen on tuning data, beats the baseline on held-out data? (replicates)",
+        description="Train the baseline and candidate MFR settings on a tuning split of learnable data, pick one, "
+        "then judge it and the defaults against the baseline on held-out splits (other true features, other "
+        "replicates) of several datasets and sizes; writes DIR/report.md (the verdict first), DIR/results.json "
+        "and DIR/fig_fvu_mcc.png. Finished runs in DIR are reused.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small data and short runs: about 7 minutes on 2 CPU cores")
-    p.add_argument("--replicates", type=int, default=5, help="independent replicates per setting (>= 2)")
-    p.add_argument("--data", choices=["both", "learnable", "paper"], default="both", help="which datasets")
+    p.add_argument("--quick", action="store_true", help="small data and short runs: about 10 minutes on 2 CPU cores")
+    p.add_argument("--replicates", type=int, default=5, help="independent held-out replicates per setting (>= 2)")
+    p.add_argument("--tune-replicates", type=int, default=3, help="independent tuning replicates per setting (>= 2)")
+    p.add_argument("--tune-on", default="learnable", help="the dataset whose tuning split chooses the setting")
+    p.add_argument(
+        "--data",
+        default="learnable,learnable-large,paper",
+        help="held-out datasets, comma-separated: learnable (h 1,024), learnable-large (h 4,096), paper",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 
     p = commands.add_parser(

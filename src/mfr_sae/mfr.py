@@ -1,8 +1,10 @@
 """Mutual Feature Regularization (SPEC section 4): the auxiliary penalty and the run's MFR state.
 
 Penalty: P = beta * w(t) * mean over member pairs (a, b) of (1 - MMCS(a, b)) (MMCS: mmcs.py), with w(t)
-a cosine warmup and beta either given or `auto`: set at the first step so that P equals the mean
-reconstruction loss of the members (times a factor with `0.02*auto`).
+a cosine warmup and beta given, `auto` (the paper: set at the first step so that P equals the mean
+reconstruction loss of the members, times a factor with `0.02*auto`, and kept), or `recon`: beta_t =
+factor x (running mean of the reconstruction loss) / (1 - MMCS at the first step), so that the penalty keeps
+its weight against the reconstruction loss while that loss falls by orders of magnitude during training.
 
 MMCS comes from matches of the decoder rows, recomputed every `match_every` steps and kept in between
 (exact at a re-matching step, cheap between; exact `max` matching every step is certified, certified.py),
@@ -44,6 +46,8 @@ from mfr_sae.mmcs import (
 from mfr_sae.reinit import ReinitRule
 from mfr_sae.ring import Stream, linked_product, stream_shards
 
+RECON_MEAN_RATE = 0.01  # beta=recon: the running mean of the reconstruction loss spans about 100 steps
+
 
 def warmup_weight(step: int, warmup_steps: int) -> float:
     """Cosine ramp from 0 to 1: 0.5 * (1 - cos(pi * t / W)) for t < W, then 1."""
@@ -69,17 +73,18 @@ class MutualRegularizer:
         self.cfg, self.ks, self.enabled, self.column_dtype = cfg, list(ks), cfg.enabled, column_dtype
         self.shard = shard or Shard(len(ks))
         self.reinit = ReinitRule(cfg, ks, self.shard)
-        factor, relative = beta_parts(cfg.beta) or (1.0, True)
-        # beta: None until auto sets it at the first step (beta_factor times the auto value)
-        self.beta_factor = factor if relative else None
-        self.beta: float | None = factor if cfg.enabled and not relative else None
+        self.beta_factor, self.beta_kind = beta_parts(cfg.beta) or (1.0, "auto")
+        # beta: None until auto or recon sets it at the first step (recon: anew every step)
+        self.beta: float | None = self.beta_factor if cfg.enabled and self.beta_kind == "fixed" else None
+        self.start_distance: float | None = None  # recon: 1 - MMCS at the first step
+        self.recon_mean: float | None = None  # recon: running mean of the members' reconstruction loss
         self.matches: dict[Pair, Tensor] = {}  # [2, h] for each pair of this rank's members
         self.links: dict[int, Links] = {}  # L's block (own members, shard from member m) by m, till re-matching
         self.decoders_in: Stream | None = None  # across processes: the decoders of all shards, streaming in
         self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
         # exact every step (`max`): matched anew only where the bounds cannot certify a match;
         # None matches every row every step (the reference of tests/test_certified.py, bench/certified.py)
-        certify = cfg.match_every == 1 and cfg.mmcs == "max"
+        certify = cfg.match_every == 1 and cfg.mmcs == "max" and cfg.max_cosine >= 1
         self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify and self.shard.world == 1 else None
         # across processes, each pair is matched by one rank as the decoders pass: one certified matcher a pair
         self.pair_certified: dict[Pair, CertifiedMaxMatcher] | None = {} if certify and self.shard.world > 1 else None
@@ -87,16 +92,15 @@ class MutualRegularizer:
 
     @property
     def penalty_on(self) -> bool:
-        if self.beta is None:  # auto, set at the first step
-            return self.enabled and self.beta_factor != 0
-        return self.enabled and self.beta > 0
+        return self.enabled and self.beta_factor > 0
 
     # ------------------------------------------------------------------ penalty
 
     def penalty(self, weight: Tensor, step: int, recon_loss: Callable[[], float]) -> tuple[Tensor, dict[str, float]]:
         """beta * w(step) * mean over pairs (1 - MMCS); weight [n, h, d]: this rank's members' decoder rows
         (any norm; all N in one process), the gradient reaching them being that of the whole penalty.
-        recon_loss: the mean reconstruction loss of all members (asked for once, by beta=auto)."""
+        recon_loss: the mean reconstruction loss of all members (asked for once by beta=auto, every step by
+        recon)."""
         logged: dict[str, float] = {}
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
             mmcs = dense_mmcs(unit_rows(self.shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
@@ -109,11 +113,15 @@ class MutualRegularizer:
             if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
                 logged["match_stale_frac"] = self.stale_frac = stale
         distance = 1 - mmcs
-        if self.beta is None:
+        if self.beta_kind == "recon":
+            self.beta = self._recon_beta(distance.item(), recon_loss())
+        elif self.beta is None:
             self.beta = self._auto_beta(distance.item(), recon_loss)
         penalty_weight = self.beta * warmup_weight(step, self.cfg.warmup_steps)
         penalty = penalty_weight * distance
-        logged.update(penalty=penalty.item(), penalty_weight=penalty_weight, pairwise_mmcs=mmcs.item())
+        logged.update(
+            penalty=penalty.item(), penalty_weight=penalty_weight, beta_effective=self.beta, pairwise_mmcs=mmcs.item()
+        )
         return penalty, logged
 
     def match_log(self) -> dict[str, float]:
@@ -128,15 +136,25 @@ class MutualRegularizer:
 
     def _auto_beta(self, distance: float, recon_loss: Callable[[], float]) -> float:
         """beta=auto: the penalty equals the reconstruction loss at the start (times beta_factor)."""
+        return self.beta_factor * recon_loss() / self._first_distance(distance)
+
+    def _recon_beta(self, distance: float, recon_loss: float) -> float:
+        """beta=recon: beta_factor x the running mean of the reconstruction loss (about the last 100 steps) over
+        the distance at the first step."""
+        if self.start_distance is None:
+            self.start_distance = self._first_distance(distance)
+        mean = self.recon_mean
+        self.recon_mean = recon_loss if mean is None else mean + RECON_MEAN_RATE * (recon_loss - mean)
+        return self.beta_factor * self.recon_mean / self.start_distance
+
+    def _first_distance(self, distance: float) -> float:
+        """1 - MMCS at the first step, which auto and recon divide by."""
         if distance <= 1e-8:
             raise ConfigError(
-                "mfr.beta=auto: the members start identical (pairwise MMCS = 1), "
+                f"mfr.beta={self.cfg.beta}: the members start identical (pairwise MMCS = 1), "
                 "so no beta makes the penalty equal the loss; set mfr.beta to a number"
             )
-        # beta is unset only with beta=auto (which sets beta_factor) or with MFR off, when penalty_on is
-        # false and the trainer never asks for the penalty
-        assert self.beta_factor is not None
-        return self.beta_factor * recon_loss() / distance
+        return distance
 
     def _matched_mmcs(self, weight: Tensor, rematch: bool) -> Tensor:
         """Mean over pairs of MMCS = sum(D * (L @ D)), from the matches (made anew when `rematch`); across
@@ -170,7 +188,9 @@ class MutualRegularizer:
         elif rematch:
             unit = F.normalize(columns, dim=-1).view(n, h, d)
             pairs = member_pairs(n)  # all pairs at once: their assignments side by side
-            matched = match_pairs([(unit[a], unit[b]) for a, b in pairs], self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
+            cfg = self.cfg
+            columns_of = [(unit[a], unit[b]) for a, b in pairs]
+            matched = match_pairs(columns_of, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine)
             self.matches = dict(zip(pairs, matched))
         if not self.links:  # one block: all members' rows to all members' rows
             self.links[0] = links_between(self.matches, range(n), range(n), h, n_member_pairs(n), weight.device)
@@ -184,7 +204,8 @@ class MutualRegularizer:
         """The matches [2, h] of a pair from its members' unit rows; across processes with exact `max`
         matching, certified by the pair's own matcher (one process certifies all pairs at once)."""
         if self.pair_certified is None:
-            return match_pair(a, b, self.cfg.mmcs, min_cosine=self.cfg.min_cosine)
+            cfg = self.cfg
+            return match_pair(a, b, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine)
         matcher = self.pair_certified.setdefault(pair, CertifiedMaxMatcher(self.cfg.min_cosine))
         return matcher.match(torch.stack([a, b]))[(0, 1)]
 
@@ -236,7 +257,8 @@ class MutualRegularizer:
         firing history is None on the other ranks)."""
         tensors = {"mfr.matches": self._all_matches()} if self.matches else {}
         reinit_tensors, reinit_meta = self.reinit.state()
-        return tensors | reinit_tensors, {"beta": self.beta, **reinit_meta}
+        beta_meta = {"beta": self.beta, "beta_start_distance": self.start_distance, "recon_mean": self.recon_mean}
+        return tensors | reinit_tensors, beta_meta | reinit_meta
 
     def _all_matches(self) -> Tensor:
         """The matches of every pair [P, 2, h], on every rank: each rank knows the pairs of its own members,
@@ -250,6 +272,7 @@ class MutualRegularizer:
         """From `state()` of a run on any number of processes, its firing history cut to this rank's members
         (mfr.history.*; mfr.matches whole)."""
         self.beta = meta["beta"]
+        self.start_distance, self.recon_mean = meta.get("beta_start_distance"), meta.get("recon_mean")
         self.reinit.load_state(tensors, meta)
         own_members = range(self.shard.start, self.shard.stop)
         saved = zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", []))

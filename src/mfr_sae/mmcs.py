@@ -1,8 +1,9 @@
 """MMCS between the decoders of an ensemble's members (SPEC section 4), and its matched form.
 
-MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), or the mean cosine of
-a one-to-one Hungarian matching (`hungarian`); a match whose cosine is below min_cosine counts 0 (the
-thresholded form).
+MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), the mean cosine of
+a one-to-one Hungarian matching (`hungarian`), or of the mutual nearest neighbours (`mnn`: i and j matched
+when each is the other's best; the rest count 0); a match whose cosine is below min_cosine (the thresholded
+form) or above max_cosine (the ceiling: agreement, not identity) counts 0 and is not pulled.
 
 The gradient of a max flows only through its arg-max, so the penalty splits in two:
 1. matching, without autograd and in chunks: for each row of a its partner in b and for each row of b
@@ -28,7 +29,7 @@ from mfr_sae.kernels import inverse_norms
 from mfr_sae.metrics import CHUNK_ROWS, hungarian_matches
 
 Pair = tuple[int, int]  # two members (a, b), a < b
-NO_MATCH = -1  # a row whose match falls below min_cosine: not linked
+NO_MATCH = -1  # a row without a match (outside [min_cosine, max_cosine], or no mutual best): not linked
 
 
 def member_pairs(n_members: int) -> list[Pair]:
@@ -49,17 +50,29 @@ TIE_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def match_pair(a: Tensor, b: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
+def match_pair(
+    a: Tensor,
+    b: Tensor,
+    mode: str = "max",
+    chunk: int = CHUNK_ROWS,
+    min_cosine: float = -1.0,
+    max_cosine: float = 1.0,
+) -> Tensor:
     """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
-    directions from one chunked pass); `hungarian`: a one-to-one assignment and its inverse. A match
-    whose cosine is below min_cosine is NO_MATCH."""
-    return match_pairs([(a, b)], mode, chunk, min_cosine)[0]
+    directions from one chunked pass); `mnn`: those arg-maxes kept where they are mutual; `hungarian`: a
+    one-to-one assignment and its inverse. A match whose cosine is outside [min_cosine, max_cosine) is
+    NO_MATCH (no ceiling at max_cosine >= 1)."""
+    return match_pairs([(a, b)], mode, chunk, min_cosine, max_cosine)[0]
 
 
 @torch.no_grad()
 def match_pairs(
-    pairs: Sequence[tuple[Tensor, Tensor]], mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    mode: str = "max",
+    chunk: int = CHUNK_ROWS,
+    min_cosine: float = -1.0,
+    max_cosine: float = 1.0,
 ) -> list[Tensor]:
     """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
     (`metrics.hungarian_matches`)."""
@@ -67,26 +80,42 @@ def match_pairs(
     if mode != "hungarian":
         for a, b in pairs:
             (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
+            if mode == "mnn":
+                a_to_b, b_to_a = mutual_matches(a_to_b, b_to_a)
             matched.append((torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])))
     else:
         for (a, _), (rows, cols, _) in zip(pairs, hungarian_matches([(a, b, False) for a, b in pairs])):
             a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
             matched.append((torch.stack([a_to_b, torch.argsort(a_to_b)]), None))  # cosines taken only for a threshold
-    return [_thresholded(a, b, matches, cosines, min_cosine) for (a, b), (matches, cosines) in zip(pairs, matched)]
+    return [
+        _thresholded(a, b, matches, cosines, min_cosine, max_cosine)
+        for (a, b), (matches, cosines) in zip(pairs, matched)
+    ]
 
 
-def _thresholded(a: Tensor, b: Tensor, matches: Tensor, cosines: Tensor | None, min_cosine: float) -> Tensor:
-    """matches [2, h] with those whose cosine (given, or taken here) is below min_cosine set to NO_MATCH."""
-    if min_cosine <= -1:
+def mutual_matches(a_to_b: Tensor, b_to_a: Tensor) -> tuple[Tensor, Tensor]:
+    """Each side's best matches [h] kept only where they are mutual (i's best is j and j's best is i), the
+    others NO_MATCH: a partial one-to-one matching."""
+    a_kept = b_to_a[a_to_b] == torch.arange(len(a_to_b), device=a_to_b.device)
+    b_kept = a_to_b[b_to_a] == torch.arange(len(b_to_a), device=b_to_a.device)
+    return a_to_b.masked_fill(~a_kept, NO_MATCH), b_to_a.masked_fill(~b_kept, NO_MATCH)
+
+
+def _thresholded(
+    a: Tensor, b: Tensor, matches: Tensor, cosines: Tensor | None, min_cosine: float, max_cosine: float
+) -> Tensor:
+    """matches [2, h] with those whose cosine (given, or taken here) is below min_cosine, or at least max_cosine
+    (below 1), set to NO_MATCH."""
+    if min_cosine <= -1 and max_cosine >= 1:
         return matches
     if cosines is None:
         cosines = torch.stack([torch.linalg.vecdot(a, b[matches[0]]), torch.linalg.vecdot(b, a[matches[1]])])
-    linked = torch.stack(
-        [
-            at_least(cosines[0], a, b[matches[0]], min_cosine),
-            at_least(cosines[1], b, a[matches[1]], min_cosine),
-        ]
-    )
+    linked = matches != NO_MATCH
+    for side, (rows, partners) in enumerate([(a, b[matches[0]]), (b, a[matches[1]])]):
+        if min_cosine > -1:
+            linked[side] &= at_least(cosines[side], rows, partners, min_cosine)
+        if max_cosine < 1:
+            linked[side] &= ~at_least(cosines[side], rows, partners, max_cosine)
     return matches.masked_fill(~linked, NO_MATCH)
 
 
@@ -157,12 +186,14 @@ def at_least(cosine: Tensor, rows: Tensor, partners: Tensor, min_cosine: float) 
     return linked
 
 
-def match_all(decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0) -> Tensor:
+def match_all(
+    decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0, max_cosine: float = 1.0
+) -> Tensor:
     """Matches of every member pair, in `member_pairs` order: [P, 2, h]."""
     pairs = member_pairs(len(decoder))
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
-    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, min_cosine))
+    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, min_cosine, max_cosine))
 
 
 def changed_fraction(old: dict[Pair, Tensor], new: dict[Pair, Tensor]) -> float | None:

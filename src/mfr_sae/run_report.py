@@ -42,6 +42,7 @@ class RunReport:
         self.ground_truth, self.ground_truth_layout = ground_truth, ground_truth_layout
         self.ensemble, self.firing, self.mfr = ensemble, firing, mfr
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
+        self._agreement: tuple[int, dict[str, float | None]] | None = None  # (step, pairwise_mmcs) last measured
 
     def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
@@ -73,7 +74,7 @@ class RunReport:
             "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
             "mse": mse.tolist(),
             "l0": l0.tolist(),
-            **{k: logs[k] for k in ("penalty", "penalty_weight", "pairwise_mmcs") if k in logs},
+            **{k: logs[k] for k in ("penalty", "penalty_weight", "beta_effective", "pairwise_mmcs") if k in logs},
             **self.mfr.match_log(),
             "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],
         }
@@ -88,9 +89,11 @@ class RunReport:
             "samples": step * cfg.train.batch_size,
             "train_seconds": round(seconds, 3),
             "mfr": cfg.mfr.enabled,
-            **self._pairwise_mmcs(),
+            **(agreement := self.pairwise_mmcs(step)),
+            **collapse_report(agreement["pairwise_mmcs_hungarian"]),
             "beta": self.mfr.beta,
             "reinit_events": self.mfr.events,
+            "reinit_count": self.mfr.attempts,
             "lm": lm,
             "ground_truth": None
             if self.ground_truth is None
@@ -108,10 +111,32 @@ class RunReport:
             "config": cfg.to_dict(),
         }
 
-    def _pairwise_mmcs(self) -> dict[str, float | None]:
-        """pairwise_mmcs of all members, computed on rank 0 and sent to the others."""
+    def pairwise_mmcs(self, step: int) -> dict[str, float | None]:
+        """pairwise_mmcs (`max` and one-to-one) of all members at `step`, computed on rank 0 and sent to the
+        others (a collective: every rank calls it); kept for a second call at the same step."""
+        if self._agreement is not None and self._agreement[0] == step:
+            return self._agreement[1]
         decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
-        return self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
+        measured = self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
+        self._agreement = (step, measured)
+        return measured
 
     def _dead_measured(self) -> list[bool]:
         return dead_measured(self.mfr.steps_since_init, self.cfg.train.batch_size, self.cfg.eval.dead_window)
+
+
+# members whose one-to-one agreement passes this are copies of one another, not an ensemble
+COLLAPSE_MMCS = 0.99
+
+
+def collapse_report(one_to_one_mmcs: float | None) -> dict[str, Any]:
+    """results.json's `collapsed` (the members' mean one-to-one MMCS above COLLAPSE_MMCS) and, when they are,
+    a note saying so."""
+    collapsed = one_to_one_mmcs is not None and one_to_one_mmcs > COLLAPSE_MMCS
+    note = (
+        f"the members collapsed into copies of one another (one-to-one pairwise MMCS {one_to_one_mmcs:.4f} > "
+        f"{COLLAPSE_MMCS}): an ensemble of one SAE; lower mfr.beta or set mfr.max_cosine"
+        if collapsed
+        else None
+    )
+    return {"collapsed": collapsed, "collapse_note": note}

@@ -1,18 +1,21 @@
-"""`mfr-sae study`: does any MFR setting give better SAEs than the baseline where the truth is known?
+"""`mfr-sae study`: which MFR setting, chosen on tuning data, gives better SAEs than the baseline on held-out
+data it never saw, where the truth is known?
 
-A grid of settings (the baseline, and beta in {0.001, 0.01, 0.1, 1} x auto for each similarity form:
-the paper's `max`, the one-to-one `hungarian`, and `max` thresholded at cosine 0.7) is trained on two
-datasets with known true features: `learnable` (independent Zipf firing, where a TopK baseline recovers
-most features) and `paper` (the paper's grouped generator, where no method isolates single features).
+1. Tuning: the baseline and the candidate settings (CANDIDATES: similarity form x beta, a ceiling) on one
+   dataset's TUNING split (true features data.seed 0, replicates 0..R-1); the setting chosen is the largest
+   MCC gain that keeps FVU and twin_frac (`choose`).
+2. Held-out: the baseline, the chosen setting and the defaults of mfr.* (DEFAULT_SETTING) on the HELD-OUT
+   split of every dataset (other true features, data.seed 1; other replicates, 100..100+R-1), sizes and
+   families the choice never saw. The verdict is this split's, Holm-corrected over every held-out MCC test.
 
-Replicate r is independent of the others: its own sample stream (data.stream_seed = r) and its own
-initialisation (train.seed = r); the true features of a dataset are fixed (data.seed), so that ensembles
-of different replicates can be compared latent by latent. Every setting of replicate r sees the same
-samples and starts from the same weights as the baseline of replicate r: tests are paired over
-replicates. Per run: MCC to the truth, FVU, twin_frac and gt_distinct (means over members); per setting,
-agreement ACROSS replicates (PW-MCC of member m of one replicate's ensemble against member m of
-another's). `analyse` makes the tests (stats.py); study_report.py
-writes the report.
+Replicate r is independent of the others: its own sample stream (data.stream_seed) and its own
+initialisation (train.seed); the true features of a split are fixed, so that ensembles of different
+replicates can be compared latent by latent. Every setting of replicate r sees the same samples and starts
+from the same weights as the baseline of replicate r: tests are paired over replicates. Per run: MCC to the
+truth, FVU, twin_frac, gt_distinct and silent_frac (means over members) and the members' one-to-one
+agreement (pairwise_mmcs_hungarian: above 0.99 they are copies); per setting, agreement ACROSS replicates
+(PW-MCC of member m of one replicate's ensemble against member m of another's). `analyse` makes the tests
+(stats.py); study_report.py writes the report.
 """
 
 from __future__ import annotations
@@ -31,23 +34,30 @@ from mfr_sae.checkpoint import load
 from mfr_sae.compare import decoder_agreement
 from mfr_sae.config import PAPER_MFR, RunConfig, load_config
 from mfr_sae.reproduce import RunTracker, machine
+from mfr_sae.run_report import COLLAPSE_MMCS
 from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, t_half_width
 from mfr_sae.study_report import write_report
 
-BETA_FACTORS = (0.001, 0.01, 0.1, 1.0)
-FORMS = {  # similarity form -> its mfr.* settings (hungarian re-matched every 10 steps: scipy's solver)
-    "max": ["mfr.mmcs=max"],
-    "hungarian": ["mfr.mmcs=hungarian", "mfr.match_every=10"],
-    "max>0.7": ["mfr.mmcs=max", "mfr.min_cosine=0.7"],
+# every MFR candidate: matched anew every 10 steps, no reinitialisation (it never fired on learnable data and
+# fired at every check until its cap on SmolLM2 activations: RESULTS.md)
+MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
+CANDIDATES = {
+    "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults before the held-out study
+    "hungarian 1*recon": ("mfr.mmcs=hungarian", "mfr.beta=1*recon"),
+    "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
+    "mnn 1*recon": ("mfr.mmcs=mnn", "mfr.beta=1*recon"),
+    "mnn 1*recon cap0.95": ("mfr.mmcs=mnn", "mfr.beta=1*recon", "mfr.max_cosine=0.95"),
 }
+DEFAULT_SETTING = "hungarian 0.1*auto"  # the candidate whose settings are the defaults of mfr.*
 BASELINE = "baseline"
-MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct")
+MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
+RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
 # "without losing FVU": the 95% CI of the FVU difference stays below 1% of the baseline's FVU
 FVU_MARGIN = 0.01
 # a setting fit to be the default also keeps its members' twin fraction within this of the baseline's
 TWIN_TOLERANCE = 0.02
-FEATURE_SEED = 0  # the true features of every dataset; replicates vary the samples and the initialisation
-
+# tuning and held-out data: their own true features and their own replicates (sample streams, initialisations)
+SPLITS = {"tuning": {"feature_seed": 0, "first_replicate": 0}, "heldout": {"feature_seed": 1, "first_replicate": 100}}
 DATASETS = {
     # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
     "learnable": {
@@ -80,6 +90,38 @@ DATASETS = {
             "eval.n_samples=5000",
         ],
     },
+    # the same family four times larger (the size at which the defaults of h = 1,024 turned into a loss, issue 26):
+    # 4,096 features in 256 dimensions, ~22 active, 3 members with h = n
+    "learnable-large": {
+        "full": [
+            "data.firing=independent",
+            "data.d=256",
+            "data.n_features=4096",
+            "data.mean_active=22",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=4096",
+            "sae.k=22",
+            "train.n_samples=1000000",
+            "train.batch_size=1024",
+            "eval.n_samples=10000",
+        ],
+        "quick": [
+            "data.firing=independent",
+            "data.d=96",
+            "data.n_features=768",
+            "data.mean_active=8",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=768",
+            "sae.k=8",
+            "train.n_samples=150000",
+            "train.batch_size=512",
+            "eval.n_samples=5000",
+        ],
+    },
     # the paper's generator and SAEs (SPEC sections 1-2), 2 members, 400 steps of 1,000 vectors
     "paper": {
         "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
@@ -96,7 +138,7 @@ DATASETS = {
         ],
     },
 }
-COMMON = ["train.checkpoint_every=0", "train.log_every=50", f"data.seed={FEATURE_SEED}", *PAPER_MFR]
+COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
 
 
 @dataclass(frozen=True)
@@ -110,31 +152,31 @@ class Setting:
 
 
 def settings() -> list[Setting]:
-    """The baseline, then every form x beta factor."""
+    """The baseline, then every candidate."""
     grid = [Setting(BASELINE, ("mfr.enabled=false",))]
-    for form, overrides in FORMS.items():
-        for factor in BETA_FACTORS:
-            grid.append(
-                Setting(f"{form} {factor:g}*auto", ("mfr.enabled=true", f"mfr.beta={factor:g}*auto", *overrides))
-            )
-    return grid
+    return grid + [Setting(name, (*MFR_COMMON, *overrides)) for name, overrides in CANDIDATES.items()]
 
 
-def run_config(dataset: str, setting: Setting, replicate: int, quick: bool, extra: Sequence[str] = ()) -> RunConfig:
+def run_config(
+    dataset: str, setting: Setting, replicate: int, quick: bool, extra: Sequence[str] = (), split: str = "tuning"
+) -> RunConfig:
+    """Replicate `replicate` of a setting on a dataset's split (its true features and replicate seeds)."""
     scale = DATASETS[dataset]["quick" if quick else "full"]
+    seed = SPLITS[split]["first_replicate"] + replicate
     return load_config(
         None,
         COMMON
         + scale
         + list(extra)
         + list(setting.overrides)
-        + [f"data.stream_seed={replicate}", f"train.seed={replicate}"],
+        + [f"data.seed={SPLITS[split]['feature_seed']}", f"data.stream_seed={seed}", f"train.seed={seed}"],
     )
 
 
 def member_means(results: dict[str, Any]) -> dict[str, float]:
-    """A run's measures, each the mean over its members."""
-    return {key: float(np.mean([m[key] for m in results["members"]])) for key in MEASURES}
+    """A run's measures: each member measure the mean over its members, and the ensemble's own."""
+    means = {key: float(np.mean([m[key] for m in results["members"]])) for key in MEASURES}
+    return means | {key: float(results[key]) for key in RUN_MEASURES}
 
 
 def agreement(decoders_a, decoders_b) -> float:
@@ -152,21 +194,27 @@ def agreement_matrix(decoders: list, progress: bool = False) -> np.ndarray:
 
 
 def run_dataset(
-    out: Path, dataset: str, replicates: int, quick: bool, progress: bool, extra: Sequence[str] = ()
+    out: Path,
+    dataset: str,
+    grid: list[Setting],
+    replicates: int,
+    quick: bool,
+    progress: bool,
+    extra: Sequence[str] = (),
+    split: str = "tuning",
 ) -> dict[str, Any]:
-    """Train (or reuse) every setting on every replicate of one dataset; per-run measures and the
-    agreement between the ensembles of every setting and the baseline's."""
-    grid = settings()
-    values: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in MEASURES} for s in grid}
+    """Train (or reuse) every setting of `grid` (the baseline first) on every replicate of one dataset's split;
+    per-run measures and the agreement between the ensembles of every setting and the baseline's."""
+    values: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in (*MEASURES, *RUN_MEASURES)} for s in grid}
     decoders: dict[str, list] = {s.name: [] for s in grid}
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
     started = time.perf_counter()
     tracker = RunTracker(len(jobs), out, progress, bars=False)
     for replicate, setting in jobs:
-        cfg = run_config(dataset, setting, replicate, quick, extra)
-        run_dir = out / dataset / setting.folder / f"rep{replicate}"
-        results = tracker.run(f"{dataset}: {setting.name}, replicate {replicate}", cfg, run_dir)
+        cfg = run_config(dataset, setting, replicate, quick, extra, split)
+        run_dir = out / split / dataset / setting.folder / f"rep{replicate}"
+        results = tracker.run(f"{split} {dataset}: {setting.name}, replicate {replicate}", cfg, run_dir)
         for key, value in member_means(results).items():
             values[setting.name][key].append(value)
         betas[setting.name].append(results["beta"])
@@ -190,7 +238,8 @@ def run_dataset(
         "betas": betas,
         "agreement": across,
         "baseline_agreement": base_matrix.tolist(),
-        "config": run_config(dataset, grid[0], 0, quick, extra).to_dict(),
+        "config": run_config(dataset, grid[0], 0, quick, extra, split).to_dict(),
+        "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in grid],
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -202,25 +251,76 @@ def study(
     datasets: tuple[str, ...] = ("learnable", "paper"),
     progress: bool = True,
     extra: Sequence[str] = (),
+    tune_replicates: int = 3,
+    tune_on: str = "learnable",
 ) -> dict[str, Any]:
-    """Run the grid on each dataset and write out/report.md, out/results.json and out/fig_fvu_mcc.png.
-    `extra` (section.field=value) changes every run, e.g. for a smaller test."""
+    """Choose a setting on `tune_on`'s tuning split, judge it (and the defaults) on the held-out split of each
+    dataset; write out/report.md, out/results.json and out/fig_fvu_mcc.png. `extra` (section.field=value)
+    changes every run, e.g. for a smaller test."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    raw = {name: run_dataset(out, name, replicates, quick, progress, extra) for name in datasets}
+    grid = settings()
+    tuning_data = run_dataset(out, tune_on, grid, tune_replicates, quick, progress, extra, "tuning")
+    tuning = {**tuning_data, **analyse(tuning_data, tune_replicates)}
+    chosen = choose(tuning)
+    judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
+    raw = {name: run_dataset(out, name, judged, replicates, quick, progress, extra, "heldout") for name in datasets}
+    analysed = {name: {**data, **analyse(data, replicates)} for name, data in raw.items()}
+    correct_across_datasets(analysed)
     summary = {
         "quick": quick,
         "replicates": replicates,
+        "tune_replicates": tune_replicates,
+        "tune_on": tune_on,
+        "chosen": chosen,
+        "default_setting": DEFAULT_SETTING,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
-        "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in settings()],
+        "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in grid],
         "fvu_margin": FVU_MARGIN,
         "twin_tolerance": TWIN_TOLERANCE,
-        "datasets": {name: {**data, **analyse(data, replicates)} for name, data in raw.items()},
+        "tuning": tuning,
+        "datasets": analysed,
     }
     write_report(out, summary)
     return summary
+
+
+def choose(tuning: dict[str, Any]) -> str | None:
+    """The setting the tuning split picks: the recommended winner (`analyse`), else the largest mean MCC gain
+    whose FVU is not worse and whose twin_frac stays near the baseline's (too few tuning replicates may prove
+    nothing, yet the held-out split judges the pick), else None."""
+    if tuning["recommended"]:
+        return tuning["recommended"]
+    rows = tuning["rows"]
+    fit = [
+        n
+        for n in rows
+        if n != BASELINE and rows[n]["fvu_not_worse"] and rows[n]["twin_ok"] and not rows[n]["collapsed"]
+    ]
+    gains = {n: rows[n]["tests"]["gt_mcc"]["mean_diff"] for n in fit}
+    positive = {n: g for n, g in gains.items() if g is not None and g > 0}
+    return max(positive, key=lambda n: positive[n]) if positive else None
+
+
+def correct_across_datasets(analysed: dict[str, dict[str, Any]]) -> None:
+    """Holm over every held-out MCC test (each setting on each dataset): `p_holm_all` beside each test's p_holm,
+    and `beats_baseline` judged by it."""
+    tests = [(name, setting) for name, data in analysed.items() for setting in data["rows"] if setting != BASELINE]
+    adjusted = holm([analysed[n]["rows"][s]["tests"]["gt_mcc"]["t_test_p"] for n, s in tests])
+    for (name, setting), p in zip(tests, adjusted):
+        row = analysed[name]["rows"][setting]
+        row["tests"]["gt_mcc"]["p_holm_all"] = p
+        row["beats_baseline"] = bool(row["beats_baseline"] and p is not None and p < ALPHA)
+    for data in analysed.values():
+        rows = data["rows"]
+        winners = [n for n in data["winners"] if rows[n]["beats_baseline"]]
+        data.update(
+            winners=winners,
+            best=winners[0] if winners else None,
+            recommended=next((n for n in winners if rows[n]["twin_ok"] and not rows[n]["collapsed"]), None),
+        )
 
 
 def describe(values: list[float]) -> dict[str, Any]:
@@ -237,7 +337,7 @@ def describe(values: list[float]) -> dict[str, Any]:
 def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
     """Every setting against the baseline of the same replicates: paired t-tests of the run measures, the
     permutation test of agreement across replicates, Holm's correction within each measure's family (the
-    12 settings), which settings beat the baseline on MCC without losing FVU (`winners`, largest gain
+    settings compared), which settings beat the baseline on MCC without losing FVU (`winners`, largest gain
     first), and the first of them whose twin fraction stays within TWIN_TOLERANCE of the baseline's
     (`recommended`: fit to be the default)."""
     values, names = data["values"], [n for n in data["values"] if n != BASELINE]
@@ -249,8 +349,9 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         if replicates > 1
         else None
     )
+    measured = [key for key in (*MEASURES, *RUN_MEASURES) if key in base]
     for name in names:
-        tests = {key: paired_test(values[name][key], base[key]) for key in MEASURES}
+        tests = {key: paired_test(values[name][key], base[key]) for key in measured}
         matrix = np.asarray(data["agreement"][name])
         tests["across_pw_mcc"] = paired_permutation_test(matrix, replicates)
         own = matrix[:replicates, :replicates]
@@ -258,7 +359,7 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
             describe([float(np.nanmean(np.delete(own[r], r))) for r in range(replicates)]) if replicates > 1 else None
         )
         rows[name]["tests"] = tests
-    for key in (*MEASURES, "across_pw_mcc"):
+    for key in (*measured, "across_pw_mcc"):
         p_key = "p" if key == "across_pw_mcc" else "t_test_p"
         for name, adjusted in zip(names, holm([rows[n]["tests"][key][p_key] for n in names])):
             rows[name]["tests"][key]["p_holm"] = adjusted
@@ -270,6 +371,8 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         rows[name]["fvu_not_worse"] = fvu_high is not None and fvu_high <= FVU_MARGIN * base_fvu
         twin = tests["twin_frac"]["mean_diff"]
         rows[name]["twin_ok"] = twin is not None and abs(twin) <= TWIN_TOLERANCE
+        # members that became copies of one another in any replicate: never fit to be the default
+        rows[name]["collapsed"] = any(v > COLLAPSE_MMCS for v in values[name].get("pairwise_mmcs_hungarian", []))
         rows[name]["beats_baseline"] = bool(
             rows[name]["fvu_not_worse"]
             and mcc["mean_diff"] is not None
@@ -280,7 +383,7 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
     winners = sorted(
         (n for n in names if rows[n]["beats_baseline"]), key=lambda n: -rows[n]["tests"]["gt_mcc"]["mean_diff"]
     )
-    recommended = [n for n in winners if rows[n]["twin_ok"]]
+    recommended = [n for n in winners if rows[n]["twin_ok"] and not rows[n]["collapsed"]]
     return {
         "rows": rows,
         "winners": winners,

@@ -254,14 +254,16 @@ class Trainer:
                     log.write(record)
                     bar.show_record(record)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < n_steps:
-                    log.write({"step": self.step, "eval": self.report.evaluate()[0]})
+                    members = self.report.evaluate()[0]
+                    log.write({"step": self.step, "eval": members, **self.report.pairwise_mmcs(self.step)})
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     log.write(None)  # the window lines up to the checkpoint
                     log.flush()
                     self.save()
             bar.close()
             members, lm = self.report.evaluate(lm=True)
-            log.write({"step": self.step, "eval": members, **({"lm": lm} if lm else {})})
+            agreement = self.report.pairwise_mmcs(self.step)
+            log.write({"step": self.step, "eval": members, **agreement, **({"lm": lm} if lm else {})})
         finally:
             bar.close()
         return members, lm

@@ -123,23 +123,33 @@ class MFRConfig:
     enabled: bool = False
     """Mutual Feature Regularization (penalty and reinitialisation); false: the baseline, same code."""
     beta: float | str = "0.1*auto"
-    """Penalty coefficient; `auto` (the paper) makes the penalty equal the reconstruction loss at the start;
-    `0.1*auto` a fraction of that (the same "small" on every dataset); a number sets it. 0: no penalty."""
+    """Penalty coefficient; `auto` (the paper) makes the penalty equal the reconstruction loss at the start and
+    keeps that beta; `0.1*auto` a fraction of it; `0.1*recon` follows the reconstruction loss as it is now:
+    beta = 0.1 x (running mean of the members' reconstruction loss) / (1 - MMCS at the first step), so members
+    as far apart as at the start pay a tenth of the current loss (logged as `beta_effective`); a number sets
+    it. 0: no penalty."""
     warmup_steps: int = 100
     """The penalty's weight ramps from 0 to beta along a cosine over this many steps."""
     mmcs: str = "hungarian"
-    """Similarity of two decoders: `hungarian` (one-to-one matched latents) or `max` (the paper: mean max
-    cosine, both directions; it rewards folding many latents onto one direction)."""
+    """Similarity of two decoders: `hungarian` (one-to-one matched latents, an assignment), `mnn` (mutual nearest
+    neighbours: a latent is matched only to the latent whose own best match it is; one-to-one, partial, from
+    the one similarity product per pair that `max` needs) or `max` (the paper: mean max cosine, both
+    directions; it rewards folding many latents onto one direction)."""
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
+    max_cosine: float = 1.0
+    """Ceiling, against collapse: matched latents whose cosine is above this (when matched) are not pulled
+    further (agreement, not identity); 1: no ceiling (the paper)."""
     match_every: int = 10
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
     measures how many matches had changed. 1: exact every step (with `max`, certified: only
     rows whose match a bound cannot vouch for are matched again, `match_rematched_frac` in the log);
     0: the naive dense penalty, `max` only."""
-    reinit_window: int = 100
-    """Check a member for reinitialisation during its first this-many steps after (re)initialisation; 0: never."""
+    reinit_window: int = 0
+    """Check a member for reinitialisation during its first this-many steps after (re)initialisation; 0: never
+    (the default: the rule never fired on learnable data and, on SmolLM2 activations, fired at every check
+    until its cap: RESULTS.md; the paper's 100 is in PAPER_MFR). results.json's `reinit_count`: how often."""
     reinit_threshold: float = 2.5
     """Re-initialise a member when M = mean_j (|p_j - k/h| / (k/h))^3 exceeds this."""
     reinit_samples: int = 10_000
@@ -175,6 +185,7 @@ PAPER_MFR = [
     "mfr.warmup_steps=100",
     "mfr.mmcs=max",
     "mfr.min_cosine=-1",
+    "mfr.max_cosine=1",
     "mfr.match_every=1",
     "mfr.reinit_window=100",
     "mfr.reinit_threshold=2.5",
@@ -183,20 +194,21 @@ PAPER_MFR = [
 ]
 DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
 FIRING_KINDS = ("groups", "independent")
+MMCS_FORMS = ("hungarian", "mnn", "max")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")
 
 
-def beta_parts(beta: float | str) -> tuple[float, bool] | None:
-    """mfr.beta as (factor, relative to auto): `auto` -> (1, True), `0.02*auto` -> (0.02, True), 0.5 ->
-    (0.5, False); None when it is none of these."""
+def beta_parts(beta: float | str) -> tuple[float, str] | None:
+    """mfr.beta as (factor, kind): `auto` -> (1, "auto"), `0.02*auto` -> (0.02, "auto"), `0.1*recon` ->
+    (0.1, "recon"), 0.5 -> (0.5, "fixed"); None when it is none of these."""
     if isinstance(beta, (int, float)) and not isinstance(beta, bool):
-        return (float(beta), False) if beta >= 0 else None
+        return (float(beta), "fixed") if beta >= 0 else None
     text = str(beta).replace(" ", "")
-    if text == "auto":
-        return 1.0, True
+    if text in ("auto", "recon"):
+        return 1.0, text
     factor, sep, rest = text.partition("*")
     try:
         value = float(factor)
     except ValueError:
         return None
-    return (value, True) if sep and rest == "auto" and value >= 0 else None
+    return (value, rest) if sep and rest in ("auto", "recon") and value >= 0 else None

@@ -11,6 +11,7 @@ from mfr_sae.config.fields import (
     DATA_KINDS,
     EEG_NOISE_KINDS,
     FIRING_KINDS,
+    MMCS_FORMS,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -108,12 +109,20 @@ class RunConfig:
         _check(e.every >= 0, f"eval.every={e.every}: must be >= 0")
         _check(0 < e.recovered_threshold <= 1, f"eval.recovered_threshold={e.recovered_threshold}: must be in (0, 1]")
         m = self.mfr
-        _check(beta_parts(m.beta) is not None, f"mfr.beta={m.beta!r}: must be auto, a number >= 0, or NUMBER*auto")
-        _check(-1 <= m.min_cosine <= 1, f"mfr.min_cosine={m.min_cosine}: must be in [-1, 1]")
-        _check(m.mmcs in ("max", "hungarian"), f"mfr.mmcs={m.mmcs!r}: must be max or hungarian")
         _check(
-            not (m.mmcs == "hungarian" and m.match_every == 0),
-            "mfr.mmcs=hungarian needs mfr.match_every >= 1 (a matching has no dense form)",
+            beta_parts(m.beta) is not None,
+            f"mfr.beta={m.beta!r}: must be auto, recon, a number >= 0, NUMBER*auto or NUMBER*recon",
+        )
+        _check(-1 <= m.min_cosine <= 1, f"mfr.min_cosine={m.min_cosine}: must be in [-1, 1]")
+        _check(-1 <= m.max_cosine <= 1, f"mfr.max_cosine={m.max_cosine}: must be in [-1, 1]")
+        _check(
+            m.min_cosine < m.max_cosine, f"mfr.min_cosine={m.min_cosine} must be below mfr.max_cosine={m.max_cosine}"
+        )
+        _check(m.mmcs in MMCS_FORMS, f"mfr.mmcs={m.mmcs!r}: must be one of {', '.join(MMCS_FORMS)}")
+        _check(
+            m.match_every > 0 or (m.mmcs == "max" and m.max_cosine >= 1),
+            f"mfr.match_every=0 (the dense penalty) is `max` without a ceiling only (mfr.mmcs={m.mmcs}, "
+            f"mfr.max_cosine={m.max_cosine}); set mfr.match_every >= 1",
         )
         for name, value in [
             ("mfr.warmup_steps", m.warmup_steps),
