@@ -135,7 +135,7 @@ def test_mutual_nearest_neighbours_equal_the_dense_reference_and_are_one_to_one(
     assert value == pytest.approx(cosines.sum().item() / 300, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["max", "mnn", "hungarian"])
+@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian"])
 def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
     torch.manual_seed(1)
     a = F.normalize(torch.randn(60, 16), dim=-1)
@@ -155,3 +155,25 @@ def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
     kept = both[0] != NO_MATCH
     cosine = torch.linalg.vecdot(a[kept], b[both[0][kept]])
     assert (cosine >= 0.3).all() and (cosine < 0.95).all()
+
+
+def test_mnn_hungarian_keeps_the_mutual_pairs_and_assigns_the_rest_optimally_one_to_one():
+    from scipy.optimize import linear_sum_assignment
+
+    torch.manual_seed(2)
+    base = F.normalize(torch.randn(200, 24), dim=-1)
+    a = F.normalize(base + 0.5 * torch.randn(200, 24), dim=-1)
+    b = F.normalize(base[torch.randperm(200)] + 0.5 * torch.randn(200, 24), dim=-1)
+    mutual, whole = match_pair(a, b, "mnn"), match_pair(a, b, "mnn_hungarian")
+    a_to_b, b_to_a = whole
+    assert torch.equal(torch.sort(a_to_b).values, torch.arange(200))  # a whole one-to-one matching
+    assert torch.equal(b_to_a[a_to_b], torch.arange(200))
+    kept = mutual[0] != NO_MATCH
+    assert 0 < kept.sum() < 200 and torch.equal(a_to_b[kept], mutual[0][kept])
+    rest_a, rest_b = (~kept).nonzero().squeeze(1), (mutual[1] == NO_MATCH).nonzero().squeeze(1)
+    sims = (a[rest_a].double() @ b[rest_b].double().T).numpy()
+    rows, cols = linear_sum_assignment(sims, maximize=True)
+    assert torch.equal(a_to_b[rest_a[rows]], rest_b[cols])  # the leftovers' optimal assignment
+    # a permuted copy: every row is a mutual best match, nothing left to assign
+    perm = torch.randperm(200)
+    assert torch.equal(match_pair(a, a[perm], "mnn_hungarian")[0], torch.argsort(perm))

@@ -125,7 +125,7 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
 
     tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
     monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
-    two = {name: study.CANDIDATES[name] for name in (DEFAULT_SETTING, "mnn 1*recon")}
+    two = {name: study.CANDIDATES[name] for name in (DEFAULT_SETTING, "mnn 0.3*recon")}
     monkeypatch.setattr(study, "CANDIDATES", two)  # to keep the test short
     out = tmp_path / "study"
     args = ["study", "--quick", "--replicates", "2", "--tune-replicates", "2", "--data", "learnable", "--out", str(out)]

@@ -138,7 +138,7 @@ def run_train(args: argparse.Namespace) -> int:
     if world_from_env()[0] == 0:  # under torchrun, rank 0 speaks for all
         print(markdown_table(results["members"]))
         print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
-        if results["collapse_note"]:
+        if results.get("collapse_note"):
             print(f"warning: {results['collapse_note']}", file=sys.stderr)
     return 0
 

@@ -1,8 +1,10 @@
 """MMCS between the decoders of an ensemble's members (SPEC section 4), and its matched form.
 
 MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), the mean cosine of
-a one-to-one Hungarian matching (`hungarian`), or of the mutual nearest neighbours (`mnn`: i and j matched
-when each is the other's best; the rest count 0); a match whose cosine is below min_cosine (the thresholded
+a one-to-one Hungarian matching (`hungarian`), of the mutual nearest neighbours (`mnn`: i and j matched
+when each is the other's best; the rest count 0), or of the mutual nearest neighbours completed one-to-one
+by an assignment among the rows left over (`mnn_hungarian`: a whole one-to-one matching at the price of
+`max` and a small assignment); a match whose cosine is below min_cosine (the thresholded
 form) or above max_cosine (the ceiling: agreement, not identity) counts 0 and is not pulled.
 
 The gradient of a max flows only through its arg-max, so the penalty splits in two:
@@ -60,8 +62,9 @@ def match_pair(
 ) -> Tensor:
     """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
-    directions from one chunked pass); `mnn`: those arg-maxes kept where they are mutual; `hungarian`: a
-    one-to-one assignment and its inverse. A match whose cosine is outside [min_cosine, max_cosine) is
+    directions from one chunked pass); `mnn`: those arg-maxes kept where they are mutual; `mnn_hungarian`:
+    those completed by an assignment among the rows left over; `hungarian`: a one-to-one assignment and
+    its inverse. A match whose cosine is outside [min_cosine, max_cosine) is
     NO_MATCH (no ceiling at max_cosine >= 1)."""
     return match_pairs([(a, b)], mode, chunk, min_cosine, max_cosine)[0]
 
@@ -80,9 +83,11 @@ def match_pairs(
     if mode != "hungarian":
         for a, b in pairs:
             (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
-            if mode == "mnn":
+            if mode != "max":
                 a_to_b, b_to_a = mutual_matches(a_to_b, b_to_a)
             matched.append((torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])))
+        if mode == "mnn_hungarian":
+            matched = [(matches, None) for matches in assign_the_rest(pairs, [m for m, _ in matched])]
     else:
         for (a, _), (rows, cols, _) in zip(pairs, hungarian_matches([(a, b, False) for a, b in pairs])):
             a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
@@ -99,6 +104,23 @@ def mutual_matches(a_to_b: Tensor, b_to_a: Tensor) -> tuple[Tensor, Tensor]:
     a_kept = b_to_a[a_to_b] == torch.arange(len(a_to_b), device=a_to_b.device)
     b_kept = a_to_b[b_to_a] == torch.arange(len(b_to_a), device=b_to_a.device)
     return a_to_b.masked_fill(~a_kept, NO_MATCH), b_to_a.masked_fill(~b_kept, NO_MATCH)
+
+
+def assign_the_rest(pairs: Sequence[tuple[Tensor, Tensor]], mutual: list[Tensor]) -> list[Tensor]:
+    """Complete each pair's mutual matches ([2, h], NO_MATCH where a row has none) one-to-one: the rows left
+    over on both sides are matched by an assignment among themselves (all pairs side by side in threads), a
+    problem as small as the share of rows that are not mutual best matches."""
+    left = (
+        [(m[0] == NO_MATCH).nonzero().squeeze(1) for m in mutual],
+        [(m[1] == NO_MATCH).nonzero().squeeze(1) for m in mutual],
+    )
+    todo = [i for i, (rows, cols) in enumerate(zip(*left)) if len(rows) and len(cols)]
+    solved = hungarian_matches([(pairs[i][0][left[0][i]], pairs[i][1][left[1][i]], False) for i in todo])
+    completed = [m.clone() for m in mutual]
+    for i, (rows, cols, _) in zip(todo, solved):
+        a_rows, b_rows = left[0][i][torch.as_tensor(rows)], left[1][i][torch.as_tensor(cols)]
+        completed[i][0, a_rows], completed[i][1, b_rows] = b_rows, a_rows
+    return completed
 
 
 def _thresholded(

@@ -43,10 +43,11 @@ from mfr_sae.study_report import write_report
 MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
 CANDIDATES = {
     "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults before the held-out study
-    "hungarian 1*recon": ("mfr.mmcs=hungarian", "mfr.beta=1*recon"),
+    "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.1*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto"),
+    "mnn_hungarian 0.3*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.3*recon cap0.95": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon", "mfr.max_cosine=0.95"),
     "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
-    "mnn 1*recon": ("mfr.mmcs=mnn", "mfr.beta=1*recon"),
-    "mnn 1*recon cap0.95": ("mfr.mmcs=mnn", "mfr.beta=1*recon", "mfr.max_cosine=0.95"),
 }
 DEFAULT_SETTING = "hungarian 0.1*auto"  # the candidate whose settings are the defaults of mfr.*
 BASELINE = "baseline"

@@ -31,10 +31,16 @@ class DataConfig:
     """Number of true features (columns of the feature matrix F, d x n)."""
     firing: str = "groups"
     """synthetic: how a sample picks its features: `groups` (the paper: one group, n_active of its features
-    drawn by weight) or `independent` (each feature fires on its own with a Zipf probability, magnitude
-    U[min_magnitude, 1): learnable ground truth, where a TopK baseline recovers most features)."""
+    drawn by weight), `independent` (each feature fires on its own with a Zipf probability, magnitude
+    U[min_magnitude, 1): learnable ground truth, where a TopK baseline recovers most features) or
+    `hierarchical` (parents fire with Zipf probabilities, each with `children` children that fire only with
+    it: correlated features, where latents can absorb or split them)."""
     mean_active: float = 6.0
-    """synthetic, independent: expected number of active features per sample."""
+    """synthetic, independent and hierarchical: expected number of active features per sample."""
+    children: int = 3
+    """synthetic, hierarchical: children per parent; n_features must be a multiple of 1 + children."""
+    child_probability: float = 0.3
+    """synthetic, hierarchical: a child fires with this probability when its parent fires (never without)."""
     zipf_exponent: float = 1.0
     """synthetic, independent: feature i fires with probability proportional to (i + 1)^-zipf_exponent."""
     min_magnitude: float = 0.0
@@ -133,7 +139,9 @@ class MFRConfig:
     mmcs: str = "hungarian"
     """Similarity of two decoders: `hungarian` (one-to-one matched latents, an assignment), `mnn` (mutual nearest
     neighbours: a latent is matched only to the latent whose own best match it is; one-to-one, partial, from
-    the one similarity product per pair that `max` needs) or `max` (the paper: mean max cosine, both
+    the one similarity product per pair that `max` needs), `mnn_hungarian` (those completed one-to-one by an
+    assignment among the latents left over: a whole matching, the assignment only as large as the share of
+    latents that are not mutual best matches) or `max` (the paper: mean max cosine, both
     directions; it rewards folding many latents onto one direction)."""
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
@@ -193,8 +201,8 @@ PAPER_MFR = [
     "mfr.reinit_max=10",
 ]
 DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
-FIRING_KINDS = ("groups", "independent")
-MMCS_FORMS = ("hungarian", "mnn", "max")
+FIRING_KINDS = ("groups", "independent", "hierarchical")
+MMCS_FORMS = ("hungarian", "mnn_hungarian", "mnn", "max")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")
 
 

@@ -77,9 +77,21 @@ class RunConfig:
                 isinstance(d.channels, (str, list)) and bool(d.channels),
                 f"data.channels={d.channels!r}: must be common, an MNE montage name or a list of channel names",
             )
-        if d.kind == "synthetic" and d.firing == "independent":
+        if d.kind == "synthetic" and d.firing == "hierarchical":
+            _check(d.children >= 1, f"data.children={d.children}: must be >= 1")
             _check(
-                0 < d.mean_active <= d.n_features,
+                d.n_features % (1 + d.children) == 0,
+                f"data.n_features={d.n_features}: must be a multiple of 1 + data.children={d.children}",
+            )
+            _check(0 < d.child_probability <= 1, f"data.child_probability={d.child_probability}: must be in (0, 1]")
+            n_parents, per_parent = d.n_features // (1 + d.children), 1 + d.children * d.child_probability
+            _check(
+                0 < d.mean_active <= n_parents * per_parent,
+                f"data.mean_active={d.mean_active}: must be in (0, {n_parents * per_parent:g}] (every parent firing)",
+            )
+        if d.kind == "synthetic" and d.firing in ("independent", "hierarchical"):
+            _check(
+                d.firing == "hierarchical" or 0 < d.mean_active <= d.n_features,
                 f"data.mean_active={d.mean_active}: must be in (0, data.n_features={d.n_features}]",
             )
             _check(d.zipf_exponent >= 0, f"data.zipf_exponent={d.zipf_exponent}: must be >= 0")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mfr_sae.config import ConfigError, DataConfig, RunConfig
+from mfr_sae.data.hierarchy import HierarchicalData
 from mfr_sae.data.synthetic import SyntheticData
 from mfr_sae.data.vectors import DataError, VectorsData, load_ground_truth
 from mfr_sae.data.zipf import ZipfData
@@ -40,6 +41,20 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
 def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSource:
     """The data source a config names."""
     stream_seed = None if cfg.stream_seed < 0 else cfg.stream_seed
+    if cfg.kind == "synthetic" and cfg.firing == "hierarchical":
+        return HierarchicalData(
+            cfg.d,
+            cfg.n_features,
+            cfg.mean_active,
+            cfg.zipf_exponent,
+            cfg.children,
+            cfg.child_probability,
+            cfg.min_magnitude,
+            cfg.normalize_features,
+            cfg.seed,
+            device,
+            stream_seed,
+        )
     if cfg.kind == "synthetic" and cfg.firing == "independent":
         return ZipfData(
             cfg.d,
