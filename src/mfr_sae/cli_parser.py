@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-on", default="learnable", help="the dataset whose tuning split chooses the setting")
     p.add_argument(
         "--data",
-        default="learnable,learnable-large,paper",
-        help="held-out datasets, comma-separated: learnable (h 1,024), learnable-large (h 4,096), paper",
+        default="learnable,learnable-large,hierarchical,paper",
+        help="held-out datasets, comma-separated: learnable (h 1,024), learnable-large (h 4,096), hierarchical "
+        "(correlated features, h 1,024), paper",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 

@@ -123,6 +123,42 @@ DATASETS = {
             "eval.n_samples=5000",
         ],
     },
+    # correlated features: 256 parents with Zipf firing, each with 3 children that fire only with it (30%), ~6
+    # active; the sizes of `learnable`
+    "hierarchical": {
+        "full": [
+            "data.firing=hierarchical",
+            "data.d=128",
+            "data.n_features=1024",
+            "data.children=3",
+            "data.child_probability=0.3",
+            "data.mean_active=6",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=1024",
+            "sae.k=6",
+            "train.n_samples=500000",
+            "train.batch_size=512",
+            "eval.n_samples=10000",
+        ],
+        "quick": [
+            "data.firing=hierarchical",
+            "data.d=48",
+            "data.n_features=192",
+            "data.children=3",
+            "data.child_probability=0.3",
+            "data.mean_active=4",
+            "data.zipf_exponent=0.3",
+            "data.normalize_features=true",
+            "sae.n_members=3",
+            "sae.d_sae=192",
+            "sae.k=4",
+            "train.n_samples=120000",
+            "train.batch_size=256",
+            "eval.n_samples=5000",
+        ],
+    },
     # the paper's generator and SAEs (SPEC sections 1-2), 2 members, 400 steps of 1,000 vectors
     "paper": {
         "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],

@@ -19,6 +19,7 @@ CAPTION = (
 DATASET_WORDS = {
     "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
     "learnable-large": "the same family four times larger (h = 4,096 in the full form)",
+    "hierarchical": "correlated features: parents with Zipf firing, children that fire only with their parent",
     "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
 }
 
@@ -258,11 +259,10 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     ]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
-        data_keys = (
-            ("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude")
-            if cfg["data"]["firing"] == "independent"
-            else ("firing", "d", "n_features", "n_groups", "n_active", "decay")
-        )
+        data_keys = {
+            "independent": ("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude"),
+            "hierarchical": ("firing", "d", "n_features", "children", "child_probability", "mean_active"),
+        }.get(cfg["data"]["firing"], ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
         lines += [
             "",
             f"## Held-out {name}: {DATASET_WORDS.get(name, name)}",
