@@ -120,15 +120,37 @@ def test_a_collapsed_setting_is_never_recommended_and_the_pick_falls_back_to_the
     assert choose(analyse(_data({BASELINE: noisy["values"][BASELINE], "worse": noisy["values"]["worse"]}), R)) is None
 
 
+def test_with_several_tuning_datasets_the_pick_gains_on_every_one():
+    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
+    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
+
+    def shifted(gain: float) -> dict:
+        return _measures([m + gain + e for m, e in zip(base_mcc, noise)], base_fvu)
+
+    small = analyse(_data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(0.05), "mild": shifted(0.02)}), R)
+    large = analyse(
+        _data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(-0.04), "mild": shifted(0.01)}), R
+    )
+    assert choose(small) == "strong"  # alone, the small size picks the largest gain
+    assert choose(small, large) == "mild"  # the strong pull loses at the large size: not picked
+    assert choose(large, small) == "mild"
+    worse = analyse(
+        _data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(-0.04), "mild": shifted(-0.01)}), R
+    )
+    assert choose(small, worse) is None
+
+
 def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs(tmp_path, monkeypatch):
     import mfr_sae.study as study
 
     tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
     monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
-    two = {name: study.CANDIDATES[name] for name in (DEFAULT_SETTING, "mnn 0.3*recon")}
-    monkeypatch.setattr(study, "CANDIDATES", two)  # to keep the test short
+    two = (DEFAULT_SETTING, "mnn 0.3*recon")  # to keep the test short
     out = tmp_path / "study"
-    args = ["study", "--quick", "--replicates", "2", "--tune-replicates", "2", "--data", "learnable", "--out", str(out)]
+    # learnable marked large, to see --large-replicates reach it without training another dataset
+    monkeypatch.setitem(study.DATASETS, "learnable", {**study.DATASETS["learnable"], "large": True})
+    args = ["study", "--quick", "--replicates", "3", "--tune-replicates", "2", "--large-replicates", "2"]
+    args += ["--candidates", ",".join(two), "--data", "learnable", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     lines = report.splitlines()
@@ -136,10 +158,10 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert lines[4].startswith("**held-out learnable: ") and "the baseline" in lines[4]
     assert (out / "fig_fvu_mcc.png").stat().st_size > 0 and "(fig_fvu_mcc.png)" in report
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["tuning"]["rows"]) == {BASELINE, *two}
+    assert set(saved["tuning"]["learnable"]["rows"]) == {BASELINE, *two}
     heldout = saved["datasets"]["learnable"]
     assert set(heldout["rows"]) == {BASELINE, DEFAULT_SETTING, *([saved["chosen"]] if saved["chosen"] else [])}
-    assert heldout["config"]["data"]["seed"] == 1 and saved["tuning"]["config"]["data"]["seed"] == 0
+    assert heldout["config"]["data"]["seed"] == 1 and saved["tuning"]["learnable"]["config"]["data"]["seed"] == 0
     assert set(heldout["rows"][DEFAULT_SETTING]["tests"]) == {
         "gt_mcc",
         "fvu",
@@ -147,10 +169,13 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
         "gt_distinct",
         "silent_frac",
         "pairwise_mmcs_hungarian",
+        "consensus_mcc",
         "across_pw_mcc",
     }
     assert "p_holm_all" in heldout["rows"][DEFAULT_SETTING]["tests"]["gt_mcc"]
-    assert len(heldout["values"][BASELINE]["gt_mcc"]) == 2
+    assert len(heldout["values"][BASELINE]["gt_mcc"]) == 2 and heldout["replicates"] == 2
+    assert saved["replicates"] == 3 and "--large-replicates 2" in report
+    assert len(saved["tuning"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
     assert (out / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
     # a second run reuses every finished run (nothing retrained: the results files stay as they were)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
@@ -160,6 +185,9 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
     assert main([*args, "--no-progress"]) == 2
     assert main(["study", "--data", "nope", "--out", str(out)]) == 2
+    assert main(["study", "--large-replicates", "1", "--out", str(out)]) == 2
+    assert main(["study", "--candidates", "hungarian 9*auto", "--out", str(out)]) == 2
+    assert main(["study", "--tune-on", "learnable,nope", "--out", str(out)]) == 2
 
 
 def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():

@@ -65,16 +65,21 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from mfr_sae.study import DATASETS, study
+    from mfr_sae.study import CANDIDATES, DATASETS, study
 
-    if args.replicates < 2 or args.tune_replicates < 2:
-        raise ConfigError(
-            f"--replicates {args.replicates} --tune-replicates {args.tune_replicates}: a paired test needs at least 2"
-        )
-    datasets = tuple(args.data.split(","))
-    unknown = [d for d in (*datasets, args.tune_on) if d not in DATASETS]
+    counts = {"--replicates": args.replicates, "--large-replicates": args.large_replicates}
+    counts["--tune-replicates"] = args.tune_replicates
+    for option, count in counts.items():
+        if count < 2:
+            raise ConfigError(f"{option} {count}: a paired test needs at least 2 replicates")
+    datasets, tune_on = tuple(args.data.split(",")), tuple(args.tune_on.split(","))
+    unknown = [d for d in (*datasets, *tune_on) if d not in DATASETS]
     if unknown:
         raise ConfigError(f"study: unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    candidates = tuple(args.candidates.split(",")) if args.candidates else ()
+    unknown = [c for c in candidates if c not in CANDIDATES]
+    if unknown:
+        raise ConfigError(f"study: unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
     summary = study(
         args.out,
         args.quick,
@@ -82,7 +87,9 @@ def run_study(args: argparse.Namespace) -> int:
         datasets,
         progress=not args.no_progress,
         tune_replicates=args.tune_replicates,
-        tune_on=args.tune_on,
+        tune_on=tune_on,
+        large_replicates=args.large_replicates,
+        candidates=candidates,
     )
     print(f"chosen on the tuning split ({args.tune_on}): {summary['chosen'] or 'none'}")
     for name, data in summary["datasets"].items():

@@ -103,8 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="small data and short runs: about 10 minutes on 2 CPU cores")
     p.add_argument("--replicates", type=int, default=5, help="independent held-out replicates per setting (>= 2)")
+    p.add_argument(
+        "--large-replicates",
+        type=int,
+        default=3,
+        help="held-out replicates per setting on the datasets above h = 1,024 (learnable-large: minutes a run)",
+    )
     p.add_argument("--tune-replicates", type=int, default=3, help="independent tuning replicates per setting (>= 2)")
-    p.add_argument("--tune-on", default="learnable", help="the dataset whose tuning split chooses the setting")
+    p.add_argument(
+        "--tune-on",
+        default="learnable",
+        help="the datasets whose tuning splits choose the setting, comma-separated (it must gain on every one)",
+    )
+    p.add_argument(
+        "--candidates",
+        default="",
+        help="the candidate settings to tune, comma-separated names (default: all; the report lists them)",
+    )
     p.add_argument(
         "--data",
         default="learnable,learnable-large,hierarchical,paper",

@@ -1,9 +1,9 @@
 """`mfr-sae study`: which MFR setting, chosen on tuning data, gives better SAEs than the baseline on held-out
 data it never saw, where the truth is known?
 
-1. Tuning: the baseline and the candidate settings (CANDIDATES: similarity form x beta, a ceiling) on one
-   dataset's TUNING split (true features data.seed 0, replicates 0..R-1); the setting chosen is the largest
-   MCC gain that keeps FVU and twin_frac (`choose`).
+1. Tuning: the baseline and the candidate settings (CANDIDATES: similarity form x beta, a ceiling) on the
+   TUNING split of one or more datasets (true features data.seed 0, replicates 0..R-1); the setting chosen
+   gains MCC on every one while keeping FVU and twin_frac, the largest smallest gain (`choose`).
 2. Held-out: the baseline, the chosen setting and the defaults of mfr.* (DEFAULT_SETTING) on the HELD-OUT
    split of every dataset (other true features, data.seed 1; other replicates, 100..100+R-1), sizes and
    families the choice never saw. The verdict is this split's, Holm-corrected over every held-out MCC test.
@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from mfr_sae.checkpoint import load
 from mfr_sae.compare import decoder_agreement
 from mfr_sae.config import PAPER_MFR, RunConfig, load_config
+from mfr_sae.consensus import consensus_mcc
+from mfr_sae.data import make_source
 from mfr_sae.reproduce import RunTracker, machine
 from mfr_sae.run_report import COLLAPSE_MMCS
 from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, t_half_width
@@ -45,6 +47,7 @@ CANDIDATES = {
     "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults before the held-out study
     "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
     "mnn_hungarian 0.1*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto"),
+    "mnn_hungarian 0.1*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*recon"),
     "mnn_hungarian 0.3*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon"),
     "mnn_hungarian 0.3*recon cap0.95": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon", "mfr.max_cosine=0.95"),
     "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
@@ -53,113 +56,57 @@ DEFAULT_SETTING = "hungarian 0.1*auto"  # the candidate whose settings are the d
 BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
+CONSENSUS = "consensus_mcc"  # MCC of the ensemble's consensus decoder (consensus.py), measured here
 # "without losing FVU": the 95% CI of the FVU difference stays below 1% of the baseline's FVU
 FVU_MARGIN = 0.01
 # a setting fit to be the default also keeps its members' twin fraction within this of the baseline's
 TWIN_TOLERANCE = 0.02
 # tuning and held-out data: their own true features and their own replicates (sample streams, initialisations)
 SPLITS = {"tuning": {"feature_seed": 0, "first_replicate": 0}, "heldout": {"feature_seed": 1, "first_replicate": 100}}
-DATASETS = {
+
+
+def zipf_family(
+    firing: str, d: int, features: int, active: int, k: int, samples: int, batch: int, eval_n: int, *extra: str
+) -> list[str]:
+    """The overrides of a learnable dataset: unit features with Zipf firing (exponent 0.3), 3 members with h =
+    the number of true features."""
+    return [
+        f"data.firing={firing}",
+        f"data.d={d}",
+        f"data.n_features={features}",
+        *extra,
+        f"data.mean_active={active}",
+        "data.zipf_exponent=0.3",
+        "data.normalize_features=true",
+        "sae.n_members=3",
+        f"sae.d_sae={features}",
+        f"sae.k={k}",
+        f"train.n_samples={samples}",
+        f"train.batch_size={batch}",
+        f"eval.n_samples={eval_n}",
+    ]
+
+
+HIERARCHY = ("data.children=3", "data.child_probability=0.3")
+DATASETS: dict[str, dict[str, Any]] = {
     # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
     "learnable": {
-        "full": [
-            "data.firing=independent",
-            "data.d=128",
-            "data.n_features=1024",
-            "data.mean_active=6",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=1024",
-            "sae.k=6",
-            "train.n_samples=500000",
-            "train.batch_size=512",
-            "eval.n_samples=10000",
-        ],
-        "quick": [
-            "data.firing=independent",
-            "data.d=48",
-            "data.n_features=192",
-            "data.mean_active=4",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=192",
-            "sae.k=4",
-            "train.n_samples=120000",
-            "train.batch_size=256",
-            "eval.n_samples=5000",
-        ],
+        "full": zipf_family("independent", 128, 1024, 6, 6, 500_000, 512, 10_000),
+        "quick": zipf_family("independent", 48, 192, 4, 4, 120_000, 256, 5_000),
     },
     # the same family four times larger (the size at which the defaults of h = 1,024 turned into a loss, issue 26):
-    # 4,096 features in 256 dimensions, ~22 active, 3 members with h = n
+    # 4,096 features in 256 dimensions, ~22 active; `large`: --large-replicates of it
     "learnable-large": {
-        "full": [
-            "data.firing=independent",
-            "data.d=256",
-            "data.n_features=4096",
-            "data.mean_active=22",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=4096",
-            "sae.k=22",
-            "train.n_samples=1000000",
-            "train.batch_size=1024",
-            "eval.n_samples=10000",
-        ],
-        "quick": [
-            "data.firing=independent",
-            "data.d=96",
-            "data.n_features=768",
-            "data.mean_active=8",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=768",
-            "sae.k=8",
-            "train.n_samples=150000",
-            "train.batch_size=512",
-            "eval.n_samples=5000",
-        ],
+        "large": True,
+        "full": zipf_family("independent", 256, 4096, 22, 22, 1_000_000, 1024, 10_000),
+        "quick": zipf_family("independent", 96, 768, 8, 8, 150_000, 512, 5_000),
     },
     # correlated features: 256 parents with Zipf firing, each with 3 children that fire only with it (30%), ~6
     # active; the sizes of `learnable`
     "hierarchical": {
-        "full": [
-            "data.firing=hierarchical",
-            "data.d=128",
-            "data.n_features=1024",
-            "data.children=3",
-            "data.child_probability=0.3",
-            "data.mean_active=6",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=1024",
-            "sae.k=6",
-            "train.n_samples=500000",
-            "train.batch_size=512",
-            "eval.n_samples=10000",
-        ],
-        "quick": [
-            "data.firing=hierarchical",
-            "data.d=48",
-            "data.n_features=192",
-            "data.children=3",
-            "data.child_probability=0.3",
-            "data.mean_active=4",
-            "data.zipf_exponent=0.3",
-            "data.normalize_features=true",
-            "sae.n_members=3",
-            "sae.d_sae=192",
-            "sae.k=4",
-            "train.n_samples=120000",
-            "train.batch_size=256",
-            "eval.n_samples=5000",
-        ],
+        "full": zipf_family("hierarchical", 128, 1024, 6, 6, 500_000, 512, 10_000, *HIERARCHY),
+        "quick": zipf_family("hierarchical", 48, 192, 4, 4, 120_000, 256, 5_000, *HIERARCHY),
     },
-    # the paper's generator and SAEs (SPEC sections 1-2), 2 members, 400 steps of 1,000 vectors
     "paper": {
         "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
         "quick": [
@@ -242,7 +189,9 @@ def run_dataset(
 ) -> dict[str, Any]:
     """Train (or reuse) every setting of `grid` (the baseline first) on every replicate of one dataset's split;
     per-run measures and the agreement between the ensembles of every setting and the baseline's."""
-    values: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in (*MEASURES, *RUN_MEASURES)} for s in grid}
+    values: dict[str, dict[str, list[float]]] = {
+        s.name: {k: [] for k in (*MEASURES, *RUN_MEASURES, CONSENSUS)} for s in grid
+    }
     decoders: dict[str, list] = {s.name: [] for s in grid}
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
@@ -255,7 +204,11 @@ def run_dataset(
         for key, value in member_means(results).items():
             values[setting.name][key].append(value)
         betas[setting.name].append(results["beta"])
-        decoders[setting.name].append(load(run_dir).decoder().detach())
+        decoder = load(run_dir).decoder().detach()
+        decoders[setting.name].append(decoder)
+        truth = make_source(cfg.data).ground_truth
+        assert truth is not None  # every dataset of the study has its true features
+        values[setting.name][CONSENSUS].append(consensus_mcc(decoder, truth))
     # agreement across replicates: the baseline's R ensembles and each setting's, every pair (for the
     # permutation test, which swaps a replicate's setting and baseline ensembles)
     base = decoders[BASELINE]
@@ -289,32 +242,42 @@ def study(
     progress: bool = True,
     extra: Sequence[str] = (),
     tune_replicates: int = 3,
-    tune_on: str = "learnable",
+    tune_on: tuple[str, ...] = ("learnable",),
+    large_replicates: int = 3,
+    candidates: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Choose a setting on `tune_on`'s tuning split, judge it (and the defaults) on the held-out split of each
-    dataset; write out/report.md, out/results.json and out/fig_fvu_mcc.png. `extra` (section.field=value)
-    changes every run, e.g. for a smaller test."""
+    """Choose a setting on the tuning splits of the `tune_on` datasets (among `candidates`, default all),
+    judge it (and the defaults) on the held-out split of each of `datasets`; write out/report.md,
+    out/results.json and out/fig_fvu_mcc.png. `extra` (section.field=value) changes every run, e.g. for a
+    smaller test. The large datasets (minutes a run on a CPU) get `large_replicates` held-out replicates each,
+    the others `replicates`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     grid = settings()
-    tuning_data = run_dataset(out, tune_on, grid, tune_replicates, quick, progress, extra, "tuning")
-    tuning = {**tuning_data, **analyse(tuning_data, tune_replicates)}
-    chosen = choose(tuning)
+    tried = [s for s in grid if s.name == BASELINE or not candidates or s.name in candidates]
+    tuning = {}
+    for name in tune_on:
+        data = run_dataset(out, name, tried, tune_replicates, quick, progress, extra, "tuning")
+        tuning[name] = {**data, **analyse(data, tune_replicates)}
+    chosen = choose(*tuning.values())
     judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
-    raw = {name: run_dataset(out, name, judged, replicates, quick, progress, extra, "heldout") for name in datasets}
-    analysed = {name: {**data, **analyse(data, replicates)} for name, data in raw.items()}
+    counts = {name: large_replicates if DATASETS[name].get("large") else replicates for name in datasets}
+    raw = {name: run_dataset(out, name, judged, counts[name], quick, progress, extra, "heldout") for name in datasets}
+    analysed = {name: {**data, **analyse(data, counts[name]), "replicates": counts[name]} for name, data in raw.items()}
     correct_across_datasets(analysed)
     summary = {
         "quick": quick,
         "replicates": replicates,
+        "large_replicates": large_replicates,
         "tune_replicates": tune_replicates,
-        "tune_on": tune_on,
+        "tune_on": list(tune_on),
+        "candidates": list(candidates),
         "chosen": chosen,
         "default_setting": DEFAULT_SETTING,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
-        "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in grid],
+        "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in tried],
         "fvu_margin": FVU_MARGIN,
         "twin_tolerance": TWIN_TOLERANCE,
         "tuning": tuning,
@@ -324,21 +287,21 @@ def study(
     return summary
 
 
-def choose(tuning: dict[str, Any]) -> str | None:
-    """The setting the tuning split picks: the recommended winner (`analyse`), else the largest mean MCC gain
-    whose FVU is not worse and whose twin_frac stays near the baseline's (too few tuning replicates may prove
-    nothing, yet the held-out split judges the pick), else None."""
-    if tuning["recommended"]:
-        return tuning["recommended"]
-    rows = tuning["rows"]
-    fit = [
-        n
-        for n in rows
-        if n != BASELINE and rows[n]["fvu_not_worse"] and rows[n]["twin_ok"] and not rows[n]["collapsed"]
-    ]
-    gains = {n: rows[n]["tests"]["gt_mcc"]["mean_diff"] for n in fit}
-    positive = {n: g for n, g in gains.items() if g is not None and g > 0}
-    return max(positive, key=lambda n: positive[n]) if positive else None
+def choose(*tunings: dict[str, Any]) -> str | None:
+    """The setting the tuning splits pick (one per tuning dataset, each `analyse`d): of the settings fit on
+    every one (FVU not worse, twin_frac near the baseline's, no collapse) and gaining MCC on every one, those
+    that beat the baseline on every one if any (too few tuning replicates may prove nothing, yet the held-out
+    split judges the pick), and of those the largest smallest gain; else None."""
+    names = [n for n in tunings[0]["rows"] if n != BASELINE]
+
+    def fit(name: str, rows: dict[str, Any]) -> bool:
+        row, gain = rows[name], rows[name]["tests"]["gt_mcc"]["mean_diff"]
+        return row["fvu_not_worse"] and row["twin_ok"] and not row["collapsed"] and gain is not None and gain > 0
+
+    safe = [n for n in names if all(fit(n, t["rows"]) for t in tunings)]
+    proven = [n for n in safe if all(t["rows"][n]["beats_baseline"] for t in tunings)]
+    smallest_gain = {n: min(t["rows"][n]["tests"]["gt_mcc"]["mean_diff"] for t in tunings) for n in safe}
+    return max(proven or safe, key=lambda n: smallest_gain[n]) if safe else None
 
 
 def correct_across_datasets(analysed: dict[str, dict[str, Any]]) -> None:
@@ -386,7 +349,7 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         if replicates > 1
         else None
     )
-    measured = [key for key in (*MEASURES, *RUN_MEASURES) if key in base]
+    measured = [key for key in (*MEASURES, *RUN_MEASURES, CONSENSUS) if key in base]
     for name in names:
         tests = {key: paired_test(values[name][key], base[key]) for key in measured}
         matrix = np.asarray(data["agreement"][name])

@@ -103,6 +103,7 @@ def dataset_table(result: dict[str, Any]) -> str:
                 "gt_distinct": fmt_num(m["gt_distinct"]["mean"]),
                 "silent": fmt_num(m["silent_frac"]["mean"]) if "silent_frac" in m else "-",
                 "1:1 MMCS": fmt_num(m["pairwise_mmcs_hungarian"]["mean"]) if "pairwise_mmcs_hungarian" in m else "-",
+                "consensus MCC": _mean_ci(m["consensus_mcc"]) if "consensus_mcc" in m else "-",
                 "across PW-MCC": "-" if across is None else fmt_num(across["mean"]),
                 "Δacross (perm. p)": "-"
                 if not t
@@ -133,7 +134,7 @@ def figure(summary: dict[str, Any], path: Path) -> None:
 
     datasets = summary["datasets"]
     fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 9), squeeze=False)
-    colours = {"max": "tab:red", "hungarian": "tab:blue", "mnn": "tab:green"}
+    colours = {"max": "tab:red", "hungarian": "tab:blue", "mnn": "tab:green", "mnn_hungarian": "tab:purple"}
     for column, (name, data) in enumerate(datasets.items()):
         top, bottom = axes[0][column], axes[1][column]
         for setting, row in data["rows"].items():
@@ -171,7 +172,7 @@ def figure(summary: dict[str, Any], path: Path) -> None:
         for form, colour in colours.items():
             top.plot([], [], "o", color=colour, label=f"MFR {form}")
         top.set(xlabel="FVU (lower is better)", ylabel="MCC to the true features (higher is better)")
-        top.set_title(f"held-out {name}: mean over {summary['replicates']} replicates, 95% CI", fontsize=10)
+        top.set_title(f"held-out {name}: mean over {data['replicates']} replicates, 95% CI", fontsize=10)
         top.legend(fontsize=7)
         bottom.axhline(0, color="grey", lw=0.5)
         bottom.axvline(0, color="grey", lw=0.5)
@@ -196,13 +197,17 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     write_json(out / "results.json", summary)
     figure(summary, out / FIGURE)
     r, tr, quick, chosen = summary["replicates"], summary["tune_replicates"], summary["quick"], summary["chosen"]
+    tune_on = ",".join(summary["tune_on"])
+    tried = [s["name"] for s in summary["settings"][1:]]
     command = (
-        f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --tune-replicates {tr} "
-        f"--data {','.join(summary['datasets'])} --out {out}"
+        f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --large-replicates "
+        f"{summary['large_replicates']} --tune-replicates {tr} --tune-on {tune_on} "
+        + (f"--candidates '{','.join(tried)}' " if summary.get("candidates") else "")
+        + f"--data {','.join(summary['datasets'])} --out {out}"
     )
     lines = ["# MFR study: a setting chosen on tuning data, judged on held-out data", ""]
     lines += [
-        f"Chosen on the tuning split ({summary['tune_on']}, {tr} replicates): "
+        f"Chosen on the tuning split ({tune_on}, {tr} replicates): "
         + (f"`{chosen}`." if chosen else "no candidate gained MCC without losing FVU or twin_frac; none chosen."),
         "",
     ]
@@ -222,13 +227,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         "",
         "## Design",
         "",
-        f"- Tuning: the baseline and every candidate on {summary['tune_on']}'s tuning split (true features "
-        f"data.seed 0; replicates 0..{tr - 1}). The pick: the largest MCC gain that beats the baseline with FVU "
-        "not worse and twin_frac near the baseline's; where too few tuning replicates prove nothing, the largest "
-        "mean MCC gain that keeps FVU and twin_frac.",
+        f"- Tuning: the baseline and every candidate on the tuning split of {tune_on} (true features "
+        f"data.seed 0; replicates 0..{tr - 1}). The pick: of the settings that gain MCC with FVU not worse, "
+        "twin_frac near the baseline's and no collapse on every tuning dataset, those that beat the baseline on "
+        "every one if any (too few tuning replicates may prove nothing), the largest smallest MCC gain.",
         f"- Held-out: the baseline, the pick and the defaults of mfr.* (`{summary['default_setting']}`) on every "
-        f"dataset's held-out split (other true features, data.seed 1; other replicates, 100..{100 + r - 1}), "
-        "which the pick never saw.",
+        "dataset's held-out split (other true features, data.seed 1; other replicates, 100..), which the pick "
+        f"never saw: {r} replicates, {summary['large_replicates']} on the large datasets (h above 1,024).",
         "- Replicate r has its own sample stream (data.stream_seed) and initialisation (train.seed); every "
         "setting of replicate r sees the samples and starts from the weights of the baseline of replicate r.",
         f"- Candidates: {candidates}.",
@@ -237,11 +242,14 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         "SAE at cosine > 0.9), gt_distinct (distinct true features that are some latent's best match), silent "
         "(latents that never fired on the evaluation vectors); 1:1 MMCS: the members' one-to-one agreement "
         "(above 0.99 they are copies of one another: collapsed); across PW-MCC: a replicate's ensemble against "
-        "every other replicate's of the same setting (member m with member m), mean over the others.",
+        "every other replicate's of the same setting (member m with member m), mean over the others; consensus "
+        "MCC: the MCC of one decoder built from the members (matched to member 0 one-to-one; rows where every "
+        "member agrees at cosine >= 0.9 averaged, the rest member 0's; `mfr_sae/consensus.py`).",
         "- Tests against the baseline, paired over replicates: paired t-test (two-sided) with the 95% CI of "
         "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
         "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
-        f"{r} replicates its smallest p is {fmt_p(2 / 2**r)}). Held-out MCC: Holm's correction over every "
+        f"{r} replicates its smallest p is {fmt_p(2 / 2**r)}, with {summary['large_replicates']} "
+        f"{fmt_p(2 / 2 ** summary['large_replicates'])}). Held-out MCC: Holm's correction over every "
         "setting on every held-out dataset (the Holm p of the tables); the other measures within each dataset.",
         "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
         f"not worse: the upper end of the 95% CI of its FVU difference is at most "
@@ -250,13 +258,17 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         "",
         figure_link(FIGURE, CAPTION),
         "",
-        f"## Tuning: {summary['tune_on']}",
-        "",
-        dataset_table(summary["tuning"]),
-        "",
-        f"Holm p here: over the {len(summary['settings']) - 1} candidates ({tr} replicates: the tuning split "
-        "chooses, it proves nothing).",
     ]
+    for name, data in summary["tuning"].items():
+        lines += [
+            "",
+            f"## Tuning: {name}",
+            "",
+            dataset_table(data),
+            "",
+            f"Holm p here: over the {len(tried)} candidates ({tr} replicates: the tuning split chooses, it "
+            "proves nothing).",
+        ]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
         data_keys = {

@@ -17,7 +17,7 @@ def test_children_fire_only_with_their_parent_at_their_rate_and_the_mean_is_kept
     given_parent = kids[parents].float().mean().item()  # a child's rate when its parent fires
     assert given_parent == pytest.approx(0.4, abs=0.01)
     rate = parents.float().mean(0)
-    expected = data.parent_probabilities
+    expected = data.probabilities[: data.n_parents]
     assert torch.allclose(rate, expected, atol=4 * (expected * (1 - expected) / 40_000).sqrt().max().item())
     assert fires.sum(1).float().mean().item() == pytest.approx(5.0, rel=0.02)
     # correlated: two children of one parent fire together far more often than independent features would

@@ -6,7 +6,7 @@ stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -38,69 +38,102 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     return batch if isinstance(batch, tuple) else (batch, batch)
 
 
+def _groups(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
+    return SyntheticData(
+        cfg.d,
+        cfg.n_features,
+        cfg.n_groups,
+        cfg.n_active,
+        cfg.decay,
+        cfg.normalize_features,
+        cfg.seed,
+        device,
+        stream_seed,
+    )
+
+
+def _independent(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
+    return ZipfData(
+        cfg.d,
+        cfg.n_features,
+        cfg.mean_active,
+        cfg.zipf_exponent,
+        cfg.min_magnitude,
+        cfg.normalize_features,
+        cfg.seed,
+        device,
+        stream_seed,
+    )
+
+
+def _hierarchical(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
+    return HierarchicalData(
+        cfg.d,
+        cfg.n_features,
+        cfg.mean_active,
+        cfg.zipf_exponent,
+        cfg.children,
+        cfg.child_probability,
+        cfg.min_magnitude,
+        cfg.normalize_features,
+        cfg.seed,
+        device,
+        stream_seed,
+    )
+
+
+def _synthetic(cfg: DataConfig, device: str | torch.device) -> VectorSource:
+    stream_seed = None if cfg.stream_seed < 0 else cfg.stream_seed
+    return SYNTHETIC_FIRINGS[cfg.firing](cfg, device, stream_seed)
+
+
+def _vectors(cfg: DataConfig, device: str | torch.device) -> VectorSource:
+    return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
+
+
+def _activations(cfg: DataConfig, device: str | torch.device) -> VectorSource:
+    from mfr_sae.data.activations import ActivationCache  # transformers only when asked for
+
+    return ActivationCache(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer, cfg.verify)
+
+
+def _eeg(cfg: DataConfig, device: str | torch.device) -> VectorSource:
+    from mfr_sae.data.eeg import EEGData  # mne only when asked for
+
+    return EEGData(
+        cfg.path,
+        cfg.channels,
+        cfg.sfreq,
+        cfg.window_s,
+        cfg.hop_s,
+        cfg.holdout_fraction,
+        cfg.noise,
+        cfg.snr_db,
+        cfg.line_freq,
+        cfg.seed,
+    )
+
+
+# the registries a config's names select from: data.firing (synthetic) and data.kind; a new source is a module,
+# its builder and one entry here (and its name in config/fields.py's lists)
+SYNTHETIC_FIRINGS: dict[str, Callable[[DataConfig, str | torch.device, int | None], VectorSource]] = {
+    "groups": _groups,
+    "independent": _independent,
+    "hierarchical": _hierarchical,
+}
+SOURCES: dict[str, Callable[[DataConfig, str | torch.device], VectorSource]] = {
+    "synthetic": _synthetic,
+    "vectors": _vectors,
+    "activations": _activations,
+    "eeg": _eeg,
+}
+
+
 def make_source(cfg: DataConfig, device: str | torch.device = "cpu") -> VectorSource:
     """The data source a config names."""
-    stream_seed = None if cfg.stream_seed < 0 else cfg.stream_seed
-    if cfg.kind == "synthetic" and cfg.firing == "hierarchical":
-        return HierarchicalData(
-            cfg.d,
-            cfg.n_features,
-            cfg.mean_active,
-            cfg.zipf_exponent,
-            cfg.children,
-            cfg.child_probability,
-            cfg.min_magnitude,
-            cfg.normalize_features,
-            cfg.seed,
-            device,
-            stream_seed,
-        )
-    if cfg.kind == "synthetic" and cfg.firing == "independent":
-        return ZipfData(
-            cfg.d,
-            cfg.n_features,
-            cfg.mean_active,
-            cfg.zipf_exponent,
-            cfg.min_magnitude,
-            cfg.normalize_features,
-            cfg.seed,
-            device,
-            stream_seed,
-        )
-    if cfg.kind == "synthetic":
-        return SyntheticData(
-            cfg.d,
-            cfg.n_features,
-            cfg.n_groups,
-            cfg.n_active,
-            cfg.decay,
-            cfg.normalize_features,
-            cfg.seed,
-            device,
-            stream_seed,
-        )
-    if cfg.kind == "vectors":
-        return VectorsData(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer)
-    if cfg.kind == "activations":
-        from mfr_sae.data.activations import ActivationCache
-
-        return ActivationCache(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer, cfg.verify)
-    if cfg.kind == "eeg":
-        from mfr_sae.data.eeg import EEGData
-
-        return EEGData(
-            cfg.path,
-            cfg.channels,
-            cfg.sfreq,
-            cfg.window_s,
-            cfg.hop_s,
-            cfg.holdout_fraction,
-            cfg.noise,
-            cfg.snr_db,
-            cfg.line_freq,
-            cfg.seed,
-        )
-    raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
+    if cfg.kind not in SOURCES:
+        raise ValueError(f"data.kind={cfg.kind!r} is not a known source")
+    return SOURCES[cfg.kind](cfg, device)
 
 
 def run_source(
@@ -124,6 +157,9 @@ def run_source(
 __all__ = [
     "Batch",
     "DataError",
+    "HierarchicalData",
+    "SOURCES",
+    "SYNTHETIC_FIRINGS",
     "SyntheticData",
     "VectorSource",
     "VectorsData",

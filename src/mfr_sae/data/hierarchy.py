@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mfr_sae.data.synthetic import FeatureStream
-from mfr_sae.data.zipf import zipf_probabilities
-from mfr_sae.seeding import TRAIN_STREAM
+from mfr_sae.data.zipf import ZipfData, zipf_probabilities
 
 
-class HierarchicalData(FeatureStream):
+class HierarchicalData(ZipfData):
     """Parents with Zipf firing, children that fire only with their parent (see the module's docstring)."""
 
     def __init__(
@@ -37,33 +35,25 @@ class HierarchicalData(FeatureStream):
         device: str | torch.device = "cpu",
         stream_seed: int | None = None,
     ):
-        super().__init__(d, n_features, normalize_features, seed, device, stream_seed)
         if children < 1 or n_features % (1 + children):
             raise ValueError(f"n_features={n_features} must be a multiple of 1 + children={children}")
         if not 0 < child_probability <= 1:
             raise ValueError(f"child_probability={child_probability} must be in (0, 1]")
-        if not 0 <= min_magnitude < 1:
-            raise ValueError(f"min_magnitude={min_magnitude} must be in [0, 1)")
-        self.children, self.child_probability, self.min_magnitude = children, child_probability, min_magnitude
+        self.children, self.child_probability = children, child_probability
         self.n_parents = n_features // (1 + children)
-        # each firing parent brings 1 + children * child_probability active features on average
-        parent_mean = mean_active / (1 + children * child_probability)
-        self.parent_probabilities = zipf_probabilities(self.n_parents, parent_mean, exponent).float().to(self.device)
-
-    def sample_codes(self, batch_size: int, stream: int, index: int) -> Tensor:
-        """The magnitudes of every feature in one batch, zero where it is off: [B, n_features]."""
-        uniform = torch.rand(batch_size, self.n_features, generator=self.generator(stream, index), device=self.device)
-        parents, kids = uniform[:, : self.n_parents], uniform[:, self.n_parents :]
-        # one draw per feature: u < p says whether it fires (a child: and its parent), u / p is then U[0, 1)
-        parent_fires = parents < self.parent_probabilities
-        kid_fires = (kids < self.child_probability) & parent_fires.repeat_interleave(self.children, dim=1)
-        fires = torch.cat([parent_fires, kid_fires], dim=1)
-        scale = torch.cat(
-            [self.parent_probabilities, self.parent_probabilities.new_full((len(kids[0]),), self.child_probability)]
+        super().__init__(
+            d, n_features, mean_active, exponent, min_magnitude, normalize_features, seed, device, stream_seed
         )
-        magnitude = self.min_magnitude + (1 - self.min_magnitude) * uniform / scale
-        return magnitude.masked_fill_(~fires, 0)
 
-    def sample(self, batch_size: int, stream: int = TRAIN_STREAM, index: int = 0) -> Tensor:
-        """One batch of vectors [B, d]: the active features' directions weighted by their magnitudes."""
-        return self.sample_codes(batch_size, stream, index) @ self.features
+    def firing_probabilities(self, mean_active: float, exponent: float) -> Tensor:
+        """The parents' Zipf probabilities, then each child's given its parent: [n_features]."""
+        # each firing parent brings 1 + children * child_probability active features on average
+        parent_mean = mean_active / (1 + self.children * self.child_probability)
+        parents = zipf_probabilities(self.n_parents, parent_mean, exponent)
+        return torch.cat([parents, parents.new_full((self.n_features - self.n_parents,), self.child_probability)])
+
+    def fires(self, uniform: Tensor) -> Tensor:
+        """A parent fires on its own draw; a child on its own draw and only with its parent."""
+        fires = super().fires(uniform)
+        fires[:, self.n_parents :] &= fires[:, : self.n_parents].repeat_interleave(self.children, dim=1)
+        return fires

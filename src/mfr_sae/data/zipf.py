@@ -55,13 +55,21 @@ class ZipfData(FeatureStream):
         if not 0 <= min_magnitude < 1:
             raise ValueError(f"min_magnitude={min_magnitude} must be in [0, 1)")
         self.min_magnitude = min_magnitude
-        self.probabilities = zipf_probabilities(n_features, mean_active, exponent).float().to(self.device)
+        self.probabilities = self.firing_probabilities(mean_active, exponent).float().to(self.device)
+
+    def firing_probabilities(self, mean_active: float, exponent: float) -> Tensor:
+        """Each feature's probability of firing (given whatever `fires` also asks): [n_features]."""
+        return zipf_probabilities(self.n_features, mean_active, exponent)
+
+    def fires(self, uniform: Tensor) -> Tensor:
+        """Which features fire, from one U[0, 1) draw per feature: [B, n_features] bool."""
+        return uniform < self.probabilities
 
     def sample_codes(self, batch_size: int, stream: int, index: int) -> Tensor:
         """The magnitudes of every feature in one batch, zero where it is off: [B, n_features]."""
         uniform = torch.rand(batch_size, self.n_features, generator=self.generator(stream, index), device=self.device)
         # one draw does both: u < p_i says whether feature i fires, and given that, u / p_i is U[0, 1)
-        fires = uniform < self.probabilities
+        fires = self.fires(uniform)
         magnitude = self.min_magnitude + (1 - self.min_magnitude) * uniform / self.probabilities
         return magnitude.masked_fill_(~fires, 0)
 
