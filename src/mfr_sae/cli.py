@@ -67,8 +67,11 @@ def run_cache(args: argparse.Namespace) -> int:
 def run_study(args: argparse.Namespace) -> int:
     from mfr_sae.study import CANDIDATES, DATASETS, study
 
-    counts = {"--replicates": args.replicates, "--large-replicates": args.large_replicates}
-    counts["--tune-replicates"] = args.tune_replicates
+    counts = {
+        "--replicates": args.replicates,
+        "--large-replicates": args.large_replicates,
+        "--tune-replicates": args.tune_replicates,
+    }
     for option, count in counts.items():
         if count < 2:
             raise ConfigError(f"{option} {count}: a paired test needs at least 2 replicates")

@@ -195,6 +195,9 @@ def run_dataset(
     decoders: dict[str, list] = {s.name: [] for s in grid}
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
+    config = run_config(dataset, grid[0], 0, quick, extra, split)
+    truth = make_source(config.data).ground_truth  # a split's true features: the same for every run
+    assert truth is not None  # every dataset of the study has its true features
     started = time.perf_counter()
     tracker = RunTracker(len(jobs), out, progress, bars=False)
     for replicate, setting in jobs:
@@ -206,8 +209,6 @@ def run_dataset(
         betas[setting.name].append(results["beta"])
         decoder = load(run_dir).decoder().detach()
         decoders[setting.name].append(decoder)
-        truth = make_source(cfg.data).ground_truth
-        assert truth is not None  # every dataset of the study has its true features
         values[setting.name][CONSENSUS].append(consensus_mcc(decoder, truth))
     # agreement across replicates: the baseline's R ensembles and each setting's, every pair (for the
     # permutation test, which swaps a replicate's setting and baseline ensembles)
@@ -228,7 +229,7 @@ def run_dataset(
         "betas": betas,
         "agreement": across,
         "baseline_agreement": base_matrix.tolist(),
-        "config": run_config(dataset, grid[0], 0, quick, extra, split).to_dict(),
+        "config": config.to_dict(),
         "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in grid],
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -52,33 +52,28 @@ def _groups(cfg: DataConfig, device: str | torch.device, stream_seed: int | None
     )
 
 
-def _independent(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
-    return ZipfData(
-        cfg.d,
-        cfg.n_features,
-        cfg.mean_active,
-        cfg.zipf_exponent,
-        cfg.min_magnitude,
-        cfg.normalize_features,
-        cfg.seed,
-        device,
-        stream_seed,
+def _zipf_arguments(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> dict:
+    """What the Zipf-firing sources (ZipfData and its subclasses) take from a config."""
+    return dict(
+        d=cfg.d,
+        n_features=cfg.n_features,
+        mean_active=cfg.mean_active,
+        exponent=cfg.zipf_exponent,
+        min_magnitude=cfg.min_magnitude,
+        normalize_features=cfg.normalize_features,
+        seed=cfg.seed,
+        device=device,
+        stream_seed=stream_seed,
     )
+
+
+def _independent(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
+    return ZipfData(**_zipf_arguments(cfg, device, stream_seed))
 
 
 def _hierarchical(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> VectorSource:
     return HierarchicalData(
-        cfg.d,
-        cfg.n_features,
-        cfg.mean_active,
-        cfg.zipf_exponent,
-        cfg.children,
-        cfg.child_probability,
-        cfg.min_magnitude,
-        cfg.normalize_features,
-        cfg.seed,
-        device,
-        stream_seed,
+        children=cfg.children, child_probability=cfg.child_probability, **_zipf_arguments(cfg, device, stream_seed)
     )
 
 
