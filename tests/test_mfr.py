@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
 from mfr_sae.mmcs import changed_fraction, match_all, matched_mmcs
@@ -203,3 +204,42 @@ def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_ever
         load_config(None, ["mfr.mmcs=max", "mfr.match_every=0", "mfr.max_cosine=0.9"])
     with pytest.raises(ConfigError, match="mfr.min_cosine"):
         load_config(None, ["mfr.min_cosine=0.9", "mfr.max_cosine=0.8"])
+
+
+@pytest.mark.parametrize("mmcs, match_every", [("max", 0), ("max", 1), ("mnn_hungarian", 10)])
+def test_only_the_rows_given_as_pulled_take_the_penalty_gradient(mmcs, match_every):
+    torch.manual_seed(0)
+    decoder = F.normalize(torch.randn(3, 30, 8), dim=-1)
+    pulled = torch.rand(3, 30) < 0.3
+    grads, values = {}, {}
+    for name, mask in (("all", None), ("some", pulled)):
+        reg = MutualRegularizer(MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every), [2, 2, 2])
+        weight = decoder.clone().requires_grad_()
+        penalty, logs = reg.penalty(weight, 200, lambda: 1.0, mask)
+        penalty.backward()
+        grads[name], values[name] = weight.grad, penalty.item()
+    assert values["some"] == pytest.approx(values["all"], rel=1e-6)  # the same penalty, a part of its gradient
+    torch.testing.assert_close(grads["some"][pulled], grads["all"][pulled])
+    assert torch.equal(grads["some"][~pulled], torch.zeros_like(grads["some"][~pulled]))
+    assert grads["all"][~pulled].abs().sum() > 0
+    assert logs["pulled_frac"] == pytest.approx(pulled.float().mean().item())
+
+
+def test_idle_window_pulls_only_latents_that_have_not_fired_lately(tmp_path, easy_overrides):
+    overrides = easy_overrides + ["train.n_samples=40000", "sae.n_members=3"]
+    mfr = ["mfr.enabled=true", "mfr.beta=1.0", "mfr.mmcs=mnn_hungarian", "mfr.warmup_steps=0"]
+    runs = {}
+    for name, extra in [
+        ("base", []),
+        ("never", [*mfr, "mfr.idle_window=1000000"]),
+        ("idle", [*mfr, "mfr.idle_window=2000"]),
+    ]:
+        train(load_config(None, overrides + extra), tmp_path / name, progress=False)
+        runs[name] = load(tmp_path / name).decoder_weight.detach()
+    torch.testing.assert_close(runs["never"], runs["base"], atol=0, rtol=0)  # no latent idle: no pull at all
+    assert not torch.equal(runs["idle"], runs["base"])
+    logged = [json.loads(line) for line in (tmp_path / "idle" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["pulled_frac"] < 1 for r in logged if "pulled_frac" in r)
+    assert max(r.get("pulled_frac", 0) for r in logged) > 0
+    with pytest.raises(ConfigError, match="mfr.idle_window"):
+        load_config(None, ["mfr.idle_window=-1"])

@@ -34,7 +34,11 @@ class LatentFiring:
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired on the last dead_window training vectors: [n, h]."""
-        return self.samples_since_fired >= self.dead_window
+        return self.idle_mask(self.dead_window)
+
+    def idle_mask(self, window: int) -> Tensor:
+        """Latents that have not fired on the last `window` training vectors: [n, h]."""
+        return self.samples_since_fired >= window
 
 
 def dead_measured(steps_since_init: list[int], batch_size: int, dead_window: int) -> list[bool]:

@@ -96,12 +96,18 @@ class MutualRegularizer:
 
     # ------------------------------------------------------------------ penalty
 
-    def penalty(self, weight: Tensor, step: int, recon_loss: Callable[[], float]) -> tuple[Tensor, dict[str, float]]:
+    def penalty(
+        self, weight: Tensor, step: int, recon_loss: Callable[[], float], pulled: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         """beta * w(step) * mean over pairs (1 - MMCS); weight [n, h, d]: this rank's members' decoder rows
         (any norm; all N in one process), the gradient reaching them being that of the whole penalty.
         recon_loss: the mean reconstruction loss of all members (asked for once by beta=auto, every step by
-        recon)."""
+        recon). pulled [n, h] (mfr.idle_window): only these rows take the penalty's gradient; the value is
+        the same."""
         logged: dict[str, float] = {}
+        if pulled is not None:
+            weight = torch.where(pulled.unsqueeze(-1), weight, weight.detach())
+            logged["pulled_frac"] = pulled.float().mean().item()
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
             mmcs = dense_mmcs(unit_rows(self.shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
         else:

@@ -19,6 +19,9 @@ from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer
 from mfr_sae.mmcs import pairwise_mmcs
 
+# the penalty's values that a log line carries (MutualRegularizer.penalty's)
+PENALTY_LOGS = ("penalty", "penalty_weight", "beta_effective", "pairwise_mmcs", "pulled_frac")
+
 
 class RunReport:
     """The numbers of one run's members, all gathered from the processes that hold them."""
@@ -74,7 +77,7 @@ class RunReport:
             "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
             "mse": mse.tolist(),
             "l0": l0.tolist(),
-            **{k: logs[k] for k in ("penalty", "penalty_weight", "beta_effective", "pairwise_mmcs") if k in logs},
+            **{k: logs[k] for k in PENALTY_LOGS if k in logs},
             **self.mfr.match_log(),
             "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],
         }

@@ -51,6 +51,29 @@ CANDIDATES = {
     "mnn_hungarian 0.3*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon"),
     "mnn_hungarian 0.3*recon cap0.95": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon", "mfr.max_cosine=0.95"),
     "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.03*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.03*auto"),
+    # agreement as evidence, not identity: only matches already at cosine >= 0.3 (0.5) are pulled, up to 0.95
+    "mnn_hungarian 0.1*auto min0.3 cap0.95": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.min_cosine=0.3",
+        "mfr.max_cosine=0.95",
+    ),
+    "mnn_hungarian 0.1*auto min0.5 cap0.95": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.min_cosine=0.5",
+        "mfr.max_cosine=0.95",
+    ),
+    # only latents idle for 5,000 vectors are pulled: the live ones are left to the reconstruction
+    "mnn_hungarian 0.1*auto idle5k": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto", "mfr.idle_window=5000"),
+    # the same matched anew every 100 steps: a tenth of the matching's cost
+    "mnn_hungarian 0.1*auto idle5k every100": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=5000",
+        "mfr.match_every=100",
+    ),
 }
 DEFAULT_SETTING = "hungarian 0.1*auto"  # the candidate whose settings are the defaults of mfr.*
 BASELINE = "baseline"

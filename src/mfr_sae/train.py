@@ -168,6 +168,7 @@ class Trainer:
                 self.ensemble.decoder_weight,
                 self.step,
                 lambda: (self.shard.gather_sum(mse.detach()).sum() / n_members).item(),
+                self.firing.idle_mask(self.cfg.mfr.idle_window) if self.cfg.mfr.idle_window else None,
             )
             logs.update(values)
             if self.shard.replica == 0:  # once per member: the replicas' gradients are summed

@@ -151,6 +151,10 @@ class MFRConfig:
     max_cosine: float = 1.0
     """Ceiling, against collapse: matched latents whose cosine is above this (when matched) are not pulled
     further (agreement, not identity); 1: no ceiling (the paper)."""
+    idle_window: int = 0
+    """Pull only idle latents: a latent is pulled towards its matches only once it has not fired on the last
+    this-many training vectors (the others are left to the reconstruction, so the members' live latents are
+    never pulled into copies); 0: every matched latent is pulled (the paper)."""
     match_every: int = 10
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
     measures how many matches had changed. 1: exact every step (with `max`, certified: only
@@ -196,6 +200,7 @@ PAPER_MFR = [
     "mfr.mmcs=max",
     "mfr.min_cosine=-1",
     "mfr.max_cosine=1",
+    "mfr.idle_window=0",
     "mfr.match_every=1",
     "mfr.reinit_window=100",
     "mfr.reinit_threshold=2.5",

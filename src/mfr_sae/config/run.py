@@ -139,6 +139,7 @@ class RunConfig:
         for name, value in [
             ("mfr.warmup_steps", m.warmup_steps),
             ("mfr.match_every", m.match_every),
+            ("mfr.idle_window", m.idle_window),
             ("mfr.reinit_window", m.reinit_window),
             ("mfr.reinit_max", m.reinit_max),
         ]:
