@@ -31,8 +31,14 @@ BASE = [
     "mfr.reinit_max=2",
     "mfr.reinit_samples=2000",
 ]
-RUNS = {  # the defaults (hungarian, beta 0.1*auto, matched every 10 steps) and the paper's form, untied
-    "tied_hungarian": ["sae.n_members=3", "sae.k=[3,4,3]"],
+RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched every 10 steps) and the paper's form
+    "tied_hungarian": [
+        "sae.n_members=3",
+        "sae.k=[3,4,3]",
+        "mfr.mmcs=hungarian",
+        "mfr.match_every=10",
+        "mfr.idle_window=0",
+    ],
     "untied_max_bias": [
         "sae.n_members=2",
         "sae.k=3",
@@ -41,6 +47,7 @@ RUNS = {  # the defaults (hungarian, beta 0.1*auto, matched every 10 steps) and 
         "mfr.mmcs=max",
         "mfr.beta=auto",
         "mfr.match_every=1",
+        "mfr.idle_window=0",
     ],
 }
 
