@@ -3,7 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from mfr_sae.config import ConfigError, RunConfig, field_docs, help_text, load_config, sections
+from mfr_sae.config import (
+    ConfigError,
+    MFRConfig,
+    RunConfig,
+    field_docs,
+    help_text,
+    load_config,
+    load_run_config,
+    save_config,
+    sections,
+)
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -87,3 +97,12 @@ def test_the_paper_mfr_setting_is_spelled_out_in_full():
     assert {o.split("=")[0].split(".")[1] for o in PAPER_MFR} == {f for f in vars(MFRConfig()) if f != "enabled"}
     paper = load_config(None, PAPER_MFR + ["mfr.enabled=true"]).mfr
     assert load_config(CONFIGS / "synthetic-mfr.yaml").mfr == paper
+
+
+def test_a_saved_run_config_without_a_later_field_reads_as_the_run_was_trained(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None, ["mfr.enabled=true", "mfr.idle_window=7"]), path)
+    assert load_run_config(path).mfr.idle_window == 7  # a field the file holds is kept
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if "idle_window" not in line))
+    assert load_run_config(path).mfr.idle_window == 0  # saved before the field existed: no idle pulling
+    assert load_config(path).mfr.idle_window == MFRConfig().idle_window  # a user's config takes the default

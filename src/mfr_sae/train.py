@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae import distributed
-from mfr_sae.config import ConfigError, RunConfig, load_config
+from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
@@ -285,7 +285,7 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir / CONFIG_FILE)
     if is_finished(run_dir, cfg.n_steps):
         raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
     return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()

@@ -93,6 +93,22 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# Fields added since runs were first saved, with the value that a run saved before them behaved as: a saved
+# run's config holds every field of its day, so one it lacks must not take today's default (a resume would
+# change the run's setting halfway).
+FIELDS_BEFORE_THEY_EXISTED = {"mfr": {"idle_window": 0}}
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A run folder's saved config.yaml, read as the run was trained (FIELDS_BEFORE_THEY_EXISTED)."""
+    raw = _read_yaml(path)
+    if isinstance(raw, dict):
+        for section, fields in FIELDS_BEFORE_THEY_EXISTED.items():
+            if isinstance(raw.get(section), dict):
+                raw[section] = {**fields, **raw[section]}
+    return from_dict(raw, str(path)).validate()
+
+
 class _Mismatch(ValueError):
     """args: (a value that does not fit, its type): the field's value, or the first bad item of a list."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mfr_sae.checkpoint import load
-from mfr_sae.config import ConfigError, RunConfig, load_config
+from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.report import fmt_duration, save_figure
 from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train
 
@@ -29,7 +29,7 @@ def run_status(cfg: RunConfig, run_dir: Path) -> str:
     continued) or "trained" (a new run), so that reproductions can restart. A run folder whose
     saved config is not `cfg` is an error naming the first field that differs (never mixed)."""
     if (run_dir / CONFIG_FILE).is_file():
-        differs = config_difference(load_config(run_dir / CONFIG_FILE), cfg)
+        differs = config_difference(load_run_config(run_dir / CONFIG_FILE), cfg)
         if differs:
             raise ConfigError(f"{run_dir} holds a run of another setting ({differs}): choose another --out")
     if (run_dir / RESULTS_FILE).is_file():
