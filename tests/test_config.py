@@ -72,6 +72,9 @@ def test_file_errors(tmp_path):
     bad.write_text("sae:\n  k: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("sae:\n  k: 3\n  tied: [1, 2\ntrain:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 4, column 6: not valid YAML \(expected ',' or ']'"):
+        load_config(bad)
     bad.write_text("saes:\n  k: 3\n")
     with pytest.raises(ConfigError, match="unknown section 'saes'"):
         load_config(bad)

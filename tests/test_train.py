@@ -175,7 +175,9 @@ def test_an_existing_run_is_never_overwritten(tmp_path, easy_overrides):
     cfg = load_config(None, easy_overrides + ["train.n_samples=2000"])
     train(cfg, tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "results.json").read_text()
-    with pytest.raises(TrainingError, match="already holds a run"):
+    with pytest.raises(
+        TrainingError, match="already holds a run: continue it with --resume .*, replace it with --overwrite"
+    ):
         train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "results.json").read_text() == before
 

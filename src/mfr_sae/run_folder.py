@@ -71,7 +71,8 @@ def start_new_run(run_dir: Path, cfg: RunConfig, shard: Shard, overwrite: bool =
         shard.barrier()  # cleared before any rank looks
     if holds_run(run_dir):
         raise TrainingError(
-            f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --out"
+            f"{run_dir} already holds a run: continue it with --resume {run_dir}, replace it with --overwrite, "
+            "or choose another --out"
         )
     shard.barrier()  # every rank has looked before rank 0 writes
     created: list[Path] = []
