@@ -66,12 +66,13 @@ def test_overwrite_is_passed_to_train_and_refused_with_resume(monkeypatch, tmp_p
 
 def test_an_interrupted_run_exits_130_with_the_resume_command(monkeypatch, tmp_path, capsys):
     def stopped(cfg, out, progress=True, overwrite=False):
-        raise Interrupted(7, out)
+        raise Interrupted(7, out, 5)
 
     monkeypatch.setattr(cli, "train", stopped)
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 130
     err = capsys.readouterr().err
-    assert err == f"mfr-sae: interrupted at step 7; continue with `mfr-sae train --resume {tmp_path / 'run'}`\n"
+    resume = f"`mfr-sae train --resume {tmp_path / 'run'}`"
+    assert err == f"mfr-sae: interrupted at step 7; {resume} goes on from the checkpoint of step 5\n"
 
 
 def _missing(monkeypatch, *modules):

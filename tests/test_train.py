@@ -327,10 +327,23 @@ def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, ea
     except Interrupted as err:  # (while it is in flight, its traceback keeps the bar from being collected)
         caught, closed = err, bool(bar.closed)
     assert caught.step == 7 and caught.run_dir == tmp_path / "run" and closed
-    assert str(caught) == f"interrupted at step 7; continue with `mfr-sae train --resume {tmp_path / 'run'}`"
+    resume_command = f"`mfr-sae train --resume {tmp_path / 'run'}`"
+    assert str(caught) == f"interrupted at step 7; {resume_command} goes on from the checkpoint of step 5"
     assert load_trainer_state(tmp_path / "run" / "checkpoint")[1]["step"] == 5  # nothing saved after step 5
     assert not (tmp_path / "run" / "results.json").exists()
     assert resume(tmp_path / "run", progress=False)["steps"] == 30
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_that_resume_starts_again(tmp_path, easy_overrides, capsys):
+    from mfr_sae.train import Interrupted
+
+    overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=20"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=False)
+    _raise_at(trainer, 3, KeyboardInterrupt)
+    with pytest.raises(Interrupted, match="at step 3, before the first checkpoint: .* starts again from step 0"):
+        trainer.fit()
+    assert resume(tmp_path / "run", progress=False)["steps"] == 30
+    assert f"{tmp_path / 'run'}: no checkpoint yet, starting again from step 0" in capsys.readouterr().err
 
 
 def test_an_error_closes_the_progress_bar_before_it_propagates(tmp_path, easy_overrides, monkeypatch):

@@ -8,6 +8,7 @@ gradient from the MSE term is exactly what it would get if trained alone.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,14 @@ from mfr_sae.trainer_state import restore_training, save_training
 class Interrupted(Exception):
     """Training was stopped by the user (Ctrl-C); nothing was saved since the last checkpoint."""
 
-    def __init__(self, step: int, run_dir: str | Path):
+    def __init__(self, step: int, run_dir: str | Path, saved_step: int | None = None):
         self.step, self.run_dir = step, Path(run_dir)
-        super().__init__(f"interrupted at step {step}; continue with `mfr-sae train --resume {run_dir}`")
+        resume = f"`mfr-sae train --resume {run_dir}`"
+        super().__init__(
+            f"interrupted at step {step}; {resume} goes on from the checkpoint of step {saved_step}"
+            if saved_step is not None
+            else f"interrupted at step {step}, before the first checkpoint: {resume} starts again from step 0"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +97,7 @@ class Trainer:
         )
         self.step = 0
         try:
+            self.saved_step: int | None = None  # the step of the last checkpoint written or read
             if resume:
                 self._restore()
             else:
@@ -119,9 +126,11 @@ class Trainer:
     def _restore(self) -> None:
         folder = ckpt.checkpoint_dir(self.run_dir)
         if folder is None:  # killed before the first checkpoint: start over in place
+            if self.shard.is_main:
+                print(f"{self.run_dir}: no checkpoint yet, starting again from step 0", file=sys.stderr)
             (self.run_dir / METRICS_FILE).write_text("")
             return
-        self.step = restore_training(
+        self.step = self.saved_step = restore_training(
             folder, self.shard, self.device, self.ensemble, self.optimizer, self.firing, self.mfr
         )
         self.shard.barrier()  # every rank has read before rank 0 truncates the log
@@ -141,6 +150,7 @@ class Trainer:
             self.step,
             self.report.firing_prob,
         )
+        self.saved_step = self.step
 
     # ------------------------------------------------------------------ training
 
@@ -215,7 +225,7 @@ class Trainer:
         try:
             return self._fit()
         except KeyboardInterrupt:
-            interrupted = Interrupted(self.step, self.run_dir)
+            interrupted = Interrupted(self.step, self.run_dir, self.saved_step)
             distributed.report_failure(interrupted)
             raise interrupted from None
         except Exception as err:
