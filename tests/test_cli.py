@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mfr_sae import cli
+from mfr_sae import cli, extras
 from mfr_sae.cli import main
 from mfr_sae.train import Interrupted
 
@@ -84,7 +84,26 @@ def _missing(monkeypatch, *modules):
 def _one_line_error(capsys, needs, extra):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("mfr-sae: error: ") and err.endswith(f'needs {needs}: pip install "mfr-sae[{extra}]"\n')
+    assert err.startswith("mfr-sae: error: ") and err.endswith(f"needs {needs}: {extras.hint(needs)}\n")
+    assert f"[{extra}]" in extras.hint(needs)
+
+
+@pytest.mark.parametrize(
+    "direct_url, expected",
+    [
+        (None, 'pip install "mfr-sae[eeg]"'),  # from a package index: no direct_url.json
+        ('{"url": "file:///src/mfr%20sae", "dir_info": {"editable": true}}', 'pip install -e "/src/mfr sae[eeg]"'),
+        ('{"url": "file:///src/mfr-sae", "dir_info": {}}', 'pip install "/src/mfr-sae[eeg]"'),
+        ('{"url": "https://example.org/mfr_sae-1.0.whl", "archive_info": {}}', 'pip install "mfr-sae[eeg]"'),
+    ],
+)
+def test_the_extras_hint_fits_the_way_mfr_sae_was_installed(monkeypatch, direct_url, expected):
+    class Distribution:
+        def read_text(self, name):
+            return direct_url if name == "direct_url.json" else None
+
+    monkeypatch.setattr(extras.importlib.metadata, "distribution", lambda name: Distribution())
+    assert extras.hint("mne") == expected
 
 
 def test_missing_mne_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path, capsys):
@@ -111,6 +130,7 @@ def test_missing_mne_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path,
         == 2
     )
     _one_line_error(capsys, "mne", "eeg")
+    assert not (tmp_path / "rep").exists()  # refused before anything was written or announced
 
 
 def test_missing_transformers_datasets_or_gguf_are_one_line_errors_naming_the_extra(monkeypatch, tmp_path, capsys):

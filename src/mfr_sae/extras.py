@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import json
+import urllib.parse
 from types import ModuleType
 
 # module -> the extra of mfr-sae that installs it (pyproject.toml, [project.optional-dependencies])
@@ -14,7 +17,30 @@ class MissingExtra(RuntimeError):
 
 
 def hint(module: str) -> str:
-    return f'pip install "mfr-sae[{EXTRAS[module]}]"'
+    """How to install the extra that brings `module`, for the way mfr-sae itself was installed: from a source
+    checkout (`pip install -e DIR`, or `pip install DIR`: PEP 610's direct_url.json names DIR) the extra is
+    installed from that folder, since mfr-sae is on no package index."""
+    extra = EXTRAS[module]
+    source = _source_folder()
+    if source is None:
+        return f'pip install "mfr-sae[{extra}]"'
+    editable = "-e " if source[1] else ""
+    return f'pip install {editable}"{source[0]}[{extra}]"'
+
+
+def _source_folder() -> tuple[str, bool] | None:
+    """(the folder mfr-sae was installed from, whether editably), or None for an install from an index."""
+    try:
+        text = importlib.metadata.distribution("mfr-sae").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    info = json.loads(text)
+    url = info.get("url", "")
+    if "dir_info" not in info or not url.startswith("file://"):
+        return None
+    return urllib.parse.unquote(urllib.parse.urlparse(url).path), bool(info["dir_info"].get("editable"))
 
 
 def require(module: str, what: str) -> ModuleType:

@@ -26,6 +26,7 @@ import numpy as np
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data import make_source
 from mfr_sae.data.eeg import EEGData
+from mfr_sae.extras import require
 from mfr_sae.files import write_json
 from mfr_sae.reproduce import RunTracker, decoder_distances, machine, reinit_history
 from mfr_sae.reproduce.eeg_analysis import KS, MEMBER_KEYS, mse_by_k, mse_test
@@ -98,6 +99,7 @@ def reproduce_eeg(
 ) -> dict[str, Any]:
     """Train both ensembles for each seed (finished runs reused), score them against the clean
     signal, and write report.md, results.json and the figures."""
+    require("mne", "mfr-sae reproduce eeg")  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data) if data is not None else default_data()

@@ -19,6 +19,7 @@ import numpy as np
 
 from mfr_sae.config import PAPER_MFR, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
+from mfr_sae.extras import require
 from mfr_sae.files import write_json
 from mfr_sae.report import figure_link, fmt_num, markdown_table
 from mfr_sae.reproduce import (
@@ -93,6 +94,7 @@ def reproduce_gpt2(
 ) -> dict[str, Any]:
     """Cache, train both ensembles, score them on the LM, and write report.md, results.json and the
     figure. `tokens` overrides the training tokens; `holdout` vectors are cached beyond them for eval."""
+    require("transformers", "mfr-sae reproduce gpt2")  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setting = dict(QUICK if quick else FULL)
