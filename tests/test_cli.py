@@ -14,6 +14,7 @@ def test_train_prints_the_table_and_writes_results(tmp_path, capsys, easy_overri
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"] + sets) == 0
     out = capsys.readouterr().out
     assert "| member | k | mse |" in out and "gt_recovered_frac" in out
+    assert "dead_frac n/a: run shorter than eval.dead_window (1,000,000 vectors)" in out  # why n/a, beside it
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["members"]) == 2
 

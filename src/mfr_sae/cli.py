@@ -147,6 +147,8 @@ def run_train(args: argparse.Namespace) -> int:
         out = args.out
     if world_from_env()[0] == 0:  # under torchrun, rank 0 speaks for all
         print(markdown_table(results["members"]))
+        if results.get("dead_frac_note"):  # why a dead_frac reads n/a
+            print(f"dead_frac n/a: {results['dead_frac_note']}")
         print(f"\nrun folder: {out} (results.json, metrics.jsonl, checkpoint/)")
         if results.get("collapse_note"):
             print(f"warning: {results['collapse_note']}", file=sys.stderr)
