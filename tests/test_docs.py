@@ -221,3 +221,18 @@ def test_every_config_field_named_in_inline_code_exists_and_takes_the_value_give
                         pytest.fail(f"`{code}`: {err}")
                 checked += 1
     assert checked >= 30
+
+
+def test_design_sections_cited_by_the_code_and_help_exist_and_nothing_cites_a_document_outside_the_repo():
+    """`--help`, reports and docstrings cite docs/design.md's numbered sections; the specification the project
+    was built from is not in the repository, so nothing may send a reader to it."""
+    from mfr_sae.config import help_text
+
+    headings = set(re.findall(r"^##+ (\d+(?:\.\d+)?)\.? ", (ROOT / "docs" / "design.md").read_text(), re.M))
+    texts = [help_text()] + [p.read_text() for p in [*ROOT.glob("src/**/*.py"), *ROOT.glob("configs/*.yaml"), *PAGES]]
+    cited = set()
+    for text in texts:
+        assert not re.search(r"\bSPEC\b", text)
+        for first, last in re.findall(r"design\.md sections? (\d+)(?:-(\d+))?", text):
+            cited |= {str(n) for n in range(int(first), int(last or first) + 1)}
+    assert cited and cited <= headings, cited - headings

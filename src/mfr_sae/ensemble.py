@@ -1,4 +1,4 @@
-"""An ensemble of N TopK SAEs held as stacked tensors (SPEC section 2).
+"""An ensemble of N TopK SAEs held as stacked tensors (docs/design.md section 2).
 
 Member n: z = ReLU(TopK_k[n](W_enc[n] (x - b_dec[n]) + b_enc[n])), x_hat = z W_dec[n] + b_dec[n].
 W_enc is [N, h, d] with one latent per row. Tied (the paper's default): W_dec = W_enc with unit-norm

@@ -1,4 +1,4 @@
-"""Loss recovered on a language model (SPEC section 5): next-token cross-entropy with the hooked
+"""Loss recovered on a language model (docs/design.md section 5): next-token cross-entropy with the hooked
 activation replaced by each SAE's reconstruction, against the clean model and zero ablation.
 
 frac_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); kl is KL(clean || spliced) of the

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC section 5): reconstruction, sparsity, and feature similarity.
+"""Evaluation (docs/design.md section 5): reconstruction, sparsity, and feature similarity.
 
 Feature matrices hold one feature per row. Similarities are computed in chunks of rows so that
 h = 16384 against h = 16384 never needs the whole h x h matrix at once.

@@ -1,4 +1,4 @@
-"""Mutual Feature Regularization (SPEC section 4): the auxiliary penalty and the run's MFR state.
+"""Mutual Feature Regularization (docs/design.md section 4): the auxiliary penalty and the run's MFR state.
 
 Penalty: P = beta * w(t) * mean over member pairs (a, b) of (1 - MMCS(a, b)) (MMCS: mmcs.py), with w(t)
 a cosine warmup and beta given, `auto` (the paper: set at the first step so that P equals the mean

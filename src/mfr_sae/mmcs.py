@@ -1,4 +1,4 @@
-"""MMCS between the decoders of an ensemble's members (SPEC section 4), and its matched form.
+"""MMCS between the decoders of an ensemble's members (docs/design.md section 4), and its matched form.
 
 MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max`), the mean cosine of
 a one-to-one Hungarian matching (`hungarian`), of the mutual nearest neighbours (`mnn`: i and j matched

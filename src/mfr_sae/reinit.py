@@ -1,4 +1,4 @@
-"""The reinitialisation rule of MFR (SPEC section 4) and the firing history it reads.
+"""The reinitialisation rule of MFR (docs/design.md section 4) and the firing history it reads.
 
 M = mean_j (|p_j - t| / t)^3 per member, with p_j the firing probability of latent j over the last
 `reinit_samples` training vectors and t = k / h of that member. During a member's first `reinit_window`

@@ -1,6 +1,6 @@
 """The run configuration's sections: dataclasses whose docstrings (the string literal under each field) are its
 help text, the values some fields may take, and the paper's MFR setting. Defaults are the paper's synthetic
-setting (SPEC sections 1-4). RunConfig, the sections together and their validation, is in `run.py`."""
+setting (docs/design.md sections 1-4). RunConfig, the sections together and their validation, is in `run.py`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "synthetic"
-    """Where vectors come from: `synthetic` (ground-truth features, SPEC section 1), `vectors` (your
+    """Where vectors come from: `synthetic` (ground-truth features, docs/design.md section 1), `vectors` (your
     files), `activations` (a cache built by `mfr-sae cache`) or `eeg` (recordings, denoising)."""
     path: str = ""
     """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d];
@@ -192,7 +192,7 @@ class EvalConfig:
     """activations: sequences per forward pass of the language model during loss recovered."""
 
 
-# The paper's MFR (SPEC section 4), field by field: what the reproductions and the study's grid build on,
+# The paper's MFR (docs/design.md section 4), field by field: what the reproductions and the study's grid build on,
 # whatever the defaults of mfr.* are.
 PAPER_MFR = [
     "mfr.beta=auto",

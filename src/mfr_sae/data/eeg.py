@@ -1,4 +1,4 @@
-"""EEG recordings as vectors (SPEC section 6, paper Section 4.2), read with MNE-Python.
+"""EEG recordings as vectors (paper Section 4.2; docs/design.md section 1), read with MNE-Python.
 
 EDF/BDF (the TUH corpus is EDF), FIF and BrainVision files, or a folder of them. Per file: keep the EEG
 channels chosen (`common`: those present in every file; a standard montage's name; or a list), band-pass

@@ -1,4 +1,4 @@
-"""Synthetic vectors with known features (SPEC section 1, paper Section 3.1).
+"""Synthetic vectors with known features (paper Section 3.1; docs/design.md section 1).
 
 F holds n true features in d dimensions (entries N(0, 1); stored here one feature per row). The
 features are split into groups (sizes differ by at most one, so every feature is in a group); feature j

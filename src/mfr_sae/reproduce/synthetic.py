@@ -37,7 +37,7 @@ METHODS = {
     "shared_init": ["mfr.enabled=false", "sae.shared_init=true"],
 }
 DATA_SEED = 0
-# The paper's setting is the config defaults (SPEC sections 1-3); only the logging is added.
+# The paper's setting is the config defaults (docs/design.md sections 1-3); only the logging is added.
 FULL = ["eval.every=100", "train.checkpoint_every=100"]
 # --quick: the same data and SAEs, 800k vectors in batches of 2,000 (the paper's batch is lost; the
 # reference code used 10,000), so that 3 seeds x 4 methods finish in minutes on 2 CPU cores.

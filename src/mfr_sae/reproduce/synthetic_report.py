@@ -145,7 +145,7 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         ),
         "## Setup",
         "",
-        "Data (SPEC section 1): "
+        "Data (the paper's Section 3.1): "
         + ", ".join(
             f"{k}={v}"
             for k, v in s["config"]["data"].items()
