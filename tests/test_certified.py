@@ -50,6 +50,8 @@ def _trainer(tmp_path, easy_overrides, name, extra):
         "mfr.enabled=true",
         "mfr.mmcs=max",
         "mfr.match_every=1",
+        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling
+        "mfr.idle_window=0",
         "mfr.beta=auto",
         "mfr.warmup_steps=5",
         "mfr.reinit_window=30",
@@ -98,6 +100,8 @@ def test_the_share_of_rows_re_matched_is_logged(tmp_path, easy_overrides):
         "mfr.enabled=true",
         "mfr.mmcs=max",
         "mfr.match_every=1",
+        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling
+        "mfr.idle_window=0",
     ]
     train(load_config(None, overrides), tmp_path / "run", progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

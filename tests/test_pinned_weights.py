@@ -38,6 +38,7 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "mfr.mmcs=hungarian",
         "mfr.match_every=10",
         "mfr.idle_window=0",
+        "mfr.max_cosine=1",
     ],
     "untied_max_bias": [
         "sae.n_members=2",
@@ -48,6 +49,7 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "mfr.beta=auto",
         "mfr.match_every=1",
         "mfr.idle_window=0",
+        "mfr.max_cosine=1",
     ],
 }
 

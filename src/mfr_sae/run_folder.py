@@ -3,8 +3,12 @@ to the checkpoint a resume restarts from)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import safe_open
@@ -17,6 +21,7 @@ from mfr_sae.files import atomic_write_text
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+LOCK_FILE = ".lock"
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +46,45 @@ def remove_paths(paths: list[Path]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, holder: bool = True) -> Iterator[None]:
+    """Hold an OS lock on a run folder (fcntl.flock on run_dir/.lock, which holds this process's id) while a
+    training or a resume uses it, so that a second process is refused in one line naming the first. The OS
+    releases the lock when the process ends, however it ends: a kill leaves no stale lock (only the file, which
+    the next holder takes over). Released, the lock file goes, and the folder too when it was made for the lock
+    and nothing else was written in it. holder false (ranks other than 0 of one run): no lock, rank 0 holds it
+    for the run."""
+    if not holder:
+        yield
+        return
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        user = handle.read().strip() or "?"
+        handle.close()
+        raise TrainingError(
+            f"{run_dir} is in use by process {user} (a training or resume of it); nothing was changed: wait for "
+            "it to end, or stop it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: no other process can have taken it meanwhile
+        handle.close()  # releases the lock
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
+                run_dir.rmdir()
 
 
 def holds_run(run_dir: Path) -> bool:

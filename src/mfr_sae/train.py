@@ -32,6 +32,7 @@ from mfr_sae.run_folder import (
     RESULTS_FILE,
     TrainingError,
     is_finished,
+    locked,
     remove_failed_start,
     start_new_run,
     truncate_metrics,
@@ -286,7 +287,8 @@ def train(
     """Train a new run in folder `out`; returns what results.json holds. A folder that holds another run is an
     error, or with `overwrite` is cleared of that run's files (`run_paths`, nothing else) once the new config
     and data source are checked."""
-    return Trainer(cfg.validate(), out, source, progress=progress, overwrite=overwrite).fit()
+    with locked(Path(out), holder=distributed.world_from_env()[0] == 0):
+        return Trainer(cfg.validate(), out, source, progress=progress, overwrite=overwrite).fit()
 
 
 def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bool = True) -> dict[str, Any]:
@@ -296,9 +298,10 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     if not (run_dir / CONFIG_FILE).is_file():
         raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
     cfg = load_run_config(run_dir / CONFIG_FILE)
-    if is_finished(run_dir, cfg.n_steps):
-        raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
-    return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
+    with locked(run_dir, holder=distributed.world_from_env()[0] == 0):
+        if is_finished(run_dir, cfg.n_steps):
+            raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
+        return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
 
 
 def all_finite(x: Tensor) -> bool:

@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from mfr_sae import extras
 from mfr_sae.cli import main
 from mfr_sae.data import DataError
 from mfr_sae.data.activations import ActivationCache, build_cache, read_manifest, read_texts, token_sequences
@@ -159,8 +161,10 @@ def test_cache_builds_beside_under_its_own_name_and_leaves_other_folders_alone(t
 
 def test_missing_transformers_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(MissingExtra, match='language model .* needs transformers: pip install "mfr-sae\\[lm\\]"'):
+    hint = re.escape(extras.hint("transformers"))
+    assert hint.endswith(re.escape('[lm]"'))
+    with pytest.raises(MissingExtra, match=f"language model .* needs transformers: {hint}"):
         load_model("gpt2")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(MissingExtra, match='needs datasets: pip install "mfr-sae\\[lm\\]"'):
+    with pytest.raises(MissingExtra, match=f"needs datasets: {hint}"):
         list(read_texts("someone/some-dataset"))

@@ -1,4 +1,5 @@
 import logging
+import re
 import sys
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 mne = pytest.importorskip("mne")
 
+from mfr_sae import extras  # noqa: E402
 from mfr_sae.data import DataError  # noqa: E402
 from mfr_sae.data.eeg import (  # noqa: E402
     EEGData,
@@ -164,5 +166,5 @@ def test_without_mne_reading_is_a_one_line_error_naming_the_extra(tmp_path, monk
     folder = _folder(tmp_path)
     monkeypatch.setitem(sys.modules, "mne", None)  # `import mne` now raises ImportError, as when absent
     for call in (lambda: load_eeg(folder), lambda: select_channels([["Cz"]], "biosemi64")):
-        with pytest.raises(MissingExtra, match='^reading EEG recordings needs mne: pip install "mfr-sae\\[eeg\\]"$'):
+        with pytest.raises(MissingExtra, match=f"^reading EEG recordings needs mne: {re.escape(extras.hint('mne'))}$"):
             call()
