@@ -138,7 +138,8 @@ def collapse_report(one_to_one_mmcs: float | None) -> dict[str, Any]:
     collapsed = one_to_one_mmcs is not None and one_to_one_mmcs > COLLAPSE_MMCS
     note = (
         f"the members collapsed into copies of one another (one-to-one pairwise MMCS {one_to_one_mmcs:.4f} > "
-        f"{COLLAPSE_MMCS}): an ensemble of one SAE; lower mfr.beta or set mfr.max_cosine"
+        f"{COLLAPSE_MMCS}): an ensemble of one SAE; compare it with the baseline (mfr.enabled=false) before "
+        "using it, or lower mfr.beta"
         if collapsed
         else None
     )

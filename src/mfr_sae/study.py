@@ -40,11 +40,11 @@ from mfr_sae.run_report import COLLAPSE_MMCS
 from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, t_half_width
 from mfr_sae.study_report import write_report
 
-# every MFR candidate: matched anew every 10 steps, no reinitialisation (it never fired on learnable data and
-# fired at every check until its cap on SmolLM2 activations: RESULTS.md)
+# every MFR candidate: matched anew every 10 steps (unless it says otherwise), no reinitialisation (it never fired
+# on learnable data and fired at every check until its cap on SmolLM2 activations: RESULTS.md)
 MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
 CANDIDATES = {
-    "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults before the held-out study
+    "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
     "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
     "mnn_hungarian 0.1*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto"),
     "mnn_hungarian 0.1*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*recon"),
@@ -74,8 +74,22 @@ CANDIDATES = {
         "mfr.idle_window=5000",
         "mfr.match_every=100",
     ),
+    "mnn_hungarian 0.1*auto idle20k every100": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=20000",
+        "mfr.match_every=100",
+    ),
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=5000",
+        "mfr.match_every=100",
+        "mfr.max_cosine=0.95",
+    ),
 }
-DEFAULT_SETTING = "hungarian 0.1*auto"  # the candidate whose settings are the defaults of mfr.*
+# the candidate whose settings are the defaults of mfr.*
+DEFAULT_SETTING = "mnn_hungarian 0.1*auto idle5k every100 cap0.95"
 BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
