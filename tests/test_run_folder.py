@@ -60,3 +60,7 @@ def test_a_lock_taken_for_a_new_folder_that_gets_nothing_else_leaves_nothing(tmp
         with pytest.raises(TrainingError, match="is in use by process"), locked(tmp_path / "new"):
             pass  # a second holder, even in this process, is refused
     assert not (tmp_path / "new").exists()
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(TrainingError, match="a-file is a file, not a run folder"), locked(tmp_path / "a-file"):
+        pass
+    assert (tmp_path / "a-file").read_text() == "mine"

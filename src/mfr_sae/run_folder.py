@@ -59,6 +59,8 @@ def locked(run_dir: Path, holder: bool = True) -> Iterator[None]:
     if not holder:
         yield
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"{run_dir} is a file, not a run folder: choose another --out")
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
