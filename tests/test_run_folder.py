@@ -15,8 +15,8 @@ from mfr_sae.run_folder import LOCK_FILE, TrainingError, locked
 from mfr_sae.train import train
 
 
-def _mfr_sae(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mfr_sae", *args], stderr=subprocess.PIPE, text=True, **kwargs)
+def _mfr_sae(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mfr_sae", *args], stderr=subprocess.PIPE, text=True)
 
 
 def test_a_second_process_on_a_running_training_is_refused_and_a_kill_leaves_no_stale_lock(

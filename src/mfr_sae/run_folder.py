@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae.config import RunConfig, save_config
-from mfr_sae.distributed import Shard
+from mfr_sae.distributed import Shard, world_from_env
 from mfr_sae.files import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -49,14 +49,14 @@ def remove_paths(paths: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path, holder: bool = True) -> Iterator[None]:
+def locked(run_dir: Path) -> Iterator[None]:
     """Hold an OS lock on a run folder (fcntl.flock on run_dir/.lock, which holds this process's id) while a
     training or a resume uses it, so that a second process is refused in one line naming the first. The OS
     releases the lock when the process ends, however it ends: a kill leaves no stale lock (only the file, which
     the next holder takes over). Released, the lock file goes, and the folder too when it was made for the lock
-    and nothing else was written in it. holder false (ranks other than 0 of one run): no lock, rank 0 holds it
-    for the run."""
-    if not holder:
+    and nothing else was written in it. Under torchrun rank 0 holds it for the whole run; the other ranks
+    take none."""
+    if world_from_env()[0] != 0:
         yield
         return
     if run_dir.exists() and not run_dir.is_dir():

@@ -287,7 +287,7 @@ def train(
     """Train a new run in folder `out`; returns what results.json holds. A folder that holds another run is an
     error, or with `overwrite` is cleared of that run's files (`run_paths`, nothing else) once the new config
     and data source are checked."""
-    with locked(Path(out), holder=distributed.world_from_env()[0] == 0):
+    with locked(Path(out)):
         return Trainer(cfg.validate(), out, source, progress=progress, overwrite=overwrite).fit()
 
 
@@ -298,7 +298,7 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     if not (run_dir / CONFIG_FILE).is_file():
         raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
     cfg = load_run_config(run_dir / CONFIG_FILE)
-    with locked(run_dir, holder=distributed.world_from_env()[0] == 0):
+    with locked(run_dir):
         if is_finished(run_dir, cfg.n_steps):
             raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
         return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
