@@ -17,6 +17,7 @@ from mfr_sae import load
 from mfr_sae.checkpoint import load_trainer_state
 from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
+from mfr_sae.mmcs import NO_MATCH
 
 SMALL = [
     *PAPER_MFR,
@@ -211,8 +212,16 @@ def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
     assert [m["mse"] for m in four["members"]] == pytest.approx([m["mse"] for m in one["members"]], rel=1e-4)
 
 
-@pytest.mark.parametrize("mmcs", ["max", "hungarian"])
-def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs):
+@pytest.mark.parametrize(
+    "mmcs, extra",
+    [
+        ("max", []),
+        ("hungarian", []),
+        # the twin guard, and pairs of idle latents left out: each rank knows every member's idle latents
+        ("mnn_hungarian", ["mfr.twin_guard=0.3", "mfr.idle_window=100", "mfr.idle_to_live=true"]),
+    ],
+)
+def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs, extra):
     """5 members on 4 processes (2 + 1 + 1 + 1): the decoders go round the ring in 3 stages, the pairs
     across shards matched by the rank that sees the other first (both at stage 2, half each) and their
     matches sent to the other; re-matching every 3 steps, so that the links also serve between."""
@@ -225,6 +234,7 @@ def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs):
         "mfr.reinit_window=0",
         "mfr.match_every=3",
         f"mfr.mmcs={mmcs}",
+        *extra,
     ]
     _train(tmp_path / "one", overrides)
     _train(tmp_path / "four", overrides, processes=4)
@@ -232,6 +242,7 @@ def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs):
     _assert_same_log(tmp_path / "one", tmp_path / "four")
     one, four = (load_trainer_state(tmp_path / run / "checkpoint")[0]["mfr.matches"] for run in ("one", "four"))
     assert torch.equal(one, four)  # every pair's matches, gathered from the ranks that know them
+    assert (one == NO_MATCH).any() == bool(extra)  # the guards left some matches out
 
 
 _STREAM_WORKER = """

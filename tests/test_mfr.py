@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
-from mfr_sae.mmcs import changed_fraction, match_all, matched_mmcs
+from mfr_sae.mmcs import NO_MATCH, changed_fraction, match_all, matched_mmcs, member_pairs
 from mfr_sae.train import Trainer, train
 
 
@@ -223,6 +223,35 @@ def test_only_the_rows_given_as_pulled_take_the_penalty_gradient(mmcs, match_eve
     assert torch.equal(grads["some"][~pulled], torch.zeros_like(grads["some"][~pulled]))
     assert grads["all"][~pulled].abs().sum() > 0
     assert logs["pulled_frac"] == pytest.approx(pulled.float().mean().item())
+
+
+def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtered_matches():
+    torch.manual_seed(1)
+    base = F.normalize(torch.randn(30, 8), dim=-1)
+    decoder = F.normalize(base + 0.3 * torch.randn(3, 30, 8), dim=-1)  # members that roughly agree
+    idle = torch.rand(3, 30) < 0.5
+    cfg = MFRConfig(
+        enabled=True, beta=1.0, mmcs="mnn_hungarian", match_every=10, max_cosine=1.0, idle_window=1, idle_to_live=True
+    )
+    reg = MutualRegularizer(cfg, [2, 2, 2])
+    weight = decoder.clone().requires_grad_()
+    penalty, _ = reg.penalty(weight, 200, lambda: 1.0, idle)
+    penalty.backward()
+    # the reference: every pair's one-to-one matches, with those between two idle latents taken out by hand
+    matches = match_all(decoder, "mnn_hungarian")
+    for p, (a, b) in enumerate(member_pairs(3)):
+        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
+            for row, partner in enumerate(matches[p, side].tolist()):
+                if partner != NO_MATCH and idle[row_member, row] and idle[partner_member, partner]:
+                    matches[p, side, row] = NO_MATCH
+    reference = decoder.clone().requires_grad_()
+    expected = 1 - matched_mmcs(torch.where(idle.unsqueeze(-1), reference, reference.detach()), matches)
+    expected.backward()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(weight.grad, reference.grad)
+    dropped = (matches == NO_MATCH).sum().item()
+    assert dropped > 0 and (match_all(decoder, "mnn_hungarian") == NO_MATCH).sum() == 0  # only the idle pairs went
+    assert weight.grad[idle].abs().sum() > 0  # idle latents matched to live ones are still pulled
 
 
 def test_idle_window_pulls_only_latents_that_have_not_fired_lately(tmp_path, easy_overrides):

@@ -157,6 +157,31 @@ def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
     assert (cosine >= 0.3).all() and (cosine < 0.95).all()
 
 
+@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian"])
+def test_the_twin_guard_unlinks_exactly_the_matches_whose_pull_would_make_a_twin(mode):
+    torch.manual_seed(3)
+    a = F.normalize(torch.randn(80, 64), dim=-1)
+    a[60:70] = F.normalize(a[:10] + 0.01 * torch.randn(10, 64), dim=-1)  # twins in a
+    b = F.normalize(a + 0.1 * torch.randn(80, 64), dim=-1)
+    b[:10] = F.normalize(a[:10] + 0.01 * torch.randn(10, 64), dim=-1)  # each close to both of a's twins
+    free, guarded = match_pair(a, b, mode), match_pair(a, b, mode, twin_cosine=0.9)
+    sims = a.double() @ b.double().T  # the dense reference: every cosine
+    for side, cosines in enumerate([sims, sims.T]):
+        rows = (free[side] != NO_MATCH).nonzero().squeeze(1)
+        partners = free[side, rows]
+        each = torch.arange(len(rows))
+        partner_side = cosines.T[partners]  # each partner's cosines with the rows' member...
+        partner_side[each, rows] = -2  # ...but the row it is matched to
+        row_side = cosines[rows]
+        row_side[each, partners] = -2
+        twin = (partner_side.amax(1) >= 0.9) | (row_side.amax(1) >= 0.9)
+        expected = free[side].clone()
+        expected[rows[twin]] = NO_MATCH
+        assert torch.equal(guarded[side], expected)
+    assert (guarded[1, :10] == NO_MATCH).all()  # whichever of a's twins b's rows 0-9 match, the other is close
+    assert (guarded[:, 20:50] != NO_MATCH).all()  # rows far from any twin keep their matches
+
+
 def test_mnn_hungarian_keeps_the_mutual_pairs_and_assigns_the_rest_optimally_one_to_one():
     from scipy.optimize import linear_sum_assignment
 

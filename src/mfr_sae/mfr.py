@@ -38,10 +38,10 @@ from mfr_sae.mmcs import (
     dense_mmcs,
     linked_similarity,
     links_between,
-    match_pair,
     match_pairs,
     member_pairs,
     n_member_pairs,
+    without_marked_pairs,
 )
 from mfr_sae.reinit import ReinitRule
 from mfr_sae.ring import Stream, linked_product, stream_shards
@@ -84,11 +84,14 @@ class MutualRegularizer:
         self.stale_frac: float | None = None  # share of matches changed at the last re-matching (match_every > 1)
         # exact every step (`max`): matched anew only where the bounds cannot certify a match;
         # None matches every row every step (the reference of tests/test_certified.py, bench/certified.py)
-        certify = cfg.match_every == 1 and cfg.mmcs == "max" and cfg.max_cosine >= 1
+        self.idle_to_live = cfg.idle_window > 0 and cfg.idle_to_live
+        certify = cfg.match_every == 1 and cfg.mmcs == "max" and cfg.max_cosine >= 1 and cfg.twin_guard >= 1
+        certify = certify and not self.idle_to_live
         self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify and self.shard.world == 1 else None
         # across processes, each pair is matched by one rank as the decoders pass: one certified matcher a pair
         self.pair_certified: dict[Pair, CertifiedMaxMatcher] | None = {} if certify and self.shard.world > 1 else None
         self.rematched: list[float] = []  # the certified matching's share of rows re-matched, each step since a log
+        self.idle: Tensor | None = None  # idle_to_live: all members' idle latents [N, h] at the re-matching step
 
     @property
     def penalty_on(self) -> bool:
@@ -113,7 +116,7 @@ class MutualRegularizer:
         else:
             rematch = not self.matches or step % self.cfg.match_every == 0
             previous = self.matches
-            mmcs = self._matched_mmcs(weight, rematch)
+            mmcs = self._matched_mmcs(weight, rematch, pulled)
             self._note_rematched()
             stale = changed_fraction(previous, self.matches) if rematch and self.cfg.match_every > 1 else None
             if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
@@ -162,11 +165,14 @@ class MutualRegularizer:
             )
         return distance
 
-    def _matched_mmcs(self, weight: Tensor, rematch: bool) -> Tensor:
-        """Mean over pairs of MMCS = sum(D * (L @ D)), from the matches (made anew when `rematch`); across
-        processes each rank adds its own rows' part, summed in member order whatever the shards."""
+    def _matched_mmcs(self, weight: Tensor, rematch: bool, idle: Tensor | None) -> Tensor:
+        """Mean over pairs of MMCS = sum(D * (L @ D)), from the matches (made anew when `rematch`, where
+        idle_to_live leaves pairs of this rank's `idle` latents out); across processes each rank adds its own
+        rows' part, summed in member order whatever the shards."""
         if rematch and self.certified is None:
             self.matches, self.links = {}, {}
+            if self.idle_to_live and idle is not None:  # every rank's, for the pairs it matches
+                self.idle = self.shard.gather(idle.to(torch.uint8)).bool()
         if self.shard.world == 1:
             product = self._one_process_product(weight, rematch)
         else:
@@ -194,13 +200,23 @@ class MutualRegularizer:
         elif rematch:
             unit = F.normalize(columns, dim=-1).view(n, h, d)
             pairs = member_pairs(n)  # all pairs at once: their assignments side by side
-            cfg = self.cfg
-            columns_of = [(unit[a], unit[b]) for a, b in pairs]
-            matched = match_pairs(columns_of, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine)
+            matched = self._match_pairs(pairs, [(unit[a], unit[b]) for a, b in pairs])
             self.matches = dict(zip(pairs, matched))
         if not self.links:  # one block: all members' rows to all members' rows
             self.links[0] = links_between(self.matches, range(n), range(n), h, n_member_pairs(n), weight.device)
         return self.links[0].matmul_unit(columns)
+
+    def _match_pairs(self, pairs: list[Pair], unit_rows: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """The matches [2, h] of member pairs from their unit rows, kept where mfr.min_cosine, max_cosine (the
+        ceiling), twin_guard and idle_to_live say."""
+        cfg = self.cfg
+        matched = match_pairs(
+            unit_rows, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine, twin_cosine=cfg.twin_guard
+        )
+        if self.idle is None:
+            return matched
+        idle = self.idle.to(matched[0].device) if matched else self.idle
+        return [without_marked_pairs(m, idle[a], idle[b]) for m, (a, b) in zip(matched, pairs)]
 
     def _columns(self, weight: Tensor) -> Tensor:
         """The decoder rows in the dtype they are sent between ranks, matched and linked in: column_dtype."""
@@ -210,8 +226,7 @@ class MutualRegularizer:
         """The matches [2, h] of a pair from its members' unit rows; across processes with exact `max`
         matching, certified by the pair's own matcher (one process certifies all pairs at once)."""
         if self.pair_certified is None:
-            cfg = self.cfg
-            return match_pair(a, b, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine)
+            return self._match_pairs([pair], [(a, b)])[0]
         matcher = self.pair_certified.setdefault(pair, CertifiedMaxMatcher(self.cfg.min_cosine))
         return matcher.match(torch.stack([a, b]))[(0, 1)]
 

@@ -5,7 +5,8 @@ a one-to-one Hungarian matching (`hungarian`), of the mutual nearest neighbours 
 when each is the other's best; the rest count 0), or of the mutual nearest neighbours completed one-to-one
 by an assignment among the rows left over (`mnn_hungarian`: a whole one-to-one matching at the price of
 `max` and a small assignment); a match whose cosine is below min_cosine (the thresholded
-form) or above max_cosine (the ceiling: agreement, not identity) counts 0 and is not pulled.
+form) or above max_cosine (the ceiling: agreement, not identity) counts 0 and is not pulled, and so does one
+that would make a twin (`twin_cosine`: the partner already that close to another row of the row's own member).
 
 The gradient of a max flows only through its arg-max, so the penalty splits in two:
 1. matching, without autograd and in chunks: for each row of a its partner in b and for each row of b
@@ -57,16 +58,20 @@ def match_pair(
     b: Tensor,
     mode: str = "max",
     chunk: int = CHUNK_ROWS,
+    *,
     min_cosine: float = -1.0,
     max_cosine: float = 1.0,
+    twin_cosine: float = 1.0,
 ) -> Tensor:
     """Matches between unit-norm rows of a and b: [2, h] long, row 0 gives for each row of a its
     partner in b, row 1 for each row of b its partner in a. `max`: the arg-max cosine (both
     directions from one chunked pass); `mnn`: those arg-maxes kept where they are mutual; `mnn_hungarian`:
     those completed by an assignment among the rows left over; `hungarian`: a one-to-one assignment and
     its inverse. A match whose cosine is outside [min_cosine, max_cosine) is
-    NO_MATCH (no ceiling at max_cosine >= 1)."""
-    return match_pairs([(a, b)], mode, chunk, min_cosine, max_cosine)[0]
+    NO_MATCH (no ceiling at max_cosine >= 1), and so is a match (i, j) where j is at cosine >= twin_cosine
+    with a row of a other than i, or i with a row of b other than j: pulling them together would make a twin
+    in a member (no guard at twin_cosine >= 1)."""
+    return match_pairs([(a, b)], mode, chunk, min_cosine=min_cosine, max_cosine=max_cosine, twin_cosine=twin_cosine)[0]
 
 
 @torch.no_grad()
@@ -74,15 +79,19 @@ def match_pairs(
     pairs: Sequence[tuple[Tensor, Tensor]],
     mode: str = "max",
     chunk: int = CHUNK_ROWS,
+    *,
     min_cosine: float = -1.0,
     max_cosine: float = 1.0,
+    twin_cosine: float = 1.0,
 ) -> list[Tensor]:
     """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
     (`metrics.hungarian_matches`)."""
     matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
+    tops: list[tuple[Top, Top]] = []  # each pair's two best cosines both ways, where taken
     if mode != "hungarian":
         for a, b in pairs:
-            (a_best, a_to_b, _), (b_best, b_to_a, _) = best_both_ways(a, b, chunk=chunk)
+            (a_best, a_to_b, a_top), (b_best, b_to_a, b_top) = best_both_ways(a, b, chunk=chunk)
+            tops.append((a_top, b_top))
             if mode != "max":
                 a_to_b, b_to_a = mutual_matches(a_to_b, b_to_a)
             matched.append((torch.stack([a_to_b, b_to_a]), torch.stack([a_best, b_best])))
@@ -92,10 +101,37 @@ def match_pairs(
         for (a, _), (rows, cols, _) in zip(pairs, hungarian_matches([(a, b, False) for a, b in pairs])):
             a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
             matched.append((torch.stack([a_to_b, torch.argsort(a_to_b)]), None))  # cosines taken only for a threshold
-    return [
+        if twin_cosine < 1:
+            tops = [top_both_ways(a, b, 2, chunk) for a, b in pairs]
+    kept = [
         _thresholded(a, b, matches, cosines, min_cosine, max_cosine)
         for (a, b), (matches, cosines) in zip(pairs, matched)
     ]
+    if twin_cosine >= 1:
+        return kept
+    return [without_twins(matches, a_top, b_top, twin_cosine) for matches, (a_top, b_top) in zip(kept, tops)]
+
+
+def without_twins(matches: Tensor, a_top: Top, b_top: Top, twin_cosine: float) -> Tensor:
+    """matches [2, h] of a pair (a, b) with NO_MATCH where a pull would make a twin: a match (i, j) goes when
+    j is at cosine >= twin_cosine with a row of a other than i (pulling i onto j would double that row), or i
+    with a row of b other than j. a_top, b_top [h, 2]: each row's two best cosines in the other member
+    (`top_both_ways`), enough to know a row's best match but one."""
+
+    def best_but(top: Top, rows: Tensor, excluded: Tensor) -> Tensor:
+        """For each row its best cosine in the other member other than with `excluded`."""
+        first = top.indices[rows, 0] == excluded
+        return torch.where(first, top.values[rows, 1], top.values[rows, 0])
+
+    kept = matches.clone()
+    for side, (row_top, partner_top) in enumerate([(a_top, b_top), (b_top, a_top)]):
+        rows = (matches[side] != NO_MATCH).nonzero().squeeze(1)
+        partners = matches[side, rows]
+        twin = (best_but(partner_top, partners, rows) >= twin_cosine) | (
+            best_but(row_top, rows, partners) >= twin_cosine
+        )
+        kept[side, rows[twin]] = NO_MATCH
+    return kept
 
 
 def mutual_matches(a_to_b: Tensor, b_to_a: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,6 +175,17 @@ def _thresholded(
         if max_cosine < 1:
             linked[side] &= ~at_least(cosines[side], rows, partners, max_cosine)
     return matches.masked_fill(~linked, NO_MATCH)
+
+
+def without_marked_pairs(matches: Tensor, a_marked: Tensor, b_marked: Tensor) -> Tensor:
+    """matches [2, h] of a pair (a, b) with NO_MATCH where a row and its partner are both marked ([h] bools
+    each; e.g. both idle)."""
+    kept = matches.clone()
+    for side, (rows_marked, partners_marked) in enumerate([(a_marked, b_marked), (b_marked, a_marked)]):
+        linked = matches[side] != NO_MATCH
+        both = linked & rows_marked & partners_marked[matches[side].clamp(min=0)]
+        kept[side, both] = NO_MATCH
+    return kept
 
 
 class Top(NamedTuple):
@@ -209,13 +256,20 @@ def at_least(cosine: Tensor, rows: Tensor, partners: Tensor, min_cosine: float) 
 
 
 def match_all(
-    decoder: Tensor, mode: str = "max", chunk: int = CHUNK_ROWS, min_cosine: float = -1.0, max_cosine: float = 1.0
+    decoder: Tensor,
+    mode: str = "max",
+    chunk: int = CHUNK_ROWS,
+    *,
+    min_cosine: float = -1.0,
+    max_cosine: float = 1.0,
+    twin_cosine: float = 1.0,
 ) -> Tensor:
     """Matches of every member pair, in `member_pairs` order: [P, 2, h]."""
     pairs = member_pairs(len(decoder))
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
-    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, min_cosine, max_cosine))
+    bounds = {"min_cosine": min_cosine, "max_cosine": max_cosine, "twin_cosine": twin_cosine}
+    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, **bounds))
 
 
 def changed_fraction(old: dict[Pair, Tensor], new: dict[Pair, Tensor]) -> float | None:

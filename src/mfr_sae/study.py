@@ -87,6 +87,25 @@ CANDIDATES = {
         "mfr.match_every=100",
         "mfr.max_cosine=0.95",
     ),
+    # the same where a pull would make a twin in the pulled latent's own member: not pulled (mfr.twin_guard)
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=5000",
+        "mfr.match_every=100",
+        "mfr.max_cosine=0.95",
+        "mfr.twin_guard=0.9",
+    ),
+    # and two idle latents matched to each other not pulled together (mfr.idle_to_live)
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=5000",
+        "mfr.match_every=100",
+        "mfr.max_cosine=0.95",
+        "mfr.twin_guard=0.9",
+        "mfr.idle_to_live=true",
+    ),
 }
 # the candidate whose settings are the defaults of mfr.*
 DEFAULT_SETTING = "mnn_hungarian 0.1*auto idle5k every100 cap0.95"

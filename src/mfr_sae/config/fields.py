@@ -154,11 +154,19 @@ class MFRConfig:
     """Ceiling, against collapse: matched latents whose cosine is above this (when matched) are not pulled
     further (agreement, not identity); 1: no ceiling (the paper; `max` at match_every 1 is certified only
     without one)."""
+    twin_guard: float = 1.0
+    """A match is not pulled when either latent's partner is already at cosine >= this with another latent of
+    the latent's own member: the pull would make a twin there (as twin_frac counts them, above 0.9); 1: off
+    (the paper)."""
     idle_window: int = 5000
     """Pull only idle latents: a latent is pulled towards its matches only once it has not fired on the last
     this-many training vectors; live latents are left to the reconstruction (`pulled_frac` in the log). Where
     many latents idle (rare features) a pulled one can become a twin of a feature its own member has; 0: every
     matched latent is pulled (the paper)."""
+    idle_to_live: bool = False
+    """With idle_window: an idle latent is pulled only towards matches that fire; two idle latents matched to each
+    other (as of the last re-matching) are not pulled together, since neither is evidence of a feature. false:
+    towards every match."""
     match_every: int = 100
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
     measures how many matches had changed. 1: exact every step (with `max`, certified: only
@@ -204,7 +212,9 @@ PAPER_MFR = [
     "mfr.mmcs=max",
     "mfr.min_cosine=-1",
     "mfr.max_cosine=1",
+    "mfr.twin_guard=1",
     "mfr.idle_window=0",
+    "mfr.idle_to_live=false",
     "mfr.match_every=1",
     "mfr.reinit_window=100",
     "mfr.reinit_threshold=2.5",
