@@ -1,3 +1,6 @@
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +24,39 @@ EASY = [
 @pytest.fixture
 def easy_overrides() -> list[str]:
     return list(EASY)
+
+
+@pytest.fixture
+def flip_byte():
+    """Flip one bit of a file's 4th byte from the end: a safetensors file stays readable (a mantissa bit of
+    its last value), so that only its SHA-256 can tell."""
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[-4] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    return flip
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(when, error)`: the checkpoint's safetensors writer fails as on a full disk for each file where
+    `when(path)` holds: it writes a few of the file's bytes, then raises `error` (by default ENOSPC)."""
+    from mfr_sae import checkpoint
+
+    real = checkpoint.save_file
+
+    def arm(when, error=None):
+        def save_file(tensors, filename, metadata=None):
+            if when(Path(filename)):
+                Path(filename).write_bytes(b"\0" * 64)
+                raise error or OSError(errno.ENOSPC, "No space left on device")
+            real(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
+
+    return arm
 
 
 WORDS = [

@@ -3,9 +3,11 @@ import json
 import sys
 
 import pytest
+import torch
 
-from mfr_sae import cli, extras
+from mfr_sae import cli, extras, load
 from mfr_sae.cli import main
+from mfr_sae.run_folder import checkpoint_step
 from mfr_sae.train import Interrupted
 
 
@@ -163,3 +165,82 @@ def test_missing_transformers_datasets_or_gguf_are_one_line_errors_naming_the_ex
     assert main(["cache", "--text", str(text), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
     _one_line_error(capsys, "transformers", "lm")
     assert not (tmp_path / "c").exists()
+
+
+CORRUPT = "is corrupt: its SHA-256 is not the one recorded when the checkpoint was written"
+
+
+def _sets(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture
+def tiny_run(tmp_path, easy_overrides, capsys):
+    """A trained run of 2 steps, its checkpoint holding every kind of file."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *_sets(easy_overrides + ["train.n_samples=2000"])]) == 0
+    capsys.readouterr()
+    return run
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "member_1/cfg.json",
+        "member_1/sae_weights.safetensors",
+        "member_1/sparsity.safetensors",
+        "trainer_state.safetensors",
+    ],
+)
+def test_a_flipped_byte_in_a_checkpoint_file_is_named_in_one_line_by_resume_compare_and_verify(
+    tiny_run, name, flip_byte, capsys
+):
+    path = tiny_run / "checkpoint" / name
+    flip_byte(path)
+    (tiny_run / "results.json").unlink()  # unfinished: --resume reads the checkpoint
+    assert main(["train", "--resume", str(tiny_run), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"mfr-sae: error: {path} {CORRUPT}\n"
+    if name.startswith("member_"):  # what the Python loading reads (compare, reports)
+        assert main(["compare", str(tiny_run), str(tiny_run), "--out", str(tiny_run.parent / "cmp")]) == 2
+        assert capsys.readouterr().err == f"mfr-sae: error: {path} {CORRUPT}\n"
+    assert main(["verify", str(tiny_run)]) == 1
+    assert capsys.readouterr().out == f"{path} {CORRUPT}\n"
+
+
+def test_verify_of_an_intact_run_of_one_written_before_digests_and_of_no_run(tiny_run, capsys):
+    assert main(["verify", str(tiny_run)]) == 0
+    checkpoint = tiny_run / "checkpoint"
+    assert (
+        capsys.readouterr().out == f"{checkpoint}: intact, 7 files match the SHA-256 recorded when they were written\n"
+    )
+    (checkpoint / "digests.json").unlink()
+    assert main(["verify", str(checkpoint)]) == 0
+    assert capsys.readouterr().out == (
+        f"{checkpoint}: no SHA-256 recorded (written before checkpoints recorded them), nothing to check\n"
+    )
+    assert main(["verify", str(tiny_run.parent / "none")]) == 2
+    assert capsys.readouterr().err == f"mfr-sae: error: no SAE or run found at {tiny_run.parent / 'none'}\n"
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_ends_as_an_uninterrupted_run(
+    tmp_path, easy_overrides, full_disk, capsys
+):
+    sets = _sets(easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=10"])
+    assert main(["train", "--out", str(tmp_path / "full"), "--no-progress", *sets]) == 0
+    run = tmp_path / "cut"
+    # the checkpoint of step 20 fails partway, once that of step 10 is in place and member_0's files are written
+    full_disk(lambda path: (run / "checkpoint").is_dir() and path.parent.name == "member_1")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--no-progress", *sets]) == 2
+    assert capsys.readouterr().err == (
+        f"mfr-sae: error: cannot write the checkpoint {run / 'checkpoint.tmp'} (No space left on device); it was "
+        f"removed and the previous checkpoint {run / 'checkpoint'} is untouched: free space on that disk (or make "
+        f"it writable), then run `mfr-sae train --resume {run}`\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.yaml", "metrics.jsonl"]
+    assert checkpoint_step(run / "checkpoint") == 10 and load(run).ks == [3, 3]
+    full_disk(lambda path: False)  # space freed
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    cut = load(run)
+    for name, p in load(tmp_path / "full").named_parameters():
+        assert torch.equal(p, getattr(cut, name)), name

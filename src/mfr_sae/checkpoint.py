@@ -7,6 +7,10 @@ A run folder:
     checkpoint/        replaced as a whole at every save (written beside, then renamed into place)
         member_<i>/cfg.json, sae_weights.safetensors    one SAELens-loadable TopK SAE per member
         trainer_state.safetensors                       optimiser and counters, for --resume
+        digests.json                                    the SHA-256 of every other file, written last
+
+Every reader checks the SHA-256 of the files it reads against digests.json (a checkpoint without one, written
+before digests were recorded, loads unchecked); `verify_checkpoint` checks them all.
 
 Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
 (unit-norm rows), b_dec [d_in].
@@ -14,6 +18,7 @@ Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -25,18 +30,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.files import fsync_dir, fsync_file, write_json
+from mfr_sae.files import fsync_dir, fsync_file, sha256, write_json
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 SPARSITY_FILE = "sparsity.safetensors"  # SAELens' name: log10 of each latent's firing probability
 STATE_FILE = "trainer_state.safetensors"
+DIGESTS_FILE = "digests.json"  # beside the member folders: SAELens reads only what is inside one
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout SAELens 6.x reads (checked with sae-lens 6.54.12)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+    """A checkpoint is missing, incomplete or corrupt, or cannot be written; the message names the file."""
 
 
 def read_json(path: Path) -> Any:
@@ -109,27 +115,113 @@ def save_checkpoint(
     firing_prob: Tensor | None = None,
 ) -> Path:
     """Write run_dir/checkpoint atomically: build it beside, then rename it into place. `firing_prob`
-    [N, h] (from the last evaluation) is saved per member as SAELens' sparsity.safetensors."""
+    [N, h] (from the last evaluation) is saved per member as SAELens' sparsity.safetensors. A failed write
+    (a full disk...) removes what it wrote and leaves the previous checkpoint as it was."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / f"{CHECKPOINT_DIR}.tmp"
     old = run_dir / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, member_id in enumerate(ensemble.member_ids):
-        save_member(tmp / f"member_{member_id}", ensemble, i, extra, None if firing_prob is None else firing_prob[i])
-    if state is not None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
-        fsync_file(tmp / STATE_FILE)
-    fsync_dir(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)  # the one step that makes the new checkpoint current
+    try:
+        tmp.mkdir(parents=True)
+        for i, member_id in enumerate(ensemble.member_ids):
+            save_member(
+                tmp / f"member_{member_id}", ensemble, i, extra, None if firing_prob is None else firing_prob[i]
+            )
+        if state is not None:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
+            fsync_file(tmp / STATE_FILE)
+        _record_digests(tmp)
+        fsync_dir(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)  # the one step that makes the new checkpoint current
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not fill the disk or block the next
+        # safetensors writes tensors built here (contiguous, on the CPU): its errors are those of the disk
+        if isinstance(err, OSError | SafetensorError):
+            raise CheckpointError(_write_failure(run_dir, tmp, err)) from None
+        raise
     fsync_dir(run_dir)  # ... and this makes it survive a power cut
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(run_dir: Path, tmp: Path, err: BaseException) -> str:
+    """The one line for a checkpoint that could not be written: where, why, and what to do."""
+    why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    filename = getattr(err, "filename", None)
+    previous = checkpoint_dir(run_dir)
+    kept = f"the previous checkpoint {previous} is untouched" if previous else "there is no earlier checkpoint"
+    then = f"`mfr-sae train --resume {run_dir}`" if previous else "the same command again"
+    return (
+        f"cannot write the checkpoint {tmp} ({why}{f': {filename}' if filename else ''}); it was removed and "
+        f"{kept}: free space on that disk (or make it writable), then run {then}"
+    )
+
+
+def _listing_digest(files: dict[str, str]) -> str:
+    """The SHA-256 of digests.json's own listing, so that damage to it is not blamed on a file it lists."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _record_digests(folder: Path) -> None:
+    """Write folder/digests.json: the SHA-256 of every file in the folder as it was written (read back)."""
+    files = {
+        path.relative_to(folder).as_posix(): sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != DIGESTS_FILE
+    }
+    write_json(folder / DIGESTS_FILE, {"sha256": files, "listing_sha256": _listing_digest(files)})
+
+
+def _recorded_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 recorded for each file of a checkpoint folder, by path inside it; {} for a checkpoint
+    written before digests were recorded."""
+    path = Path(folder) / DIGESTS_FILE
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    files = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or record.get("listing_sha256") != _listing_digest(files):
+        raise CheckpointError(f"{path} is corrupt: the checkpoint's files cannot be checked against it")
+    return files
+
+
+def _digest_problem(folder: Path, name: str, digests: dict[str, str]) -> str | None:
+    """What is wrong with file `name` of a checkpoint folder by its recorded SHA-256, in one line; None when
+    it matches or none was recorded."""
+    expected, path = digests.get(name), Path(folder) / name
+    if expected is None:
+        return None
+    try:
+        if sha256(path) == expected:
+            return None
+    except FileNotFoundError:
+        return f"missing file: {path}"
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror or err}"
+    return f"{path} is corrupt: its SHA-256 is not the one recorded when the checkpoint was written"
+
+
+def _check_digest(folder: Path, name: str, digests: dict[str, str]) -> None:
+    """CheckpointError naming file `name` of a checkpoint folder when it differs from its recorded SHA-256."""
+    problem = _digest_problem(folder, name, digests)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def verify_checkpoint(folder: Path) -> tuple[list[str], int]:
+    """Every file of a checkpoint folder that has a recorded SHA-256 checked: the problems, one line each, and
+    how many files have one (0: a checkpoint written before digests were recorded)."""
+    try:
+        digests = _recorded_digests(folder)
+    except CheckpointError as err:
+        return [str(err)], 0
+    problems = [problem for name in sorted(digests) if (problem := _digest_problem(folder, name, digests))]
+    return problems, len(digests)
 
 
 def checkpoint_dir(run_dir: Path) -> Path | None:
@@ -158,6 +250,7 @@ def load_trainer_state(
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"missing file: {path}")
+    _check_digest(folder, STATE_FILE, _recorded_digests(folder))
     tensors = {}
     try:
         with safe_open(path, "pt") as f:
@@ -184,21 +277,33 @@ def _member_folders(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("member_")), key=_member_id)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", members: list[int] | None = None) -> Ensemble:
-    """Load one member folder (cfg.json + sae_weights.safetensors), a checkpoint folder, or a run
-    folder, as an Ensemble (of one member for a member folder); `members`: only these (by member id)."""
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder of a run folder, or the folder itself when it holds member_<i>/ folders."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no SAE or run found at {path}")
+    ckpt = path if path.is_dir() and _member_folders(path) else checkpoint_dir(path)
+    if ckpt is None or not _member_folders(ckpt):
+        raise CheckpointError(f"{path} holds no member_*/ folders and no {CHECKPOINT_DIR}/ folder")
+    return ckpt
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", members: list[int] | None = None) -> Ensemble:
+    """Load one member folder (cfg.json + sae_weights.safetensors), a checkpoint folder, or a run
+    folder, as an Ensemble (of one member for a member folder); `members`: only these (by member id).
+    Each member's files are first checked against the SHA-256 recorded beside them, when there is one."""
+    path = Path(path)
     if (path / CFG_FILE).is_file():
         folders = [path]
     else:
-        ckpt = path if _member_folders(path) else checkpoint_dir(path)
-        if ckpt is None or not _member_folders(ckpt):
-            raise CheckpointError(f"{path} holds no member_*/ folders and no {CHECKPOINT_DIR}/ folder")
+        ckpt = find_checkpoint(path)
         folders = [f for f in _member_folders(ckpt) if members is None or _member_id(f) in members]
         if members is not None and len(folders) != len(members):
             raise CheckpointError(f"{ckpt} holds no member_<i>/ folder for some of members {members}")
+    digests = _recorded_digests(folders[0].parent)  # a member folder's checkpoint folder
+    for folder in folders:
+        for name in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE):
+            _check_digest(folder.parent, f"{folder.name}/{name}", digests)
     cfgs = [read_json(f / CFG_FILE) for f in folders]
     tensors = [_load_safetensors(f / WEIGHTS_FILE) for f in folders]
     try:

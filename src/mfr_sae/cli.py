@@ -19,6 +19,7 @@ from mfr_sae.train import Interrupted, TrainingError, resume, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C
+EXIT_CORRUPT = 1  # verify found a problem (2 stays a command that could not run, as for every subcommand)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -36,6 +37,22 @@ def run_compare(args: argparse.Namespace) -> int:
         + ", ".join(f"{t['run']} {fmt_num(t['mean'])}" for t in summary["twin_frac"])
     )
     return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from mfr_sae.checkpoint import find_checkpoint, verify_checkpoint
+
+    folder = find_checkpoint(args.run)
+    problems, checked = verify_checkpoint(folder)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(
+            f"{folder}: intact, {checked} files match the SHA-256 recorded when they were written"
+            if checked
+            else f"{folder}: no SHA-256 recorded (written before checkpoints recorded them), nothing to check"
+        )
+    return EXIT_CORRUPT if problems else 0
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -165,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "compare": run_compare,
             "cache": run_cache,
             "study": run_study,
+            "verify": run_verify,
         }
         code = commands[args.command](args)
     except USER_ERRORS as err:

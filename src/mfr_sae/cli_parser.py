@@ -170,4 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the comparison already in --out (without it, such a folder is refused)",
     )
+
+    p = commands.add_parser(
+        "verify",
+        help="check a run's checkpoint against the SHA-256 of its files recorded when they were written",
+        description="Check every file of a run's checkpoint that has a recorded SHA-256: one line per missing "
+        "or corrupt file (exit status 1), or one line saying that the checkpoint is intact.",
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder (or checkpoint folder)")
     return parser
