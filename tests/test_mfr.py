@@ -225,6 +225,27 @@ def test_only_the_rows_given_as_pulled_take_the_penalty_gradient(mmcs, match_eve
     assert logs["pulled_frac"] == pytest.approx(pulled.float().mean().item())
 
 
+@pytest.mark.parametrize("beta", [0.5, "0.5*recon"])
+def test_a_step_without_the_value_gives_the_pulled_rows_the_same_gradient_bitwise(beta):
+    torch.manual_seed(0)
+    decoder = F.normalize(torch.randn(60, 16), dim=-1) + 0.3 * torch.randn(3, 60, 16)
+    pulled = torch.rand(3, 60) < 0.2
+    grads, betas = {}, {}
+    for value in (True, False):
+        reg = MutualRegularizer(MFRConfig(enabled=True, beta=beta, match_every=10, idle_window=1), [2, 2, 2])
+        weight = decoder.clone().requires_grad_()
+        reg.penalty(weight, 0, lambda: 1.0, pulled)  # the re-matching step: its value is always taken
+        weight.grad = None
+        for step in (201, 202):  # between re-matchings
+            penalty, logs = reg.penalty(weight, step, lambda step=step: 1.0 + step, pulled, value=value)
+            penalty.backward()
+        assert ("penalty" in logs) == value  # without it, nothing of the value is logged
+        grads[value], betas[value] = weight.grad, reg.beta
+    assert torch.equal(grads[False], grads[True])
+    assert grads[True][pulled].abs().sum() > 0 and not grads[True][~pulled].any()
+    assert betas[False] == betas[True]  # recon's running mean went on alike
+
+
 def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtered_matches():
     torch.manual_seed(1)
     base = F.normalize(torch.randn(30, 8), dim=-1)

@@ -100,17 +100,26 @@ class MutualRegularizer:
     # ------------------------------------------------------------------ penalty
 
     def penalty(
-        self, weight: Tensor, step: int, recon_loss: Callable[[], float], pulled: Tensor | None = None
+        self,
+        weight: Tensor,
+        step: int,
+        recon_loss: Callable[[], float],
+        pulled: Tensor | None = None,
+        value: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
         """beta * w(step) * mean over pairs (1 - MMCS); weight [n, h, d]: this rank's members' decoder rows
         (any norm; all N in one process), the gradient reaching them being that of the whole penalty.
         recon_loss: the mean reconstruction loss of all members (asked for once by beta=auto, every step by
         recon). pulled [n, h] (mfr.idle_window): only these rows take the penalty's gradient; the value is
-        the same."""
+        the same. Without `value` (a step whose penalty is not logged) and with `pulled`, between
+        re-matchings, only the pulled rows' part is computed: the same gradient for a fraction of the work,
+        and a tensor that is not the penalty's value (nothing is logged from it)."""
         logged: dict[str, float] = {}
         if pulled is not None:
-            weight = torch.where(pulled.unsqueeze(-1), weight, weight.detach())
             logged["pulled_frac"] = pulled.float().mean().item()
+            if not value and self._pulled_part_will_do(step):
+                return self._pulled_part(weight, step, pulled, recon_loss), logged
+            weight = torch.where(pulled.unsqueeze(-1), weight, weight.detach())
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
             mmcs = dense_mmcs(unit_rows(self.shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
         else:
@@ -132,6 +141,25 @@ class MutualRegularizer:
             penalty=penalty.item(), penalty_weight=penalty_weight, beta_effective=self.beta, pairwise_mmcs=mmcs.item()
         )
         return penalty, logged
+
+    def _pulled_part_will_do(self, step: int) -> bool:
+        """Whether this step needs nothing of the penalty but its pulled rows' gradient: one process, matches
+        kept from the last re-matching (not made now), beta known."""
+        kept = bool(self.matches and self.links) and step % self.cfg.match_every != 0
+        known_beta = self.beta is not None and (self.beta_kind != "recon" or self.start_distance is not None)
+        return self.shard.world == 1 and self.certified is None and self.cfg.match_every > 0 and kept and known_beta
+
+    def _pulled_part(self, weight: Tensor, step: int, pulled: Tensor, recon_loss: Callable[[], float]) -> Tensor:
+        """-beta * w(step) * (the pulled rows' part of sum(D * (L @ D))): its gradient reaching the pulled rows is
+        the whole penalty's (for a symmetric L, that of row r is 2 (L @ D)_r projected: only row r's products)."""
+        if self.beta_kind == "recon":  # its running mean goes on every step
+            self.beta = self._recon_beta(0.0, recon_loss())
+        assert self.beta is not None  # `_pulled_part_will_do`
+        n, h, d = weight.shape
+        rows = pulled.flatten().nonzero().squeeze(1)
+        product = self.links[0].rows(rows).matmul_unit(self._columns(weight).to(weight.dtype).reshape(-1, d))
+        part = linked_similarity(weight.reshape(-1, d)[rows].unsqueeze(0), product).sum()
+        return -self.beta * warmup_weight(step, self.cfg.warmup_steps) * part
 
     def match_log(self) -> dict[str, float]:
         """For the log line: `match_stale_frac` (match_every > 1: the share of matches changed at the last

@@ -297,14 +297,27 @@ class Links:
     def matmul_unit(self, columns: Tensor) -> Tensor:
         """L @ D, D: the column members' decoder rows `columns` [n * h, d] scaled to unit norm (the scale goes
         into the link weights: no normalised copy), as a weighted sum of rows per output row (embedding_bag)."""
-        scale = inverse_norms(columns)
+        # the norms of all columns in one pass, or of the linked ones only where they are fewer (`rows`)
+        few = len(self.targets) < len(columns)
+        target_scale = inverse_norms(columns[self.targets]) if few else inverse_norms(columns)[self.targets]
         return F.embedding_bag(
             self.targets,
             columns,
             offsets=self.offsets,
-            per_sample_weights=self.weights.to(columns.dtype) * scale[self.targets],
+            per_sample_weights=self.weights.to(columns.dtype) * target_scale,
             mode="sum",
         )
+
+    def rows(self, selected: Tensor) -> Links:
+        """The block of these rows of L (indices, ascending), in their order: its product is those rows of L @ D."""
+        ends = torch.cat([self.offsets[1:], self.offsets.new_full((1,), len(self.targets))])
+        starts = self.offsets[selected]
+        counts = ends[selected] - starts
+        offsets = counts.cumsum(0) - counts
+        links = torch.repeat_interleave(starts - offsets, counts) + torch.arange(
+            int(counts.sum()), device=starts.device
+        )
+        return Links(offsets, self.targets[links], self.weights[links])
 
 
 def links_between(

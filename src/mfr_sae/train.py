@@ -180,6 +180,7 @@ class Trainer:
                 self.step,
                 lambda: (self.shard.gather_sum(mse.detach()).sum() / n_members).item(),
                 self.firing.idle_mask(self.cfg.mfr.idle_window) if self.cfg.mfr.idle_window else None,
+                value=self._logs_at(self.step + 1),
             )
             logs.update(values)
             if self.shard.replica == 0:  # once per member: the replicas' gradients are summed
@@ -250,6 +251,10 @@ class Trainer:
             log.close()
         return results
 
+    def _logs_at(self, step: int) -> bool:
+        """Whether the step that ends at `step` writes a log line (with the penalty's value)."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.n_steps
+
     def _train_to_end(self, log: RunLog) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """The steps left, with their log lines, evaluations and checkpoints; then the final evaluation."""
         cfg, n_steps = self.cfg, self.cfg.n_steps
@@ -261,7 +266,7 @@ class Trainer:
                 logs = self.train_step(x.to(self.device), None if target is x else target.to(self.device))
                 bar.step_done(self.step)
                 log.add_window_line(self.step, logs)
-                if self.step % cfg.train.log_every == 0 or self.step == n_steps:
+                if self._logs_at(self.step):
                     record = self.report.log_record(self.step, logs)
                     log.write(record)
                     bar.show_record(record)
