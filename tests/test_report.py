@@ -7,7 +7,18 @@ import matplotlib.pyplot as plt
 
 import mfr_sae.reproduce as reproduce
 from mfr_sae.config import load_config
-from mfr_sae.report import count_axis, figure_link, fmt_duration, fmt_mean_sd, fmt_num, fmt_p, markdown_table, round_sig
+from mfr_sae.report import (
+    column_decimals,
+    count_axis,
+    figure_link,
+    fmt_duration,
+    fmt_mean_sd,
+    fmt_num,
+    fmt_p,
+    fmt_sig,
+    markdown_table,
+    round_sig,
+)
 from mfr_sae.reproduce import RunTracker, describe_runs, time_left
 
 
@@ -17,6 +28,27 @@ def test_fmt_mean_sd_gives_the_mean_to_3_significant_digits_and_the_sd_to_2():
     assert fmt_mean_sd([0.5, None, 0.7]) == "0.6 ± 0.14"  # None (undefined) is left out
     assert fmt_mean_sd([None]) == "n/a"
     assert fmt_mean_sd([0.123456]) == "0.123"
+
+
+def test_a_column_of_means_is_printed_to_one_number_of_decimals():
+    # 0.38 and 1.08 beside 0.715: to the 3 significant digits of the smallest, every mean shows 3 decimals
+    decimals = column_decimals([0.38, 1.08, 0.715, None, 0.0])
+    assert decimals == 3
+    shown = [fmt_mean_sd(v, decimals=decimals) for v in ([0.37, 0.39], [1.08], [0.71, 0.72], [0.0, 0.0])]
+    assert shown == ["0.380 ± 0.014", "1.080", "0.715 ± 0.0071", "0.000 ± 0"]
+    assert fmt_mean_sd([1.07, 1.09], decimals=3) == "1.080 ± 0.014" and fmt_mean_sd([1.0, 1.02], decimals=2) == (
+        "1.01 ± 0.014"
+    )
+    assert fmt_mean_sd([0.37, 0.39, 0.38], decimals=3) == "0.380 ± 0.010"  # the sd's trailing zero kept too
+    assert column_decimals([15.0, 5.333]) == 2 and column_decimals([0.0012, 0.0005]) == 6
+    # a mean near 0 beside 1: no more decimals than 4 significant digits of the largest
+    assert column_decimals([0.0078, 0.367, 1.0]) == 3 and column_decimals([-0.0078, 0.068]) == 5
+    assert column_decimals([0.0, None]) == 0 and column_decimals([1234.0]) == 0
+
+
+def test_fmt_sig_keeps_the_trailing_zeros_of_its_significant_digits():
+    assert [fmt_sig(v) for v in (0.38, 1.0, -0.0183, 100.0, 0.0)] == ["0.380", "1.00", "-0.0183", "100", "0.00"]
+    assert fmt_sig(None) == "-"
 
 
 def test_integers_stay_integers():

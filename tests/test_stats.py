@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from mfr_sae.stats import holm, paired_permutation_test, paired_test, rank_methods, signed_rank_exact_p, verdict
+from mfr_sae.stats import (
+    holm,
+    interchangeable_arms,
+    paired_permutation_test,
+    paired_test,
+    rank_methods,
+    signed_rank_exact_p,
+    verdict,
+)
 
 TREATED = [1.0, 2.0, 3.0, 4.0, 5.0, 6.5]
 CONTROL = [0.5, 2.2, 2.1, 3.0, 4.8, 5.0]
@@ -172,6 +180,23 @@ def test_permutation_p_counts_the_label_swaps_by_hand():
 def test_permutation_null_where_labels_do_not_matter_gives_p_one():
     out = paired_permutation_test(_similarity(0.6, 0.6, 0.6, 5), 5)
     assert out["diff"] == pytest.approx(0.0) and out["p"] == 1.0 and out["min_p"] == pytest.approx(2 / 32)
+
+
+def test_identical_arms_are_flagged_by_both_tests_so_that_a_family_can_leave_them_out():
+    # every paired difference 0: nothing to test (the permutation test's p = 1 is its design, not evidence)
+    assert paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["identical_arms"]
+    assert not paired_test(TREATED, CONTROL)["identical_arms"] and not paired_test([0.7], [0.7])["identical_arms"]
+    same = _similarity(0.6, 0.6, 0.6, 4)
+    for i, j in [(0, 3), (4, 3), (0, 7), (4, 7)]:  # replicates 0 and 3 agree more, whichever their labels
+        same[i, j] = same[j, i] = 0.8
+    assert interchangeable_arms(same, 4)
+    out = paired_permutation_test(same, 4)
+    assert out["identical_arms"] and out["p"] == 1.0
+    same[0, 4] = same[4, 0] = 0.1  # a replicate's own pair is never compared: still interchangeable
+    assert interchangeable_arms(same, 4)
+    same[1, 2] = same[2, 1] = 0.61  # treated 1 now agrees with treated 2 unlike control 1 does
+    assert not interchangeable_arms(same, 4) and not paired_permutation_test(same, 4)["identical_arms"]
+    assert not paired_permutation_test(_similarity(0.9, 0.5, 0.5, 4), 4)["identical_arms"]
 
 
 def test_permutation_never_uses_a_replicates_own_pair():

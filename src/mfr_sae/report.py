@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,29 @@ def fmt_num(value: float | int | None, digits: int = DIGITS) -> str:
     return f"{value:.{digits}g}"
 
 
+def fmt_sig(value: float | None, digits: int = DIGITS) -> str:
+    """`value` to `digits` significant digits with its trailing zeros (0.380, not 0.38), so that every
+    number of a column shows as many; `-` for none."""
+    if value is None:
+        return "-"
+    text = f"{value:#.{digits}g}"
+    return text[:-1] if text.endswith(".") else text  # `#` keeps the point of 100.
+
+
+def column_decimals(values: Iterable[float | None], digits: int = DIGITS) -> int:
+    """The decimals of one column of means, so that its numbers line up: enough for `digits` significant
+    digits of its smallest nonzero |value|, but no more than `digits` + 1 of its largest (a value near 0
+    beside much larger ones shows fewer, and reads as near 0); 0 for a column of zeros (or of nothing)."""
+    nonzero = [abs(v) for v in values if v is not None and math.isfinite(v) and v != 0]
+    if not nonzero:
+        return 0
+
+    def decimals(value: float, significant: int) -> int:
+        return max(0, significant - 1 - math.floor(math.log10(value)))
+
+    return min(decimals(min(nonzero), digits), decimals(max(nonzero), digits + 1))
+
+
 def round_sig(value: float, digits: int = DIGITS) -> float:
     """`value` rounded as fmt_num prints it, so that comparisons see what the reader sees."""
     return float(f"{value:.{digits}g}")
@@ -67,16 +91,29 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def fmt_mean_sd(values: Sequence[float | None], digits: int = DIGITS, sd_digits: int = SD_DIGITS) -> str:
+def mean_of(values: Sequence[float | None]) -> float | None:
+    """The mean of the values given, None (undefined) left out; None when none is left."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def fmt_mean_sd(
+    values: Sequence[float | None], digits: int = DIGITS, sd_digits: int = SD_DIGITS, decimals: int | None = None
+) -> str:
     """`mean ± sd` of the values given (None, for undefined, is left out): the mean to `digits`
-    significant digits, the sd to `sd_digits`; a single value as fmt_num prints it."""
+    significant digits, the sd to `sd_digits`; a single value as fmt_num prints it. With `decimals`
+    (those of its column: column_decimals), the mean to that many decimals and the sd with its trailing
+    zeros (fmt_sig), so that a column's cells read alike."""
     present = [v for v in values if v is not None]
     if not present:
         return "n/a"
-    if len(present) == 1:
-        return fmt_num(present[0], digits)
     mean, sd = mean_sd(present)
-    return f"{mean:.{digits}g} ± {sd:.{sd_digits}g}"
+    if decimals is not None:
+        shown, spread = f"{mean:.{decimals}f}", fmt_sig(sd, sd_digits) if sd else "0"
+    else:
+        shown = fmt_num(present[0], digits) if len(present) == 1 else f"{mean:.{digits}g}"
+        spread = f"{sd:.{sd_digits}g}"
+    return shown if len(present) == 1 else f"{shown} ± {spread}"
 
 
 def fmt_p(p: float | None) -> str:

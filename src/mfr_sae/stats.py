@@ -20,6 +20,8 @@ ALPHA = 0.05
 WILCOXON_MIN_N = 6
 # Differences whose sd is this small relative to their mean are constant up to rounding: no t-test.
 _REL_TOL = 1e-12
+# Permutation statistics this close to the observed one count as reaching it (rounding, not evidence).
+_PERM_TOL = 1e-12
 EXACT_WILCOXON_MAX = 400
 
 
@@ -40,8 +42,9 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
     mean difference; [mean, mean] when the differences are constant), `effect_size` (Cohen's d_z =
     mean / sd), `t_test_p` (paired t-test, two-sided), `wilcoxon_p` (exact Wilcoxon signed-rank,
     two-sided, zeros dropped, ties handled exactly; only with >= 6 nonzero differences, since with 5 or
-    fewer its smallest attainable p is 0.0625 or more) and `note`: why any of these is None (None when
-    nothing needs explaining)."""
+    fewer its smallest attainable p is 0.0625 or more), `identical_arms` (two or more pairs, every
+    difference exactly 0: nothing to test) and `note`: why any of these is None (None when nothing
+    needs explaining)."""
     if len(treated) != len(control):
         raise ValueError(f"paired_test: {len(treated)} treated values but {len(control)} control values")
     kept = [(float(t), float(c)) for t, c in zip(treated, control) if _present(t) and _present(c)]
@@ -54,6 +57,7 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
         "effect_size": None,
         "t_test_p": None,
         "wilcoxon_p": None,
+        "identical_arms": False,
         "note": None,
     }
     if n == 0:
@@ -68,7 +72,7 @@ def paired_test(treated: Sequence[float | None], control: Sequence[float | None]
     sd = float(diff.std(ddof=1))
     notes = []
     if not np.any(diff != 0):
-        out.update(sd_diff=0.0, ci95=[0.0, 0.0])
+        out.update(sd_diff=0.0, ci95=[0.0, 0.0], identical_arms=True)
         out["note"] = "all differences zero: no test"
         return out
     if sd <= _REL_TOL * abs(mean):  # every pair differs by the same amount: t is infinite, d_z undefined
@@ -141,7 +145,8 @@ def paired_permutation_test(
     two labels are exchangeable; the label swaps of whole replicates are enumerated (all 2^R when
     R <= max_exact, else `n_random` seeded random ones, the observed labelling counted), p two-sided =
     share with |stat| >= |observed|. S[r, R + r] is never used. Returns `n` (R), `diff`,
-    `treated_mean`, `control_mean`, `p` (None when R < 2), `min_p` (smallest attainable p), `note`."""
+    `treated_mean`, `control_mean`, `p` (None when R < 2), `min_p` (smallest attainable p),
+    `identical_arms` (interchangeable_arms: every swap gives 0, so p = 1 says nothing), `note`."""
     S = np.asarray(similarity, dtype=float)
     R = int(n_replicates)
     if S.shape != (2 * R, 2 * R):
@@ -153,6 +158,7 @@ def paired_permutation_test(
         "control_mean": None,
         "p": None,
         "min_p": None,
+        "identical_arms": False,
         "note": None,
     }
     if R < 2:
@@ -174,10 +180,15 @@ def paired_permutation_test(
         return S[t[:, iu], t[:, ju]].mean(1) - S[c[:, iu], c[:, ju]].mean(1)
 
     observed = float(statistic(np.zeros((1, R), dtype=int))[0])
-    out.update(diff=observed, treated_mean=float(S[iu, ju].mean()), control_mean=float(S[iu + R, ju + R].mean()))
+    out.update(
+        diff=observed,
+        treated_mean=float(S[iu, ju].mean()),
+        control_mean=float(S[iu + R, ju + R].mean()),
+        identical_arms=interchangeable_arms(S, R),
+    )
     if max_exact >= R:
         swaps = (np.arange(2**R)[:, None] >> base[None, :]) & 1
-        extreme = np.abs(statistic(swaps)) >= abs(observed) - 1e-12
+        extreme = np.abs(statistic(swaps)) >= abs(observed) - _PERM_TOL
         out["p"] = float(extreme.mean())
         out["min_p"] = 2 / 2**R
         out["note"] = f"exact: all {2**R} label swaps of the {R} replicates"
@@ -186,11 +197,23 @@ def paired_permutation_test(
         count = 0
         for start in range(0, n_random, 4096):
             swaps = rng.integers(0, 2, size=(min(4096, n_random - start), R))
-            count += int((np.abs(statistic(swaps)) >= abs(observed) - 1e-12).sum())
+            count += int((np.abs(statistic(swaps)) >= abs(observed) - _PERM_TOL).sum())
         out["p"] = (1 + count) / (1 + n_random)
         out["min_p"] = max(2 / 2**R, 1 / (1 + n_random))
         out["note"] = f"{n_random} random label swaps of the {R} replicates (seed {seed}) and the observed one"
     return out
+
+
+def interchangeable_arms(similarity: np.ndarray, n_replicates: int) -> bool:
+    """Whether, in every replicate r, the treated ensemble (row r of the [2R, 2R] `similarity` of
+    paired_permutation_test) agrees with every other ensemble exactly as its control (row R + r) does,
+    up to the test's tolerance: then swapping their labels changes nothing, every swap's statistic is 0
+    and the test's p = 1 is a fact about its design, not evidence (the arms are identical)."""
+    R = int(n_replicates)
+    S = np.asarray(similarity, dtype=float)
+    compared = np.ones((R, 2 * R), dtype=bool)  # a replicate's own two ensembles are never compared
+    compared[np.arange(R), np.arange(R)] = compared[np.arange(R), np.arange(R) + R] = False
+    return bool(np.all(np.abs(S[:R][compared] - S[R:][compared]) <= _PERM_TOL))
 
 
 def _fmt(p: float) -> str:
@@ -247,6 +270,7 @@ __all__ = [
     "signed_rank_exact_p",
     "holm",
     "paired_permutation_test",
+    "interchangeable_arms",
     "verdict",
     "rank_methods",
     "ALPHA",

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from mfr_sae.reproduce.synthetic import METHODS, QUICK, reproduce_synthetic
+from mfr_sae.reproduce.synthetic_stats import identical_to_baseline
 
 TINY = [
     "data.d=32",
@@ -74,7 +75,25 @@ def test_an_end_to_end_reproduction_writes_every_file(two_seeds):
     assert {w["measure"] for w in results["winners"]} >= {"across_pw_mcc", "gt_mcc"}
     for row in results["winners"]:  # equal means are a tie, never a win
         assert (row["clear win"] == "no (tie)") == (" = " in row["best"])
+    # shared_init's within-ensemble agreement is 1 by construction: not tested, never a win
+    within = results["tests"]["shared_init vs baseline"]["within_pw_mcc"]
+    assert within["p"] is None and "by construction: not a finding" in within["not_tested"]
+    assert all(
+        w["clear win"] != "yes" for w in results["winners"] if w["best"] == "shared_init" and "within" in w["measure"]
+    )
+    # a method whose runs are the baseline's (reinit, when no reinitialisation fired) is not tested against it
+    identical = identical_to_baseline(results["methods"])
+    assert identical == ([] if sum(results["methods"]["reinit"]["per_seed"]["reinit_events"]) else ["reinit"])
+    for m in identical:
+        assert all(
+            t["not_tested"] == "identical arms, not tested" for t in results["tests"][f"{m} vs baseline"].values()
+        )
     report = (tmp_path / "report.md").read_text()
+    verdict = report.split("## Verdict")[1].split("## Setup")[0]
+    bullets = [line for line in verdict.splitlines() if line.startswith("- ")]
+    assert bullets[0].startswith("- Ground-truth MMCS: MFR ") and "95% CI [" in bullets[0] and "(p = " in bullets[0]
+    assert any(line.startswith("- `shared_init`: within_pw_mcc = 1") for line in bullets)
+    assert all(f"| {m} (identical to baseline: no reinitialisation fired) |" in report for m in identical)
     assert "the honest test" in report
     assert "## Verdict" in report and "data:image" not in report and report.count("](fig") == 4
     assert "MFR vs baseline" in report and "Holm-adjusted over the family of the" in report
@@ -131,9 +150,15 @@ def test_the_report_links_its_figures_with_captions_and_stays_small(two_seeds):
     for i, m in links:
         assert (out / m.group(2)).stat().st_size > 0
         assert lines[i + 1] == "" and lines[i + 2] == f"*{m.group(1)}*"  # the caption, on one line, under it
-    # means to 3 significant digits, sds to 2
-    for mean, sd in re.findall(r"(-?[\d.]+(?:e[-+]\d+)?) ± ([\d.]+(?:e[-+]\d+)?)", report):
-        assert len(re.sub(r"^[-0.]+|e.*|\.", "", mean)) <= 3 and len(re.sub(r"^[0.]+|e.*|\.", "", sd)) <= 2, (mean, sd)
+    # sds to 2 significant digits; the means of a column of a table all to the same decimals
+    for sd in re.findall(r" ± ([\d.]+(?:e[-+]\d+)?)", report):
+        assert len(re.sub(r"^[0.]+|e.*|\.", "", sd)) <= 2, sd
+    for table in re.findall(r"\n(\| method \|.*?)\n\n", report, re.S):
+        header, _, *rows = table.splitlines()
+        cells = [row.strip("| ").split(" | ") for row in rows]
+        for i, column in enumerate(header.strip("| ").split(" | ")[1:], 1):
+            means = [row[i].split(" ± ")[0] for row in cells if row[i] != "n/a"]
+            assert len({len(m.partition(".")[2]) for m in means}) == 1, (column, means)
 
 
 def test_a_second_invocation_reports_its_runs_as_reused_with_the_first_ones_training_time(two_seeds, capsys):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from mfr_sae.reproduce.synthetic_analysis import ACROSS_KEYS, AcrossAgreement
+from mfr_sae.stats import interchangeable_arms
 
 
 def _runs(n_seeds=2, members=2, h=8, d=4):
@@ -35,3 +36,17 @@ def test_paired_similarity_leaves_out_the_two_ensembles_of_one_seed():
         for j in range(6):
             assert np.isnan(similarity[i, j]) == ((i, j) in never)
     assert similarity[1, 5] == agreement(("mfr", 1), ("baseline", 2))["across_pw_mcc"]
+
+
+def test_two_methods_with_the_same_ensembles_agree_alike_bit_for_bit_so_their_arms_test_as_identical():
+    # reinit's runs are the baseline's when no reinitialisation fires; the matching's float32 sums depend on
+    # which decoder comes first, so each pair is computed in one order (lower seed first) whoever asks
+    runs = _runs(n_seeds=3, h=96, d=24)
+    runs["reinit"] = [{"decoder": r["decoder"].clone()} for r in runs["baseline"]]
+    agreement = AcrossAgreement(runs, threshold=0.7)
+    asked_the_other_way = AcrossAgreement(runs, threshold=0.7)
+    for r, j in [(0, 1), (0, 2), (1, 2)]:
+        assert agreement(("mfr", r), ("baseline", j)) == asked_the_other_way(("baseline", j), ("mfr", r))
+    for key in ACROSS_KEYS:
+        assert interchangeable_arms(agreement.paired_similarity("reinit", "baseline", key), 3)
+        assert not interchangeable_arms(agreement.paired_similarity("mfr", "baseline", key), 3)

@@ -4,7 +4,7 @@ import torch
 
 from mfr_sae.report import markdown_table
 from mfr_sae.reproduce.synthetic_analysis import AcrossAgreement
-from mfr_sae.reproduce.synthetic_stats import add_holm, compare_methods, winners
+from mfr_sae.reproduce.synthetic_stats import IDENTICAL_ARMS, add_holm, compare_methods, winners
 
 
 def _method(values):
@@ -50,3 +50,21 @@ def test_per_seed_measures_get_a_paired_t_test_and_across_seed_ones_a_permutatio
     )
     with pytest.raises(ValueError, match="AcrossAgreement"):
         compare_methods("mfr", "baseline", methods, None, "across_pw_mcc")
+
+
+def test_identical_arms_and_values_fixed_by_construction_are_not_tested_and_stay_out_of_holm():
+    methods = {
+        "baseline": {"per_seed": {"mse": [0.7, 0.72, 0.71], "within_pw_mcc": [0.30, 0.34, 0.33]}},
+        "reinit": {"per_seed": {"mse": [0.7, 0.72, 0.71], "within_pw_mcc": [0.30, 0.34, 0.33]}},
+        "mfr": {"per_seed": {"mse": [0.9, 0.95, 0.91], "within_pw_mcc": [0.80, 0.83, 0.86]}},
+        "shared_init": {"per_seed": {"mse": [0.71, 0.7, 0.73], "within_pw_mcc": [1.0, 1.0, 1.0]}},
+    }
+    same = compare_methods("reinit", "baseline", methods, None, "mse")
+    fixed = compare_methods("shared_init", "baseline", methods, None, "within_pw_mcc")
+    tested = compare_methods("mfr", "baseline", methods, None, "mse")
+    assert same["not_tested"] == IDENTICAL_ARMS and same["p"] is None
+    assert fixed["not_tested"] == "shared_init's within_pw_mcc is 1 by construction: not a finding"
+    assert fixed["p"] is None and fixed["t_test_p"] is None and fixed["mean_diff"] > 0.5  # measured, not tested
+    assert add_holm([same, fixed, tested]) == 1 and tested["p_holm"] == tested["p"]
+    row = winners(methods, ["within_pw_mcc"], agreement=None)[0]
+    assert row["best"] == "shared_init" and row["p"] == "-" and row["clear win"].startswith("no: shared_init's")

@@ -91,7 +91,7 @@ def reproduce_synthetic(
     per_method = per_method_values(runs, agreement)
     tests = against_baseline(per_method, agreement)
     family_size = add_holm([t for by_key in tests.values() for t in by_key.values()])
-    figures = draw_figures(runs, cfg.mfr.reinit_threshold, out)
+    figures = draw_figures(runs, cfg.mfr.reinit_threshold, cfg.eval.recovered_threshold, out)
     summary = {
         "experiment": "synthetic",
         "quick": quick,
@@ -110,7 +110,8 @@ def reproduce_synthetic(
             "alpha": ALPHA,
             "family_size": family_size,
             "family": "every test in `tests` (mfr, reinit and shared_init each against baseline, on every "
-            "measure compared) that has a p-value; the `winners` tests are a second family",
+            "measure compared) that has a p-value; tests of identical arms and of values fixed by construction "
+            "have none (`not_tested` says why); the `winners` tests are a second family",
         },
         "winners": winners(per_method, WINNER_KEYS, agreement),
         "figures": {k: v.name for k, v in figures.items()},

@@ -18,6 +18,7 @@ from mfr_sae.compare import decoder_agreement
 from mfr_sae.config import RunConfig
 from mfr_sae.data import make_source
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics
+from mfr_sae.report import mean_of
 from mfr_sae.train import METRICS_FILE
 
 # Paper Figure 5's cluster: latents that another SAE also learned but that match no true feature.
@@ -54,12 +55,6 @@ ACROSS_KEYS = ["across_pw_mcc", "across_shared_frac"]
 RunAnalysis = dict[str, Any]
 
 
-def _mean_of_measured(values: list[float | None]) -> float | None:
-    """The mean of the values that were measured (dead_frac is None in runs shorter than its window)."""
-    measured = [v for v in values if v is not None]
-    return float(np.mean(measured)) if measured else None
-
-
 def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> RunAnalysis:
     """Ensemble-level numbers of one run, and the per-latent data behind Figures 3, 5, 7 and 8."""
     ensemble = load(run_dir)
@@ -82,7 +77,8 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> RunAn
         if np.ptp(x) > 1e-6:  # identical members: no r
             rs.append(float(stats.pearsonr(x, y).statistic))
     log = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-    summary = {key: _mean_of_measured([m.get(key) for m in results["members"]]) for key in MEMBER_KEYS}
+    # over the members that measured it (dead_frac is None in runs shorter than its window)
+    summary = {key: mean_of([m.get(key) for m in results["members"]]) for key in MEMBER_KEYS}
     within_mcc, within_shared, _ = decoder_agreement(decoder[0], decoder[1])
     summary.update(
         pairwise_mmcs=results["pairwise_mmcs"],
@@ -115,16 +111,20 @@ def analyse_run(cfg: RunConfig, run_dir: Path, results: dict[str, Any]) -> RunAn
 
 class AcrossAgreement:
     """Agreement between two ensembles (of any methods and seeds): member m of one against member m of
-    the other, averaged over m; PW-MCC and shared-latent fraction. Each pair is computed once."""
+    the other, averaged over m; PW-MCC and shared-latent fraction. Each pair is computed once, the
+    ensemble of the lower seed first (then of the method first by name), whichever was asked first: the
+    matching's float32 sums depend on the order, and this one makes two methods with the same ensembles
+    agree bit for bit with every ensemble of another seed (so that identical arms test as identical)."""
 
     def __init__(self, runs: dict[str, list[RunAnalysis]], threshold: float):
         self.runs, self.threshold = runs, threshold
         self.cache: dict[tuple[tuple[str, int], tuple[str, int]], dict[str, float]] = {}
 
     def __call__(self, a: tuple[str, int], b: tuple[str, int]) -> dict[str, float]:
-        key = (min(a, b), max(a, b))
+        first, second = sorted((a, b), key=lambda e: (e[1], e[0]))
+        key = (first, second)
         if key not in self.cache:
-            x, y = self.runs[a[0]][a[1]]["decoder"], self.runs[b[0]][b[1]]["decoder"]
+            x, y = self.runs[first[0]][first[1]]["decoder"], self.runs[second[0]][second[1]]["decoder"]
             pairs = [decoder_agreement(x[m], y[m], self.threshold) for m in range(len(x))]
             self.cache[key] = {
                 "across_pw_mcc": float(np.mean([p[0] for p in pairs])),

@@ -6,12 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mfr_sae.report import figure_link, fmt_mean_sd, fmt_p, markdown_table
+from mfr_sae.report import column_decimals, figure_link, fmt_mean_sd, fmt_p, fmt_sig, markdown_table, mean_of
 from mfr_sae.reproduce import describe_runs
 from mfr_sae.reproduce.synthetic_analysis import CLUSTER_CROSS_MIN, CLUSTER_GT_MAX
 from mfr_sae.reproduce.synthetic_figures import FIGURES
-from mfr_sae.reproduce.synthetic_stats import LOWER_IS_BETTER, ci_text, difference
-from mfr_sae.stats import verdict
+from mfr_sae.reproduce.synthetic_stats import (
+    BY_CONSTRUCTION,
+    IDENTICAL_ARMS,
+    ci_text,
+    difference,
+    identical_to_baseline,
+    values_of,
+    verdict_words,
+)
 
 # The columns of the tables of ground truth and reconstruction, and of agreement.
 GROUND_TRUTH_COLUMNS = [
@@ -37,31 +44,43 @@ AGREEMENT_COLUMNS = [
     "gt_mcc",
     "gt_recovered_frac",
 ]
+# The claims of the verdict, MFR against baseline: measure and its words ({threshold}: of recovery).
+CLAIMS = {
+    "gt_mmcs": "Ground-truth MMCS",
+    "gt_recovered_frac": "Fraction of true features recovered at cosine >= {threshold}",
+    "mse": "Reconstruction MSE",
+    "across_pw_mcc": "Agreement across independently seeded ensembles (PW-MCC)",
+}
+IDENTICAL_ROW = "identical to baseline: no reinitialisation fired"
 
 
-def _ground_truth_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every per-seed measure of each method, mean ± sd over seeds."""
-    return [{"method": m, **{k: fmt_mean_sd(v) for k, v in st["per_seed"].items()}} for m, st in methods.items()]
+def column_of(methods: dict[str, Any], key: str) -> dict[str, str]:
+    """Each method's mean ± sd of one measure (over seed pairs for across_*, else over seeds), every mean
+    to the decimals of the column (column_decimals), so that the column reads alike."""
+    values = {m: values_of(st, key) for m, st in methods.items()}
+    decimals = column_decimals(mean_of(v) for v in values.values())
+    return {m: fmt_mean_sd(v, decimals=decimals) for m, v in values.items()}
 
 
-def _agreement_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
-    """Agreement across seeds (mean ± sd over seed pairs) beside agreement inside an ensemble and with
-    the true features (over seeds)."""
-    return [
-        {
-            "method": m,
-            **{k: fmt_mean_sd(v) for k, v in st["per_seed_pair"].items()},
-            **{
-                k: fmt_mean_sd(st["per_seed"][k])
-                for k in ("within_pw_mcc", "within_shared_frac", "gt_mcc", "gt_recovered_frac")
-            },
-        }
-        for m, st in methods.items()
-    ]
+def mean_sd_table(methods: dict[str, Any], columns: list[str]) -> str:
+    """One row per method, a column per measure (column_of); a method whose every number is the
+    baseline's is said to be in its row."""
+    identical = identical_to_baseline(methods)
+    rows = [{"method": f"{m} ({IDENTICAL_ROW})" if m in identical else m} for m in methods]
+    for key in columns[1:]:
+        for row, text in zip(rows, column_of(methods, key).values()):
+            row[key] = text
+    return markdown_table(rows, columns)
 
 
-def _significance_rows(tests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per test of each method against baseline, with its verdict (on the Holm-adjusted p)."""
+def _with_sig_digits(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of a table of tests with its numbers to the same significant digits (fmt_sig)."""
+    return {k: fmt_sig(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def significance_rows(tests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per test of each method against baseline, with its verdict (on the Holm-adjusted p), or
+    why it was not tested."""
     rows = []
     for name, test in tests.items():
         for key, t in test.items():
@@ -77,25 +96,71 @@ def _significance_rows(tests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                     "p": fmt_p(t["p"]),
                     "p (Holm)": fmt_p(t["p_holm"]),
                     "Wilcoxon p": fmt_p(t.get("wilcoxon_p")),
-                    "verdict": verdict(t, key not in LOWER_IS_BETTER, name.split(" vs ")[0], p_key="p_holm"),
+                    "verdict": verdict_words(t, key, name.split(" vs ")[0]),
                 }
             )
-    return rows
+    return [_with_sig_digits(row) for row in rows]
+
+
+def _effect(test: dict[str, Any]) -> str:
+    """The difference a test measured, with its 95% CI; a permutation test has none, so its smallest
+    attainable p instead (what the seeds could show at best)."""
+    diff = difference(test)
+    if diff is None:
+        return "no difference measured"
+    if test.get("ci95") is not None:
+        spread = f"95% CI {ci_text(test)}"
+    else:
+        spread = "no CI" + (f"; smallest attainable p {fmt_p(test['min_p'])}" if test.get("min_p") else "")
+    return f"MFR - baseline {fmt_sig(diff)} ({spread})"
+
+
+def _fixed(values: dict[str, float]) -> str:
+    """Values fixed by construction, in words: `within_pw_mcc = 1, within_shared_frac = 1`."""
+    return ", ".join(f"{k} = {v:g}" for k, v in values.items())
+
+
+def _fixed_by_construction() -> str:
+    """Every value of BY_CONSTRUCTION, in words, with its method."""
+    return "; ".join(f"`{m}`'s {_fixed(values)}" for m, (_, values) in BY_CONSTRUCTION.items())
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The verdict as a list: a bullet per claim of MFR against baseline (means, effect, CI, the
+    Holm-adjusted verdict), then what the numbers must not be read as: identical runs, values fixed by
+    construction, and the reinitialisations that fired."""
+    methods, main = summary["methods"], summary["tests"]["mfr vs baseline"]
+    lines = []
+    for key, words in CLAIMS.items():
+        shown = column_of(methods, key)
+        lines.append(
+            f"- {words.format(threshold=summary['threshold'])}: MFR {shown['mfr']} vs baseline "
+            f"{shown['baseline']}; {_effect(main[key])}: {verdict_words(main[key], key, 'MFR')}."
+        )
+    for m in identical_to_baseline(methods):
+        lines.append(
+            f"- `{m}` is {IDENTICAL_ROW} in any seed, so every number of it is the baseline's: not a result "
+            f"of its own; its comparisons with baseline are {IDENTICAL_ARMS}."
+        )
+    for m, (why, values) in BY_CONSTRUCTION.items():
+        if m in methods:
+            lines.append(f"- `{m}`: {_fixed(values)} by construction ({why}): not a finding, left out of every test.")
+    events = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
+    lines.append(
+        f"- Reinitialisation events: {events['reinit']} in the `reinit` runs and {events['mfr']} in the `mfr` "
+        f"runs (threshold {summary['reinit_threshold']})."
+    )
+    return lines
 
 
 def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -> None:
     """out/report.md from the summary (results.json) and the figures' paths (draw_figures)."""
     s = summary
     methods = s["methods"]
-    mfr, base = methods["mfr"]["per_seed"], methods["baseline"]["per_seed"]
     n_seeds = len(s["seeds"])
-    test_rows = _significance_rows(s["tests"])
-    main = s["tests"]["mfr vs baseline"]
-
-    def v(key: str) -> str:
-        return verdict(main[key], key not in LOWER_IS_BETTER, p_key="p_holm")
-
+    test_rows = significance_rows(s["tests"])
     family = s["multiple_comparisons"]["family_size"]
+    untested = sum(bool(t.get("not_tested")) for by_key in s["tests"].values() for t in by_key.values())
     min_perm = 2 / 2**n_seeds
     if n_seeds == 1:
         testing = (
@@ -105,9 +170,9 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
     else:
         testing = (
             f"Tests are over the {n_seeds} seeds (the replicates), two-sided; p-values in the verdicts "
-            f"are Holm-adjusted over the family of the {family} tests of the Significance section."
+            f"are Holm-adjusted over the family of the {family} tests of the Significance section (the "
+            f"{untested} comparisons whose outcome is fixed before any data are not tested, not counted)."
         )
-    n_reinit = {m: int(sum(methods[m]["per_seed"]["reinit_events"])) for m in ("reinit", "mfr")}
     lines = [
         "# Reproduction: MFR on the paper's synthetic data",
         "",
@@ -118,19 +183,10 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         testing,
         "",
-        f"Across {n_seeds} seed{'s' if n_seeds != 1 else ''}, MFR vs baseline: ground-truth MMCS "
-        f"{fmt_mean_sd(mfr['gt_mmcs'])} vs "
-        f"{fmt_mean_sd(base['gt_mmcs'])} ({v('gt_mmcs')}); fraction of true features recovered "
-        f"at cosine >= {s['threshold']} {fmt_mean_sd(mfr['gt_recovered_frac'])} vs "
-        f"{fmt_mean_sd(base['gt_recovered_frac'])} ({v('gt_recovered_frac')}); reconstruction MSE "
-        f"{fmt_mean_sd(mfr['mse'])} vs {fmt_mean_sd(base['mse'])} ({v('mse')}); agreement "
-        f"across independently seeded ensembles (PW-MCC) "
-        f"{fmt_mean_sd(methods['mfr']['per_seed_pair']['across_pw_mcc'])} vs "
-        f"{fmt_mean_sd(methods['baseline']['per_seed_pair']['across_pw_mcc'])} "
-        f"({v('across_pw_mcc')}).",
+        f"Across {n_seeds} seed{'s' if n_seeds != 1 else ''}, MFR vs baseline (mean ± sd over seeds, over seed "
+        "pairs for agreement across ensembles):",
         "",
-        f"Reinitialisation events: {n_reinit['reinit']} in the `reinit` runs and {n_reinit['mfr']} in the "
-        f"`mfr` runs (threshold {s['reinit_threshold']}).",
+        *verdict_lines(s),
         "",
         *(
             [
@@ -171,8 +227,10 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "",
         "## Ground truth and reconstruction (mean ± sd over seeds; a seed's value is the mean over its members)",
         "",
-        markdown_table(_ground_truth_rows(methods), GROUND_TRUTH_COLUMNS),
+        mean_sd_table(methods, GROUND_TRUTH_COLUMNS),
         "",
+        "Every mean of a column to the same decimals (3 significant digits of its smallest nonzero mean, at "
+        "most 4 of its largest), sds to 2 significant digits. "
         "`pearson_r`: Pearson correlation of Figure 3 (paper: 0.625 baseline, 0.668 with reinitialisation; "
         "undefined when the members are identical); "
         f"`cluster_size`: latents per SAE with cross-SAE cosine >= {CLUSTER_CROSS_MIN} and true-feature "
@@ -185,15 +243,15 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         f"seed pairs). PW-MCC: mean cosine of one-to-one matched latents; shared fraction: matched cosine > "
         f"{s['shared_threshold']}.",
         "",
-        markdown_table(_agreement_rows(methods), AGREEMENT_COLUMNS),
+        mean_sd_table(methods, AGREEMENT_COLUMNS),
         "",
         "Which method wins on which measure: the best mean (methods whose means are equal to the 3 "
         "significant digits printed are a tie, never a winner); its test against the runner-up (the same "
         "tests as in the Significance section); p "
         f"Holm-adjusted over the {sum(w['p'] != '-' for w in s['winners'])} tests with a p-value in this table "
-        "(a family of its own); `clear win`: adjusted p below 0.05.",
+        "(a family of its own); `clear win`: adjusted p below 0.05, never for a value fixed by construction.",
         "",
-        markdown_table(s["winners"], list(s["winners"][0])),
+        markdown_table([_with_sig_digits(w) for w in s["winners"]], list(s["winners"][0])),
         "",
         "## Significance",
         "",
@@ -208,7 +266,11 @@ def write_report(out: Path, summary: dict[str, Any], figures: dict[str, Path]) -
         "below 6 seeds. `p (Holm)`: Holm-adjusted over the family of all "
         f"{family} tests in this table that have a p-value; the verdicts use it. Wilcoxon signed-rank p "
         "(exact, unadjusted, a check on the t-test) only where at least 6 seed differences are nonzero: with "
-        "5 or fewer it cannot go below 0.0625.",
+        "5 or fewer it cannot go below 0.0625. Not tested, and left out of the family, the "
+        f"{untested} comparisons whose outcome is fixed before any data: `{IDENTICAL_ARMS}` where every "
+        "paired difference is exactly 0 (a method whose runs are the baseline's, a measure 0 in both), and "
+        "values fixed by "
+        f"construction ({_fixed_by_construction()}).",
         "",
         markdown_table(test_rows, list(test_rows[0])),
         "",

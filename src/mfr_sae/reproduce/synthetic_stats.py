@@ -1,15 +1,15 @@
 """The statistics of `reproduce synthetic`: each method tested against baseline over seeds (the
-replicates), Holm's adjustment over a family of tests, and which method wins on which measure."""
+replicates), Holm's adjustment over a family of tests, and which method wins on which measure. A
+comparison whose outcome is known before any data (identical arms, a value fixed by construction) is
+named as such and kept out of every test and family."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from mfr_sae.report import fmt_p, round_sig
+from mfr_sae.report import fmt_p, fmt_sig, mean_of, round_sig
 from mfr_sae.reproduce.synthetic_analysis import ACROSS_KEYS, AcrossAgreement
-from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, rank_methods
+from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, rank_methods, verdict
 
 LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac", "silent_frac", "twin_frac"}
 # The measures on which each method is tested against baseline (the Significance section).
@@ -27,7 +27,30 @@ COMPARED_KEYS = [
 ]
 # The measures of the table of winners.
 WINNER_KEYS = ["across_pw_mcc", "across_shared_frac", "within_pw_mcc", "gt_mcc", "gt_mmcs", "gt_recovered_frac", "mse"]
+# Values a method has by how it is built, not by what it learned (why, and the values): comparing them
+# is not a finding, so they are never tested.
+BY_CONSTRUCTION: dict[str, tuple[str, dict[str, float]]] = {
+    "shared_init": (
+        "its two members start from one initialisation and see the same batches, so they stay one SAE",
+        {"within_pw_mcc": 1.0, "within_shared_frac": 1.0, "pairwise_mmcs": 1.0},
+    )
+}
+# What a test of two arms whose every paired difference is exactly 0 reports instead of p = 1.
+IDENTICAL_ARMS = "identical arms, not tested"
 Test = dict[str, Any]
+
+
+def by_construction(method: str, key: str) -> str | None:
+    """Why `method`'s value of `key` is not a finding (BY_CONSTRUCTION), or None when it is measured."""
+    value = BY_CONSTRUCTION.get(method, ("", {}))[1].get(key)
+    return None if value is None else f"{method}'s {key} is {value:g} by construction: not a finding"
+
+
+def identical_to_baseline(per_method: dict[str, Any]) -> list[str]:
+    """The methods whose every per-seed number equals the baseline's, seed by seed: `reinit` when its rule
+    never fired, which leaves its runs the baseline's."""
+    base = per_method["baseline"]["per_seed"]
+    return [m for m, st in per_method.items() if m != "baseline" and st["per_seed"] == base]
 
 
 def values_of(method_stats: dict[str, Any], key: str) -> list:
@@ -40,7 +63,9 @@ def compare_methods(
 ) -> Test:
     """One test of `treated` against `control` on one measure, over seeds (the replicates): a paired
     t-test of the per-seed values, or, for the across_* measures (whose values are seed PAIRS, not
-    independent), the permutation test that swaps the two methods' labels inside each seed."""
+    independent), the permutation test that swaps the two methods' labels inside each seed. A test whose
+    outcome is fixed in advance (a value by construction, identical arms) gets `not_tested` (why) and no p,
+    so that no family counts it."""
     if key in ACROSS_KEYS:
         if agreement is None:
             raise ValueError(f"{key}: the across-seed test needs the ensembles' AcrossAgreement")
@@ -50,6 +75,9 @@ def compare_methods(
     else:
         test = paired_test(values_of(per_method[treated], key), values_of(per_method[control], key))
         test.update(test_name="paired t over seeds", p=test["t_test_p"])
+    reason = by_construction(treated, key) or by_construction(control, key)
+    if reason or test.get("identical_arms"):
+        test.update(p=None, t_test_p=None, wilcoxon_p=None, not_tested=reason or IDENTICAL_ARMS)
     return test
 
 
@@ -77,19 +105,34 @@ def difference(test: Test) -> float | None:
 def ci_text(test: Test) -> str:
     """A test's 95% CI as printed, `-` where it has none."""
     ci = test.get("ci95")
-    return "-" if ci is None else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    return "-" if ci is None else f"[{fmt_sig(ci[0])}, {fmt_sig(ci[1])}]"
+
+
+def verdict_words(test: Test, key: str, name: str) -> str:
+    """The verdict on one test of `name` against its control, on its Holm-adjusted p; why it was not
+    tested when it was not."""
+    return test.get("not_tested") or verdict(test, key not in LOWER_IS_BETTER, name, p_key="p_holm")
+
+
+def _clear_win(test: Test | None, tie: bool) -> str:
+    """The `clear win` cell of a winners row: never `yes` for a tie or an untested comparison."""
+    if tie:
+        return "no (tie)"
+    if test is not None and test.get("not_tested"):
+        return f"no: {test['not_tested']}"
+    if test is None or test["p_holm"] is None:
+        return "no test"
+    return "yes" if test["p_holm"] < ALPHA else "no"
 
 
 def winners(methods: dict[str, Any], keys: list[str], agreement: AcrossAgreement | None) -> list[dict[str, Any]]:
     """For each measure: the method with the best mean (a tie when several share it at the precision
     printed, round_sig) and its test against the runner-up (against each runner-up when several share
-    second place, the largest p kept), Holm-adjusted over the tests of this table."""
+    second place, the largest p kept), Holm-adjusted over the tests of this table. A best mean fixed by
+    construction is never a win: it is said so, untested."""
     rows, tests, ties = [], [], []
     for key in keys:
-        means = {
-            m: float(np.mean(vs)) if (vs := [v for v in values_of(st, key) if v is not None]) else None
-            for m, st in methods.items()
-        }
+        means = {m: mean_of(values_of(st, key)) for m, st in methods.items()}
         # ranked as printed: means that read the same are a tie, never a win
         ranking = rank_methods(
             {m: None if v is None else round_sig(v) for m, v in means.items()}, key not in LOWER_IS_BETTER
@@ -117,13 +160,5 @@ def winners(methods: dict[str, Any], keys: list[str], agreement: AcrossAgreement
     add_holm([t for t in tests if t is not None])
     for row, test, tie in zip(rows, tests, ties):
         row["p (Holm)"] = fmt_p(test["p_holm"]) if test else "-"
-        row["clear win"] = (
-            "no (tie)"
-            if tie
-            else "no test"
-            if test is None or test["p_holm"] is None
-            else "yes"
-            if test["p_holm"] < ALPHA
-            else "no"
-        )
+        row["clear win"] = _clear_win(test, tie)
     return rows
