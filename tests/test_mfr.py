@@ -33,7 +33,9 @@ def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
 
 
 def test_auto_beta_refuses_identical_members():
-    reg = MutualRegularizer(MFRConfig(enabled=True, max_cosine=1.0), [2, 2])  # (a ceiling unlinks them all)
+    reg = MutualRegularizer(
+        MFRConfig(enabled=True, max_cosine=1.0, twin_guard=1.0), [2, 2]
+    )  # (a ceiling unlinks them all)
     decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
     with pytest.raises(ConfigError, match="members start identical"):
         reg.penalty(decoder, 0, lambda: 1.0)
@@ -176,7 +178,7 @@ def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_i
 
 
 def test_recon_beta_refuses_identical_members():
-    reg = MutualRegularizer(MFRConfig(enabled=True, beta="recon", max_cosine=1.0), [2, 2])
+    reg = MutualRegularizer(MFRConfig(enabled=True, beta="recon", max_cosine=1.0, twin_guard=1.0), [2, 2])
     decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
     with pytest.raises(ConfigError, match="members start identical"):
         reg.penalty(decoder, 0, lambda: 1.0)

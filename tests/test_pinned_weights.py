@@ -39,6 +39,7 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "mfr.match_every=10",
         "mfr.idle_window=0",
         "mfr.max_cosine=1",
+        "mfr.twin_guard=1",
     ],
     "untied_max_bias": [
         "sae.n_members=2",
@@ -50,6 +51,7 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "mfr.match_every=1",
         "mfr.idle_window=0",
         "mfr.max_cosine=1",
+        "mfr.twin_guard=1",
     ],
 }
 

@@ -50,7 +50,8 @@ def max_assignment(score: np.ndarray, n_candidates: int = N_CANDIDATES) -> tuple
     match = sparse_assignment(score, n_candidates) if sparse else None
     if match is None:
         # the problem maximize=True solves, in one copy of float32 scores instead of a negation and a conversion
-        return linear_sum_assignment(np.negative(score, dtype=np.float64))
+        dense: tuple[np.ndarray, np.ndarray] = linear_sum_assignment(np.negative(score, dtype=np.float64))
+        return dense
     return np.arange(n), match
 
 

@@ -129,7 +129,9 @@ class CertifiedMaxMatcher:
         self.rematched_frac = renewed / total
         return self._matches(unit, best)
 
-    def _certify_all(self, unit: Tensor, k: int) -> tuple[dict, dict]:
+    def _certify_all(
+        self, unit: Tensor, k: int
+    ) -> tuple[dict[tuple[int, int], tuple[Tensor, Tensor]], dict[tuple[int, int], Tensor]]:
         """`_certify` of every row of every pair and direction, the candidates' cosines from sampled products."""
         best, failed = {}, {}
         for pair, candidates in self.candidates.items():

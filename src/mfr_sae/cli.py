@@ -15,7 +15,8 @@ from mfr_sae.data import DataError
 from mfr_sae.distributed import RankLost, world_from_env
 from mfr_sae.extras import MissingExtra
 from mfr_sae.report import fmt_num, markdown_table
-from mfr_sae.train import Interrupted, TrainingError, resume, train
+from mfr_sae.run_folder import TrainingError
+from mfr_sae.train import Interrupted, resume, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from mfr_sae.checkpoint import CheckpointError, load
 from mfr_sae.config import ConfigError
@@ -38,13 +39,15 @@ def member_slots(ensemble: Ensemble) -> list[tuple[int, int]]:
     return slots
 
 
-def decoder_agreement(a, b, threshold: float = 0.7) -> tuple[float, float, np.ndarray]:
+def decoder_agreement(a: Tensor, b: Tensor, threshold: float = 0.7) -> tuple[float, float, np.ndarray]:
     """(PW-MCC, shared-latent fraction, matched cosines) of two decoders [h, d]."""
     _, _, cosines = hungarian_match(a, b)
     return float(cosines.mean()), float((cosines > threshold).mean()), cosines
 
 
-def compare_runs(runs: list[str | Path], threshold: float = 0.7) -> tuple[dict[str, Any], dict]:
+def compare_runs(
+    runs: list[str | Path], threshold: float = 0.7
+) -> tuple[dict[str, Any], dict[tuple[int, int], np.ndarray]]:
     """Agreement of every pair of runs, member by member; returns (summary, matched cosines per slot)."""
     if len(runs) < 2:
         raise CheckpointError("compare needs at least two runs (give one run twice to compare it with itself)")
@@ -108,7 +111,7 @@ def series_label(names: list[str], member: dict[str, Any]) -> str:
     return ", ".join(f"{n} member {i}" for n, i in zip(names, member["member_per_run"])) + f" (k={member['k']})"
 
 
-def histogram(summary: dict[str, Any], cosines: dict, path: Path) -> None:
+def histogram(summary: dict[str, Any], cosines: dict[tuple[int, int], np.ndarray], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))  # not pyplot's: no backend or global figure state for a library call
     ax = fig.subplots()
     bins = np.linspace(-0.2, 1.0, 61).tolist()

@@ -21,7 +21,7 @@ import gc
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -219,7 +219,7 @@ class Shard:
     def _rank_at(self, position: int) -> int:
         return position % self.n_shards * self.replicas + self.replica
 
-    def exchange(self, outgoing: Tensor | None, to: int, incoming: Tensor | None, source: int) -> list:
+    def exchange(self, outgoing: Tensor | None, to: int, incoming: Tensor | None, source: int) -> list[dist.Work]:
         """Start sending `outgoing` to the shard at position `to` (this replica's rank of it) and receiving
         `incoming` from the one at `source`, as one batch (NCCL needs sends and receives batched when two
         ranks send to each other); returns the works to wait for. Every rank must call it at the same
@@ -233,12 +233,12 @@ class Shard:
         return _collective(dist.batch_isend_irecv, ops) if ops else []
 
     @staticmethod
-    def wait(works: list) -> None:
+    def wait(works: list[dist.Work]) -> None:
         for work in works:
             _collective(work.wait)
 
 
-def _collective(fn, *args, **kwargs) -> Any:
+def _collective(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a collective (or wait for one); a rank that died surfaces as RankLost naming it, not as a hang
     or a gloo trace."""
     try:

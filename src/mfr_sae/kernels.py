@@ -14,6 +14,8 @@ on the way in, so the fp32 master weights receive fp32 gradients through the cas
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +48,7 @@ def encoder_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool) 
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool):
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
         n_members, d_sae, d_in = weight.shape
         acts, idx = encoder_topk(x, weight, bias, k, sorted)
         acts = acts.relu_()
@@ -55,8 +57,11 @@ class _TopKEncode(torch.autograd.Function):
         return acts, idx
 
     @staticmethod
-    def backward(ctx, grad_acts: Tensor, _grad_idx: Tensor | None):
-        x, weight, acts, idx = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_acts: Tensor, _grad_idx: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        x, weight, acts, idx = saved
         n_members, d_sae, d_in = weight.shape
         batch = x.shape[0]
         grad = grad_acts * (acts > 0)  # ReLU after TopK
@@ -80,12 +85,17 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+# typed: torch's `apply` is not
+_topk_encode: Callable[[Tensor, Tensor, Tensor, int, bool], tuple[Tensor, Tensor]] = _TopKEncode.apply
+
+
 def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
     """ReLU(TopK(x W^T + b)) for every member at once.
 
     x [B, d], weight [N, h, d] (one latent per row), bias [N, h] -> (acts [N, B, k], idx [N, B, k]).
     """
-    return _TopKEncode.apply(*autocast_to(x, weight, bias), k, sorted)
+    x, weight, bias = autocast_to(x, weight, bias)
+    return _topk_encode(x, weight, bias, k, sorted)
 
 
 class _TiedTopK(torch.autograd.Function):
@@ -97,7 +107,9 @@ class _TiedTopK(torch.autograd.Function):
     (n_r = ||w_r||, g_b = dL/dx_hat_b), with no dense normalised copy of the weights in either pass."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None):
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n_members, d_sae, d_in = weight.shape
         acts, idx = encoder_topk(x, weight, bias, k, sorted=mask is not None)
         acts = acts.relu_() if mask is None else acts.relu_().mul_(mask)
@@ -111,8 +123,11 @@ class _TiedTopK(torch.autograd.Function):
         return x_hat.view(n_members, -1, d_in), acts, idx
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_acts: Tensor | None, _grad_idx: Tensor | None):
-        x, weight, acts, rows, inv_norm, scaled = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_out: Tensor, _grad_acts: Tensor | None, _grad_idx: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        x, weight, acts, rows, inv_norm, scaled = saved
         n_members, d_sae, d_in = weight.shape
         batch, k = x.shape[0], rows.shape[-1]
         flat = weight.reshape(-1, d_in).detach()
@@ -143,13 +158,17 @@ class _TiedTopK(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+# typed: torch's `apply` is not
+_tied_topk: Callable[[Tensor, Tensor, Tensor, int, Tensor | None], tuple[Tensor, Tensor, Tensor]] = _TiedTopK.apply
+
+
 def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
     """grad[b] . weight[rows[b, j]] for every bag b and slot j -> [bags, k]: the gradient of a sum-mode
     embedding_bag with respect to its per-sample weights, without running the bag's forward again."""
     bags, k = rows.shape
     offsets = torch.arange(0, bags * k, k, device=rows.device)
     offset2bag = torch.arange(bags, device=rows.device).repeat_interleave(k)
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+    dots: Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad, weight, rows.reshape(-1), offsets, offset2bag, 0, -1
     )
     return dots.view(bags, k)
@@ -185,7 +204,7 @@ def tied_topk(
     unit-norm rows of W. mask [N, 1, k] (optional, sorts TopK) zeroes the slots beyond a member's k.
     -> (x_hat [N, B, d], acts [N, B, k], idx [N, B, k]); acts and idx carry no gradient."""
     x, weight, bias = autocast_to(x, weight, bias)
-    return _TiedTopK.apply(x, weight, bias, k, None if mask is None else mask.to(x.dtype))
+    return _tied_topk(x, weight, bias, k, None if mask is None else mask.to(x.dtype))
 
 
 def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:
@@ -206,49 +225,58 @@ class _MemberMSE(torch.autograd.Function):
     """Mean squared error of each member's reconstruction, its backward one pass: 2 (x_hat - target) / (B d)."""
 
     @staticmethod
-    def forward(ctx, x_hat: Tensor, target: Tensor) -> Tensor:
+    def forward(ctx: Any, x_hat: Tensor, target: Tensor) -> Tensor:
         diff = x_hat - target
         ctx.save_for_backward(diff)
         rows = diff.view(len(diff), 1, -1)
         return torch.bmm(rows, rows.transpose(1, 2)).view(-1) / rows.shape[-1]
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (diff,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        (diff,) = saved
         grad_x_hat = diff * (grad * (2 / diff[0].numel())).view(-1, 1, 1)
         return grad_x_hat, -grad_x_hat.sum(0) if ctx.needs_input_grad[1] else None
 
 
+_member_mse: Callable[[Tensor, Tensor], Tensor] = _MemberMSE.apply  # typed: torch's `apply` is not
+
+
 def member_mse(x_hat: Tensor, target: Tensor) -> Tensor:
     """x_hat [N, B, d], target [B, d] -> the MSE of each member [N]."""
-    return _MemberMSE.apply(x_hat, target)
+    return _member_mse(x_hat, target)
 
 
 class _UnitRows(torch.autograd.Function):
     """w / ||w|| per row, with the backward in one expression: (g - (g . u) u) / ||w||."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor) -> Tensor:
-        norm = torch.linalg.vector_norm(weight, dim=-1, keepdim=True).clamp_min_(1e-12)
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        norm: Tensor = torch.linalg.vector_norm(weight, dim=-1, keepdim=True).clamp_min_(1e-12)
         unit = weight / norm
         ctx.save_for_backward(unit, norm)
         return unit
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        unit, norm = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        unit, norm = saved
         along = (grad * unit).sum(dim=-1, keepdim=True)
         return grad.addcmul(unit, along, value=-1).div_(norm)
 
 
+_unit_rows: Callable[[Tensor], Tensor] = _UnitRows.apply  # typed: torch's `apply` is not
+
+
 def inverse_norms(rows: Tensor) -> Tensor:
     """1 / ||row|| of every row [..., d] -> [...] (norms clamped at 1e-12, as F.normalize)."""
-    return torch.linalg.vector_norm(rows, dim=-1).clamp_min_(1e-12).reciprocal_()
+    norms: Tensor = torch.linalg.vector_norm(rows, dim=-1)
+    return norms.clamp_min_(1e-12).reciprocal_()
 
 
 def unit_rows(weight: Tensor) -> Tensor:
     """Rows scaled to unit L2 norm (as F.normalize), with a cheaper backward."""
-    return _UnitRows.apply(weight)
+    return _unit_rows(weight)
 
 
 def reference_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:

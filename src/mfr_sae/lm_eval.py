@@ -9,6 +9,7 @@ never saw it; see data/activations.py), so all three losses differ only where th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _ce_sum(logprobs: Tensor, ids: Tensor) -> float:
     return -logprobs.gather(-1, ids[:, 1:, None]).sum().item()
 
 
-def _keep_bos(rest: Tensor):
+def _keep_bos(rest: Tensor) -> Callable[[Tensor], Tensor]:
     """A splice that keeps the module's BOS position and puts `rest` after it."""
     return lambda out: torch.cat([out[:, :1], rest.to(out.dtype)], dim=1)
 
@@ -53,7 +54,7 @@ def loss_recovered(
     ce_clean = ce_zero = 0.0
     ce_sae, kl_sae = [0.0] * n, [0.0] * n
     tokens = 0
-    for ids in tqdm(sequences.split(batch_size), desc="loss recovered", disable=not progress):
+    for ids in tqdm(torch.split(sequences, batch_size), desc="loss recovered", disable=not progress):
         ids = ids.to(device)
         clean = _logprobs(model(input_ids=ids).logits)
         ce_clean += _ce_sum(clean, ids)

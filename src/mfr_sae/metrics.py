@@ -96,7 +96,7 @@ def ground_truth_metrics(decoder: Tensor, truth: Tensor, threshold: float = 0.9)
         "gt_mmcs_hungarian": float(matched.sum() / len(truth)),
         "gt_recovered_frac": (best >= threshold).float().mean().item(),
         "gt_mcc": float(np.abs(matched_abs).mean()),
-        "gt_distinct": int(best_feature.unique().numel()),
+        "gt_distinct": int(torch.unique(best_feature).numel()),
     }
 
 

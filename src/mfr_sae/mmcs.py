@@ -20,9 +20,9 @@ With the matches of the current weights this is exactly the mean pairwise MMCS (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -368,20 +368,25 @@ class _LinkedSimilarity(torch.autograd.Function):
     by ||w_r||: it reuses the product."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, product: Tensor) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, product: Tensor) -> Tensor:
         rows = weight.reshape(-1, weight.shape[-1])
         inv_norm = inverse_norms(rows)
         dots = torch.linalg.vecdot(rows, product)  # w_r . (L @ D)_r
         ctx.save_for_backward(rows, product, inv_norm, dots)
         ctx.shape = weight.shape
-        return (dots * inv_norm).view(weight.shape[:2]).sum(1)
+        summed: Tensor = (dots * inv_norm).view(weight.shape[:2]).sum(1)
+        return summed
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         rows, product, inv_norm, dots = ctx.saved_tensors
         grad_rows = product.addcmul(rows, (dots * inv_norm.square()).unsqueeze(1), value=-1)
         grad_per_row = grad.repeat_interleave(ctx.shape[1])  # each row takes its member's incoming gradient
-        return grad_rows.mul_((2 * grad_per_row * inv_norm).unsqueeze(1)).view(ctx.shape), None
+        grad_weight: Tensor = grad_rows.mul_((2 * grad_per_row * inv_norm).unsqueeze(1)).view(ctx.shape)
+        return grad_weight, None
+
+
+_linked_similarity: Callable[[Tensor, Tensor], Tensor] = _LinkedSimilarity.apply  # typed: torch's `apply` is not
 
 
 def linked_similarity(weight: Tensor, product: Tensor) -> Tensor:
@@ -389,7 +394,7 @@ def linked_similarity(weight: Tensor, product: Tensor) -> Tensor:
     rank's members), product [n * h, d]: L @ D for those rows (`Links.matmul_unit` of the rows of all
     members). Differentiable as parts of that one sum: the gradient a row receives is that of the whole
     sum (so sum the parts of all members, with one weight)."""
-    return _LinkedSimilarity.apply(weight, product)
+    return _linked_similarity(weight, product)
 
 
 def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -159,7 +160,7 @@ def _extract(source: Source, target: Path) -> Path:
     return target
 
 
-def _cached(filename: str, build) -> Path:
+def _cached(filename: str, build: Callable[[Path], object]) -> Path:
     """cache_dir()/filename, made by build(path) the first time."""
     target = cache_dir() / filename
     if not target.exists():

@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 MEMBER_COLUMNS = [
     "member",
@@ -130,7 +134,7 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def save_figure(fig, path) -> None:
+def save_figure(fig: Figure, path: str | Path) -> None:
     """Every report figure the same way: tight layout, a PNG at 110 dpi, the figure released (from pyplot,
     when pyplot made it)."""
     fig.tight_layout()
@@ -148,7 +152,7 @@ def figure_link(path: str | Path, caption: str) -> str:
     return f"![{caption}]({Path(path).name})\n\n*{caption}*"
 
 
-def count_axis(axis, nbins: int = 5) -> None:
+def count_axis(axis: Axis, nbins: int = 5) -> None:
     """At most `nbins` ticks on an axis of large counts, written short (200k, 1.5M), so labels never
     run together."""
     from matplotlib.ticker import EngFormatter, MaxNLocator

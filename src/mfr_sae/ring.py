@@ -16,6 +16,7 @@ match as many pairs in all. So each rank ends with the matches of all pairs of i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from torch.nn import functional as F
 
 from mfr_sae.distributed import Shard
 from mfr_sae.mmcs import Links, Pair, links_between, member_pairs, n_member_pairs
+
+if TYPE_CHECKING:
+    from torch.distributed import Work
 
 Stream = Iterator[tuple[range, Tensor]]  # (the members of a shard, their rows), one shard at a time
 Match = Callable[[Pair, Tensor, Tensor], Tensor]  # a pair, its two members' unit rows -> their matches [2, h]
@@ -42,7 +46,7 @@ def stream_shards(shard: Shard, local: Tensor) -> Stream:
     return _stream(shard, local, _pass_on(shard, local, 1))
 
 
-def _stream(shard: Shard, local: Tensor, pending: tuple[Tensor, list] | None) -> Stream:
+def _stream(shard: Shard, local: Tensor, pending: tuple[Tensor, list[Work]] | None) -> Stream:
     yield shard.shard_members(shard.position), local
     for stage in range(1, shard.n_shards):
         assert pending is not None  # started by the caller (stage 1) or at the stage before
@@ -54,7 +58,7 @@ def _stream(shard: Shard, local: Tensor, pending: tuple[Tensor, list] | None) ->
         yield shard.shard_members(shard.position - stage), incoming
 
 
-def _pass_on(shard: Shard, outgoing: Tensor, stage: int) -> tuple[Tensor, list]:
+def _pass_on(shard: Shard, outgoing: Tensor, stage: int) -> tuple[Tensor, list[Work]]:
     """Start sending `outgoing` to the next rank of the ring and receiving the shard of stage `stage`
     from the previous one."""
     incoming = outgoing.new_empty(len(shard.shard_members(shard.position - stage)), *outgoing.shape[1:])

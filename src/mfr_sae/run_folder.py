@@ -136,7 +136,8 @@ def checkpoint_step(folder: Path) -> int | None:
     """The step of a checkpoint, from its trainer state's metadata only (None when unreadable)."""
     try:
         with safe_open(Path(folder) / ckpt.STATE_FILE, "pt") as f:
-            return json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
+            step: int | None = json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
+            return step
     except Exception:
         return None
 

@@ -120,7 +120,9 @@ class RunReport:
         if self._agreement is not None and self._agreement[0] == step:
             return self._agreement[1]
         decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
-        measured = self.shard.gather_objects(None if decoders is None else pairwise_mmcs(decoders.to(self.device)))[0]
+        measured: dict[str, float | None] = self.shard.gather_objects(
+            None if decoders is None else pairwise_mmcs(decoders.to(self.device))
+        )[0]
         self._agreement = (step, measured)
         return measured
 

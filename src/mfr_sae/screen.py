@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -47,8 +47,8 @@ def bf16_is_faster(device: torch.device) -> bool:
     return _BF16_FASTER[key]
 
 
-def _seconds(product, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _seconds(product: Callable[[], object], device: torch.device) -> float:
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(4):
         sync()

@@ -177,7 +177,8 @@ def paired_permutation_test(
     def statistic(swaps: np.ndarray) -> np.ndarray:  # swaps: [M, R] of 0/1 -> [M]
         t = base + R * swaps
         c = base + R * (1 - swaps)
-        return S[t[:, iu], t[:, ju]].mean(1) - S[c[:, iu], c[:, ju]].mean(1)
+        diff: np.ndarray = S[t[:, iu], t[:, ju]].mean(1) - S[c[:, iu], c[:, ju]].mean(1)
+        return diff
 
     observed = float(statistic(np.zeros((1, R), dtype=int))[0])
     out.update(

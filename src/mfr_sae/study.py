@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mfr_sae.checkpoint import load
@@ -219,12 +220,13 @@ def member_means(results: dict[str, Any]) -> dict[str, float]:
     return means | {key: float(results[key]) for key in RUN_MEASURES}
 
 
-def agreement(decoders_a, decoders_b) -> float:
-    """PW-MCC of two ensembles: member m against member m (one-to-one matched latents), mean over m."""
+def agreement(decoders_a: Tensor, decoders_b: Tensor) -> float:
+    """PW-MCC of two ensembles' decoders [N, h, d]: member m against member m (one-to-one matched latents), mean
+    over m."""
     return float(np.mean([decoder_agreement(a, b)[0] for a, b in zip(decoders_a, decoders_b)]))
 
 
-def agreement_matrix(decoders: list, progress: bool = False) -> np.ndarray:
+def agreement_matrix(decoders: list[Tensor], progress: bool = False) -> np.ndarray:
     """Agreement between every two ensembles [E, E] (NaN on the diagonal)."""
     n = len(decoders)
     matrix = np.full((n, n), np.nan)
@@ -248,7 +250,7 @@ def run_dataset(
     values: dict[str, dict[str, list[float]]] = {
         s.name: {k: [] for k in (*MEASURES, *RUN_MEASURES, CONSENSUS)} for s in grid
     }
-    decoders: dict[str, list] = {s.name: [] for s in grid}
+    decoders: dict[str, list[Tensor]] = {s.name: [] for s in grid}
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
     config = run_config(dataset, grid[0], 0, quick, extra, split)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 FIGURE = "fig_fvu_mcc.png"
 CAPTION = (
@@ -181,7 +185,15 @@ def figure(summary: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _point(ax, x: float, y: float, x_ci, y_ci, style: dict[str, Any], label: str) -> None:
+def _point(
+    ax: Axes,
+    x: float,
+    y: float,
+    x_ci: Sequence[float] | None,
+    y_ci: Sequence[float] | None,
+    style: dict[str, Any],
+    label: str,
+) -> None:
     """One setting: a marker with its intervals as error bars, labelled beside it."""
     xerr = [[x - x_ci[0]], [x_ci[1] - x]] if x_ci else None
     yerr = [[y - y_ci[0]], [y_ci[1] - y]] if y_ci else None

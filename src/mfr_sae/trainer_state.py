@@ -119,4 +119,4 @@ def restore_training(
     mfr.load_state({k: v.to(device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
     state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
     optimizer.load_state_dict(optimizer_state_from_tensors(optimizer, ensemble, state))
-    return meta["step"]
+    return int(meta["step"])

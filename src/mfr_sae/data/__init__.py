@@ -7,7 +7,7 @@ stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ def _groups(cfg: DataConfig, device: str | torch.device, stream_seed: int | None
     )
 
 
-def _zipf_arguments(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> dict:
+def _zipf_arguments(cfg: DataConfig, device: str | torch.device, stream_seed: int | None) -> dict[str, Any]:
     """What the Zipf-firing sources (ZipfData and its subclasses) take from a config."""
     return dict(
         d=cfg.d,

@@ -21,6 +21,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,7 @@ def _hub_texts(name: str) -> Iterator[str]:
         yield row["text"]
 
 
-def _require_datasets(name: str):
+def _require_datasets(name: str) -> ModuleType:
     return require(
         "datasets", f"text {name!r} is not a local .txt/.jsonl file or folder, and reading it as a Hugging Face dataset"
     )
@@ -257,7 +258,7 @@ def read_manifest(cache: str | Path, verify: bool = True) -> dict[str, Any]:
     if not (cache / MANIFEST).is_file():
         raise DataError(f"{cache}: not an activation cache (no {MANIFEST}); build one with `mfr-sae cache`")
     try:
-        manifest = json.loads((cache / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((cache / MANIFEST).read_text())
         shards = manifest["shards"]
     except (json.JSONDecodeError, KeyError):
         raise DataError(f"{cache / MANIFEST}: corrupt manifest") from None

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from mfr_sae.data.eeg_noise import add_noise
 from mfr_sae.data.vectors import DataError
 from mfr_sae.extras import require
 from mfr_sae.seeding import EEG_EVAL_NOISE, EEG_ORDER_STREAM, EEG_TRAIN_NOISE, seeded_generator
+
+if TYPE_CHECKING:
+    from mne.io import BaseRaw
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".edf", ".bdf", ".fif", ".vhdr")
@@ -45,11 +50,11 @@ def find_recordings(path: str | Path) -> list[Path]:
     return [path]
 
 
-def require_mne():
+def require_mne() -> ModuleType:
     return require("mne", "reading EEG recordings")
 
 
-def read_raw(path: Path):
+def read_raw(path: Path) -> BaseRaw:
     """The recording's EEG channels, loaded (MNE Raw)."""
     mne = require_mne()
     try:
@@ -89,15 +94,15 @@ class EEGWindows:
     sfreq: float
     recording: np.ndarray
     starts: np.ndarray
-    files: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def vectors(self) -> np.ndarray:
         return self.windows.reshape(len(self.windows), -1)
 
 
-def band_pass(raw, l_freq: float = 0.5, h_freq: float = 45.0, order: int = 5):
+def band_pass(raw: BaseRaw, l_freq: float = 0.5, h_freq: float = 45.0, order: int = 5) -> BaseRaw:
     """Butterworth band-pass of the given order, zero phase (MNE applies it forward and backward)."""
     return raw.filter(
         l_freq, h_freq, method="iir", iir_params={"order": order, "ftype": "butter"}, phase="zero", verbose="error"
@@ -118,7 +123,8 @@ def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """Every channel of every window to mean 0, sd 1."""
     mean = windows.mean(axis=-1, keepdims=True)
     sd = windows.std(axis=-1, keepdims=True)
-    return (windows - mean) / np.maximum(sd, eps)
+    scored: np.ndarray = (windows - mean) / np.maximum(sd, eps)
+    return scored
 
 
 def load_eeg(
@@ -143,7 +149,7 @@ def load_eeg(
     names = select_channels([raw.ch_names for _, raw in raws], channels)
     length, hop = round(window_s * sfreq), round(hop_s * sfreq)
     parts, recording, starts = [], [], []
-    files: list[dict] = []
+    files: list[dict[str, Any]] = []
     for file, raw in raws:
         missing = [c for c in names if c not in raw.ch_names]
         if missing or not names:
@@ -265,7 +271,7 @@ class EEGData:
         clean = self.held[:n]
         return self.corrupt(clean, EEG_EVAL_NOISE), clean
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What was read: files, channels, rate, windows for training and evaluation, skipped files."""
         return {
             "files": self.eeg.files,

@@ -15,7 +15,8 @@ def _scaled(noise: np.ndarray, clean: np.ndarray, snr_db: float) -> np.ndarray:
     """Noise rescaled per window so that 10 log10(P_clean / P_noise) = snr_db exactly."""
     p_clean = (clean**2).mean(axis=(1, 2), keepdims=True)
     p_noise = np.maximum((noise**2).mean(axis=(1, 2), keepdims=True), 1e-20)
-    return noise * np.sqrt(p_clean / p_noise / 10 ** (snr_db / 10))
+    scaled: np.ndarray = noise * np.sqrt(p_clean / p_noise / 10 ** (snr_db / 10))
+    return scaled
 
 
 def add_noise(
@@ -51,7 +52,8 @@ def add_noise(
         for i in range(n):
             ch, start = rng.integers(channels), rng.integers(samples)
             noise[i, ch, start:] += 5 * np.exp(-(t[start:] - t[start]) / 0.1)
-    return (clean + _scaled(noise, clean, snr_db)).astype(clean.dtype)
+    noisy: np.ndarray = (clean + _scaled(noise, clean, snr_db)).astype(clean.dtype)
+    return noisy
 
 
 def snr_db(clean: np.ndarray, estimate: np.ndarray) -> float:

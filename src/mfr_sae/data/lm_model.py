@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +92,8 @@ class _StopForward(Exception):
 
 
 def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    first: Tensor = output[0] if isinstance(output, tuple) else output
+    return first
 
 
 @torch.no_grad()
@@ -99,7 +101,7 @@ def capture(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
     """The module's output [B, L, d] for these tokens; the forward stops right after the module."""
     seen: dict[str, Tensor] = {}
 
-    def hook(_module, _inputs, output):
+    def hook(_module: nn.Module, _inputs: tuple[Any, ...], output: Any) -> NoReturn:
         seen["acts"] = _first(output)
         raise _StopForward
 
@@ -114,10 +116,10 @@ def capture(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 @contextmanager
-def splice(module: nn.Module, replace):
+def splice(module: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Within the block, the module's output is replace(output) (first element, for tuple outputs)."""
 
-    def hook(_module, _inputs, output):
+    def hook(_module: nn.Module, _inputs: tuple[Any, ...], output: Any) -> Tensor | tuple[Any, ...]:
         if isinstance(output, tuple):
             return (replace(output[0]), *output[1:])
         return replace(output)

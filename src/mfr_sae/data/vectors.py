@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,6 +62,24 @@ def _check_npy(path: Path) -> None:
         )
 
 
+class _SafetensorsSlice(Protocol):
+    """The methods of a safetensors slice used here, typed (safetensors' stub leaves them unannotated)."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def get_dtype(self) -> str: ...
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+
+class _SafetensorsFile(Protocol):
+    """The methods of a file opened with safetensors' safe_open used here, typed (its stub leaves them unannotated)."""
+
+    def keys(self) -> list[str]: ...
+
+    def get_slice(self, name: str) -> _SafetensorsSlice: ...
+
+
 class _ShardFile:
     """One file of vectors, read by row ranges."""
 
@@ -72,11 +91,12 @@ class _ShardFile:
                 self._array = np.load(path, mmap_mode="r", allow_pickle=False)
                 shape, dtype = self._array.shape, str(self._array.dtype)
             else:
-                self._file = safe_open(path, "pt")
-                keys = list(self._file.keys())
+                file: _SafetensorsFile = safe_open(path, "pt")
+                self._file = file
+                keys = list(file.keys())
                 if len(keys) != 1:
                     raise DataError(f"{path}: expected one tensor, found {len(keys)} ({', '.join(keys[:5])})")
-                self._slice = self._file.get_slice(keys[0])
+                self._slice = file.get_slice(keys[0])
                 shape, dtype = tuple(self._slice.get_shape()), self._slice.get_dtype()
         except (ValueError, OSError, SafetensorError) as err:
             if isinstance(err, DataError):

@@ -19,7 +19,8 @@ import torch
 from mfr_sae.checkpoint import load
 from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.report import fmt_duration, save_figure
-from mfr_sae.train import CONFIG_FILE, RESULTS_FILE, resume, train
+from mfr_sae.run_folder import CONFIG_FILE, RESULTS_FILE
+from mfr_sae.train import resume, train
 
 HOW_WORDS = {"trained": "training", "resumed": "resuming", "reused": "reused"}
 
@@ -40,7 +41,8 @@ def run_status(cfg: RunConfig, run_dir: Path) -> str:
 def _carry_out(how: str, cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     """The run's results, by `how` (run_status)."""
     if how == "reused":
-        return json.loads((run_dir / RESULTS_FILE).read_text())
+        results: dict[str, Any] = json.loads((run_dir / RESULTS_FILE).read_text())
+        return results
     if how == "resumed":
         return resume(run_dir, progress=progress)
     return train(cfg, run_dir, progress=progress)
@@ -120,7 +122,7 @@ def describe_runs(runs: dict[str, Any], seconds: float) -> str:
     return " ".join(lines)
 
 
-def reinit_history(events: list[dict], member: int) -> dict[str, int | None]:
+def reinit_history(events: list[dict[str, Any]], member: int) -> dict[str, int | None]:
     """How often a member was re-initialised, and at which step last (None: never)."""
     steps = [e["step"] for e in events if e["member"] == member]
     return {"reinits": len(steps), "last_reinit_step": max(steps, default=None)}
@@ -136,7 +138,7 @@ def reinit_phrase(k: int, history: dict[str, Any], n_steps: int, seed: int | Non
     return f"{label} {history['reinits']}x, last at step {history['last_reinit_step']} of {n_steps}"
 
 
-def reinit_summary(events: list[dict], n_members: int, n_steps: int, ks: list[int]) -> str:
+def reinit_summary(events: list[dict[str, Any]], n_members: int, n_steps: int, ks: list[int]) -> str:
     """One sentence on a run's reinitialisations: per member how many and the last step, and a warning when
     a member's last one came in the last LATE_REINIT_SHARE of the run."""
     history = [reinit_history(events, i) for i in range(n_members)]

@@ -15,22 +15,22 @@ MEMBER_KEYS = ("k", "mse_clean", "snr_in_db", "snr_out_db", "fvu", "l0", "dead_f
 ONE_SEED = "one seed: no test; the k values are not independent replicates"
 
 
-def of(members: list[dict], mfr: bool, k: int) -> list[dict]:
+def of(members: list[dict[str, Any]], mfr: bool, k: int) -> list[dict[str, Any]]:
     """The members of one method and one k, in seed order."""
     return [m for m in sorted(members, key=lambda m: m["seed"]) if m["mfr"] == mfr and m["k"] == k]
 
 
-def values(members: list[dict], mfr: bool, k: int, key: str) -> list[float]:
+def values(members: list[dict[str, Any]], mfr: bool, k: int, key: str) -> list[float]:
     """One value per seed, in seed order."""
     return [m[key] for m in of(members, mfr, k)]
 
 
-def snr_gains(members: list[dict], mfr: bool, k: int) -> list[float | None]:
+def snr_gains(members: list[dict[str, Any]], mfr: bool, k: int) -> list[float | None]:
     """SNR improvement in dB (output SNR - input SNR) per seed; None where the input is clean."""
     return [None if m["snr_in_db"] is None else m["snr_out_db"] - m["snr_in_db"] for m in of(members, mfr, k)]
 
 
-def seed_means(members: list[dict], mfr: bool, seeds: int, key: str = "mse_clean") -> list[float | None]:
+def seed_means(members: list[dict[str, Any]], mfr: bool, seeds: int, key: str = "mse_clean") -> list[float | None]:
     """Per seed, the mean over the k values of one method's `key` (None where a seed has none)."""
     out = []
     for seed in range(seeds):
@@ -39,7 +39,7 @@ def seed_means(members: list[dict], mfr: bool, seeds: int, key: str = "mse_clean
     return out
 
 
-def mse_test(members: list[dict], seeds: int) -> dict[str, Any]:
+def mse_test(members: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
     """MFR vs baseline on the MSE to the clean signal, tested over seeds (the replicates): per seed, the
     mean over k of each method's MSE, paired by seed (so the tested difference is the per-seed mean
     over k of MFR - baseline). The k values of one seed share data, noise and seed, so they are not
@@ -57,7 +57,7 @@ def mse_test(members: list[dict], seeds: int) -> dict[str, Any]:
     }
 
 
-def mse_by_k(members: list[dict]) -> list[dict[str, Any]]:
+def mse_by_k(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Descriptive, by k: the mean over seeds of each method's MSE and their difference (no test)."""
     rows = []
     for k in KS:

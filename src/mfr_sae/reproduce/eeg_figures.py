@@ -4,6 +4,7 @@ of Section 4.3), each a PNG beside report.md, with their captions."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -34,8 +35,8 @@ FIGURES = {
 
 
 def draw_figures(
-    members: list[dict],
-    dist: dict[str, list],
+    members: list[dict[str, Any]],
+    dist: dict[str, list[float]],
     source: EEGData,
     run_dirs: dict[str, Path],
     out: Path,
@@ -49,7 +50,7 @@ def draw_figures(
     return figures
 
 
-def figure_mse(members: list[dict], path: Path) -> None:
+def figure_mse(members: list[dict[str, Any]], path: Path) -> None:
     """Paper Figure 10: MSE to the clean signal by k, baseline and MFR (mean and sd over seeds)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for mfr, label in ((False, "baseline"), (True, "MFR")):

@@ -19,7 +19,7 @@ PAPER_MSE = {12: (0.42, 0.44), 24: (0.30, 0.32), 36: (0.26, 0.27), 48: (0.23, 0.
 PAPER_DIFF = {12: -4.76, 24: -6.67, 36: -3.85, 48: 1.80, 60: 4.04}
 
 
-def table_3(members: list[dict]) -> list[dict[str, Any]]:
+def table_3(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """By k, the paper's Table 3 beside the measured MSE, SNR out and SNR gain of both methods."""
     table = []
     for k in KS:
@@ -44,7 +44,7 @@ def table_3(members: list[dict]) -> list[dict[str, Any]]:
     return table
 
 
-def described(members: list[dict]) -> str:
+def described(members: list[dict[str, Any]]) -> str:
     """The verdict's description over the (seed, k) pairs: mean relative difference, and how often MFR
     is lower."""
     mfr_all, base_all = [], []

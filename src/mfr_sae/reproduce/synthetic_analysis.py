@@ -19,7 +19,7 @@ from mfr_sae.config import RunConfig
 from mfr_sae.data import make_source
 from mfr_sae.metrics import feature_agreement, reconstruction_metrics
 from mfr_sae.report import mean_of
-from mfr_sae.train import METRICS_FILE
+from mfr_sae.run_folder import METRICS_FILE
 
 # Paper Figure 5's cluster: latents that another SAE also learned but that match no true feature.
 CLUSTER_CROSS_MIN = 0.9

@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -91,7 +92,7 @@ def figure_reinit_metric(seeds: list[RunAnalysis], threshold: float, path: Path)
     ax.set_xlabel("training step")
     ax.set_ylabel("M = mean_j (|p_j - k/h| / (k/h))^3")
     ax.set_yscale("log")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=Normalize(0, top))
     fig.colorbar(sm, ax=ax, label="final cluster size of the member (latents)")
     ax.legend()
     ax.set_title("Figure 7: reinitialisation metric over the first steps (baseline members)", fontsize=9)

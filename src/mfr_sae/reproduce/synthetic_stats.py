@@ -53,9 +53,10 @@ def identical_to_baseline(per_method: dict[str, Any]) -> list[str]:
     return [m for m, st in per_method.items() if m != "baseline" and st["per_seed"] == base]
 
 
-def values_of(method_stats: dict[str, Any], key: str) -> list:
+def values_of(method_stats: dict[str, Any], key: str) -> list[Any]:
     """One method's values of one measure: per seed pair for the across_* measures, else per seed."""
-    return (method_stats["per_seed_pair"] if key in ACROSS_KEYS else method_stats["per_seed"])[key]
+    values: list[Any] = (method_stats["per_seed_pair"] if key in ACROSS_KEYS else method_stats["per_seed"])[key]
+    return values
 
 
 def compare_methods(
