@@ -8,7 +8,8 @@ At d=768, h=3072, batch 500, k=12, N=5 (fp32; CPU here, CUDA where present) this
   bench/certified.py measures it in training) and 50, and the one-to-one forms re-matched every 10 steps:
   `hungarian` (an assignment), `mnn` (mutual nearest neighbours) and `mnn_hungarian` (those, the rest
   assigned), each with the defaults' other settings; and the defaults of mfr.* themselves (`mnn_hungarian`
-  matched anew every 100 steps, only idle latents pulled), over 100 steps: one re-matching;
+  matched anew every 100 steps, only idle latents pulled), over 100 steps: one re-matching (of rows that are
+  still a fresh initialisation's, the costliest kind), then the steps between re-matchings alone;
 - the same baseline step written with plain autograd (dense TopK gradient, dense decoder), the
   reference implementation the fused step replaces.
 
@@ -109,6 +110,10 @@ def main() -> None:
         every = defaults.cfg.mfr.match_every
         seconds = timed(lambda: defaults.train_step(x), every, device)
         rows.append((f"MFR step, the defaults, match_every={every}", seconds))
+        # the steps after it, up to the next: what a step costs between re-matchings (this one's rows are a fresh
+        # initialisation's, few of them mutual best matches: its assignment is nearly all rows, as in no later one)
+        between = timed(lambda: defaults.train_step(x), min(args.steps, every - 3), device, warmup=0)
+        rows.append(("MFR step, the defaults, between re-matchings", between))
     print(f"{'':44s} {'ms/step':>9s} {'tokens/s':>10s} {'x floor':>8s}")
     for name, seconds in rows:
         print(f"{name:44s} {1000 * seconds:9.1f} {BATCH / seconds:10.0f} {seconds / floor:8.2f}")

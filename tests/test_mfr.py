@@ -191,7 +191,15 @@ def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_ever
     close = torch.stack([a, F.normalize(a + 0.03 * torch.randn(30, 8), dim=-1)])  # every match at cosine > 0.99
     grads = {}
     for ceiling in (1.0, 0.98):
-        cfg = MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every, max_cosine=ceiling)
+        cfg = MFRConfig(
+            enabled=True,
+            beta=1.0,
+            mmcs=mmcs,
+            match_every=match_every,
+            max_cosine=ceiling,
+            twin_guard=1.0,
+            idle_to_live=False,
+        )
         reg = MutualRegularizer(cfg, [2, 2])
         assert (reg.certified is None) == (ceiling < 1 or mmcs != "max")  # the certified path has no ceiling
         weight = close.clone().requires_grad_()
@@ -215,7 +223,8 @@ def test_only_the_rows_given_as_pulled_take_the_penalty_gradient(mmcs, match_eve
     pulled = torch.rand(3, 30) < 0.3
     grads, values = {}, {}
     for name, mask in (("all", None), ("some", pulled)):
-        reg = MutualRegularizer(MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every), [2, 2, 2])
+        cfg = MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every, twin_guard=1.0, idle_to_live=False)
+        reg = MutualRegularizer(cfg, [2, 2, 2])
         weight = decoder.clone().requires_grad_()
         penalty, logs = reg.penalty(weight, 200, lambda: 1.0, mask)
         penalty.backward()
