@@ -155,10 +155,9 @@ class MutualRegularizer:
         if self.beta_kind == "recon":  # its running mean goes on every step
             self.beta = self._recon_beta(0.0, recon_loss())
         assert self.beta is not None  # `_pulled_part_will_do`
-        n, h, d = weight.shape
         rows = pulled.flatten().nonzero().squeeze(1)
-        product = self.links[0].rows(rows).matmul_unit(self._columns(weight).to(weight.dtype).reshape(-1, d))
-        part = linked_similarity(weight.reshape(-1, d)[rows].unsqueeze(0), product).sum()
+        product = self.links[0].rows(rows).matmul_unit(self._one_process_columns(weight))
+        part = linked_similarity(weight.flatten(0, 1)[rows].unsqueeze(0), product).sum()
         return -self.beta * warmup_weight(step, self.cfg.warmup_steps) * part
 
     def match_log(self) -> dict[str, float]:
@@ -217,8 +216,7 @@ class MutualRegularizer:
     def _one_process_product(self, weight: Tensor, rematch: bool) -> Tensor:
         """L @ D for all rows [N * h, d], all pairs matched first at a re-matching step."""
         n, h, d = weight.shape
-        # in column_dtype and back: rounded as the rows that travel between ranks, so that 1 and R processes agree
-        columns = self._columns(weight).to(weight.dtype).reshape(-1, d)
+        columns = self._one_process_columns(weight)
         if self.certified is not None:
             matches = self.certified.match(F.normalize(columns, dim=-1).view(n, h, d))
             if not self.links or any(
@@ -245,6 +243,11 @@ class MutualRegularizer:
             return matched
         idle = self.idle.to(matched[0].device) if matched else self.idle
         return [without_marked_pairs(m, idle[a], idle[b]) for m, (a, b) in zip(matched, pairs)]
+
+    def _one_process_columns(self, weight: Tensor) -> Tensor:
+        """All members' decoder rows [N * h, d] in column_dtype and back: rounded as the rows that travel between
+        ranks, so that 1 and R processes agree."""
+        return self._columns(weight).to(weight.dtype).flatten(0, 1)
 
     def _columns(self, weight: Tensor) -> Tensor:
         """The decoder rows in the dtype they are sent between ranks, matched and linked in: column_dtype."""

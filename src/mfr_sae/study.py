@@ -44,6 +44,14 @@ from mfr_sae.study_report import write_report
 # every MFR candidate: matched anew every 10 steps (unless it says otherwise), no reinitialisation (it never fired
 # on learnable data and fired at every check until its cap on SmolLM2 activations: RESULTS.md)
 MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
+# idle latents pulled, re-matched every 100 steps, up to a 0.95 ceiling: the base of the guarded candidates
+IDLE_CAPPED = (
+    "mfr.mmcs=mnn_hungarian",
+    "mfr.beta=0.1*auto",
+    "mfr.idle_window=5000",
+    "mfr.match_every=100",
+    "mfr.max_cosine=0.95",
+)
 CANDIDATES = {
     "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
     "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
@@ -81,29 +89,12 @@ CANDIDATES = {
         "mfr.idle_window=20000",
         "mfr.match_every=100",
     ),
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.idle_window=5000",
-        "mfr.match_every=100",
-        "mfr.max_cosine=0.95",
-    ),
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95": IDLE_CAPPED,
     # the same where a pull would make a twin in the pulled latent's own member: not pulled (mfr.twin_guard)
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.idle_window=5000",
-        "mfr.match_every=100",
-        "mfr.max_cosine=0.95",
-        "mfr.twin_guard=0.9",
-    ),
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (*IDLE_CAPPED, "mfr.twin_guard=0.9"),
     # and two idle latents matched to each other not pulled together (mfr.idle_to_live)
     "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.idle_window=5000",
-        "mfr.match_every=100",
-        "mfr.max_cosine=0.95",
+        *IDLE_CAPPED,
         "mfr.twin_guard=0.9",
         "mfr.idle_to_live=true",
     ),
