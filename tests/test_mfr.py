@@ -184,7 +184,9 @@ def test_recon_beta_refuses_identical_members():
         reg.penalty(decoder, 0, lambda: 1.0)
 
 
-@pytest.mark.parametrize("mmcs, match_every", [("max", 1), ("mnn", 10), ("mnn_hungarian", 10), ("hungarian", 10)])
+@pytest.mark.parametrize(
+    "mmcs, match_every", [("max", 1), ("mnn", 10), ("mnn_hungarian", 10), ("hungarian", 10), ("greedy", 10)]
+)
 def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_every):
     torch.manual_seed(0)
     a = F.normalize(torch.randn(30, 8), dim=-1)

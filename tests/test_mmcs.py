@@ -135,7 +135,7 @@ def test_mutual_nearest_neighbours_equal_the_dense_reference_and_are_one_to_one(
     assert value == pytest.approx(cosines.sum().item() / 300, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian"])
+@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian", "greedy"])
 def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
     torch.manual_seed(1)
     a = F.normalize(torch.randn(60, 16), dim=-1)
@@ -157,7 +157,7 @@ def test_a_ceiling_unlinks_matches_at_or_above_it_and_keeps_the_others(mode):
     assert (cosine >= 0.3).all() and (cosine < 0.95).all()
 
 
-@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian"])
+@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian", "greedy"])
 def test_the_twin_guard_unlinks_exactly_the_matches_whose_pull_would_make_a_twin(mode):
     torch.manual_seed(3)
     a = F.normalize(torch.randn(80, 64), dim=-1)
@@ -180,6 +180,49 @@ def test_the_twin_guard_unlinks_exactly_the_matches_whose_pull_would_make_a_twin
         assert torch.equal(guarded[side], expected)
     assert (guarded[1, :10] == NO_MATCH).all()  # whichever of a's twins b's rows 0-9 match, the other is close
     assert (guarded[:, 20:50] != NO_MATCH).all()  # rows far from any twin keep their matches
+
+
+def dense_greedy(sims, allowed):
+    """The greedy matching, one pair at a time: pairs (allowed [h, h] bools) in descending order of similarity,
+    taken while both rows are free; [2, h] with NO_MATCH for rows it leaves."""
+    h = len(sims)
+    a_to_b, b_to_a = torch.full((h,), NO_MATCH), torch.full((h,), NO_MATCH)
+    flat = torch.where(allowed, sims, -torch.inf).flatten()
+    for index in torch.argsort(flat, descending=True, stable=True).tolist():
+        i, j = divmod(index, h)
+        if flat[index] == -torch.inf:
+            break
+        if a_to_b[i] == NO_MATCH and b_to_a[j] == NO_MATCH:
+            a_to_b[i], b_to_a[j] = j, i
+    return torch.stack([a_to_b, b_to_a])
+
+
+def test_greedy_equals_taking_pairs_one_at_a_time_in_descending_cosine():
+    from mfr_sae.mmcs import GREEDY_CANDIDATES, greedy_matches, top_both_ways
+
+    torch.manual_seed(4)
+    small = F.normalize(torch.randn(2, GREEDY_CANDIDATES - 4, 8), dim=-1)  # fewer rows than candidates: all pairs
+    sims = small[0] @ small[1].T
+    assert torch.equal(match_pair(small[0], small[1], "greedy"), dense_greedy(sims, torch.ones_like(sims).bool()))
+    # more rows than candidates: the same on the pairs that are some row's candidates, whichever side
+    a, b = F.normalize(torch.randn(2, 300, 16), dim=-1)
+    a_top, b_top = top_both_ways(a, b, GREEDY_CANDIDATES, chunk=64)
+    allowed = torch.zeros(300, 300, dtype=torch.bool)
+    allowed[torch.arange(300).unsqueeze(1), a_top.indices] = True
+    allowed[b_top.indices, torch.arange(300).unsqueeze(1)] = True
+    partial = greedy_matches(a_top, b_top)
+    assert torch.equal(partial, dense_greedy(a @ b.T, allowed))
+    left = partial[0] == NO_MATCH
+    assert 0 < left.sum() < 30  # a few rows whose candidates were all taken
+    # match_pair completes it one-to-one: the greedy pairs kept, the rows left over assigned among themselves
+    whole = match_pair(a, b, "greedy", chunk=64)
+    assert torch.equal(whole[0][~left], partial[0][~left])
+    assert torch.equal(torch.sort(whole[0]).values, torch.arange(300)) and torch.equal(
+        whole[1][whole[0]], torch.arange(300)
+    )
+    # a permuted copy: every row takes its own copy in the first round
+    perm = torch.randperm(300)
+    assert torch.equal(match_pair(a, a[perm], "greedy")[0], torch.argsort(perm))
 
 
 def test_mnn_hungarian_keeps_the_mutual_pairs_and_assigns_the_rest_optimally_one_to_one():

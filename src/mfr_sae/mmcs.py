@@ -4,9 +4,11 @@ MMCS(a, b) = (mean_i max_j cos(A_i, B_j) + mean_j max_i cos(A_i, B_j)) / 2 (`max
 a one-to-one Hungarian matching (`hungarian`), of the mutual nearest neighbours (`mnn`: i and j matched
 when each is the other's best; the rest count 0), or of the mutual nearest neighbours completed one-to-one
 by an assignment among the rows left over (`mnn_hungarian`: a whole one-to-one matching at the price of
-`max` and a small assignment); a match whose cosine is below min_cosine (the thresholded
-form) or above max_cosine (the ceiling: agreement, not identity) counts 0 and is not pulled, and so does one
-that would make a twin (`twin_cosine`: the partner already that close to another row of the row's own member).
+`max` and a small assignment), or greedily (`greedy`: matches taken in descending order of cosine among each
+row's GREEDY_CANDIDATES best, the few rows left over assigned: no large assignment at any size); a match
+whose cosine is below min_cosine (the thresholded form) or above max_cosine (the ceiling: agreement, not
+identity) counts 0 and is not pulled, and so does one that would make a twin (`twin_cosine`: the partner
+already that close to another row of the row's own member).
 
 The gradient of a max flows only through its arg-max, so the penalty splits in two:
 1. matching, without autograd and in chunks: for each row of a its partner in b and for each row of b
@@ -50,6 +52,7 @@ def n_member_pairs(n_members: int) -> int:
 # Cosines closer than this (to each other, or to min_cosine) are compared again in float64: fp32 rounding
 # of a d = 768 dot product (~1e-6) then cannot decide a match, whichever way the product was blocked.
 TIE_TOLERANCE = 1e-4
+GREEDY_CANDIDATES = 16  # each row's best partners `greedy` considers: 2-5% of random rows are left for the assignment
 
 
 @torch.no_grad()
@@ -88,7 +91,15 @@ def match_pairs(
     (`metrics.hungarian_matches`)."""
     matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
     tops: list[tuple[Top, Top]] = []  # each pair's two best cosines both ways, where taken
-    if mode != "hungarian":
+    if mode == "greedy":
+        for a, b in pairs:
+            a_top, b_top = top_both_ways(a, b, min(GREEDY_CANDIDATES, len(a), len(b)), chunk)
+            tops.append(
+                (Top(a_top.values[:, :2], a_top.indices[:, :2]), Top(b_top.values[:, :2], b_top.indices[:, :2]))
+            )
+            matched.append((greedy_matches(a_top, b_top), None))
+        matched = [(matches, None) for matches in assign_the_rest(pairs, [m for m, _ in matched])]
+    elif mode != "hungarian":
         for a, b in pairs:
             (a_best, a_to_b, a_top), (b_best, b_to_a, b_top) = best_both_ways(a, b, chunk=chunk)
             tops.append((a_top, b_top))
@@ -140,6 +151,40 @@ def mutual_matches(a_to_b: Tensor, b_to_a: Tensor) -> tuple[Tensor, Tensor]:
     a_kept = b_to_a[a_to_b] == torch.arange(len(a_to_b), device=a_to_b.device)
     b_kept = a_to_b[b_to_a] == torch.arange(len(b_to_a), device=b_to_a.device)
     return a_to_b.masked_fill(~a_kept, NO_MATCH), b_to_a.masked_fill(~b_kept, NO_MATCH)
+
+
+def greedy_matches(a_top: Top, b_top: Top) -> Tensor:
+    """The greedy one-to-one matching [2, h] (NO_MATCH where a row has none) on the candidate pairs: each row of
+    a with its a_top.indices, each row of b with its b_top.indices, at their cosines. Greedy: pairs taken in
+    descending order of cosine, each only if both its rows are still free (equal cosines: the first listed).
+    Done in rounds: every pair that is the best left of both its rows is taken at once (the same matching as
+    one pair at a time; a few rounds, not h), then the pairs of taken rows dropped."""
+    h_a, h_b = len(a_top.indices), len(b_top.indices)
+    device = a_top.indices.device
+    a_rows = torch.arange(h_a, device=device).repeat_interleave(a_top.indices.shape[1])
+    b_rows = torch.arange(h_b, device=device).repeat_interleave(b_top.indices.shape[1])
+    rows = torch.cat([a_rows, b_top.indices.flatten()])
+    cols = torch.cat([a_top.indices.flatten(), b_rows])
+    cosines = torch.cat([a_top.values.flatten(), b_top.values.flatten()]).float()
+    order = torch.arange(len(rows), device=device)  # settles equal cosines: the first listed wins
+    a_to_b = torch.full((h_a,), NO_MATCH, dtype=torch.long, device=device)
+    b_to_a = torch.full((h_b,), NO_MATCH, dtype=torch.long, device=device)
+    while len(rows):
+        best = (_best_of_each(rows, cosines, order, h_a), _best_of_each(cols, cosines, order, h_b))
+        taken = (best[0][rows] == order) & (best[1][cols] == order)
+        a_to_b[rows[taken]], b_to_a[cols[taken]] = cols[taken], rows[taken]
+        free = (a_to_b[rows] == NO_MATCH) & (b_to_a[cols] == NO_MATCH)
+        rows, cols, cosines, order = rows[free], cols[free], cosines[free], order[free]
+    return torch.stack([a_to_b, b_to_a])
+
+
+def _best_of_each(ends: Tensor, cosines: Tensor, order: Tensor, n: int) -> Tensor:
+    """For each of n rows, the `order` of its highest-cosine pair among those whose end is that row (the first
+    listed among equals)."""
+    best = cosines.new_full((n,), -torch.inf).scatter_reduce(0, ends, cosines, "amax")
+    top = cosines == best[ends]
+    first = order.new_full((n,), torch.iinfo(order.dtype).max)
+    return first.scatter_reduce(0, ends[top], order[top], "amin")
 
 
 def assign_the_rest(pairs: Sequence[tuple[Tensor, Tensor]], mutual: list[Tensor]) -> list[Tensor]:

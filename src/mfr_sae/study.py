@@ -52,6 +52,8 @@ IDLE_CAPPED = (
     "mfr.match_every=100",
     "mfr.max_cosine=0.95",
 )
+# and pulled only towards live matches, never into a twin (mfr.twin_guard, mfr.idle_to_live)
+GUARDED = (*IDLE_CAPPED, "mfr.twin_guard=0.9", "mfr.idle_to_live=true")
 CANDIDATES = {
     "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
     "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
@@ -93,11 +95,9 @@ CANDIDATES = {
     # the same where a pull would make a twin in the pulled latent's own member: not pulled (mfr.twin_guard)
     "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (*IDLE_CAPPED, "mfr.twin_guard=0.9"),
     # and two idle latents matched to each other not pulled together (mfr.idle_to_live)
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": (
-        *IDLE_CAPPED,
-        "mfr.twin_guard=0.9",
-        "mfr.idle_to_live=true",
-    ),
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": GUARDED,
+    # the same matched greedily (no large assignment at any size: the cost goal at h = 8,192)
+    "greedy 0.1*auto idle5k every100 cap0.95 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy"),
 }
 # the candidate whose settings are the defaults of mfr.*
 DEFAULT_SETTING = "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live"

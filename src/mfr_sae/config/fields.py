@@ -146,7 +146,9 @@ class MFRConfig:
     neighbours: a latent is matched only to the latent whose own best match it is; one-to-one, partial, from
     the one similarity product per pair that `max` needs), `mnn_hungarian` (those completed one-to-one by an
     assignment among the latents left over: a whole matching, the assignment only as large as the share of
-    latents that are not mutual best matches) or `max` (the paper: mean max cosine, both
+    latents that are not mutual best matches), `greedy` (one-to-one: pairs taken in descending order of cosine
+    among each latent's 16 best partners while both are free, the few latents left over assigned: no large
+    assignment at any size) or `max` (the paper: mean max cosine, both
     directions; it rewards folding many latents onto one direction)."""
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
@@ -224,7 +226,7 @@ PAPER_MFR = [
 ]
 DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
 FIRING_KINDS = ("groups", "independent", "hierarchical")
-MMCS_FORMS = ("hungarian", "mnn_hungarian", "mnn", "max")
+MMCS_FORMS = ("hungarian", "mnn_hungarian", "greedy", "mnn", "max")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")
 
 
