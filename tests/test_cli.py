@@ -1,11 +1,15 @@
+import builtins
+import errno
 import importlib.util
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mfr_sae import cli, extras, load
+from mfr_sae import cli, extras, files, load, run_log
 from mfr_sae.cli import main
 from mfr_sae.run_folder import checkpoint_step
 from mfr_sae.train import Interrupted
@@ -244,3 +248,131 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_ends_as_an_unint
     cut = load(run)
     for name, p in load(tmp_path / "full").named_parameters():
         assert torch.equal(p, getattr(cut, name)), name
+
+
+class _FillingFile:
+    """A file open for writing on a disk that fills up: a write for which `full(text)` holds puts half its text
+    in the file, then fails as the operating system's write does (errno `error`, no file name)."""
+
+    def __init__(self, file, full, error):
+        self.file, self.full, self.error = file, full, error
+
+    def write(self, text):
+        if self.full(text):
+            self.file.write(text[: len(text) // 2])
+            raise OSError(self.error, os.strerror(self.error))
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.fixture
+def filling_disk(monkeypatch):
+    """`filling_disk(module, full, error=ENOSPC)`: the files `module` opens for writing fail as `_FillingFile`s
+    once `full(path, text)` holds."""
+
+    def arm(module, full, error=errno.ENOSPC):
+        def fake_open(path, mode="r", *args, **kwargs):
+            file = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (its caller closes it)
+            if "w" not in mode and "a" not in mode:
+                return file
+            return _FillingFile(file, lambda text: full(Path(path), text), error)
+
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+    return arm
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_and_the_checkpoint_before_it_resumes(
+    tmp_path, easy_overrides, filling_disk, capsys
+):
+    run, disk = tmp_path / "run", {"full": True}
+    sets = _sets(easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=10", "train.log_every=5"])
+    # the disk fills after the checkpoint of step 10: the line of step 15 is cut off
+    filling_disk(run_log, lambda path, text: disk["full"] and json.loads(text)["step"] > 10)
+    assert main(["train", "--out", str(run), "--no-progress", *sets]) == 2
+    assert _one_line(capsys) == (
+        f"mfr-sae: error: could not write {run / 'metrics.jsonl'}: No space left on device (the checkpoint of step "
+        f"10 is intact: free space on that disk (or make it writable), then `mfr-sae train --resume {run}` goes "
+        "on from it)\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.yaml", "metrics.jsonl"]
+    assert checkpoint_step(run / "checkpoint") == 10 and load(run).ks == [3, 3]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()[:2]] == [5, 10]
+    disk["full"] = False  # space freed
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]  # the cut line is gone
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (errno.ENOSPC, "could not write"),
+        (errno.EDQUOT, "could not write"),
+        (errno.EROFS, "could not write"),
+        (errno.EACCES, "could not access"),  # permission is refused to reads too
+    ],
+)
+def test_a_refused_write_of_config_yaml_is_one_line_and_leaves_nothing(
+    tmp_path, easy_overrides, filling_disk, capsys, error, words
+):
+    run = tmp_path / "run"
+    filling_disk(files, lambda path, text: path.name == ".config.yaml.tmp", error)
+    assert main(["train", "--out", str(run), "--no-progress", *_sets(easy_overrides)]) == 2
+    assert _one_line(capsys) == f"mfr-sae: error: {words} {run / 'config.yaml'}: {os.strerror(error)}\n"
+    assert not run.exists()  # the half-written config went, and the folder made for the run with it
+
+
+def test_a_full_disk_while_writing_results_is_one_line_and_resume_writes_them(
+    tmp_path, easy_overrides, filling_disk, capsys
+):
+    run, disk = tmp_path / "run", {"full": True}
+    filling_disk(files, lambda path, text: disk["full"] and path.name == ".results.json.tmp")
+    assert main(["train", "--out", str(run), "--no-progress", *_sets(easy_overrides + ["train.n_samples=2000"])]) == 2
+    assert _one_line(capsys) == (
+        f"mfr-sae: error: could not write {run / 'results.json'}: No space left on device (the checkpoint of step 2 "
+        f"is intact: free space on that disk (or make it writable), then `mfr-sae train --resume {run}` goes on "
+        "from it)\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.yaml", "metrics.jsonl"]  # no .tmp
+    assert checkpoint_step(run / "checkpoint") == 2 and load(run).ks == [3, 3]
+    disk["full"] = False
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert len(json.loads((run / "results.json").read_text())["members"]) == 2
+
+
+def test_an_os_error_that_is_no_refused_write_keeps_its_traceback(tmp_path, easy_overrides, filling_disk):
+    run = tmp_path / "run"
+    filling_disk(files, lambda path, text: path.name == ".results.json.tmp", errno.EIO)
+    with pytest.raises(OSError) as raised:  # a bug (or a failing disk): not a one-line user error
+        main(["train", "--out", str(run), "--no-progress", *_sets(easy_overrides + ["train.n_samples=2000"])])
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(run / "results.json")
+
+
+def test_a_full_disk_before_the_first_checkpoint_removes_the_new_run_and_says_to_start_again(
+    tmp_path, easy_overrides, filling_disk, capsys
+):
+    run = tmp_path / "run"
+    filling_disk(run_log, lambda path, text: True)
+    sets = _sets(easy_overrides + ["train.n_samples=2000", "train.log_every=1"])
+    assert main(["train", "--out", str(run), "--no-progress", *sets]) == 2
+    assert _one_line(capsys) == (
+        f"mfr-sae: error: could not write {run / 'metrics.jsonl'}: No space left on device (no checkpoint yet, and "
+        "this run's files were removed: free space on that disk (or make it writable), then run the same command "
+        "again)\n"
+    )
+    assert not run.exists()  # nothing left to block the retry

@@ -14,6 +14,7 @@ from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.data import DataError
 from mfr_sae.distributed import RankLost, world_from_env
 from mfr_sae.extras import MissingExtra
+from mfr_sae.files import refused_write
 from mfr_sae.report import fmt_num, markdown_table
 from mfr_sae.run_folder import TrainingError
 from mfr_sae.train import Interrupted, resume, train
@@ -188,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         code = commands[args.command](args)
     except USER_ERRORS as err:
         print(f"mfr-sae: error: {err}", file=sys.stderr)
+        code = 2
+    except OSError as err:  # a full disk, a quota, a read-only file system, no permission: the user's to fix
+        line = refused_write(err)
+        if line is None:
+            raise  # any other: a bug, its traceback the report
+        print(f"mfr-sae: error: {line}", file=sys.stderr)
         code = 2
     except Interrupted as err:  # Ctrl-C in training; the message says how to continue from the last checkpoint
         print(f"mfr-sae: {err}", file=sys.stderr)

@@ -5,11 +5,38 @@ Every module that writes a run's files (config, checkpoints, logs, results) writ
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Why a file system refuses a write that the user can fix (no space, a quota, read-only, no permission): one
+# line, not a traceback. Any other OSError is a bug, whose traceback is the report.
+REFUSED_WRITE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+
+
+def refused_write(err: BaseException) -> str | None:
+    """For an OSError of REFUSED_WRITE, the line that names the file and the cause; None for any other error."""
+    if not isinstance(err, OSError) or err.errno not in REFUSED_WRITE:
+        return None
+    verb = "access" if err.errno == errno.EACCES else "write"  # a read can be refused too
+    where = "" if err.filename is None else f" {err.filename}"
+    return f"could not {verb}{where}: {err.strerror or err}"
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside without a file name (a write or flush of an open file) names `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def fsync_file(path: Path) -> None:
@@ -34,14 +61,21 @@ def fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write text beside path, then rename it into place."""
+    """Write text beside path, then rename it into place. A failed write (a full disk...) leaves the old file as
+    it was, removes its temporary copy and names `path` in its error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):  # a partial copy must not keep the space a retry needs
+            tmp.unlink(missing_ok=True)
+        err.filename, err.filename2 = str(path), None  # the file meant, not its temporary sibling
+        raise
     fsync_dir(path.parent)
 
 

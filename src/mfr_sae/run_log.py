@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mfr_sae.config import ConfigError
 from mfr_sae.distributed import Shard
+from mfr_sae.files import naming
 
 ESTIMATE_AFTER_STEPS, ESTIMATE_AFTER_S = 5, 10.0  # when the duration of a run is estimated
 ANNOUNCE_OVER_S = 120.0  # the estimate is printed when the rest of the run takes longer than this
@@ -36,7 +37,7 @@ class RunLog:
     until the next record or checkpoint, so that their metrics are gathered from the ranks in one go."""
 
     def __init__(self, path: Path, shard: Shard, wandb_project: str = "", config: dict[str, Any] | None = None):
-        self.shard = shard
+        self.shard, self.path = shard, path
         self.file = open(path if shard.is_main else os.devnull, "a")  # noqa: SIM115 (open for the run: close())
         self.window_lines: list[dict[str, Any]] = []
         self.wandb_run = None
@@ -61,19 +62,24 @@ class RunLog:
             if record is not None and lines[-1]["step"] == record["step"]:
                 record.update(lines.pop())
         for line in lines + ([record] if record is not None else []):
-            self.file.write(json.dumps(line) + "\n")
+            with naming(self.path):  # a full disk's error names no file
+                self.file.write(json.dumps(line) + "\n")
             if self.wandb_run is not None:
                 numbers = {k: v for k, v in line.items() if isinstance(v, (int, float))}
                 self.wandb_run.log(numbers, step=line["step"])
 
     def flush(self) -> None:
-        self.file.flush()
+        with naming(self.path):
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        try:
+            with naming(self.path):  # writes what is still buffered
+                self.file.close()
+        finally:
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+                self.wandb_run = None
 
 
 class DurationEstimate:

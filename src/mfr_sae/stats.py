@@ -135,6 +135,17 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     return out
 
 
+def set_aside(test: dict[str, Any], identical: str, reason: str | None = None) -> dict[str, Any]:
+    """Keep a test (of paired_test or paired_permutation_test) out of every Holm family when its outcome is
+    known before any data: `reason` (e.g. a value fixed by construction), or `identical` (the words for it)
+    when its arms are identical in every replicate (`identical_arms`: p = 1 says nothing). Its p-values become
+    None, which `holm` leaves out, and `not_tested` says why; any other test is returned as it was."""
+    why = reason or (identical if test.get("identical_arms") else None)
+    if why:
+        test.update({key: None for key in ("p", "t_test_p", "wilcoxon_p") if key in test}, not_tested=why)
+    return test
+
+
 def paired_permutation_test(
     similarity: np.ndarray, n_replicates: int, max_exact: int = 16, n_random: int = 20000, seed: int = 0
 ) -> dict[str, Any]:
@@ -270,6 +281,7 @@ __all__ = [
     "paired_test",
     "signed_rank_exact_p",
     "holm",
+    "set_aside",
     "paired_permutation_test",
     "interchangeable_arms",
     "verdict",

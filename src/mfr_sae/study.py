@@ -38,8 +38,8 @@ from mfr_sae.consensus import consensus_mcc
 from mfr_sae.data import make_source
 from mfr_sae.reproduce import RunTracker, machine
 from mfr_sae.run_report import COLLAPSE_MMCS
-from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, t_half_width
-from mfr_sae.study_report import write_report
+from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, set_aside, t_half_width
+from mfr_sae.study_report import IDENTICAL, write_report
 
 # every MFR candidate: matched anew every 10 steps (unless it says otherwise), no reinitialisation (it never fired
 # on learnable data and fired at every check until its cap on SmolLM2 activations: RESULTS.md)
@@ -355,8 +355,9 @@ def choose(*tunings: dict[str, Any]) -> str | None:
 
 
 def correct_across_datasets(analysed: dict[str, dict[str, Any]]) -> None:
-    """Holm over every held-out MCC test (each setting on each dataset): `p_holm_all` beside each test's p_holm,
-    and `beats_baseline` judged by it."""
+    """Holm over every held-out MCC test (each setting on each dataset; one without a p, such as a setting
+    identical to the baseline, not counted): `p_holm_all` beside each test's p_holm, and `beats_baseline`
+    judged by it."""
     tests = [(name, setting) for name, data in analysed.items() for setting in data["rows"] if setting != BASELINE]
     adjusted = holm([analysed[n]["rows"][s]["tests"]["gt_mcc"]["t_test_p"] for n, s in tests])
     for (name, setting), p in zip(tests, adjusted):
@@ -387,9 +388,10 @@ def describe(values: list[float]) -> dict[str, Any]:
 def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
     """Every setting against the baseline of the same replicates: paired t-tests of the run measures, the
     permutation test of agreement across replicates, Holm's correction within each measure's family (the
-    settings compared), which settings beat the baseline on MCC without losing FVU (`winners`, largest gain
-    first), and the first of them whose twin fraction stays within TWIN_TOLERANCE of the baseline's
-    (`recommended`: fit to be the default)."""
+    settings compared; a test whose arms are identical is said so, `not_tested`, and not counted), which
+    settings beat the baseline on MCC without losing FVU (`winners`, largest gain first), and the first of
+    them whose twin fraction stays within TWIN_TOLERANCE of the baseline's (`recommended`: fit to be the
+    default)."""
     values, names = data["values"], [n for n in data["values"] if n != BASELINE]
     base = values[BASELINE]
     rows: dict[str, dict[str, Any]] = {n: {"measures": {k: describe(v) for k, v in values[n].items()}} for n in values}
@@ -400,10 +402,10 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         else None
     )
     measured = [key for key in (*MEASURES, *RUN_MEASURES, CONSENSUS) if key in base]
-    for name in names:
-        tests = {key: paired_test(values[name][key], base[key]) for key in measured}
+    for name in names:  # a test whose arms are identical has no p: no Holm family counts it (set_aside)
+        tests = {key: set_aside(paired_test(values[name][key], base[key]), IDENTICAL) for key in measured}
         matrix = np.asarray(data["agreement"][name])
-        tests["across_pw_mcc"] = paired_permutation_test(matrix, replicates)
+        tests["across_pw_mcc"] = set_aside(paired_permutation_test(matrix, replicates), IDENTICAL)
         own = matrix[:replicates, :replicates]
         rows[name]["measures"]["across_pw_mcc"] = (
             describe([float(np.nanmean(np.delete(own[r], r))) for r in range(replicates)]) if replicates > 1 else None

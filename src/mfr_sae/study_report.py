@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 FIGURE = "fig_fvu_mcc.png"
+# What a test against the baseline reports, with no p, when the setting's numbers are the baseline's in every
+# replicate (stats.set_aside): p = 1 would say nothing, and it is not counted in any Holm family.
+IDENTICAL = "identical to the baseline"
 CAPTION = (
     "FVU against MCC: top, one point per setting, mean over replicates with 95% CIs, the star the baseline; "
     "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge)."
@@ -82,6 +85,8 @@ def verdict_line(name: str, result: dict[str, Any], twin_tolerance: float) -> st
 
 def _diff(test: dict[str, Any]) -> str:
     """`+0.0123 (95% CI [a, b], Holm p = ...)` for a paired test against the baseline."""
+    if test.get("not_tested"):
+        return str(test["not_tested"])
     if test.get("mean_diff") is None:
         return "no difference measurable"
     return (
@@ -109,9 +114,7 @@ def dataset_table(result: dict[str, Any]) -> str:
                 "1:1 MMCS": fmt_num(m["pairwise_mmcs_hungarian"]["mean"]) if "pairwise_mmcs_hungarian" in m else "-",
                 "consensus MCC": _mean_ci(m["consensus_mcc"]) if "consensus_mcc" in m else "-",
                 "across PW-MCC": "-" if across is None else fmt_num(across["mean"]),
-                "Δacross (perm. p)": "-"
-                if not t
-                else f"{t['across_pw_mcc']['diff']:+.3g} ({fmt_p(t['across_pw_mcc']['p'])})",
+                "Δacross (perm. p)": _across(t.get("across_pw_mcc")),
                 "beats baseline": "-" if not t else ("yes" if row["beats_baseline"] else "no"),
             }
         )
@@ -123,9 +126,28 @@ def _mean_ci(d: dict[str, Any]) -> str:
 
 
 def _delta(test: dict[str, Any] | None) -> str:
+    if test and test.get("not_tested"):
+        return str(test["not_tested"])
     if not test or test.get("mean_diff") is None:
         return "-"
     return f"{test['mean_diff']:+.3g} {interval(test.get('ci95'))}"
+
+
+def _across(test: dict[str, Any] | None) -> str:
+    """The permutation test of agreement across replicates: its difference and p."""
+    if not test:
+        return "-"
+    return test.get("not_tested") or f"{test['diff']:+.3g} ({fmt_p(test['p'])})"
+
+
+def holm_family(data: dict[str, Any]) -> str:
+    """The settings whose MCC tests a table's Holm p corrects, in words: those with a p, and how many are left
+    out as identical to the baseline."""
+    tests = [row["tests"]["gt_mcc"] for row in data["rows"].values() if row.get("tests")]
+    counted = sum(t.get("t_test_p") is not None for t in tests)
+    identical = sum(t.get("not_tested") == IDENTICAL for t in tests)
+    family = f"{counted} candidates" if counted == len(tests) else f"{counted} of the {len(tests)} candidates with a p"
+    return family + (f" ({identical} {IDENTICAL}: no p)" if identical else "")
 
 
 def figure(summary: dict[str, Any], path: Path) -> None:
@@ -278,8 +300,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             "",
             dataset_table(data),
             "",
-            f"Holm p here: over the {len(tried)} candidates ({tr} replicates: the tuning split chooses, it "
-            "proves nothing).",
+            f"Holm p here: over the {holm_family(data)}; {tr} replicates: the tuning split chooses, it proves nothing.",
         ]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
@@ -302,7 +323,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             dataset_table(data),
             "",
             "Means with 95% CIs over replicates; Δ: setting minus baseline, paired; Holm p: the MCC test, over "
-            "every held-out comparison. Δacross: the permutation test's difference of across-replicate PW-MCC, "
+            f"every held-out comparison with a p (`{IDENTICAL}`: the same numbers in every replicate, no test, "
+            "not counted). Δacross: the permutation test's difference of across-replicate PW-MCC, "
             "its p uncorrected (results.json has the Holm-corrected ones).",
         ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.files import write_json
+from mfr_sae.files import refused_write, write_json
 from mfr_sae.firing import LatentFiring
 from mfr_sae.kernels import member_mse
 from mfr_sae.mfr import MutualRegularizer
@@ -223,7 +223,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end; an error that stops this rank is left for the others to name (distributed).
         Ctrl-C raises `Interrupted` (nothing saved since the last checkpoint: `resume` goes on from it); a new
-        run that fails before its first checkpoint removes what it created (a retry is not blocked)."""
+        run that fails before its first checkpoint removes what it created (a retry is not blocked). A write
+        the file system refuses (a full disk...: `refused_write`) is a TrainingError naming the file, the cause
+        and how to go on."""
         try:
             return self._fit()
         except KeyboardInterrupt:
@@ -236,7 +238,20 @@ class Trainer:
                 with contextlib.suppress(OSError):  # the error that stopped the run is the one to see
                     remove_failed_start(self.run_dir, self.created)
                     self.created = []
+            line = refused_write(err)
+            if line is not None:
+                raise TrainingError(f"{line} ({self._after_refused_write()})") from err
             raise
+
+    def _after_refused_write(self) -> str:
+        """What a run stopped by a refused write kept, and how to go on: said after the cleanup of `fit`."""
+        fix = "free space on that disk (or make it writable)"
+        resume = f"`mfr-sae train --resume {self.run_dir}`"
+        if self.saved_step is not None:  # a checkpoint is replaced only whole (save_checkpoint)
+            return f"the checkpoint of step {self.saved_step} is intact: {fix}, then {resume} goes on from it"
+        if (self.run_dir / CONFIG_FILE).is_file():
+            return f"no checkpoint yet: {fix}, then {resume} starts again from step 0"
+        return f"no checkpoint yet, and this run's files were removed: {fix}, then run the same command again"
 
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()

@@ -9,7 +9,7 @@ from typing import Any
 
 from mfr_sae.report import fmt_p, fmt_sig, mean_of, round_sig
 from mfr_sae.reproduce.synthetic_analysis import ACROSS_KEYS, AcrossAgreement
-from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, rank_methods, verdict
+from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, rank_methods, set_aside, verdict
 
 LOWER_IS_BETTER = {"mse", "fvu", "cluster_size", "dead_frac", "silent_frac", "twin_frac"}
 # The measures on which each method is tested against baseline (the Significance section).
@@ -76,10 +76,7 @@ def compare_methods(
     else:
         test = paired_test(values_of(per_method[treated], key), values_of(per_method[control], key))
         test.update(test_name="paired t over seeds", p=test["t_test_p"])
-    reason = by_construction(treated, key) or by_construction(control, key)
-    if reason or test.get("identical_arms"):
-        test.update(p=None, t_test_p=None, wilcoxon_p=None, not_tested=reason or IDENTICAL_ARMS)
-    return test
+    return set_aside(test, IDENTICAL_ARMS, by_construction(treated, key) or by_construction(control, key))
 
 
 def add_holm(tests: list[Test]) -> int:
