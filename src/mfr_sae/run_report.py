@@ -71,12 +71,15 @@ class RunReport:
         """The log line of this step, all members' numbers (gathered from the ranks); logs: `train_step`'s."""
         mse, l0 = self.shard.gather_sum(torch.stack([logs["mse"], logs["l0"]], dim=1)).T
         dead = self.shard.gather(self.firing.dead_mask().float().mean(-1)).tolist()
+        aux = self.shard.gather_sum(logs["aux_loss"]) if "aux_loss" in logs else None
+        aux_part = 0.0 if aux is None else self.cfg.sae.aux_coef * aux.mean().item()
         return {
             "step": step,
             "samples": step * self.cfg.train.batch_size,
-            "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0),
+            "loss": (mse.sum() / self.shard.n_members).item() + logs.get("penalty", 0.0) + aux_part,
             "mse": mse.tolist(),
             "l0": l0.tolist(),
+            **({} if aux is None else {"aux_loss": aux.tolist()}),
             **{k: logs[k] for k in PENALTY_LOGS if k in logs},
             **self.mfr.match_log(),
             "dead_frac": [d if measured else None for d, measured in zip(dead, self._dead_measured())],

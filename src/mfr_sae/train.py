@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae import distributed
+from mfr_sae.auxk import auxk_loss
 from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
@@ -174,6 +175,10 @@ class Trainer:
         n_members = self.shard.n_members
         loss = mse.sum() / n_members  # this rank's part of the mean over all members
         logs: dict[str, Any] = {"mse": mse.detach()}
+        if self.cfg.sae.aux_coef:  # AuxK: dead latents reconstruct what their member leaves over
+            aux = self._auxk(x[rows], target[rows], out.x_hat.detach()) * share
+            loss = loss + self.cfg.sae.aux_coef * aux.sum() / n_members
+            logs["aux_loss"] = aux.detach()
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
             penalty, values = self.mfr.penalty(
                 self.ensemble.decoder_weight,
@@ -205,6 +210,14 @@ class Trainer:
         self.step += 1
         logs["l0"] = (acts > 0).sum(-1).float().mean(-1) * share
         return logs
+
+    def _auxk(self, x: Tensor, target: Tensor, x_hat: Tensor) -> Tensor:
+        """Each of this rank's members' AuxK loss on its slice of the batch [n] (auxk.py)."""
+        sae = self.cfg.sae
+        dead = self.firing.idle_mask(sae.aux_dead_window)
+        if not dead.any():
+            return x.new_zeros(len(self.shard.members))
+        return auxk_loss(self.ensemble, x, target - x_hat.float(), dead, sae.aux_k or self.cfg.data.d // 2)
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:

@@ -91,6 +91,16 @@ class SAEConfig:
     """Learn a decoder bias b_dec, subtracted from the input before encoding (SAELens convention)."""
     shared_init: bool = False
     """Start every member from one shared initialisation (member 0's); reinitialisations stay distinct."""
+    aux_coef: float = 0.0
+    """AuxK (Gao et al. 2024): weight of the auxiliary loss in which dead latents (aux_dead_window) reconstruct
+    what their member leaves over through their own top aux_k activations, so that they learn again (`aux_loss`
+    in the log); 1/32 in the paper; 0: off."""
+    aux_k: int = 0
+    """AuxK: dead latents that take part in each sample's auxiliary reconstruction; 0: data.d // 2 (as SAELens
+    and sparsify)."""
+    aux_dead_window: int = 100_000
+    """AuxK: a latent is dead for it once it has not fired on the last this-many training vectors (SAELens: 1,000
+    steps; sparsify: 10M tokens; eval.dead_window is what the log's dead_frac counts)."""
 
 
 @dataclass

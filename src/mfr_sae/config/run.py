@@ -110,6 +110,9 @@ class RunConfig:
             _check(len(s.k) == s.n_members, f"sae.k has {len(s.k)} values but sae.n_members={s.n_members}")
         for k in self.ks:
             _check(1 <= k <= s.d_sae, f"sae.k={k}: must be between 1 and sae.d_sae={s.d_sae}")
+        _check(s.aux_coef >= 0, f"sae.aux_coef={s.aux_coef}: must be >= 0")
+        _check(0 <= s.aux_k <= s.d_sae, f"sae.aux_k={s.aux_k}: must be between 0 and sae.d_sae={s.d_sae}")
+        _check(s.aux_dead_window >= 1, f"sae.aux_dead_window={s.aux_dead_window}: must be >= 1")
         _check(t.lr > 0, f"train.lr={t.lr}: must be > 0")
         _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
         _check(

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mfr_sae.auxk import auxk_loss
+from mfr_sae.config import ConfigError, load_config
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.train import Trainer
+
+
+def dense_auxk(ensemble, x, residual, dead, k_aux):
+    """The AuxK loss written densely: every latent's pre-activation, the live ones masked out."""
+    losses = []
+    for n in range(ensemble.n_members):
+        inputs = x if ensemble.b_dec is None else x - ensemble.b_dec[n]
+        pre = inputs @ ensemble.W_enc[n].T + ensemble.b_enc[n]
+        pre = pre.masked_fill(~dead[n], -torch.inf)
+        top = pre.topk(min(k_aux, int(dead[n].sum())), dim=1)
+        codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        e_hat = codes @ F.normalize(ensemble.decoder_weight[n], dim=-1)
+        e = residual[n]
+        losses.append((e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
+def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias):
+    torch.manual_seed(0)
+    ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
+    with torch.no_grad():
+        for param in ensemble.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(16, 8, dtype=torch.float64)
+    residual = torch.randn(2, 16, 8, dtype=torch.float64)
+    dead = torch.rand(2, 20) < 0.4
+    values, grads = [], []
+    for loss_of in (auxk_loss, dense_auxk):
+        ensemble.zero_grad()
+        loss = loss_of(ensemble, x, residual, dead, 4)
+        loss.sum().backward()
+        values.append(loss.detach())
+        grads.append({name: p.grad.clone() for name, p in ensemble.named_parameters()})
+    torch.testing.assert_close(values[0], values[1])
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    assert values[0].min() > 0
+    # only the dead latents' rows take its gradient
+    live = ~dead
+    assert torch.equal(grads[0]["W_enc"][live], torch.zeros_like(grads[0]["W_enc"][live]))
+    assert grads[0]["W_enc"][dead].abs().sum() > 0
+
+
+def test_auxk_is_zero_for_a_member_without_dead_latents():
+    ensemble = Ensemble(8, 20, [2, 2])
+    dead = torch.zeros(2, 20, dtype=torch.bool)
+    dead[1, :5] = True
+    loss = auxk_loss(ensemble, torch.randn(4, 8), torch.randn(2, 4, 8), dead, 3)
+    assert loss[0] == 0 and loss[1] > 0
+
+
+def test_a_training_step_with_auxk_logs_it_and_moves_only_dead_latents_by_it(tmp_path, easy_overrides):
+    overrides = easy_overrides + ["train.n_samples=4000", "sae.aux_dead_window=2000", "train.log_every=1"]
+    grads = {}
+    for coef in (0.0, 1 / 32):
+        trainer = Trainer(load_config(None, [*overrides, f"sae.aux_coef={coef}"]), tmp_path / str(coef), progress=False)
+        x = next(trainer.source.batches(1000))
+        logs = trainer.train_step(x)  # nothing has been silent for 2,000 vectors yet
+        assert ("aux_loss" in logs) == (coef > 0) and (coef == 0 or logs["aux_loss"].sum() == 0)
+        trainer.firing.samples_since_fired[:, :10] = 2000  # the first 10 latents of each member: dead
+        logs = trainer.train_step(x)
+        grads[coef] = trainer.ensemble.W_enc.grad.clone()
+    assert (logs["aux_loss"] > 0).all()
+    moved = (grads[1 / 32] - grads[0.0]).abs().sum(-1) > 0
+    assert moved[:, :10].all() and not moved[:, 10:].any()
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / str(1 / 32) / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["aux_loss"] for line in lines if "aux_loss" in line]
+    assert logged and all(len(values) == 2 for values in logged)
+
+
+def test_auxk_settings_are_checked():
+    for bad in ("sae.aux_coef=-1", "sae.aux_k=-1", "sae.aux_dead_window=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
