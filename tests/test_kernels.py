@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mfr_sae.kernels import reference_decode, reference_encode, sparse_decode, topk_encode
+from mfr_sae.kernels import reference_decode, reference_encode, sparse_decode, topk_encode, topk_selector
 
 
 def _inputs(n=3, b=17, d=6, h=11, seed=0):
@@ -25,7 +25,7 @@ def test_fused_encode_decode_matches_dense_reference_values_and_gradients(k):
         grads = torch.autograd.grad(loss, [x, w, bias, dec])
         return out, grads
 
-    out, grads = run(lambda *a: topk_encode(*a, sorted=True), sparse_decode)
+    out, grads = run(lambda x, w, b, k: topk_encode(x, w, b, topk_selector(k, sorted=True)), sparse_decode)
     ref_out, ref_grads = run(reference_encode, reference_decode)
     torch.testing.assert_close(out, ref_out)
     for name, g, r in zip(["x", "W_enc", "b_enc", "W_dec"], grads, ref_grads):

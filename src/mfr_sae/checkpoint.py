@@ -56,21 +56,23 @@ def read_json(path: Path) -> Any:
 
 
 def member_cfg(ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """cfg.json of member i: SAELens TopK fields plus this library's own under `mfr_sae`."""
+    """cfg.json of member i: SAELens's fields of its saved architecture (TopK; JumpReLU for BatchTopK) plus this
+    library's own under `mfr_sae`."""
     return {
-        "architecture": "topk",
+        "architecture": ensemble.architecture.saved_as,
         "d_in": ensemble.d_in,
         "d_sae": ensemble.d_sae,
-        "k": ensemble.ks[i],
+        **ensemble.architecture.saelens_fields(ensemble, i),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": ensemble.b_dec is not None,  # (b_dec is saved as zeros without one)
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
         # SAELens reads the nested metadata only when it names a format version >= 6.0.0.
         "metadata": {"sae_lens_version": SAELENS_FORMAT, **dict(extra or {}).get("metadata", {})},
         "mfr_sae": {
+            "architecture": ensemble.architecture.name,
+            "k": ensemble.ks[i],
             "member": ensemble.member_ids[i],
             "tied": ensemble.tied,
             "decoder_bias": ensemble.b_dec is not None,
@@ -89,6 +91,7 @@ def member_tensors(ensemble: Ensemble, i: int) -> dict[str, Tensor]:
             "b_enc": ensemble.b_enc[i],
             "W_dec": ensemble.decoder()[i],
             "b_dec": b_dec,
+            **ensemble.architecture.saved_tensors(ensemble, i),
         }
         return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
@@ -311,23 +314,27 @@ def load(path: str | Path, device: str | torch.device = "cpu", members: list[int
         ensemble = Ensemble(
             cfgs[0]["d_in"],
             cfgs[0]["d_sae"],
-            [c["k"] for c in cfgs],
+            [o.get("k", c.get("k")) for o, c in zip(own, cfgs)],  # (k at the top only, before architectures)
             tied=own[0]["tied"],
             decoder_bias=own[0]["decoder_bias"],
             seed=own[0]["seed"],
             member_ids=[o["member"] for o in own],
+            architecture=own[0].get("architecture", "topk"),
         )
     except KeyError as err:
         raise CheckpointError(f"{folders[0] / CFG_FILE}: missing key {err}") from None
+    except ValueError as err:  # an architecture this version does not know
+        raise CheckpointError(f"{folders[0] / CFG_FILE}: {err}") from None
     _fill(ensemble, tensors, folders)
-    return ensemble.to(device)
+    return ensemble.to(device).eval()  # members as saved (BatchTopK: JumpReLU); .train() to train them on
 
 
 @torch.no_grad()
 def _fill(ensemble: Ensemble, tensors: list[dict[str, Tensor]], folders: list[Path]) -> None:
     d, h = ensemble.d_in, ensemble.d_sae
-    expected = {"W_enc": (d, h), "b_enc": (h,), "W_dec": (h, d), "b_dec": (d,)}
     for i, (weights, folder) in enumerate(zip(tensors, folders)):
+        expected = {"W_enc": (d, h), "b_enc": (h,), "W_dec": (h, d), "b_dec": (d,)}
+        expected |= {name: tuple(t.shape) for name, t in ensemble.architecture.saved_tensors(ensemble, i).items()}
         for name, shape in expected.items():
             if name not in weights:
                 raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing tensor {name}")
@@ -352,3 +359,4 @@ def _fill(ensemble: Ensemble, tensors: list[dict[str, Tensor]], folders: list[Pa
             ensemble.W_dec[i].copy_(weights["W_dec"])
         if ensemble.b_dec is not None:
             ensemble.b_dec[i].copy_(weights["b_dec"])
+        ensemble.architecture.load_tensors(ensemble, i, weights)

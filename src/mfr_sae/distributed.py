@@ -148,6 +148,12 @@ class Shard:
             _collective(dist.all_reduce, local, dist.ReduceOp.SUM, self.group)
         return local
 
+    def min_replicas(self, local: Tensor) -> Tensor:
+        """Data parallel: the smallest of a value over the member's replicas (in place); the identity without."""
+        if self.group is not None:
+            _collective(dist.all_reduce, local, dist.ReduceOp.MIN, self.group)
+        return local
+
     def gather(self, local: Tensor) -> Tensor:
         """[n_local, ...] on every rank -> [N, ...] on every rank, in member order (of replicated members,
         replica 0's: they hold the same values)."""

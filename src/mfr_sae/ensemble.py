@@ -1,6 +1,7 @@
-"""An ensemble of N TopK SAEs held as stacked tensors (docs/design.md section 2).
+"""An ensemble of N SAEs held as stacked tensors (docs/design.md section 2).
 
-Member n: z = ReLU(TopK_k[n](W_enc[n] (x - b_dec[n]) + b_enc[n])), x_hat = z W_dec[n] + b_dec[n].
+Member n: z = ReLU(TopK_k[n](W_enc[n] (x - b_dec[n]) + b_enc[n])), x_hat = z W_dec[n] + b_dec[n]; other
+architectures (architectures.py: `sae.architecture`) choose the kept latents otherwise.
 W_enc is [N, h, d] with one latent per row. Tied (the paper's default): W_dec = W_enc with unit-norm
 rows, computed in the forward pass. Untied: W_dec is its own parameter, kept at unit-norm rows.
 Members may differ in k. Member n is initialised from (seed, member_ids[n]) alone, so any split of the
@@ -9,13 +10,16 @@ member axis (one slice per process) starts from the same weights as the whole en
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mfr_sae.architectures import architecture_named
 from mfr_sae.kernels import sparse_decode, tied_topk, topk_encode, unit_rows
 from mfr_sae.seeding import INIT_STREAM, seeded_generator
 
@@ -31,7 +35,11 @@ class EnsembleOutput:
 
 
 class Ensemble(nn.Module):
+    """In training mode (nn.Module.train) members keep latents as their architecture trains; in eval mode as they
+    are saved (for TopK the same; BatchTopK: JumpReLU)."""
+
     k_mask: Tensor  # a buffer (registered in __init__): [N, 1, k_max], True up to each member's k
+    threshold: Tensor  # BatchTopK's buffer [N] (architectures may register theirs)
 
     def __init__(
         self,
@@ -44,8 +52,10 @@ class Ensemble(nn.Module):
         member_ids: list[int] | None = None,
         device: str | torch.device | None = None,
         shared_init: bool = False,
+        architecture: str = "topk",
     ):
         super().__init__()
+        self.architecture = architecture_named(architecture)
         n = len(ks)
         self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
         self.shared_init = shared_init
@@ -58,8 +68,25 @@ class Ensemble(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n, d_in, device=device)) if decoder_bias else None
         k_mask = torch.arange(max(ks)) < torch.tensor(ks).view(-1, 1)  # [N, k_max]
         self.register_buffer("k_mask", k_mask.view(n, 1, -1).to(device), persistent=False)
+        for name, value in self.architecture.state(n).items():
+            self.register_buffer(name, value.to(device))
         for i in range(n):
             self.reset_member(i)
+
+    @contextlib.contextmanager
+    def as_saved(self) -> Iterator[Ensemble]:
+        """Inside, members keep latents as they are saved (eval mode: BatchTopK's JumpReLU); the mode after is the
+        one before."""
+        training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(training)
+
+    def architecture_state(self) -> dict[str, Tensor]:
+        """The buffers [N, ...] the architecture keeps beside the weights (BatchTopK: its threshold), by name."""
+        return {name: getattr(self, name) for name in self.architecture.state(1)}
 
     @property
     def n_members(self) -> int:
@@ -85,6 +112,8 @@ class Ensemble(nn.Module):
             self.W_dec[i].copy_(F.normalize(weight, dim=-1))
         if self.b_dec is not None:
             self.b_dec[i].zero_()
+        for name, initial in self.architecture.state(self.n_members).items():
+            getattr(self, name)[i] = initial[i]
 
     @property
     def decoder_weight(self) -> Tensor:
@@ -109,16 +138,11 @@ class Ensemble(nn.Module):
             return self.b_enc
         return self.b_enc - torch.einsum("nhd,nd->nh", self.W_enc, self.b_dec)  # W (x - b_dec) + b_enc
 
-    @property
-    def _uniform_k(self) -> bool:
-        return len(set(self.ks)) == 1
-
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, d] -> (acts [N, B, k_max], idx [N, B, k_max])."""
-        acts, idx = topk_encode(x, self.W_enc, self._encoder_bias(x), self.k_max, sorted=not self._uniform_k)
-        if not self._uniform_k:
-            acts = acts * self.k_mask
-        return acts, idx
+        """x [B, d] -> (acts [N, B, k'], idx [N, B, k']); k' = k_max for TopK."""
+        select, mask = self.architecture.selector(self)
+        acts, idx = topk_encode(x, self.W_enc, self._encoder_bias(x), select)
+        return (acts, idx) if mask is None else (acts * mask, idx)
 
     def decode(self, acts: Tensor, idx: Tensor, decoder: Tensor | None = None) -> Tensor:
         x_hat = sparse_decode(acts, idx, self.decoder() if decoder is None else decoder)
@@ -132,9 +156,7 @@ class Ensemble(nn.Module):
         if self.W_dec is not None:
             acts, idx = self.encode(x)
             return EnsembleOutput(self.decode(acts, idx), acts, idx)
-        x_hat, acts, idx = tied_topk(
-            x, self.W_enc, self._encoder_bias(x), self.k_max, None if self._uniform_k else self.k_mask
-        )
+        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), *self.architecture.selector(self))
         if self.b_dec is not None:
             x_hat = x_hat + self.b_dec.unsqueeze(1)
         return EnsembleOutput(x_hat, acts, idx)
@@ -156,8 +178,11 @@ class Ensemble(nn.Module):
             [self.member_ids[i] for i in members],
             self.W_enc.device,
             self.shared_init,
+            self.architecture.name,
         )
         with torch.no_grad():
             for name, param in part.named_parameters():
                 param.copy_(getattr(self, name)[members])
+            for name, state in part.architecture_state().items():
+                state.copy_(getattr(self, name)[members])
         return part

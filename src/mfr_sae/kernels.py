@@ -36,21 +36,35 @@ def member_offsets(n_members: int, d_sae: int, device: torch.device) -> Tensor:
     return (torch.arange(n_members, device=device) * d_sae).view(-1, 1, 1)
 
 
-def encoder_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
-    """TopK of x W^T + b per member: x [B, d], weight [N, h, d], bias [N, h] -> (values, idx) [N, B, k].
+# Which latents a member keeps, from its pre-activations: pre [B, N, h] (a view) -> (values, latent indices), each
+# [N, B, k'] and contiguous; values before the ReLU, a slot that keeps nothing holding a value <= 0. TopK keeps
+# each sample's k largest (`topk_selector`); other architectures choose otherwise (architectures.py).
+Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def topk_selector(k: int, sorted: bool = False) -> Selector:
+    """Each sample's k largest pre-activations of each member (sorted: in descending order)."""
+
+    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+        values, idx = pre.topk(k, dim=-1, sorted=sorted)
+        return values.transpose(0, 1).contiguous(), idx.transpose(0, 1).contiguous()
+
+    return select
+
+
+def encoder_select(x: Tensor, weight: Tensor, bias: Tensor, select: Selector) -> tuple[Tensor, Tensor]:
+    """The kept latents of x W^T + b per member: x [B, d], weight [N, h, d], bias [N, h] -> (values, idx) [N, B, k'].
     One [B, d] x [d, N h] product for all members (faster on CPU than N batched ones), whose [B, N, h]
-    view TopK reads in place."""
+    view the selection reads in place."""
     n_members, d_sae, d_in = weight.shape
     pre = torch.addmm(bias.reshape(-1), x, weight.reshape(-1, d_in).t())
-    values, idx = pre.view(len(x), n_members, d_sae).topk(k, dim=-1, sorted=sorted)
-    return values.transpose(0, 1).contiguous(), idx.transpose(0, 1).contiguous()
+    return select(pre.view(len(x), n_members, d_sae))
 
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
-        n_members, d_sae, d_in = weight.shape
-        acts, idx = encoder_topk(x, weight, bias, k, sorted)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, select: Selector) -> tuple[Tensor, Tensor]:
+        acts, idx = encoder_select(x, weight, bias, select)
         acts = acts.relu_()
         ctx.save_for_backward(x, weight, acts, idx)
         ctx.mark_non_differentiable(idx)
@@ -59,7 +73,7 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_acts: Tensor, _grad_idx: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         saved: tuple[Tensor, ...] = ctx.saved_tensors
         x, weight, acts, idx = saved
         n_members, d_sae, d_in = weight.shape
@@ -82,20 +96,20 @@ class _TopKEncode(torch.autograd.Function):
                 mode="sum",
             )
             grad_x = grad_x.view(n_members, batch, d_in).sum(0)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None
 
 
 # typed: torch's `apply` is not
-_topk_encode: Callable[[Tensor, Tensor, Tensor, int, bool], tuple[Tensor, Tensor]] = _TopKEncode.apply
+_topk_encode: Callable[[Tensor, Tensor, Tensor, Selector], tuple[Tensor, Tensor]] = _TopKEncode.apply
 
 
-def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
-    """ReLU(TopK(x W^T + b)) for every member at once.
+def topk_encode(x: Tensor, weight: Tensor, bias: Tensor, select: Selector | int) -> tuple[Tensor, Tensor]:
+    """ReLU of the kept pre-activations x W^T + b for every member at once (select: a Selector, or k for TopK).
 
-    x [B, d], weight [N, h, d] (one latent per row), bias [N, h] -> (acts [N, B, k], idx [N, B, k]).
+    x [B, d], weight [N, h, d] (one latent per row), bias [N, h] -> (acts [N, B, k'], idx [N, B, k']).
     """
     x, weight, bias = autocast_to(x, weight, bias)
-    return _topk_encode(x, weight, bias, k, sorted)
+    return _topk_encode(x, weight, bias, topk_selector(select) if isinstance(select, int) else select)
 
 
 class _TiedTopK(torch.autograd.Function):
@@ -108,10 +122,11 @@ class _TiedTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, select: Selector, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_members, d_sae, d_in = weight.shape
-        acts, idx = encoder_topk(x, weight, bias, k, sorted=mask is not None)
+        acts, idx = encoder_select(x, weight, bias, select)
+        k = idx.shape[-1]
         acts = acts.relu_() if mask is None else acts.relu_().mul_(mask)
         flat = weight.reshape(-1, d_in)
         inv_norm = inverse_norms(flat)
@@ -159,7 +174,7 @@ class _TiedTopK(torch.autograd.Function):
 
 
 # typed: torch's `apply` is not
-_tied_topk: Callable[[Tensor, Tensor, Tensor, int, Tensor | None], tuple[Tensor, Tensor, Tensor]] = _TiedTopK.apply
+_tied_topk: Callable[[Tensor, Tensor, Tensor, Selector, Tensor | None], tuple[Tensor, Tensor, Tensor]] = _TiedTopK.apply
 
 
 def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
@@ -198,13 +213,16 @@ def csr_matrix(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int
 
 
 def tied_topk(
-    x: Tensor, weight: Tensor, bias: Tensor, k: int, mask: Tensor | None = None
+    x: Tensor, weight: Tensor, bias: Tensor, select: Selector | int, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A tied ensemble's reconstruction: x_hat = sum of the kept ReLU(TopK(x W^T + b)) times the
-    unit-norm rows of W. mask [N, 1, k] (optional, sorts TopK) zeroes the slots beyond a member's k.
-    -> (x_hat [N, B, d], acts [N, B, k], idx [N, B, k]); acts and idx carry no gradient."""
+    """A tied ensemble's reconstruction: x_hat = sum of the kept ReLU(x W^T + b) (select: a Selector, or k for
+    TopK) times the unit-norm rows of W. mask [N, 1, k'] (optional; for TopK the selection must then be sorted)
+    zeroes the slots beyond a member's k. -> (x_hat [N, B, d], acts [N, B, k'], idx [N, B, k']); acts and idx
+    carry no gradient."""
     x, weight, bias = autocast_to(x, weight, bias)
-    return _tied_topk(x, weight, bias, k, None if mask is None else mask.to(x.dtype))
+    if isinstance(select, int):
+        select = topk_selector(select, sorted=mask is not None)
+    return _tied_topk(x, weight, bias, select, None if mask is None else mask.to(x.dtype))
 
 
 def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:

@@ -53,17 +53,18 @@ class RunReport:
         if not hasattr(self, "_eval_batch"):
             self._eval_batch = split_batch(self.source.eval_vectors(self.cfg.eval.n_samples))
         x, target = self._eval_batch
-        members, firing_prob = evaluate(
-            self.ensemble,
-            x,
-            self.ground_truth,
-            self.firing.dead_mask(),
-            self.cfg.eval.recovered_threshold,
-            self.cfg.eval.batch_size,
-            None if target is x else target,
-            self._dead_measured()[self.shard.start : self.shard.stop],
-        )
-        lm_result = add_loss_recovered(self.cfg, self.ensemble, members, self.device, self.progress) if lm else None
+        with self.ensemble.as_saved() as ensemble:  # what results.json reports: the members as saved
+            members, firing_prob = evaluate(
+                ensemble,
+                x,
+                self.ground_truth,
+                self.firing.dead_mask(),
+                self.cfg.eval.recovered_threshold,
+                self.cfg.eval.batch_size,
+                None if target is x else target,
+                self._dead_measured()[self.shard.start : self.shard.stop],
+            )
+            lm_result = add_loss_recovered(self.cfg, ensemble, members, self.device, self.progress) if lm else None
         self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
         return [m for part in self.shard.gather_objects(members) for m in part], lm_result
 

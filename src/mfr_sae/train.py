@@ -121,6 +121,7 @@ class Trainer:
             member_ids=members,
             device=device,
             shared_init=cfg.sae.shared_init,
+            architecture=cfg.sae.architecture,
         )
 
     # ------------------------------------------------------------------ run folder and resume
@@ -171,6 +172,7 @@ class Trainer:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
             out = self.ensemble(x[rows])
         acts, idx = out.acts, out.idx
+        self.ensemble.architecture.after_step(self.ensemble, acts, self.shard)  # e.g. BatchTopK's threshold
         mse = member_mse(out.x_hat.float(), target[rows]) * share  # this slice's part
         n_members = self.shard.n_members
         loss = mse.sum() / n_members  # this rank's part of the mean over all members

@@ -115,6 +115,8 @@ def restore_training(
     with torch.no_grad():
         for name, param in ensemble.named_parameters():
             param.copy_(getattr(loaded, name))
+        for name, buffer in ensemble.architecture_state().items():
+            buffer.copy_(getattr(loaded, name))
     firing.samples_since_fired.copy_(state.pop("samples_since_fired"))
     mfr.load_state({k: v.to(device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
     state = {k: v for k, v in state.items() if not k.startswith("mfr.")}

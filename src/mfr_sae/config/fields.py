@@ -79,8 +79,11 @@ class DataConfig:
 
 @dataclass
 class SAEConfig:
+    architecture: str = "topk"
+    """`topk` (each sample keeps its k largest latents; the paper) or `batchtopk` (a batch of B keeps its k x B
+    largest: k per sample on average; saved as SAELens's JumpReLU with the threshold estimated in training)."""
     n_members: int = 2
-    """Number of TopK SAEs trained together (the ensemble)."""
+    """Number of SAEs trained together (the ensemble)."""
     d_sae: int = 512
     """Hidden size h of every member."""
     k: int | list[int] = 36

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mfr_sae.architectures import ARCHITECTURES
 from mfr_sae.config.fields import (
     DATA_KINDS,
     EEG_NOISE_KINDS,
@@ -110,6 +111,10 @@ class RunConfig:
             _check(len(s.k) == s.n_members, f"sae.k has {len(s.k)} values but sae.n_members={s.n_members}")
         for k in self.ks:
             _check(1 <= k <= s.d_sae, f"sae.k={k}: must be between 1 and sae.d_sae={s.d_sae}")
+        _check(
+            s.architecture in ARCHITECTURES,
+            f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
+        )
         _check(s.aux_coef >= 0, f"sae.aux_coef={s.aux_coef}: must be >= 0")
         _check(0 <= s.aux_k <= s.d_sae, f"sae.aux_k={s.aux_k}: must be between 0 and sae.d_sae={s.d_sae}")
         _check(s.aux_dead_window >= 1, f"sae.aux_dead_window={s.aux_dead_window}: must be >= 1")
