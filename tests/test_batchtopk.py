@@ -102,11 +102,12 @@ def test_the_threshold_follows_the_smallest_kept_activation_and_the_saved_member
     torch.testing.assert_close(loaded(x).x_hat, saved.x_hat)
 
 
-def test_saelens_loads_a_batchtopk_member_as_jumprelu_and_agrees(tmp_path):
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_saelens_loads_a_batchtopk_member_as_jumprelu_and_agrees(tmp_path, architecture):
     import sae_lens  # the test extra pins it (.ci/run)
 
     torch.manual_seed(4)
-    ens = Ensemble(6, 16, [2, 3], tied=False, decoder_bias=True, architecture="batchtopk")
+    ens = Ensemble(6, 16, [2, 3], tied=False, decoder_bias=True, architecture=architecture)
     with torch.no_grad():
         ens.b_dec.normal_()
         ens.b_enc.normal_(0, 0.1)
@@ -119,9 +120,12 @@ def test_saelens_loads_a_batchtopk_member_as_jumprelu_and_agrees(tmp_path):
         torch.testing.assert_close(sae(x), ens(x).x_hat[1], atol=1e-5, rtol=1e-5)
 
 
-def test_a_batchtopk_run_with_mfr_resumes_to_the_same_weights_and_reports_its_saved_form(tmp_path, easy_overrides):
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_a_batchtopk_run_with_mfr_resumes_to_the_same_weights_and_reports_its_saved_form(
+    tmp_path, easy_overrides, architecture
+):
     overrides = easy_overrides + [
-        "sae.architecture=batchtopk",
+        f"sae.architecture={architecture}",
         "mfr.enabled=true",
         "train.n_samples=40000",
         "train.checkpoint_every=15",

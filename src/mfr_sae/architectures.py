@@ -7,6 +7,7 @@ trainer and checkpoints ask it by name. `topk` is here; batchtopk.py holds Batch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
@@ -26,10 +27,11 @@ def register(cls: type[Architecture]) -> type[Architecture]:
     return cls
 
 
-def architecture_named(name: str) -> Architecture:
+def architecture_named(name: str, d_sae: int, widths: Sequence[int] = ()) -> Architecture:
+    """The architecture `name` for members of d_sae latents (widths: Matryoshka's prefixes)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"sae.architecture={name!r}: must be one of {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[name]()
+    return ARCHITECTURES[name](d_sae, widths)
 
 
 class Architecture:
@@ -37,6 +39,17 @@ class Architecture:
 
     name: ClassVar[str]
     saved_as: ClassVar[str]  # SAELens's architecture of the saved (inference) form
+
+    def __init__(self, d_sae: int, widths: Sequence[int] = ()):
+        """widths: Matryoshka's prefixes (matryoshka.py); the others take none."""
+
+    def options(self) -> dict[str, object]:
+        """What rebuilds it beside its name (saved under `mfr_sae` in cfg.json; `architecture_named`'s keywords)."""
+        return {}
+
+    def prefix_ends(self, ensemble: Ensemble) -> Tensor | None:
+        """Matryoshka: the end of each nested prefix of latents [G], each reconstructing on its own in training."""
+        return None
 
     def state(self, n_members: int) -> dict[str, Tensor]:
         """Buffers [N, ...] the ensemble keeps for it (saved and loaded with the members' weights)."""
@@ -78,4 +91,4 @@ class TopK(Architecture):
         return {"k": ensemble.ks[i], "rescale_acts_by_decoder_norm": False}
 
 
-from mfr_sae import batchtopk  # noqa: E402, F401  (registers itself)
+from mfr_sae import batchtopk, matryoshka  # noqa: E402, F401  (each registers itself)

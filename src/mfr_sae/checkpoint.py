@@ -72,6 +72,7 @@ def member_cfg(ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) 
         "metadata": {"sae_lens_version": SAELENS_FORMAT, **dict(extra or {}).get("metadata", {})},
         "mfr_sae": {
             "architecture": ensemble.architecture.name,
+            **ensemble.architecture.options(),
             "k": ensemble.ks[i],
             "member": ensemble.member_ids[i],
             "tied": ensemble.tied,
@@ -320,6 +321,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", members: list[int
             seed=own[0]["seed"],
             member_ids=[o["member"] for o in own],
             architecture=own[0].get("architecture", "topk"),
+            matryoshka_widths=own[0].get("matryoshka_widths", ()),
         )
     except KeyError as err:
         raise CheckpointError(f"{folders[0] / CFG_FILE}: missing key {err}") from None

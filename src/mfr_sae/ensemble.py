@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,8 @@ class EnsembleOutput:
     """Kept activations [N, B, k_max] (zero past a member's own k, and where ReLU clamps)."""
     idx: Tensor
     """Latent index of each kept activation [N, B, k_max]."""
+    prefixes: Tensor | None = None
+    """Matryoshka in training: the reconstruction of each nested prefix [G, N, B, d] (the last is x_hat)."""
 
 
 class Ensemble(nn.Module):
@@ -53,9 +55,11 @@ class Ensemble(nn.Module):
         device: str | torch.device | None = None,
         shared_init: bool = False,
         architecture: str = "topk",
+        matryoshka_widths: Sequence[int] = (),
     ):
         super().__init__()
-        self.architecture = architecture_named(architecture)
+        self.architecture = architecture_named(architecture, d_sae, matryoshka_widths)
+        self.matryoshka_widths = list(matryoshka_widths)
         n = len(ks)
         self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
         self.shared_init = shared_init
@@ -150,16 +154,29 @@ class Ensemble(nn.Module):
             x_hat = x_hat + self.b_dec.unsqueeze(1)
         return x_hat
 
+    def _decode_prefixes(self, acts: Tensor, idx: Tensor, ends: Tensor) -> Tensor:
+        """The reconstruction of each nested prefix of latents [0, end) [G, N, B, d]."""
+        decoder = self.decoder()
+        groups = torch.bucketize(idx, ends, right=True)
+        parts = torch.stack([sparse_decode(acts * (groups == g), idx, decoder) for g in range(len(ends))])
+        prefixes = parts.cumsum(0)
+        return prefixes if self.b_dec is None else prefixes + self.b_dec.unsqueeze(1)
+
     def forward(self, x: Tensor) -> EnsembleOutput:
         """Every member's reconstruction of x [B, d]; tied ensembles take the fused kernel (one weight
         gradient for encoder and decoder), untied ones encode then decode."""
+        ends = self.architecture.prefix_ends(self)
         if self.W_dec is not None:
             acts, idx = self.encode(x)
+            if ends is not None:
+                prefixes = self._decode_prefixes(acts, idx, ends)
+                return EnsembleOutput(prefixes[-1], acts, idx, prefixes)
             return EnsembleOutput(self.decode(acts, idx), acts, idx)
-        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), *self.architecture.selector(self))
+        select, mask = self.architecture.selector(self)
+        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), select, mask, ends)
         if self.b_dec is not None:
             x_hat = x_hat + self.b_dec.unsqueeze(1)
-        return EnsembleOutput(x_hat, acts, idx)
+        return EnsembleOutput(x_hat, acts, idx) if ends is None else EnsembleOutput(x_hat[-1], acts, idx, x_hat)
 
     def dense_codes(self, x: Tensor) -> Tensor:
         """Latent activations as a dense [N, B, h] tensor (for analysis, not training)."""
@@ -179,6 +196,7 @@ class Ensemble(nn.Module):
             self.W_enc.device,
             self.shared_init,
             self.architecture.name,
+            self.matryoshka_widths,
         )
         with torch.no_grad():
             for name, param in part.named_parameters():

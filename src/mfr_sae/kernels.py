@@ -118,11 +118,15 @@ class _TiedTopK(torch.autograd.Function):
 
         dL/dw_r = sum_b g_pre[b, r] x_b + sum_b a[b, r] / n_r g_b - w_r / n_r^2 sum_b a[b, r] / n_r (g_b . w_r),
 
-    (n_r = ||w_r||, g_b = dL/dx_hat_b), with no dense normalised copy of the weights in either pass."""
+    (n_r = ||w_r||, g_b = dL/dx_hat_b), with no dense normalised copy of the weights in either pass.
+
+    With prefix_ends [G] (Matryoshka: latents [0, end_g) are prefix g) it returns the reconstruction of each
+    prefix, [G, N, B, d]: a kept latent of group g (end_{g-1} <= index < end_g) is in prefixes g..G-1, so in the
+    backward pass its output gradient is theirs summed (each kept latent reads its own row of those sums)."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, select: Selector, mask: Tensor | None
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, select: Selector, mask: Tensor | None, ends: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_members, d_sae, d_in = weight.shape
         acts, idx = encoder_select(x, weight, bias, select)
@@ -132,22 +136,37 @@ class _TiedTopK(torch.autograd.Function):
         inv_norm = inverse_norms(flat)
         rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1, k)
         scaled = acts.reshape(-1, k) * inv_norm[rows]  # a / n: the weight of each gathered raw row
-        x_hat = F.embedding_bag(rows, flat, per_sample_weights=scaled, mode="sum")
+        if ends is None:
+            ctx.groups = None
+            x_hat = F.embedding_bag(rows, flat, per_sample_weights=scaled, mode="sum").view(n_members, -1, d_in)
+        else:
+            ctx.groups = torch.bucketize(idx, ends, right=True).reshape(-1, k)
+            parts = [
+                F.embedding_bag(rows, flat, per_sample_weights=scaled * (ctx.groups == g), mode="sum")
+                for g in range(len(ends))
+            ]
+            x_hat = torch.stack(parts).cumsum(0).view(len(ends), n_members, -1, d_in)
         ctx.save_for_backward(x, weight, acts, rows, inv_norm, scaled)
         ctx.mark_non_differentiable(acts, idx)
-        return x_hat.view(n_members, -1, d_in), acts, idx
+        return x_hat, acts, idx
 
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor, _grad_acts: Tensor | None, _grad_idx: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         saved: tuple[Tensor, ...] = ctx.saved_tensors
         x, weight, acts, rows, inv_norm, scaled = saved
         n_members, d_sae, d_in = weight.shape
         batch, k = x.shape[0], rows.shape[-1]
         flat = weight.reshape(-1, d_in).detach()
-        grad_rows = grad_out.reshape(-1, d_in)
-        dot = bag_dots(grad_rows, flat, rows)  # g_b . w_r for every kept pair
+        # each kept pair's output row: its sample's (one reconstruction), or its group's sum over prefixes
+        outputs = torch.arange(n_members * batch, device=x.device).repeat_interleave(k)
+        if ctx.groups is None:
+            grad_rows = grad_out.reshape(-1, d_in)
+        else:
+            grad_rows = grad_out.flip(0).cumsum(0).flip(0).reshape(-1, d_in)
+            outputs = outputs + ctx.groups.reshape(-1) * (n_members * batch)
+        dot = bag_dots(grad_rows, flat, rows, outputs)  # g_b . w_r for every kept pair
         grad_pre = (dot * inv_norm[rows]) * (acts.reshape(-1, k) > 0)
         row_ids = rows.reshape(-1)
         grad_x = grad_weight = grad_bias = None
@@ -156,11 +175,10 @@ class _TiedTopK(torch.autograd.Function):
             # the correction -w_r sum a/n (g . w_r) / n^2 first, then both sparse terms added onto it
             correction = flat * (along * inv_norm.square()).neg_().unsqueeze(1)
             samples = torch.arange(batch, device=x.device).repeat(n_members).repeat_interleave(k)
-            outputs = torch.arange(n_members * batch, device=x.device).repeat_interleave(k) + batch
             grad_weight = add_sparse_product(
                 correction,
                 row_ids.repeat(2),
-                torch.cat([samples, outputs]),
+                torch.cat([samples, outputs + batch]),
                 torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]),
                 torch.cat([x, grad_rows]),
             ).view_as(weight)
@@ -170,21 +188,25 @@ class _TiedTopK(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(rows, flat, per_sample_weights=grad_pre, mode="sum")
             grad_x = grad_x.view(n_members, batch, d_in).sum(0)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 # typed: torch's `apply` is not
-_tied_topk: Callable[[Tensor, Tensor, Tensor, Selector, Tensor | None], tuple[Tensor, Tensor, Tensor]] = _TiedTopK.apply
+_tied_topk: Callable[
+    [Tensor, Tensor, Tensor, Selector, Tensor | None, Tensor | None], tuple[Tensor, Tensor, Tensor]
+] = _TiedTopK.apply
 
 
-def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
-    """grad[b] . weight[rows[b, j]] for every bag b and slot j -> [bags, k]: the gradient of a sum-mode
-    embedding_bag with respect to its per-sample weights, without running the bag's forward again."""
+def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor, outputs: Tensor | None = None) -> Tensor:
+    """grad[b] . weight[rows[b, j]] for every bag b and slot j -> [bags, k] (outputs [bags * k]: the row of grad
+    each slot reads instead of its bag's): the gradient of a sum-mode embedding_bag with respect to its
+    per-sample weights, without running the bag's forward again."""
     bags, k = rows.shape
     offsets = torch.arange(0, bags * k, k, device=rows.device)
-    offset2bag = torch.arange(bags, device=rows.device).repeat_interleave(k)
+    if outputs is None:
+        outputs = torch.arange(bags, device=rows.device).repeat_interleave(k)
     dots: Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad, weight, rows.reshape(-1), offsets, offset2bag, 0, -1
+        grad, weight, rows.reshape(-1), offsets, outputs, 0, -1
     )
     return dots.view(bags, k)
 
@@ -213,16 +235,21 @@ def csr_matrix(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int
 
 
 def tied_topk(
-    x: Tensor, weight: Tensor, bias: Tensor, select: Selector | int, mask: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    select: Selector | int,
+    mask: Tensor | None = None,
+    prefix_ends: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A tied ensemble's reconstruction: x_hat = sum of the kept ReLU(x W^T + b) (select: a Selector, or k for
     TopK) times the unit-norm rows of W. mask [N, 1, k'] (optional; for TopK the selection must then be sorted)
     zeroes the slots beyond a member's k. -> (x_hat [N, B, d], acts [N, B, k'], idx [N, B, k']); acts and idx
-    carry no gradient."""
+    carry no gradient. prefix_ends [G] (Matryoshka): x_hat [G, N, B, d], the reconstruction of each prefix."""
     x, weight, bias = autocast_to(x, weight, bias)
     if isinstance(select, int):
         select = topk_selector(select, sorted=mask is not None)
-    return _tied_topk(x, weight, bias, select, None if mask is None else mask.to(x.dtype))
+    return _tied_topk(x, weight, bias, select, None if mask is None else mask.to(x.dtype), prefix_ends)
 
 
 def sparse_decode(acts: Tensor, idx: Tensor, decoder: Tensor) -> Tensor:

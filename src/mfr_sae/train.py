@@ -122,6 +122,7 @@ class Trainer:
             device=device,
             shared_init=cfg.sae.shared_init,
             architecture=cfg.sae.architecture,
+            matryoshka_widths=cfg.sae.matryoshka_widths,
         )
 
     # ------------------------------------------------------------------ run folder and resume
@@ -173,9 +174,13 @@ class Trainer:
             out = self.ensemble(x[rows])
         acts, idx = out.acts, out.idx
         self.ensemble.architecture.after_step(self.ensemble, acts, self.shard)  # e.g. BatchTopK's threshold
-        mse = member_mse(out.x_hat.float(), target[rows]) * share  # this slice's part
         n_members = self.shard.n_members
-        loss = mse.sum() / n_members  # this rank's part of the mean over all members
+        if out.prefixes is None:
+            mse = fit = member_mse(out.x_hat.float(), target[rows]) * share  # this slice's part
+        else:  # Matryoshka: the mean over prefixes of their MSE; the last is the whole reconstruction's
+            errors = torch.stack([member_mse(prefix.float(), target[rows]) for prefix in out.prefixes]) * share
+            mse, fit = errors[-1], errors.mean(0)
+        loss = fit.sum() / n_members  # this rank's part of the mean over all members
         logs: dict[str, Any] = {"mse": mse.detach()}
         if self.cfg.sae.aux_coef:  # AuxK: dead latents reconstruct what their member leaves over
             aux = self._auxk(x[rows], target[rows], out.x_hat.detach()) * share

@@ -4,7 +4,7 @@ setting (docs/design.md sections 1-4). RunConfig, the sections together and thei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -80,8 +80,11 @@ class DataConfig:
 @dataclass
 class SAEConfig:
     architecture: str = "topk"
-    """`topk` (each sample keeps its k largest latents; the paper) or `batchtopk` (a batch of B keeps its k x B
-    largest: k per sample on average; saved as SAELens's JumpReLU with the threshold estimated in training)."""
+    """`topk` (each sample keeps its k largest latents; the paper), `batchtopk` (a batch of B keeps its k x B
+    largest: k per sample on average; saved as SAELens's JumpReLU with the threshold estimated in training) or
+    `matryoshka` (BatchTopK whose nested prefixes of latents, matryoshka_widths, each reconstruct on their own)."""
+    matryoshka_widths: list[int] = field(default_factory=list)
+    """matryoshka: the prefixes' widths, increasing, d_sae last (added if missing); empty: d_sae/16, d_sae/4, d_sae."""
     n_members: int = 2
     """Number of SAEs trained together (the ensemble)."""
     d_sae: int = 512

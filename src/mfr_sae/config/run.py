@@ -21,6 +21,7 @@ from mfr_sae.config.fields import (
     TrainConfig,
     beta_parts,
 )
+from mfr_sae.matryoshka import prefix_widths
 
 
 @dataclass
@@ -115,6 +116,11 @@ class RunConfig:
             s.architecture in ARCHITECTURES,
             f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
         )
+        if s.architecture == "matryoshka":
+            try:
+                prefix_widths(s.d_sae, s.matryoshka_widths)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         _check(s.aux_coef >= 0, f"sae.aux_coef={s.aux_coef}: must be >= 0")
         _check(0 <= s.aux_k <= s.d_sae, f"sae.aux_k={s.aux_k}: must be between 0 and sae.d_sae={s.d_sae}")
         _check(s.aux_dead_window >= 1, f"sae.aux_dead_window={s.aux_dead_window}: must be >= 1")

@@ -1,0 +1,45 @@
+"""Matryoshka BatchTopK (Bussmann et al. 2025; Nabeshima 2024): BatchTopK whose latents are nested prefixes
+([0, w_1), [0, w_2), ..., [0, h)); in training each prefix reconstructs the input from its own latents alone and
+the loss is the mean over prefixes of their MSE (SAELens sums them; the mean keeps the loss, and beta=auto, on
+the scale of one reconstruction), so that the first latents learn the most general features. Saved as BatchTopK
+is: a JumpReLU SAE (the widths only under `mfr_sae` in cfg.json)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from mfr_sae.architectures import register
+from mfr_sae.batchtopk import BatchTopK
+
+if TYPE_CHECKING:
+    from mfr_sae.ensemble import Ensemble
+
+
+def prefix_widths(d_sae: int, widths: Sequence[int]) -> list[int]:
+    """The prefixes' widths: as given, with d_sae last (added if missing); none given: h/16, h/4, h."""
+    chosen = list(widths) or [d_sae // 16, d_sae // 4]
+    chosen = [w for w in chosen if w != d_sae] + [d_sae]
+    if any(w <= 0 for w in chosen) or any(a >= b for a, b in zip(chosen, chosen[1:])):
+        raise ValueError(f"sae.matryoshka_widths={list(widths)}: must increase strictly within 1..{d_sae}")
+    return chosen
+
+
+@register
+class Matryoshka(BatchTopK):
+    name = "matryoshka"
+
+    def __init__(self, d_sae: int, widths: Sequence[int] = ()):
+        super().__init__(d_sae, widths)
+        self.widths = prefix_widths(d_sae, widths)
+
+    def prefix_ends(self, ensemble: Ensemble) -> Tensor | None:
+        if not ensemble.training:  # as saved: one reconstruction
+            return None
+        return torch.tensor(self.widths, device=ensemble.W_enc.device)
+
+    def options(self) -> dict[str, object]:
+        return {"matryoshka_widths": self.widths}
