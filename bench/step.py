@@ -7,13 +7,15 @@ At d=768, h=3072, batch 500, k=12, N=5 (fp32; CPU here, CUDA where present) this
   `match_every` 1 (exact, certified: from a fresh initialisation on one batch, where most bounds fail;
   bench/certified.py measures it in training) and 50, and the one-to-one forms re-matched every 10 steps:
   `hungarian` (an assignment), `mnn` (mutual nearest neighbours) and `mnn_hungarian` (those, the rest
-  assigned), each with the defaults' other settings; and the defaults of mfr.* themselves (`mnn_hungarian`
-  matched anew every 100 steps, only idle latents pulled), over 100 steps: one re-matching (of rows that are
-  still a fresh initialisation's, the costliest kind), then the steps between re-matchings alone;
+  assigned), each with the defaults' other settings; and the defaults of mfr.* themselves (`--mfr` adds
+  settings on top) against the baseline as a training pays them: both timed on fresh batches after
+  match_every + 1 untimed steps of training, over match_every steps (one re-matching, of trained rows), then
+  over 10 steps between re-matchings;
 - the same baseline step written with plain autograd (dense TopK gradient, dense decoder), the
   reference implementation the fused step replaces.
 
     python bench/step.py [--steps 10] [--device cpu] [--h 8192] [--rows hungarian,mnn,mnn_hungarian]
+        [--mfr mfr.mmcs=greedy]
 
 --h sets h (and the true features) for another size; --rows leaves out the slow rows (exact: m=1 and m=50;
 reference: the plain-autograd step).
@@ -35,7 +37,15 @@ from mfr_sae.train import Trainer
 
 D, BATCH, K, N = 768, 500, 12, 5
 # the MFR rows; the baseline and the floor are always timed
-ROWS = ("reference", "exact", "hungarian", "mnn", "mnn_hungarian", "defaults")
+ROWS = ("reference", "exact", "hungarian", "mnn", "mnn_hungarian", "defaults", "architectures")
+# each architecture's step against TopK's (issue 27's goals: AuxK and BatchTopK within 1.15x, Matryoshka 1.3x)
+ARCHITECTURES = {
+    "topk": [],
+    "topk + AuxK": ["sae.aux_coef=0.03125"],
+    "batchtopk": ["sae.architecture=batchtopk"],
+    "matryoshka": ["sae.architecture=matryoshka"],
+}
+ARCHITECTURE_GOALS = {"topk + AuxK": 1.15, "batchtopk": 1.15, "matryoshka": 1.3}
 
 
 def trainer(device: str, extra: list[str], H: int) -> Trainer:
@@ -57,12 +67,55 @@ def trainer(device: str, extra: list[str], H: int) -> Trainer:
     return Trainer(load_config(None, overrides + extra), tempfile.mkdtemp() + "/run", progress=False)
 
 
+def in_training(device: str, H: int, mfr: list[str]) -> list[tuple[str, float]]:
+    """Rows (name, seconds per step) of the baseline, MFR (the defaults, with `mfr` on top), the baseline and MFR
+    again, as a training pays them. Each trains match_every + 1 steps on fresh batches untimed (the first
+    re-matching, of a fresh initialisation's rows, among them), is timed over the next match_every steps (one
+    re-matching, of trained rows, as in every later stretch of a training), then over 10 steps between
+    re-matchings."""
+    baseline = trainer(device, [], H)
+    defaults = trainer(device, ["mfr.enabled=true", *mfr], H)
+    every = defaults.cfg.mfr.match_every
+    seconds = {}
+    for name, run in (("baseline", baseline), ("MFR", defaults)):
+        batches = (x.to(device) for x in run.source.batches(BATCH))
+        for _ in range(every + 1):
+            run.train_step(next(batches))
+        seconds[name] = timed(lambda: run.train_step(next(batches)), every, torch.device(device), warmup=0)
+        seconds[name + " between"] = timed(lambda: run.train_step(next(batches)), 10, torch.device(device), warmup=0)
+    label = "the defaults" + (" with " + " ".join(mfr) if mfr else "")
+    return [
+        (f"baseline step in training, {every} steps", seconds["baseline"]),
+        (f"MFR step, {label}, in training, {every} steps (one re-matching)", seconds["MFR"]),
+        ("baseline step in training, 10 steps", seconds["baseline between"]),
+        (f"MFR step, {label}, between re-matchings", seconds["MFR between"]),
+    ]
+
+
+def architectures_in_training(device: str, H: int, warm: int = 201, steps: int = 50) -> list[tuple[str, float]]:
+    """Rows (name, seconds per step) of each architecture, MFR off, timed over `steps` steps on fresh batches after
+    `warm` untimed ones (past AuxK's sae.aux_dead_window of 100,000 vectors, so that its dead latents take part)."""
+    rows = []
+    for name, overrides in ARCHITECTURES.items():
+        run = trainer(device, overrides, H)
+        batches = (x.to(device) for x in run.source.batches(BATCH))
+        for _ in range(warm):
+            run.train_step(next(batches))
+        dead = run.firing.idle_mask(run.cfg.sae.aux_dead_window).float().mean().item()
+        seconds = timed(lambda: run.train_step(next(batches)), steps, torch.device(device), warmup=0)
+        rows.append((f"architecture {name} (dead for AuxK {dead:.1%})", seconds))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--h", type=int, default=3072, help="latents per member (3,072: the GPT-2 shape)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"MFR rows to time, of {', '.join(ROWS)}")
+    parser.add_argument(
+        "--mfr", nargs="*", default=[], help="settings on top of the defaults' row, e.g. mfr.mmcs=greedy"
+    )
     args = parser.parse_args()
     H, rows_wanted = args.h, set(args.rows.split(","))
     device = torch.device(args.device)
@@ -105,15 +158,14 @@ def main() -> None:
             one_to_one = trainer(args.device, ["mfr.enabled=true", f"mfr.mmcs={form}", "mfr.match_every=10"], H)
             seconds = timed(lambda: one_to_one.train_step(x), max(args.steps, 10), device)
             rows.append((f"MFR step, {form}, match_every=10", seconds))
-    if "defaults" in rows_wanted:  # one re-matching in the timed steps (the first is in the warm-up)
-        defaults = trainer(args.device, ["mfr.enabled=true"], H)
-        every = defaults.cfg.mfr.match_every
-        seconds = timed(lambda: defaults.train_step(x), every, device)
-        rows.append((f"MFR step, the defaults, match_every={every}", seconds))
-        # the steps after it, up to the next: what a step costs between re-matchings (this one's rows are a fresh
-        # initialisation's, few of them mutual best matches: its assignment is nearly all rows, as in no later one)
-        between = timed(lambda: defaults.train_step(x), min(args.steps, every - 3), device, warmup=0)
-        rows.append(("MFR step, the defaults, between re-matchings", between))
+    baseline_of: dict[str, str] = {}  # an MFR row's baseline, where not the fixed batch's
+    if "defaults" in rows_wanted:
+        trained = in_training(args.device, H, args.mfr)
+        rows += trained
+        # each MFR row against the baseline timed on the same stretch of its own training
+        baseline_of = {trained[1][0]: trained[0][0], trained[3][0]: trained[2][0]}
+    if "architectures" in rows_wanted:
+        rows += architectures_in_training(args.device, H)
     print(f"{'':44s} {'ms/step':>9s} {'tokens/s':>10s} {'x floor':>8s}")
     for name, seconds in rows:
         print(f"{name:44s} {1000 * seconds:9.1f} {BATCH / seconds:10.0f} {seconds / floor:8.2f}")
@@ -125,9 +177,18 @@ def main() -> None:
         f"(goal <= 2)" + (f"; reference / mfr-sae: {reference / baseline:.2f}x" if reference else "")
     )
     for name, seconds in rows[first_mfr:]:
+        if name.startswith("architecture "):
+            topk = next(t for row, t in rows if row.startswith("architecture topk ("))
+            kind = name.removeprefix("architecture ").split(" (")[0]
+            goal = f" (goal <= {ARCHITECTURE_GOALS[kind]})" if kind in ARCHITECTURE_GOALS else ""
+            print(f"{name} / TopK's: {seconds / topk:.2f}{goal}")
+            continue
+        if name.startswith("baseline"):
+            continue
+        against = times[baseline_of.get(name, "baseline step, mfr-sae")]
         goal = " (goal <= 1.2)" if name.endswith("match_every=1") else ""
-        goal = " (the defaults' goal <= 1.5)" if "the defaults" in name else goal
-        print(f"{name} / baseline: {seconds / baseline:.2f}{goal if 'match_every=50' not in name else ''}")
+        goal = " (the defaults' goal <= 1.5)" if "(one re-matching)" in name else goal
+        print(f"{name} / baseline: {seconds / against:.2f}{goal if 'match_every=50' not in name else ''}")
 
 
 if __name__ == "__main__":
