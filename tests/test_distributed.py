@@ -150,6 +150,16 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, mfr, autocast):
     )
 
 
+def test_batchtopk_members_on_two_processes_end_with_the_weights_and_thresholds_of_one(tmp_path):
+    """Each rank estimates its own members' thresholds; the checkpoint gathers them with the weights."""
+    overrides = SMALL + ["mfr.enabled=true", "sae.architecture=batchtopk"]
+    _train(tmp_path / "one", overrides)
+    _train(tmp_path / "two", overrides, processes=2)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", "1 vs 2 processes, batchtopk")
+    one, two = load(tmp_path / "one").threshold, load(tmp_path / "two").threshold
+    assert (one > 0).all() and torch.allclose(one, two, rtol=1e-4)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -60,8 +60,9 @@ def ensemble_on_main(
     if shard.world == 1:
         return ensemble
     full = build(list(range(shard.n_members)), torch.device("cpu")) if shard.is_main else None
-    for name, param in ensemble.named_parameters():
-        gathered = shard.gather_to_main(param.detach())
+    # the weights, and what the architecture keeps beside them (BatchTopK's threshold)
+    for name, tensor in [*ensemble.named_parameters(), *ensemble.architecture_state().items()]:
+        gathered = shard.gather_to_main(tensor.detach())
         if full is not None:
             getattr(full, name).copy_(gathered)
     return full
