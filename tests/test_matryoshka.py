@@ -58,3 +58,7 @@ def test_prefix_widths_default_to_sixteenths_and_quarters_and_are_checked():
             prefix_widths(64, bad)
     with pytest.raises(ConfigError, match="matryoshka_widths"):
         load_config(None, ["sae.architecture=matryoshka", "sae.d_sae=64", "sae.matryoshka_widths=[32, 16]"])
+    with pytest.raises(ConfigError, match="it needs matryoshka"):
+        load_config(None, ["sae.architecture=batchtopk", "sae.matryoshka_widths=[32]"])
+    with pytest.raises(ConfigError, match="sae.architecture='jumprelu'"):
+        load_config(None, ["sae.architecture=jumprelu"])

@@ -116,6 +116,10 @@ class RunConfig:
             s.architecture in ARCHITECTURES,
             f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
         )
+        _check(
+            not s.matryoshka_widths or s.architecture == "matryoshka",
+            f"sae.matryoshka_widths is set but sae.architecture={s.architecture!r} (it needs matryoshka)",
+        )
         if s.architecture == "matryoshka":
             try:
                 prefix_widths(s.d_sae, s.matryoshka_widths)
