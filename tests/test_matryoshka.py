@@ -53,7 +53,8 @@ def test_a_matryoshka_ensemble_trains_on_prefixes_and_is_saved_as_one_jumprelu(t
 def test_prefix_widths_default_to_sixteenths_and_quarters_and_are_checked():
     assert prefix_widths(64, []) == [4, 16, 64]
     assert prefix_widths(64, [8, 32]) == [8, 32, 64] == prefix_widths(64, [8, 32, 64])
-    for bad in ([0, 8], [16, 8], [8, 80]):
+    assert prefix_widths(8, []) == [2, 8] and prefix_widths(2, []) == [2]  # a small h: fewer prefixes, none empty
+    for bad in ([0, 8], [16, 8], [8, 80], [64, 32]):
         with pytest.raises(ValueError, match="matryoshka_widths"):
             prefix_widths(64, bad)
     with pytest.raises(ConfigError, match="matryoshka_widths"):

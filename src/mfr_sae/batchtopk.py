@@ -54,10 +54,10 @@ def batch_topk(pre: Tensor, ks: list[int]) -> tuple[Tensor, Tensor]:
 def jumprelu(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
     """pre [B, N, h] -> the entries above each member's threshold [N] (ReLU'd: SAELens's JumpReLU), as (values,
     idx) [N, B, k'] with zeros after the kept ones (k': the most any sample keeps)."""
-    above = pre > threshold.clamp_min(0).view(1, -1, 1)
-    width = max(int(above.sum(-1).max()), 1)
+    floor = threshold.clamp_min(0).view(1, -1, 1)
+    width = max(int((pre > floor).sum(-1).max()), 1)
     values, idx = pre.topk(width, dim=-1)
-    keep = values > threshold.clamp_min(0).view(1, -1, 1)
+    keep = values > floor
     return (values * keep).transpose(0, 1).contiguous(), idx.transpose(0, 1).contiguous()
 
 

@@ -92,6 +92,11 @@ class Ensemble(nn.Module):
         """The buffers [N, ...] the architecture keeps beside the weights (BatchTopK: its threshold), by name."""
         return {name: getattr(self, name) for name in self.architecture.state(1)}
 
+    def weights_and_state(self) -> list[tuple[str, Tensor]]:
+        """Every tensor [N, ...] that makes the members what they are: the parameters and the architecture's
+        state, by name (what a shard, a gathered checkpoint or a restore copies)."""
+        return [*self.named_parameters(), *self.architecture_state().items()]
+
     @property
     def n_members(self) -> int:
         return len(self.ks)
@@ -199,8 +204,6 @@ class Ensemble(nn.Module):
             self.matryoshka_widths,
         )
         with torch.no_grad():
-            for name, param in part.named_parameters():
-                param.copy_(getattr(self, name)[members])
-            for name, state in part.architecture_state().items():
-                state.copy_(getattr(self, name)[members])
+            for name, tensor in part.weights_and_state():
+                tensor.copy_(getattr(self, name)[members])
         return part

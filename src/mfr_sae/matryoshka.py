@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 
 
 def prefix_widths(d_sae: int, widths: Sequence[int]) -> list[int]:
-    """The prefixes' widths: as given, with d_sae last (added if missing); none given: h/16, h/4, h."""
-    chosen = list(widths) or [d_sae // 16, d_sae // 4]
-    chosen = [w for w in chosen if w != d_sae] + [d_sae]
+    """The prefixes' widths: as given, with d_sae last (added if missing); none given: h/16, h/4, h (those of them
+    that are at least 1 and below h: a small h has fewer prefixes)."""
+    if widths:
+        chosen = list(widths) if widths[-1] == d_sae else [*widths, d_sae]
+    else:
+        chosen = sorted({w for w in (d_sae // 16, d_sae // 4) if 0 < w < d_sae}) + [d_sae]
     if any(w <= 0 for w in chosen) or any(a >= b for a, b in zip(chosen, chosen[1:])):
         raise ValueError(f"sae.matryoshka_widths={list(widths)}: must increase strictly within 1..{d_sae}")
     return chosen

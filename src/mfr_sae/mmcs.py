@@ -90,13 +90,11 @@ def match_pairs(
     """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
     (`metrics.hungarian_matches`)."""
     matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
-    tops: list[tuple[Top, Top]] = []  # each pair's two best cosines both ways, where taken
+    tops: list[tuple[Top, Top]] = []  # each pair's best cosines both ways (two or more), where taken
     if mode == "greedy":
         for a, b in pairs:
             a_top, b_top = top_both_ways(a, b, min(GREEDY_CANDIDATES, len(a), len(b)), chunk)
-            tops.append(
-                (Top(a_top.values[:, :2], a_top.indices[:, :2]), Top(b_top.values[:, :2], b_top.indices[:, :2]))
-            )
+            tops.append((a_top, b_top))  # the twin guard reads their first two
             matched.append((greedy_matches(a_top, b_top), None))
         matched = [(matches, None) for matches in assign_the_rest(pairs, [m for m, _ in matched])]
     elif mode != "hungarian":
@@ -126,8 +124,8 @@ def match_pairs(
 def without_twins(matches: Tensor, a_top: Top, b_top: Top, twin_cosine: float) -> Tensor:
     """matches [2, h] of a pair (a, b) with NO_MATCH where a pull would make a twin: a match (i, j) goes when
     j is at cosine >= twin_cosine with a row of a other than i (pulling i onto j would double that row), or i
-    with a row of b other than j. a_top, b_top [h, 2]: each row's two best cosines in the other member
-    (`top_both_ways`), enough to know a row's best match but one."""
+    with a row of b other than j. a_top, b_top [h, m >= 2]: each row's best cosines in the other member
+    (`top_both_ways`); its first two are enough to know a row's best match but one."""
 
     def best_but(top: Top, rows: Tensor, excluded: Tensor) -> Tensor:
         """For each row its best cosine in the other member other than with `excluded`."""

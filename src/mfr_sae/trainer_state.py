@@ -60,8 +60,7 @@ def ensemble_on_main(
     if shard.world == 1:
         return ensemble
     full = build(list(range(shard.n_members)), torch.device("cpu")) if shard.is_main else None
-    # the weights, and what the architecture keeps beside them (BatchTopK's threshold)
-    for name, tensor in [*ensemble.named_parameters(), *ensemble.architecture_state().items()]:
+    for name, tensor in ensemble.weights_and_state():
         gathered = shard.gather_to_main(tensor.detach())
         if full is not None:
             getattr(full, name).copy_(gathered)
@@ -114,10 +113,8 @@ def restore_training(
     state, meta = ckpt.load_trainer_state(folder, slice(shard.start, shard.stop), whole=("mfr.matches",))
     loaded = ckpt.load(folder, device, members=shard.members)
     with torch.no_grad():
-        for name, param in ensemble.named_parameters():
-            param.copy_(getattr(loaded, name))
-        for name, buffer in ensemble.architecture_state().items():
-            buffer.copy_(getattr(loaded, name))
+        for name, tensor in ensemble.weights_and_state():
+            tensor.copy_(getattr(loaded, name))
     firing.samples_since_fired.copy_(state.pop("samples_since_fired"))
     mfr.load_state({k: v.to(device) for k, v in state.items() if k.startswith("mfr.")}, meta["mfr"])
     state = {k: v for k, v in state.items() if not k.startswith("mfr.")}
