@@ -21,3 +21,18 @@ def timed(fn: Callable[[], Any], steps: int, device: torch.device, warmup: int =
         fn()
     sync()
     return (time.perf_counter() - start) / steps
+
+
+def timed_side_by_side(fns: dict[str, Callable[[], Any]], steps: int, device: torch.device) -> dict[str, float]:
+    """Seconds per call of each fn, the fns called in turn (one call of each, `steps` times): a drift in the
+    machine's speed (its other load, its clock) falls on all of them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    total = dict.fromkeys(fns, 0.0)
+    for _ in range(steps):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            total[name] += time.perf_counter() - start
+    return {name: seconds / steps for name, seconds in total.items()}

@@ -253,7 +253,8 @@ def test_a_step_without_the_value_gives_the_pulled_rows_the_same_gradient_bitwis
             penalty, logs = reg.penalty(weight, step, lambda step=step: 1.0 + step, pulled, value=value)
             penalty.backward()
         assert ("penalty" in logs) == value  # without it, nothing of the value is logged
-        grads[value], betas[value] = weight.grad, reg.beta
+        assert weight.grad.is_sparse == (not value)  # a sparse gradient: added into the dense one in place
+        grads[value], betas[value] = weight.grad.to_dense(), reg.beta
     assert torch.equal(grads[False], grads[True])
     assert grads[True][pulled].abs().sum() > 0 and not grads[True][~pulled].any()
     assert betas[False] == betas[True]  # recon's running mean went on alike

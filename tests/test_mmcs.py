@@ -245,3 +245,29 @@ def test_mnn_hungarian_keeps_the_mutual_pairs_and_assigns_the_rest_optimally_one
     # a permuted copy: every row is a mutual best match, nothing left to assign
     perm = torch.randperm(200)
     assert torch.equal(match_pair(a, a[perm], "mnn_hungarian")[0], torch.argsort(perm))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_top_both_ways_is_the_top_k_of_each_row_and_of_each_column(chunk):
+    from mfr_sae.mmcs import top_both_ways
+
+    torch.manual_seed(5)
+    a, b = F.normalize(torch.randn(150, 16), dim=-1), F.normalize(torch.randn(90, 16), dim=-1)
+    sims = a @ b.T
+    a_top, b_top = top_both_ways(a, b, 10, chunk)
+    assert torch.equal(a_top.indices, sims.topk(10, dim=1).indices)
+    assert torch.equal(b_top.indices, sims.T.topk(10, dim=1).indices)  # later chunks merged, not a top-k
+    assert torch.allclose(b_top.values, sims.T.topk(10, dim=1).values)
+
+
+def test_top_both_ways_keeps_the_lower_row_among_equal_cosines_and_pads_past_the_rows():
+    from mfr_sae.mmcs import top_both_ways
+
+    torch.manual_seed(6)
+    a = F.normalize(torch.randn(4, 8), dim=-1).repeat(5, 1)  # rows 0-3 again as 4-7, 8-11, ...: equal cosines
+    b = F.normalize(torch.randn(6, 8), dim=-1)
+    _, b_top = top_both_ways(a, b, 5, chunk=4)
+    assert (b_top.indices[:, 0] < 4).all()  # each column's best: the first copy, in the first chunk
+    assert torch.equal(b_top.indices[:, 1:], b_top.indices[:, :1] + torch.arange(1, 5) * 4)  # then its copies
+    _, few = top_both_ways(a[:2], b, 4)
+    assert torch.isinf(few.values[:, 2:]).all() and torch.isfinite(few.values[:, :2]).all()

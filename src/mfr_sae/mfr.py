@@ -41,6 +41,7 @@ from mfr_sae.mmcs import (
     match_pairs,
     member_pairs,
     n_member_pairs,
+    pulled_similarity,
     without_marked_pairs,
 )
 from mfr_sae.reinit import ReinitRule
@@ -157,8 +158,7 @@ class MutualRegularizer:
         assert self.beta is not None  # `_pulled_part_will_do`
         rows = pulled.flatten().nonzero().squeeze(1)
         product = self.links[0].rows(rows).matmul_unit(self._one_process_columns(weight))
-        part = linked_similarity(weight.flatten(0, 1)[rows].unsqueeze(0), product).sum()
-        return -self.beta * warmup_weight(step, self.cfg.warmup_steps) * part
+        return -self.beta * warmup_weight(step, self.cfg.warmup_steps) * pulled_similarity(weight, rows, product)
 
     def match_log(self) -> dict[str, float]:
         """For the log line: `match_stale_frac` (match_every > 1: the share of matches changed at the last

@@ -253,17 +253,48 @@ def best_both_ways(a: Tensor, b: Tensor, k: int = 2, chunk: int = CHUNK_ROWS) ->
 
 def top_both_ways(a: Tensor, b: Tensor, k: int, chunk: int = CHUNK_ROWS) -> tuple[Top, Top]:
     """The k largest entries of each row of a @ b.T and of each of its columns, from one chunked pass, in the
-    product's dtype (bf16 rows give the screen of `mfr_sae.screen`)."""
+    product's dtype (bf16 rows give the screen of `mfr_sae.screen`). The columns' are taken by a top-k in the
+    first chunk, then from each later chunk only where an entry beats the column's k-th so far: few entries,
+    where a top-k down each chunk's columns cost about as much as its product."""
     a_parts = []
-    b_top = Top(b.new_full((k, len(b)), -torch.inf), torch.zeros(k, len(b), dtype=torch.long, device=b.device))
+    b_top: Top | None = None
     for start in range(0, len(a), chunk):
         sims = a[start : start + chunk] @ b.T
         a_parts.append(sims.topk(k, dim=1))
-        top = sims.topk(min(k, len(sims)), dim=0)
-        merged = torch.cat([b_top.values, top.values]).topk(k, dim=0)
-        b_top = Top(merged.values, torch.cat([b_top.indices, top.indices + start]).gather(0, merged.indices))
+        b_top = _columns_top(sims, k) if b_top is None else _merged_columns(b_top, sims, start)
+    assert b_top is not None, "top_both_ways needs rows in a"
     a_top = Top(torch.cat([part.values for part in a_parts]), torch.cat([part.indices for part in a_parts]))
-    return a_top, Top(b_top.values.T, b_top.indices.T)
+    return a_top, b_top
+
+
+def _columns_top(sims: Tensor, k: int) -> Top:
+    """Each column's k largest entries [columns, k] (-inf at row 0 past the rows there are)."""
+    top = sims.T.contiguous().topk(min(k, len(sims)), dim=1)  # transposed: a top-k along rows is faster
+    missing = k - top.values.shape[1]
+    if not missing:
+        return Top(top.values, top.indices)
+    return Top(
+        torch.cat([top.values, top.values.new_full((len(top.values), missing), -torch.inf)], dim=1),
+        torch.cat([top.indices, top.indices.new_zeros(len(top.indices), missing)], dim=1),
+    )
+
+
+def _merged_columns(kept: Top, sims: Tensor, start: int) -> Top:
+    """Each column's k largest of `kept` [columns, k] and of the chunk `sims` [rows, columns], whose rows are
+    numbered from `start`; among equal values the one kept before (the lower row) stays first."""
+    n_columns, k = kept.values.shape
+    rows, columns = (sims > kept.values[:, -1]).nonzero(as_tuple=True)
+    if not len(rows):
+        return kept
+    values = torch.cat([kept.values.flatten(), sims[rows, columns]])
+    indices = torch.cat([kept.indices.flatten(), rows + start])
+    owners = torch.cat([torch.arange(n_columns, device=sims.device).repeat_interleave(k), columns])
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(owners[order], stable=True)]  # by column, each one's entries in descending order
+    counts = torch.bincount(owners, minlength=n_columns)
+    firsts = counts.cumsum(0) - counts
+    picked = order[(firsts.unsqueeze(1) + torch.arange(k, device=sims.device)).flatten()]
+    return Top(values[picked].view(n_columns, k), indices[picked].view(n_columns, k))
 
 
 def settle_near_ties(rows: Tensor, columns: Tensor, top: Top) -> Tensor:
@@ -340,8 +371,9 @@ class Links:
     def matmul_unit(self, columns: Tensor) -> Tensor:
         """L @ D, D: the column members' decoder rows `columns` [n * h, d] scaled to unit norm (the scale goes
         into the link weights: no normalised copy), as a weighted sum of rows per output row (embedding_bag)."""
-        # the norms of all columns in one pass, or of the linked ones only where they are fewer (`rows`)
-        few = len(self.targets) < len(columns)
+        # the norms of all columns in one pass, or of the linked ones only where they are a few (`rows`): a
+        # gathered row costs about what norms of four rows in place cost (a copy written, then read)
+        few = 4 * len(self.targets) < len(columns)
         target_scale = inverse_norms(columns[self.targets]) if few else inverse_norms(columns)[self.targets]
         return F.embedding_bag(
             self.targets,
@@ -432,12 +464,45 @@ class _LinkedSimilarity(torch.autograd.Function):
 _linked_similarity: Callable[[Tensor, Tensor], Tensor] = _LinkedSimilarity.apply  # typed: torch's `apply` is not
 
 
+class _PulledSimilarity(torch.autograd.Function):
+    """`_LinkedSimilarity` of some rows of all members' rows W [N, h, d] (flat indices into its N * h rows,
+    ascending), summed; the gradient reaching them (the same) is returned sparse, to be added in place into
+    the dense gradient of the reconstruction: no dense [N, h, d] buffer for a few rows, and no sum of two."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, rows: Tensor, product: Tensor) -> Tensor:
+        picked = weight.detach().flatten(0, 1)[rows]
+        summed = _LinkedSimilarity.forward(ctx, picked.unsqueeze(0), product)
+        ctx.rows, ctx.whole_shape = rows, weight.shape
+        return summed.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad_rows = _LinkedSimilarity.backward(ctx, grad.reshape(1))[0].squeeze(0)
+        n_latents = ctx.whole_shape[1]
+        members_and_latents = torch.stack([ctx.rows // n_latents, ctx.rows % n_latents])
+        sparse = torch.sparse_coo_tensor(
+            members_and_latents, grad_rows, ctx.whole_shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None, None
+
+
+_pulled_similarity: Callable[[Tensor, Tensor, Tensor], Tensor] = _PulledSimilarity.apply
+
+
 def linked_similarity(weight: Tensor, product: Tensor) -> Tensor:
     """Each given member's part of sum(D * (L @ D)): [n]; weight [n, h, d]: decoder rows of any norm (one
     rank's members), product [n * h, d]: L @ D for those rows (`Links.matmul_unit` of the rows of all
     members). Differentiable as parts of that one sum: the gradient a row receives is that of the whole
     sum (so sum the parts of all members, with one weight)."""
     return _linked_similarity(weight, product)
+
+
+def pulled_similarity(weight: Tensor, rows: Tensor, product: Tensor) -> Tensor:
+    """The part of sum(D * (L @ D)) of some rows (flat indices into weight [N, h, d]'s N * h rows, ascending):
+    a scalar, whose gradient reaching those rows is that of the whole sum, given as a sparse tensor.
+    product [rows, d]: L @ D for those rows."""
+    return _pulled_similarity(weight, rows, product)
 
 
 def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
