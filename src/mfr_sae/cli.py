@@ -41,6 +41,18 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_browse(args: argparse.Namespace) -> int:
+    from mfr_sae.browse import browse
+
+    summary = browse(args.run, args.out, args.baseline, args.contexts, args.max_rows, progress=not args.no_progress)
+    shares = ", ".join(f"member {m['id']} {m['shared']:.1%}" for m in summary["members"])
+    print(f"latents shared by all members (best match at cosine >= {summary['shared_cosine']}): {shares}")
+    if "baseline" in summary:
+        print("the baseline's: " + ", ".join(f"{s:.1%}" for s in summary["baseline"]["shared"]))
+    print(f"site: {args.out / 'index.html'} (open it, or serve the folder: python -m http.server -d {args.out})")
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from mfr_sae.checkpoint import find_checkpoint, verify_checkpoint
 
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache": run_cache,
             "study": run_study,
             "verify": run_verify,
+            "browse": run_browse,
         }
         code = commands[args.command](args)
     except USER_ERRORS as err:

@@ -178,4 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or corrupt file (exit status 1), or one line saying that the checkpoint is intact.",
     )
     p.add_argument("run", type=Path, metavar="RUN", help="run folder (or checkpoint folder)")
+
+    p = commands.add_parser(
+        "browse",
+        help="a static site of a run on language-model activations: each latent's top contexts, histogram, "
+        "the tokens it promotes, and its matches in the other members",
+        description="One pass over the run's activation cache (token ids recomputed from its manifest), then a "
+        "site in OUT (index.html; no network, opens from the file system): an index per member, a page per latent "
+        "and what the members share, against a baseline run with --baseline.",
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder trained on an activation cache")
+    p.add_argument("--out", type=Path, required=True, help="folder of the site")
+    p.add_argument("--baseline", type=Path, help="a run whose members' shared latents to compare with")
+    p.add_argument("--contexts", type=int, default=20, help="top activating contexts kept per latent")
+    p.add_argument("--max-rows", type=int, help="read only the cache's first rows (default: all of it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -282,19 +282,27 @@ def _columns_top(sims: Tensor, k: int) -> Top:
 def _merged_columns(kept: Top, sims: Tensor, start: int) -> Top:
     """Each column's k largest of `kept` [columns, k] and of the chunk `sims` [rows, columns], whose rows are
     numbered from `start`; among equal values the one kept before (the lower row) stays first."""
-    n_columns, k = kept.values.shape
     rows, columns = (sims > kept.values[:, -1]).nonzero(as_tuple=True)
-    if not len(rows):
+    return merged_top(kept, columns, sims[rows, columns], rows + start)
+
+
+def merged_top(kept: Top, owners: Tensor, values: Tensor, indices: Tensor) -> Top:
+    """Each owner's k largest of its entries in `kept` [owners, k] and of the new entries (values and indices
+    [m], each of the owner `owners` [m] names); among equal values the kept ones first, then the new in their
+    order. A running top-k over a stream: pass only the entries above their owner's k-th kept, which are few."""
+    if not len(owners):
         return kept
-    values = torch.cat([kept.values.flatten(), sims[rows, columns]])
-    indices = torch.cat([kept.indices.flatten(), rows + start])
-    owners = torch.cat([torch.arange(n_columns, device=sims.device).repeat_interleave(k), columns])
+    n_owners, k = kept.values.shape
+    device = values.device
+    values = torch.cat([kept.values.flatten(), values.to(kept.values.dtype)])
+    indices = torch.cat([kept.indices.flatten(), indices])
+    owners = torch.cat([torch.arange(n_owners, device=device).repeat_interleave(k), owners])
     order = torch.argsort(values, descending=True, stable=True)
-    order = order[torch.argsort(owners[order], stable=True)]  # by column, each one's entries in descending order
-    counts = torch.bincount(owners, minlength=n_columns)
+    order = order[torch.argsort(owners[order], stable=True)]  # by owner, each one's entries in descending order
+    counts = torch.bincount(owners, minlength=n_owners)
     firsts = counts.cumsum(0) - counts
-    picked = order[(firsts.unsqueeze(1) + torch.arange(k, device=sims.device)).flatten()]
-    return Top(values[picked].view(n_columns, k), indices[picked].view(n_columns, k))
+    picked = order[(firsts.unsqueeze(1) + torch.arange(k, device=device)).flatten()]
+    return Top(values[picked].view(n_owners, k), indices[picked].view(n_owners, k))
 
 
 def settle_near_ties(rows: Tensor, columns: Tensor, top: Top) -> Tensor:

@@ -1,0 +1,365 @@
+"""`mfr-sae browse RUN --out DIR`: a static site of a run on language-model activations (docs/language-models.md).
+
+One pass over the run's activation cache keeps, for each member and latent, its firing count, the sum and the
+largest of its activations, a histogram of them (log-spaced bins) and its CONTEXTS largest, with the cache rows
+they fire on: a running top-k merged batch by batch (`mmcs.merged_top`), so that memory is N h CONTEXTS whatever
+the cache's length. Row r of a cache is token r % (context - 1) + 1 of sequence r // (context - 1) (its
+manifest: model, text, context), so the token ids are recomputed, not stored. The tokens around each top
+activation are encoded again (a second pass, over those rows only) to show the latent on each of them. Each
+decoder row is read through the model's unembedding (the tokens it promotes and suppresses, after the final
+norm's scale), and matched to its best cosine in each other member: a latent is shared when that cosine is at
+least SHARED_COSINE in every other member. The site (browse_site/) reads its data from JavaScript files, so that
+it opens from the file system as well as from a web server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mfr_sae.checkpoint import load
+from mfr_sae.config import load_run_config
+from mfr_sae.data import DataError
+from mfr_sae.data.activations import ActivationCache, read_texts, token_sequences
+from mfr_sae.data.lm_model import load_model
+from mfr_sae.ensemble import Ensemble
+from mfr_sae.metrics import max_cosine
+from mfr_sae.mmcs import Top, merged_top
+
+CONTEXTS = 20  # top activating contexts kept per latent
+BEFORE, AFTER = 16, 4  # tokens shown before and after the one a context's activation fires on
+HISTOGRAM_BINS, LOG10_LOW, LOG10_HIGH = 60, -3.0, 3.0  # bins of 0.1 decade over activations 1e-3 to 1e3
+LOGIT_TOKENS = 10  # tokens promoted and suppressed listed per latent
+SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
+LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)
+
+
+@dataclass
+class LatentStats:
+    """Per member and latent ([N, h]), from one pass over a cache: firings, sum and largest activation, the
+    histogram [N, h, HISTOGRAM_BINS], and the top activations with their cache rows (Top [N h, CONTEXTS])."""
+
+    rows: int
+    fired: Tensor
+    total: Tensor
+    largest: Tensor
+    histogram: Tensor
+    top: Top
+
+
+@torch.no_grad()
+def collect(
+    ensemble: Ensemble,
+    cache: ActivationCache,
+    n_rows: int,
+    contexts: int = CONTEXTS,
+    batch_rows: int = 4096,
+    progress: bool = True,
+) -> LatentStats:
+    """One pass over the first n_rows rows of the cache, in order."""
+    n, h = len(ensemble.ks), ensemble.d_sae
+    fired, total, largest = torch.zeros(n * h), torch.zeros(n * h), torch.zeros(n * h)
+    histogram = torch.zeros(n * h * HISTOGRAM_BINS)
+    top = Top(torch.full((n * h, contexts), -torch.inf), torch.zeros(n * h, contexts, dtype=torch.long))
+    for start in tqdm(range(0, n_rows, batch_rows), desc="browse: latents", unit="batch", disable=not progress):
+        x = cache.read_rows(start, min(start + batch_rows, n_rows))
+        acts, idx = ensemble.encode(x)  # [N, B, k']
+        member = torch.arange(n).view(n, 1, 1).expand_as(idx)
+        on = acts > 0
+        owners, values = (member * h + idx)[on], acts[on].float()
+        rows = (torch.arange(len(x)) + start).view(1, -1, 1).expand_as(idx)[on]
+        fired += torch.bincount(owners, minlength=n * h)
+        total.index_add_(0, owners, values)
+        largest.scatter_reduce_(0, owners, values, "amax")
+        bins = ((values.log10() - LOG10_LOW) * HISTOGRAM_BINS / (LOG10_HIGH - LOG10_LOW)).long()
+        histogram += torch.bincount(
+            owners * HISTOGRAM_BINS + bins.clamp(0, HISTOGRAM_BINS - 1), minlength=n * h * HISTOGRAM_BINS
+        )
+        above = values > top.values[owners, -1]  # only these can enter their latent's top
+        top = merged_top(top, owners[above], values[above], rows[above])
+    shape = (n, h)
+    return LatentStats(
+        n_rows, fired.view(shape), total.view(shape), largest.view(shape), histogram.view(n, h, HISTOGRAM_BINS), top
+    )
+
+
+def token_position(row: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """The (sequence, position) of cache rows: the cache drops each sequence's BOS, keeping context - 1 rows."""
+    return row // (context - 1), row % (context - 1) + 1
+
+
+def sequences_of(manifest: dict[str, Any], tokenizer: Any, count: int) -> np.ndarray:
+    """The token ids [count, context] of the cache's first `count` sequences, tokenised again as the cache was."""
+    ids = np.zeros((count, manifest["context"]), dtype=np.int64)
+    made = 0
+    for made, sequence in zip(
+        range(1, count + 1), token_sequences(read_texts(manifest["text"]), tokenizer, manifest["context"])
+    ):
+        ids[made - 1] = sequence.numpy()
+    if made < count:
+        raise DataError(f"{manifest['text']}: holds fewer sequences than the cache it made (has the text changed?)")
+    return ids
+
+
+@torch.no_grad()
+def window_activations(
+    ensemble: Ensemble, cache: ActivationCache, top: Top, n_rows: int, context: int, chunk_rows: int = 65536
+) -> Tensor:
+    """Each top context's latent on each token of its window, [N h, CONTEXTS, BEFORE + 1 + AFTER] (0 outside its
+    sequence and for empty contexts): a pass over the cache reading in order, encoding only the windows' rows."""
+    h = ensemble.d_sae
+    _, position = token_position(top.indices, context)
+    offsets = torch.arange(-BEFORE, AFTER + 1)
+    window, shown = top.indices.unsqueeze(-1) + offsets, position.unsqueeze(-1) + offsets
+    inside = (shown >= 1) & (shown <= context - 1) & (window < n_rows) & (top.values > 0).unsqueeze(-1)
+    owner = torch.arange(len(window)).view(-1, 1, 1).expand_as(window)[inside]
+    slot_rows = window[inside]
+    order = torch.argsort(slot_rows)  # the slots in cache order
+    slot_rows, owner = slot_rows[order], owner[order]
+    values = torch.zeros(len(slot_rows))
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        lo, hi = (int(i) for i in torch.searchsorted(slot_rows, torch.tensor([start, stop])))
+        if lo == hi:
+            continue
+        rows, where = torch.unique(slot_rows[lo:hi], return_inverse=True)
+        acts, idx = ensemble.encode(cache.read_rows(start, stop)[rows - start])  # [N, b, k']
+        member, latent = owner[lo:hi] // h, owner[lo:hi] % h
+        values[lo:hi] = (acts[member, where] * (idx[member, where] == latent.unsqueeze(1))).sum(1).float()
+    result = torch.zeros(window.shape)
+    result[inside] = torch.empty_like(values).scatter_(0, order, values)
+    return result
+
+
+@torch.no_grad()
+def logit_effects(model: Any, decoder: Tensor, n_tokens: int = LOGIT_TOKENS) -> tuple[Top, Top]:
+    """The tokens each decoder row [rows, d] promotes and suppresses most through the unembedding (after the final
+    norm's scale where the model has one, as its last hidden state goes through it): (promoted, suppressed) Top
+    [rows, n_tokens] of logit changes per unit of the latent (suppressed: most negative first)."""
+    unembedding = model.get_output_embeddings().weight.detach().float()  # [vocab, d]
+    base = getattr(model, "base_model", model)
+    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    scale = getattr(norm, "weight", None)
+    rows = decoder.float() * (scale.detach().float() if scale is not None else 1.0)
+    promoted, suppressed = [], []
+    for start in range(0, len(rows), 1024):
+        logits = rows[start : start + 1024] @ unembedding.T
+        promoted.append(logits.topk(n_tokens, dim=1))
+        suppressed.append((-logits).topk(n_tokens, dim=1))
+    return tuple(  # type: ignore[return-value]
+        Top(torch.cat([t.values for t in tops]) * sign, torch.cat([t.indices for t in tops]))
+        for tops, sign in ((promoted, 1), (suppressed, -1))
+    )
+
+
+@torch.no_grad()
+def best_matches(decoder: Tensor) -> tuple[Tensor, Tensor]:
+    """Each latent's best cosine in each member and the latent it is with: [N, N, h] each (itself on the diagonal:
+    cosine 1)."""
+    n, h, _ = decoder.shape
+    cosine, match = torch.ones(n, n, h), torch.arange(h).repeat(n, n, 1)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                cosine[a, b], match[a, b] = max_cosine(decoder[a], decoder[b])
+    return cosine, match
+
+
+def agreement(cosine: Tensor) -> Tensor:
+    """[N, h]: each latent's lowest best-match cosine over the other members (1 for a lone member)."""
+    n = len(cosine)
+    if n < 2:
+        return torch.ones(cosine.shape[0], cosine.shape[2])
+    others = ~torch.eye(n, dtype=torch.bool)
+    return torch.stack([cosine[m][others[m]].min(dim=0).values for m in range(n)])
+
+
+def browse(
+    run: Path,
+    out: Path,
+    baseline: Path | None = None,
+    contexts: int = CONTEXTS,
+    max_rows: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the site of `run` (trained on an activation cache) in `out`; `baseline`: a run to compare the share
+    of shared latents with; max_rows: read only the cache's first rows. Returns the summary it shows."""
+    cfg = load_run_config(run / "config.yaml")
+    if cfg.data.kind != "activations":
+        raise DataError(f"{run}: trained on data.kind={cfg.data.kind}; browse reads runs on an activation cache")
+    cache = ActivationCache(_cache_path(run, str(cfg.data.path)), holdout=cfg.data.holdout, verify=False)
+    manifest, context = cache.manifest, cache.manifest["context"]
+    n_rows = cache.n_train + cache.holdout if max_rows is None else min(max_rows, cache.n_train + cache.holdout)
+    ensemble = load(run)
+    stats = collect(ensemble, cache, n_rows, contexts, progress=progress)
+    windows = window_activations(ensemble, cache, stats.top, n_rows, context)
+    model, tokenizer = load_model(manifest["model"])
+    decoder = ensemble.decoder().detach()
+    n, h, d = decoder.shape
+    promoted, suppressed = logit_effects(model, decoder.reshape(n * h, d))
+    cosine, match = best_matches(decoder)
+    agreed = agreement(cosine)
+    fired_rows = stats.top.indices[stats.top.values > 0]
+    count = int(token_position(fired_rows, context)[0].max()) + 1 if len(fired_rows) else 0
+    sequences = sequences_of(manifest, tokenizer, count)
+    summary = {
+        "run": str(run),
+        "rows": n_rows,
+        "shared_cosine": SHARED_COSINE,
+        "members": [
+            {"id": int(i), "k": k, "shared": _share(agreed[m])}
+            for m, (i, k) in enumerate(zip(ensemble.member_ids, ensemble.ks))
+        ],
+    }
+    baseline_agreed = agreement(best_matches(load(baseline).decoder().detach())[0]) if baseline else None
+    if baseline_agreed is not None:
+        summary["baseline"] = {"run": str(baseline), "shared": [_share(a) for a in baseline_agreed]}
+    site = Site(out, tokenizer, context, sequences)
+    site.write(summary, stats, windows, (promoted, suppressed), cosine, match)
+    _agreement_figure(out / "summary.png", agreed, baseline_agreed)
+    return summary
+
+
+def _share(agreed: Tensor) -> float:
+    return round(float((agreed >= SHARED_COSINE).float().mean()), 4)
+
+
+def _cache_path(run: Path, path: str) -> Path:
+    """The run's cache: data.path as given, or (a relative one) from the run folder or the folder it was run from
+    (`reproduce gpt2` writes OUT/cache beside OUT/runs/NAME)."""
+    given = Path(path)
+    for candidate in (
+        given,
+        run / given,
+        run.parent / given,
+        run.parent.parent / given,
+        run.parent.parent / given.name,
+    ):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise DataError(f"{run}: its activation cache {path} is not there (nor beside the run)")
+
+
+def _agreement_figure(path: Path, agreed: Tensor, baseline: Tensor | None) -> None:
+    """The distribution of latents' agreement (lowest best-match cosine over the other members), run and baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.linspace(0, 1, 41).tolist()
+    for values, label in ((agreed, "this run"), (baseline, "baseline")):
+        if values is not None:
+            ax.hist(values.flatten().numpy(), bins=bins, histtype="step", linewidth=1.5, label=label, density=True)
+    ax.axvline(SHARED_COSINE, color="grey", linestyle=":", label=f"shared ({SHARED_COSINE})")
+    ax.set_xlabel("latent's lowest best-match cosine over the other members")
+    ax.set_ylabel("density")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Site:
+    """Writes the static site: browse_site/'s page, script and style, and the data as JavaScript files (a page
+    opened from the file system may run scripts but not fetch files)."""
+
+    def __init__(self, out: Path, tokenizer: Any, context: int, sequences: np.ndarray):
+        self.out, self.tokenizer, self.context, self.sequences = out, tokenizer, context, sequences
+        self.token_ids: set[int] = set()
+
+    def write(
+        self,
+        summary: dict[str, Any],
+        stats: LatentStats,
+        windows: Tensor,
+        logits: tuple[Top, Top],
+        cosine: Tensor,
+        match: Tensor,
+    ) -> None:
+        (self.out / "data" / "latents").mkdir(parents=True, exist_ok=True)
+        for name in ("index.html", "app.js", "style.css"):
+            with resources.as_file(resources.files("mfr_sae") / "browse_site" / name) as source:
+                shutil.copyfile(source, self.out / name)
+        n, h = stats.fired.shape
+        for m in range(n):
+            details = [self._latent(stats, windows, logits, m * h + i) for i in range(h)]
+            for start in range(0, h, LATENTS_PER_FILE):
+                self._script(
+                    f"latents/m{m}_{start // LATENTS_PER_FILE}",
+                    f"MFR.details['m{m}_{start // LATENTS_PER_FILE}']",
+                    details[start : start + LATENTS_PER_FILE],
+                )
+            self._script(f"member{m}", f"MFR.members[{m}]", self._member(stats, m, cosine, match, details))
+        self._script("run", "MFR.run", summary | {"latents_per_file": LATENTS_PER_FILE})
+        self._script("tokens", "MFR.tokens", {i: self.tokenizer.decode([i]) for i in sorted(self.token_ids)})
+
+    def _member(
+        self, stats: LatentStats, m: int, cosine: Tensor, match: Tensor, details: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The index table's columns of member m."""
+        fired = stats.fired[m]
+        return {
+            "frequency": _rounded(fired / stats.rows),
+            "mean": _rounded(stats.total[m] / fired.clamp_min(1)),
+            "max": _rounded(stats.largest[m]),
+            "best": [_rounded(cosine[m, o]) for o in range(len(cosine))],
+            "match": [match[m, o].tolist() for o in range(len(cosine))],
+            "fires_on": [detail["fires_on"] for detail in details],
+            "promotes": [detail["promoted"][:3] for detail in details],
+        }
+
+    def _latent(self, stats: LatentStats, windows: Tensor, logits: tuple[Top, Top], owner: int) -> dict[str, Any]:
+        """One latent's page: its contexts, histogram and logit effects."""
+        contexts = []
+        fired_tokens: list[int] = []
+        for value, row, acts in zip(stats.top.values[owner], stats.top.indices[owner], windows[owner]):
+            if value <= 0:
+                break
+            sequence, position = (int(t) for t in token_position(row, self.context))
+            first = max(1, position - BEFORE)
+            last = min(self.context - 1, position + AFTER)
+            tokens = self.sequences[sequence, first : last + 1].tolist()
+            shown = acts[first - position + BEFORE : last - position + BEFORE + 1]
+            contexts.append(
+                {"tokens": tokens, "acts": _rounded(shown), "at": position - first, "value": _rounded(value)}
+            )
+            fired_tokens.append(tokens[position - first])
+            self.token_ids.update(tokens)
+        promoted, suppressed = (top.indices[owner].tolist() for top in logits)
+        self.token_ids.update(promoted + suppressed)
+        return {
+            "contexts": contexts,
+            "histogram": stats.histogram.flatten(0, 1)[owner].long().tolist(),
+            "promoted": promoted,
+            "promoted_logits": _rounded(logits[0].values[owner]),
+            "suppressed": suppressed,
+            "suppressed_logits": _rounded(logits[1].values[owner]),
+            "fires_on": list(dict.fromkeys(fired_tokens))[:5],
+        }
+
+    def _script(self, name: str, target: str, value: Any) -> None:
+        text = f"{target} = {json.dumps(value, separators=(',', ':'))};\n"
+        (self.out / "data" / f"{name}.js").write_text(text, encoding="utf-8")
+
+
+def _rounded(values: Tensor) -> Any:
+    """Values to 4 significant digits, as lists (the site's files stay small): an integer over a power of ten is
+    the double nearest that decimal, which JSON then writes with its 4 digits."""
+    x = values.double().numpy()
+    rounded = np.zeros_like(x)
+    shown = np.isfinite(x) & (x != 0)
+    digits = 3 - np.floor(np.log10(np.abs(x[shown])))
+    up, down = 10.0 ** np.maximum(digits, 0), 10.0 ** np.maximum(-digits, 0)
+    rounded[shown] = np.round(x[shown] * up / down) * down / up
+    return rounded.tolist()
