@@ -41,6 +41,7 @@ HISTOGRAM_BINS, LOG10_LOW, LOG10_HIGH = 60, -3.0, 3.0  # bins of 0.1 decade over
 LOGIT_TOKENS = 10  # tokens promoted and suppressed listed per latent
 SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
 LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)
+ENCODE_ROWS = 4096  # rows encoded at once ([N, rows, h] pre-activations)
 
 
 @dataclass
@@ -62,7 +63,7 @@ def collect(
     cache: ActivationCache,
     n_rows: int,
     contexts: int = CONTEXTS,
-    batch_rows: int = 4096,
+    batch_rows: int = ENCODE_ROWS,
     progress: bool = True,
 ) -> LatentStats:
     """One pass over the first n_rows rows of the cache, in order."""
@@ -77,13 +78,11 @@ def collect(
         on = acts > 0
         owners, values = (member * h + idx)[on], acts[on].float()
         rows = (torch.arange(len(x)) + start).view(1, -1, 1).expand_as(idx)[on]
-        fired += torch.bincount(owners, minlength=n * h)
+        fired.index_add_(0, owners, torch.ones_like(values))
         total.index_add_(0, owners, values)
         largest.scatter_reduce_(0, owners, values, "amax")
         bins = ((values.log10() - LOG10_LOW) * HISTOGRAM_BINS / (LOG10_HIGH - LOG10_LOW)).long()
-        histogram += torch.bincount(
-            owners * HISTOGRAM_BINS + bins.clamp(0, HISTOGRAM_BINS - 1), minlength=n * h * HISTOGRAM_BINS
-        )
+        histogram.index_add_(0, owners * HISTOGRAM_BINS + bins.clamp(0, HISTOGRAM_BINS - 1), torch.ones_like(values))
         above = values > top.values[owners, -1]  # only these can enter their latent's top
         top = merged_top(top, owners[above], values[above], rows[above])
     shape = (n, h)
@@ -132,9 +131,17 @@ def window_activations(
         if lo == hi:
             continue
         rows, where = torch.unique(slot_rows[lo:hi], return_inverse=True)
-        acts, idx = ensemble.encode(cache.read_rows(start, stop)[rows - start])  # [N, b, k']
-        member, latent = owner[lo:hi] // h, owner[lo:hi] % h
-        values[lo:hi] = (acts[member, where] * (idx[member, where] == latent.unsqueeze(1))).sum(1).float()
+        x = cache.read_rows(start, stop)[rows - start]
+        codes = [ensemble.encode(x[first : first + ENCODE_ROWS]) for first in range(0, len(x), ENCODE_ROWS)]
+        acts, idx = torch.cat([a for a, _ in codes], dim=1), torch.cat([i for _, i in codes], dim=1)  # [N, b, k']
+        # each kept activation under the key (member, row, latent), sorted: a slot looks its own up
+        n, b, _ = idx.shape
+        keys = ((torch.arange(n).view(n, 1, 1) * b + torch.arange(b).view(1, b, 1)) * h + idx).flatten()
+        keys, by_key = keys.sort()
+        kept = acts.flatten()[by_key].float()
+        wanted = ((owner[lo:hi] // h) * b + where) * h + owner[lo:hi] % h
+        found = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
+        values[lo:hi] = torch.where(keys[found] == wanted, kept[found], 0.0)
     result = torch.zeros(window.shape)
     result[inside] = torch.empty_like(values).scatter_(0, order, values)
     return result
