@@ -102,7 +102,7 @@ CANDIDATES = {
     "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.9"),
 }
 # the candidate whose settings are the defaults of mfr.*
-DEFAULT_SETTING = "greedy 0.1*auto idle5k every100 cap0.95 guard0.9 live"
+DEFAULT_SETTING = "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live"
 BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole

@@ -169,10 +169,10 @@ class MFRConfig:
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
-    max_cosine: float = 0.95
+    max_cosine: float = 0.9
     """Ceiling, against collapse: matched latents whose cosine is above this (when matched) are not pulled
-    further (agreement, not identity); 1: no ceiling (the paper; `max` at match_every 1 is certified only
-    without one)."""
+    further (agreement, not identity; 0.95 let the GPT-2-shape members agree one-to-one at 0.991, RESULTS.md);
+    1: no ceiling (the paper; `max` at match_every 1 is certified only without one)."""
     twin_guard: float = 0.9
     """A match is not pulled when either latent's partner is already at cosine >= this with another latent of
     the latent's own member: the pull would make a twin there (as twin_frac counts them, above 0.9); 1: off
