@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from mfr_sae.browse import BEFORE, CONTEXTS, HISTOGRAM_BINS, collect, token_position, window_activations
+from mfr_sae.browse import (
+    BEFORE,
+    CONTEXTS,
+    HISTOGRAM_BINS,
+    best_matches,
+    collect,
+    token_position,
+    window_activations,
+)
 from mfr_sae.cli import main
 from mfr_sae.data.vectors import VectorsData
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.metrics import max_cosine
 
 
 @pytest.fixture
@@ -57,6 +66,18 @@ def test_the_windows_hold_each_contexts_latent_on_the_tokens_around_it(rows_and_
                 want = dense[owner, int(row) + offset] if inside else 0.0
                 assert windows[owner, slot, offset + BEFORE] == pytest.approx(float(want), abs=1e-6)
             assert windows[owner, slot, BEFORE] == value  # the token it fired on
+
+
+def test_best_matches_are_each_latents_best_cosine_in_every_other_member():
+    torch.manual_seed(1)
+    decoder = torch.nn.functional.normalize(torch.randn(3, 50, 8), dim=-1)
+    cosine, match = best_matches(decoder)
+    for a in range(3):
+        assert (cosine[a, a] == 1).all() and torch.equal(match[a, a], torch.arange(50))
+        for b in set(range(3)) - {a}:
+            want, want_match = max_cosine(decoder[a], decoder[b])
+            torch.testing.assert_close(cosine[a, b], want)
+            assert torch.equal(match[a, b], want_match)
 
 
 def _tiny_runs(tiny_gpt2, tmp_path: Path) -> tuple[Path, Path, Path]:

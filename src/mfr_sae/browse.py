@@ -32,8 +32,7 @@ from mfr_sae.data import DataError
 from mfr_sae.data.activations import ActivationCache, read_texts, token_sequences
 from mfr_sae.data.lm_model import load_model
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.metrics import max_cosine
-from mfr_sae.mmcs import Top, merged_top
+from mfr_sae.mmcs import Top, member_pairs, merged_top, top_both_ways
 
 CONTEXTS = 20  # top activating contexts kept per latent
 BEFORE, AFTER = 16, 4  # tokens shown before and after the one a context's activation fires on
@@ -171,13 +170,13 @@ def logit_effects(model: Any, decoder: Tensor, n_tokens: int = LOGIT_TOKENS) -> 
 @torch.no_grad()
 def best_matches(decoder: Tensor) -> tuple[Tensor, Tensor]:
     """Each latent's best cosine in each member and the latent it is with: [N, N, h] each (itself on the diagonal:
-    cosine 1)."""
+    cosine 1); decoder: unit rows [N, h, d]. Both directions of a pair from one product (`top_both_ways`)."""
     n, h, _ = decoder.shape
     cosine, match = torch.ones(n, n, h), torch.arange(h).repeat(n, n, 1)
-    for a in range(n):
-        for b in range(n):
-            if a != b:
-                cosine[a, b], match[a, b] = max_cosine(decoder[a], decoder[b])
+    for a, b in member_pairs(n):
+        a_top, b_top = top_both_ways(decoder[a].float(), decoder[b].float(), 1)
+        cosine[a, b], match[a, b] = a_top.values[:, 0], a_top.indices[:, 0]
+        cosine[b, a], match[b, a] = b_top.values[:, 0], b_top.indices[:, 0]
     return cosine, match
 
 
@@ -205,7 +204,8 @@ def browse(
         raise DataError(f"{run}: trained on data.kind={cfg.data.kind}; browse reads runs on an activation cache")
     cache = ActivationCache(_cache_path(run, str(cfg.data.path)), holdout=cfg.data.holdout, verify=False)
     manifest, context = cache.manifest, cache.manifest["context"]
-    n_rows = cache.n_train + cache.holdout if max_rows is None else min(max_rows, cache.n_train + cache.holdout)
+    n_rows = cache.n_train + cache.holdout
+    n_rows = n_rows if max_rows is None else min(max_rows, n_rows)
     ensemble = load(run)
     stats = collect(ensemble, cache, n_rows, contexts, progress=progress)
     windows = window_activations(ensemble, cache, stats.top, n_rows, context)
