@@ -229,6 +229,8 @@ def test_data_parallel_when_there_are_more_processes_than_members(tmp_path):
         ("hungarian", []),
         # the twin guard, and pairs of idle latents left out: each rank knows every member's idle latents
         ("mnn_hungarian", ["mfr.twin_guard=0.3", "mfr.idle_window=100", "mfr.idle_to_live=true"]),
+        # only unconfirmed latents pulled, towards confirmed ones: each rank knows what every pair confirmed
+        ("greedy", ["mfr.confirm_cosine=0.5", "mfr.max_cosine=0.45", "mfr.idle_window=0", "mfr.twin_guard=1"]),
     ],
 )
 def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs, extra):
@@ -253,6 +255,9 @@ def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs, extra)
     one, four = (load_trainer_state(tmp_path / run / "checkpoint")[0]["mfr.matches"] for run in ("one", "four"))
     assert torch.equal(one, four)  # every pair's matches, gathered from the ranks that know them
     assert (one == NO_MATCH).any() == bool(extra)  # the guards left some matches out
+    if "mfr.confirm_cosine=0.5" in extra:  # some latents were confirmed, others pulled towards them
+        logged = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+        assert 0 < max(line.get("confirmed_frac", 0) for line in logged) < 1
 
 
 _STREAM_WORKER = """

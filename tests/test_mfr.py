@@ -9,7 +9,7 @@ from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
 from mfr_sae.mmcs import NO_MATCH, changed_fraction, match_all, matched_mmcs, member_pairs
-from mfr_sae.train import Trainer, train
+from mfr_sae.train import Trainer, resume, train
 
 
 def test_warmup_is_a_cosine_ramp():
@@ -307,3 +307,90 @@ def test_idle_window_pulls_only_latents_that_have_not_fired_lately(tmp_path, eas
     assert max(r.get("pulled_frac", 0) for r in logged) > 0
     with pytest.raises(ConfigError, match="mfr.idle_window"):
         load_config(None, ["mfr.idle_window=-1"])
+
+
+def _confirmed(decoder, cosine):
+    """Reference: latents with a latent of another member at cosine >= `cosine`, from dense products."""
+    n = len(decoder)
+    best = torch.stack(
+        [
+            torch.stack([(decoder[m] @ decoder[o].T).max(1).values for o in range(n) if o != m]).max(0).values
+            for m in range(n)
+        ]
+    )
+    return best >= cosine
+
+
+def test_confirm_pulls_only_unconfirmed_latents_towards_confirmed_ones_confirmed_at_the_previous_rematching():
+    torch.manual_seed(2)
+    base = F.normalize(torch.randn(30, 8), dim=-1)
+    noise = torch.cat([0.1 * torch.ones(15), 3 * torch.ones(15)]).view(1, 30, 1)  # half agree, half do not
+    before, now = (F.normalize(base + noise * torch.randn(3, 30, 8), dim=-1) for _ in range(2))
+    cfg = MFRConfig(
+        enabled=True,
+        beta=1.0,
+        warmup_steps=0,
+        mmcs="greedy",
+        match_every=10,
+        max_cosine=1.0,
+        twin_guard=1.0,
+        idle_window=0,
+        confirm_cosine=0.9,
+    )
+    reg = MutualRegularizer(cfg, [2, 2, 2])
+    weight = before.clone().requires_grad_()
+    penalty, logs = reg.penalty(weight, 0, lambda: 1.0)
+    penalty.backward()
+    assert logs["confirmed_frac"] == 0 and not weight.grad.any()  # nothing confirmed before a first re-matching
+
+    weight = now.clone().requires_grad_()
+    penalty, logs = reg.penalty(weight, 10, lambda: 1.0)
+    penalty.backward()
+    confirmed = _confirmed(before, 0.9)  # as the matching before this one measured it
+    assert 0 < confirmed.float().mean() < 1 and not torch.equal(confirmed, _confirmed(now, 0.9))
+    assert logs["confirmed_frac"] == pytest.approx(confirmed.float().mean().item())
+    matches = match_all(now, "greedy")
+    for p, (a, b) in enumerate(member_pairs(3)):
+        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
+            for row, partner in enumerate(matches[p, side].tolist()):
+                if partner != NO_MATCH and not confirmed[row_member, row] and not confirmed[partner_member, partner]:
+                    matches[p, side, row] = NO_MATCH
+    reference = now.clone().requires_grad_()
+    expected = 1 - matched_mmcs(torch.where(confirmed.unsqueeze(-1), reference.detach(), reference), matches)
+    expected.backward()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(weight.grad, reference.grad)
+    assert not weight.grad[confirmed].any() and weight.grad[~confirmed].abs().sum() > 0
+
+
+def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides):
+    overrides = easy_overrides + [
+        "sae.n_members=3",
+        "mfr.enabled=true",
+        "mfr.beta=1.0",
+        "mfr.confirm_cosine=0.6",  # (this small problem's members agree slowly)
+        "mfr.max_cosine=0.5",
+        "mfr.idle_window=0",
+        "mfr.match_every=4",
+        "train.n_samples=40000",
+        "train.checkpoint_every=15",
+        "train.log_every=5",
+    ]
+    full = train(load_config(None, overrides), tmp_path / "full", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < max(r.get("confirmed_frac", 0) for r in logged) < 1  # some latents confirmed, others pulled
+    trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
+    original = trainer.train_step
+
+    def stop_at_step_22(*args):
+        if trainer.step == 22:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    trainer.train_step = stop_at_step_22
+    with pytest.raises(Exception, match="resume"):
+        trainer.fit()
+    resumed = resume(tmp_path / "cut", progress=False)
+    for name, tensor in load(tmp_path / "full").state_dict().items():
+        assert torch.equal(tensor, load(tmp_path / "cut").state_dict()[name]), name
+    assert resumed["members"] == full["members"]

@@ -2,7 +2,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mfr_sae.mmcs import NO_MATCH, dense_mmcs, match_all, match_pair, matched_mmcs, member_pairs, pairwise_mmcs
+from mfr_sae.mmcs import (
+    NO_MATCH,
+    dense_mmcs,
+    match_all,
+    match_pair,
+    matched_mmcs,
+    matches_and_best,
+    member_pairs,
+    pairwise_mmcs,
+)
 
 E = torch.eye(4)
 
@@ -271,3 +280,15 @@ def test_top_both_ways_keeps_the_lower_row_among_equal_cosines_and_pads_past_the
     assert torch.equal(b_top.indices[:, 1:], b_top.indices[:, :1] + torch.arange(1, 5) * 4)  # then its copies
     _, few = top_both_ways(a[:2], b, 4)
     assert torch.isinf(few.values[:, 2:]).all() and torch.isfinite(few.values[:, :2]).all()
+
+
+@pytest.mark.parametrize("mode", ["max", "mnn", "mnn_hungarian", "hungarian", "greedy"])
+def test_best_cosines_come_with_the_matches_and_equal_the_dense_maxima(mode):
+    torch.manual_seed(3)
+    a, b = F.normalize(torch.randn(2, 50, 12), dim=-1)
+    bounds = {"min_cosine": 0.1, "max_cosine": 0.8, "twin_cosine": 0.9}
+    (matches,), (best,) = matches_and_best([(a, b)], mode, chunk=16, **bounds)
+    assert torch.equal(matches, match_pair(a, b, mode, chunk=16, **bounds))  # the same matches as without
+    sims = a @ b.T
+    torch.testing.assert_close(best, torch.stack([sims.max(1).values, sims.max(0).values]))
+    assert matches_and_best([(a, b)], mode, best=False)[1] == []

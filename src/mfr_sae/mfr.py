@@ -38,7 +38,7 @@ from mfr_sae.mmcs import (
     dense_mmcs,
     linked_similarity,
     links_between,
-    match_pairs,
+    matches_and_best,
     member_pairs,
     n_member_pairs,
     pulled_similarity,
@@ -87,12 +87,15 @@ class MutualRegularizer:
         # None matches every row every step (the reference of tests/test_certified.py, bench/certified.py)
         self.idle_to_live = cfg.idle_window > 0 and cfg.idle_to_live
         certify = cfg.match_every == 1 and cfg.mmcs == "max" and cfg.max_cosine >= 1 and cfg.twin_guard >= 1
-        certify = certify and not self.idle_to_live
+        certify = certify and not self.idle_to_live and cfg.confirm_cosine >= 1
         self.certified = CertifiedMaxMatcher(cfg.min_cosine) if certify and self.shard.world == 1 else None
         # across processes, each pair is matched by one rank as the decoders pass: one certified matcher a pair
         self.pair_certified: dict[Pair, CertifiedMaxMatcher] | None = {} if certify and self.shard.world > 1 else None
         self.rematched: list[float] = []  # the certified matching's share of rows re-matched, each step since a log
         self.idle: Tensor | None = None  # idle_to_live: all members' idle latents [N, h] at the re-matching step
+        self.confirm = cfg.enabled and cfg.confirm_cosine < 1
+        self.best: dict[Pair, Tensor] = {}  # confirm: each pair's best cosines [2, h] at the last re-matching
+        self.confirmed: Tensor | None = None  # confirm: all members' confirmed latents [N, h], from the one before
 
     @property
     def penalty_on(self) -> bool:
@@ -116,6 +119,10 @@ class MutualRegularizer:
         re-matchings, only the pulled rows' part is computed: the same gradient for a fraction of the work,
         and a tensor that is not the penalty's value (nothing is logged from it)."""
         logged: dict[str, float] = {}
+        if self.confirm:
+            unconfirmed = self._unconfirmed(weight, step)
+            logged["confirmed_frac"] = 0.0 if self.confirmed is None else self.confirmed.float().mean().item()
+            pulled = unconfirmed if pulled is None else pulled & unconfirmed
         if pulled is not None:
             logged["pulled_frac"] = pulled.float().mean().item()
             if not value and self._pulled_part_will_do(step):
@@ -124,7 +131,7 @@ class MutualRegularizer:
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
             mmcs = dense_mmcs(unit_rows(self.shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
         else:
-            rematch = not self.matches or step % self.cfg.match_every == 0
+            rematch = self._rematch_due(step)
             previous = self.matches
             mmcs = self._matched_mmcs(weight, rematch, pulled)
             self._note_rematched()
@@ -142,6 +149,33 @@ class MutualRegularizer:
             penalty=penalty.item(), penalty_weight=penalty_weight, beta_effective=self.beta, pairwise_mmcs=mmcs.item()
         )
         return penalty, logged
+
+    def _rematch_due(self, step: int) -> bool:
+        """Whether this step's penalty matches anew: at the first step, after a reinitialisation, every match_every."""
+        return not self.matches or step % self.cfg.match_every == 0
+
+    def _unconfirmed(self, weight: Tensor, step: int) -> Tensor:
+        """confirm: this rank's latents [n, h] that no latent of another member confirmed at the previous
+        re-matching (all of them before that), renewed at a re-matching step."""
+        if self._rematch_due(step):
+            self._renew_confirmed()
+        if self.confirmed is None:
+            return torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
+        return ~self.confirmed[self.shard.start : self.shard.stop].to(weight.device)
+
+    def _renew_confirmed(self) -> None:
+        """confirm: all members' confirmed latents [N, h] from every rank's best cosines of the last re-matching (a
+        collective: every rank takes it at the same step); None before any."""
+        known: dict[Pair, Tensor] = {}
+        for part in self.shard.gather_objects({pair: best.cpu() for pair, best in self.best.items()}):
+            known.update(part)
+        if not known:
+            self.confirmed = None
+            return
+        best = torch.full((len(self.ks), next(iter(known.values())).shape[1]), -math.inf)
+        for (a, b), cosines in known.items():
+            best[a], best[b] = best[a].maximum(cosines[0].float()), best[b].maximum(cosines[1].float())
+        self.confirmed = best >= self.cfg.confirm_cosine
 
     def _pulled_part_will_do(self, step: int) -> bool:
         """Whether this step needs nothing of the penalty but its pulled rows' gradient: one process, matches
@@ -234,15 +268,28 @@ class MutualRegularizer:
 
     def _match_pairs(self, pairs: list[Pair], unit_rows: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """The matches [2, h] of member pairs from their unit rows, kept where mfr.min_cosine, max_cosine (the
-        ceiling), twin_guard and idle_to_live say."""
+        ceiling), twin_guard, idle_to_live and confirm_cosine say (confirm: their best cosines kept for the next
+        re-matching)."""
         cfg = self.cfg
-        matched = match_pairs(
-            unit_rows, cfg.mmcs, min_cosine=cfg.min_cosine, max_cosine=cfg.max_cosine, twin_cosine=cfg.twin_guard
+        matched, best = matches_and_best(
+            unit_rows,
+            cfg.mmcs,
+            min_cosine=cfg.min_cosine,
+            max_cosine=cfg.max_cosine,
+            twin_cosine=cfg.twin_guard,
+            best=self.confirm,
         )
-        if self.idle is None:
-            return matched
-        idle = self.idle.to(matched[0].device) if matched else self.idle
-        return [without_marked_pairs(m, idle[a], idle[b]) for m, (a, b) in zip(matched, pairs)]
+        self.best.update(zip(pairs, best))
+        # pairs of two idle latents, or of two unconfirmed ones, are not pulled together
+        marks = [] if self.idle is None else [self.idle]
+        if self.confirm:
+            h = unit_rows[0][0].shape[0]
+            confirmed = self.confirmed if self.confirmed is not None else torch.zeros(len(self.ks), h, dtype=torch.bool)
+            marks.append(~confirmed)
+        for marked in marks:
+            marked = marked.to(matched[0].device)
+            matched = [without_marked_pairs(m, marked[a], marked[b]) for m, (a, b) in zip(matched, pairs)]
+        return matched
 
     def _one_process_columns(self, weight: Tensor) -> Tensor:
         """All members' decoder rows [N * h, d] in column_dtype and back: rounded as the rows that travel between
@@ -282,8 +329,9 @@ class MutualRegularizer:
         rank's members [n] (None once all are past it)."""
         chosen, own_metric = self.reinit.check(step, counts, batch_size)
         if chosen:  # fresh partners: matches of its old weights would pull it until the next re-matching, so
-            # the next penalty re-matches (every rank takes this decision: all re-match together)
-            self.matches, self.links = {}, {}
+            # the next penalty re-matches (every rank takes this decision: all re-match together), and nothing
+            # is confirmed until the one after
+            self.matches, self.links, self.best, self.confirmed = {}, {}, {}, None
             if self.certified is not None:
                 self.certified.reset()
             if self.pair_certified is not None:
@@ -307,16 +355,20 @@ class MutualRegularizer:
     def state(self) -> tuple[dict[str, Tensor | None], dict[str, Any]]:
         """All members' state, whole on rank 0 (a collective across processes: every rank calls it; the
         firing history is None on the other ranks)."""
-        tensors = {"mfr.matches": self._all_matches()} if self.matches else {}
+        tensors = {"mfr.matches": self._all_pairs(self.matches)} if self.matches else {}
+        if self.best:
+            tensors["mfr.best"] = self._all_pairs(self.best)
+        if self.confirmed is not None:
+            tensors["mfr.confirmed"] = self.confirmed.to(torch.uint8)
         reinit_tensors, reinit_meta = self.reinit.state()
         beta_meta = {"beta": self.beta, "beta_start_distance": self.start_distance, "recon_mean": self.recon_mean}
         return tensors | reinit_tensors, beta_meta | reinit_meta
 
-    def _all_matches(self) -> Tensor:
-        """The matches of every pair [P, 2, h], on every rank: each rank knows the pairs of its own members,
-        together all pairs."""
+    def _all_pairs(self, values: dict[Pair, Tensor]) -> Tensor:
+        """Values of every pair [P, 2, h] (matches, best cosines), on every rank: each rank knows the pairs of its
+        own members, together all pairs."""
         known = {}
-        for part in self.shard.gather_objects({pair: matches.cpu() for pair, matches in self.matches.items()}):
+        for part in self.shard.gather_objects({pair: value.cpu() for pair, value in values.items()}):
             known.update(part)
         return torch.stack([known[pair] for pair in member_pairs(len(self.ks))])
 
@@ -327,6 +379,13 @@ class MutualRegularizer:
         self.start_distance, self.recon_mean = meta.get("beta_start_distance"), meta.get("recon_mean")
         self.reinit.load_state(tensors, meta)
         own_members = range(self.shard.start, self.shard.stop)
-        saved = zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", []))
-        self.matches = {pair: matches for pair, matches in saved if pair[0] in own_members or pair[1] in own_members}
+        own_pairs = [pair for pair in member_pairs(len(self.ks)) if pair[0] in own_members or pair[1] in own_members]
+        self.matches = {
+            pair: m for pair, m in zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", [])) if pair in own_pairs
+        }
+        self.best = {
+            pair: b for pair, b in zip(member_pairs(len(self.ks)), tensors.get("mfr.best", [])) if pair in own_pairs
+        }
+        confirmed = tensors.get("mfr.confirmed")
+        self.confirmed = None if confirmed is None else confirmed.bool()
         self.links = {}

@@ -89,6 +89,23 @@ def match_pairs(
 ) -> list[Tensor]:
     """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
     (`metrics.hungarian_matches`)."""
+    bounds = {"min_cosine": min_cosine, "max_cosine": max_cosine, "twin_cosine": twin_cosine}
+    return matches_and_best(pairs, mode, chunk, best=False, **bounds)[0]
+
+
+@torch.no_grad()
+def matches_and_best(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    mode: str = "max",
+    chunk: int = CHUNK_ROWS,
+    *,
+    min_cosine: float = -1.0,
+    max_cosine: float = 1.0,
+    twin_cosine: float = 1.0,
+    best: bool = True,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """`match_pairs`, and with `best` each pair's best cosines [2, h]: for each row of a its largest cosine with
+    a row of b (row 0), and for each row of b with a row of a (row 1), from the same products (else [])."""
     matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
     tops: list[tuple[Top, Top]] = []  # each pair's best cosines both ways (two or more), where taken
     if mode == "greedy":
@@ -110,15 +127,16 @@ def match_pairs(
         for (a, _), (rows, cols, _) in zip(pairs, hungarian_matches([(a, b, False) for a, b in pairs])):
             a_to_b = torch.as_tensor(cols[rows.argsort()], device=a.device)
             matched.append((torch.stack([a_to_b, torch.argsort(a_to_b)]), None))  # cosines taken only for a threshold
-        if twin_cosine < 1:
+        if twin_cosine < 1 or best:
             tops = [top_both_ways(a, b, 2, chunk) for a, b in pairs]
     kept = [
         _thresholded(a, b, matches, cosines, min_cosine, max_cosine)
         for (a, b), (matches, cosines) in zip(pairs, matched)
     ]
+    bests = [torch.stack([a_top.values[:, 0], b_top.values[:, 0]]) for a_top, b_top in tops] if best else []
     if twin_cosine >= 1:
-        return kept
-    return [without_twins(matches, a_top, b_top, twin_cosine) for matches, (a_top, b_top) in zip(kept, tops)]
+        return kept, bests
+    return [without_twins(matches, a_top, b_top, twin_cosine) for matches, (a_top, b_top) in zip(kept, tops)], bests
 
 
 def without_twins(matches: Tensor, a_top: Top, b_top: Top, twin_cosine: float) -> Tensor:

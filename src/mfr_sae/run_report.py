@@ -20,7 +20,7 @@ from mfr_sae.mfr import MutualRegularizer
 from mfr_sae.mmcs import pairwise_mmcs
 
 # the penalty's values that a log line carries (MutualRegularizer.penalty's)
-PENALTY_LOGS = ("penalty", "penalty_weight", "beta_effective", "pairwise_mmcs", "pulled_frac")
+PENALTY_LOGS = ("penalty", "penalty_weight", "beta_effective", "pairwise_mmcs", "pulled_frac", "confirmed_frac")
 
 
 class RunReport:

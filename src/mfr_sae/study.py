@@ -54,6 +54,14 @@ IDLE_CAPPED = (
 )
 # and pulled only towards live matches, never into a twin (mfr.twin_guard, mfr.idle_to_live)
 GUARDED = (*IDLE_CAPPED, "mfr.twin_guard=0.9", "mfr.idle_to_live=true")
+CONFIRMED = (
+    "mfr.mmcs=greedy",
+    "mfr.idle_window=0",
+    "mfr.match_every=100",
+    "mfr.twin_guard=0.9",
+    "mfr.confirm_cosine=0.8",
+    "mfr.max_cosine=0.7",
+)
 CANDIDATES = {
     "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
     "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
@@ -100,6 +108,14 @@ CANDIDATES = {
     "greedy 0.1*auto idle5k every100 cap0.95 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy"),
     # with a lower ceiling: at the GPT-2 shape the members agreed one-to-one at 0.991 under the 0.95 one
     "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.9"),
+    # lower still: under the 0.9 one, GPT-2-shape latents that match no true feature were pulled to 0.92 with
+    # their matches in every member, which alone kept the members' one-to-one agreement at 0.99
+    "greedy 0.1*auto idle5k every100 cap0.8 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.8"),
+    # evidence, not pull (mfr.confirm_cosine): only latents that no other member confirms (cosine >= 0.8) are
+    # pulled, and only towards confirmed ones, up to 0.7, so that the pull alone never confirms a latent; idle
+    # or not (at h = 4,096 almost no latent idles, and idle pulling did nothing there)
+    "greedy 1*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=1*auto"),
+    "greedy 0.3*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*auto"),
 }
 # the candidate whose settings are the defaults of mfr.*
 DEFAULT_SETTING = "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live"

@@ -186,6 +186,12 @@ class MFRConfig:
     """With idle_window: an idle latent is pulled only towards matches that fire; two idle latents matched to each
     other (as of the last re-matching) are not pulled together, since neither is evidence of a feature. false:
     towards every match."""
+    confirm_cosine: float = 1.0
+    """Evidence, not pull: a latent is confirmed when a latent of another member is at cosine >= this with it (as
+    measured at the previous re-matching, so that each process can match its pairs as the decoders pass). Below 1,
+    only unconfirmed latents are pulled, and only towards confirmed matches: what members found on their own guides
+    the rest, and with mfr.max_cosine below this the pull alone never confirms a latent (`confirmed_frac` in the
+    log). 1: off."""
     match_every: int = 100
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
     measures how many matches had changed. 1: exact every step (with `max`, certified: only
@@ -234,6 +240,7 @@ PAPER_MFR = [
     "mfr.twin_guard=1",
     "mfr.idle_window=0",
     "mfr.idle_to_live=false",
+    "mfr.confirm_cosine=1",
     "mfr.match_every=1",
     "mfr.reinit_window=100",
     "mfr.reinit_threshold=2.5",

@@ -99,7 +99,9 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 # Fields added since runs were first saved, with the value that a run saved before them behaved as: a saved
 # run's config holds every field of its day, so one it lacks must not take today's default (a resume would
 # change the run's setting halfway).
-FIELDS_BEFORE_THEY_EXISTED = {"mfr": {"idle_window": 0, "twin_guard": 1.0, "idle_to_live": False}}
+FIELDS_BEFORE_THEY_EXISTED = {
+    "mfr": {"idle_window": 0, "twin_guard": 1.0, "idle_to_live": False, "confirm_cosine": 1.0}
+}
 
 
 def load_run_config(path: Path) -> RunConfig:

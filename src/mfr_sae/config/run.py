@@ -146,15 +146,18 @@ class RunConfig:
         _check(-1 <= m.min_cosine <= 1, f"mfr.min_cosine={m.min_cosine}: must be in [-1, 1]")
         _check(-1 <= m.max_cosine <= 1, f"mfr.max_cosine={m.max_cosine}: must be in [-1, 1]")
         _check(-1 <= m.twin_guard <= 1, f"mfr.twin_guard={m.twin_guard}: must be in [-1, 1]")
+        _check(0 < m.confirm_cosine <= 1, f"mfr.confirm_cosine={m.confirm_cosine}: must be in (0, 1]")
         _check(
             m.min_cosine < m.max_cosine, f"mfr.min_cosine={m.min_cosine} must be below mfr.max_cosine={m.max_cosine}"
         )
         _check(m.mmcs in MMCS_FORMS, f"mfr.mmcs={m.mmcs!r}: must be one of {', '.join(MMCS_FORMS)}")
         _check(
-            m.match_every > 0 or (m.mmcs == "max" and m.max_cosine >= 1 and m.twin_guard >= 1 and not m.idle_to_live),
-            f"mfr.match_every=0 (the dense penalty) is `max` without a ceiling, twin guard or idle_to_live only "
-            f"(mfr.mmcs={m.mmcs}, mfr.max_cosine={m.max_cosine}, mfr.twin_guard={m.twin_guard}, "
-            f"mfr.idle_to_live={m.idle_to_live}); set mfr.match_every >= 1",
+            m.match_every > 0
+            or (m.mmcs == "max" and m.max_cosine >= 1 and m.twin_guard >= 1 and not m.idle_to_live)
+            and m.confirm_cosine >= 1,
+            f"mfr.match_every=0 (the dense penalty) is `max` without a ceiling, twin guard, idle_to_live or "
+            f"confirmation only (mfr.mmcs={m.mmcs}, mfr.max_cosine={m.max_cosine}, mfr.twin_guard={m.twin_guard}, "
+            f"mfr.idle_to_live={m.idle_to_live}, mfr.confirm_cosine={m.confirm_cosine}); set mfr.match_every >= 1",
         )
         for name, value in [
             ("mfr.warmup_steps", m.warmup_steps),
