@@ -361,6 +361,16 @@ def test_confirm_pulls_only_unconfirmed_latents_towards_confirmed_ones_confirmed
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(weight.grad, reference.grad)
     assert not weight.grad[confirmed].any() and weight.grad[~confirmed].abs().sum() > 0
+    # between re-matchings only the linked unconfirmed rows are pulled: the same gradient, with or without the value
+    grads = {}
+    for value in (True, False):
+        weight = now.clone().requires_grad_()
+        penalty, logs = reg.penalty(weight, 11, lambda: 1.0, value=value)
+        penalty.backward()
+        grads[value] = weight.grad.to_dense()
+        assert logs["pulled_frac"] < (~confirmed).float().mean()  # unlinked unconfirmed rows are left out
+    torch.testing.assert_close(grads[False], grads[True])
+    torch.testing.assert_close(grads[True], reference.grad)
 
 
 def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides):

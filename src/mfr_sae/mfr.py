@@ -32,6 +32,7 @@ from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
 from mfr_sae.kernels import unit_rows
 from mfr_sae.mmcs import (
+    NO_MATCH,
     Links,
     Pair,
     changed_fraction,
@@ -96,6 +97,7 @@ class MutualRegularizer:
         self.confirm = cfg.enabled and cfg.confirm_cosine < 1
         self.best: dict[Pair, Tensor] = {}  # confirm: each pair's best cosines [2, h] at the last re-matching
         self.confirmed: Tensor | None = None  # confirm: all members' confirmed latents [N, h], from the one before
+        self.linked: Tensor | None = None  # confirm: this rank's latents [n, h] linked at the last re-matching
 
     @property
     def penalty_on(self) -> bool:
@@ -156,12 +158,29 @@ class MutualRegularizer:
 
     def _unconfirmed(self, weight: Tensor, step: int) -> Tensor:
         """confirm: this rank's latents [n, h] that no latent of another member confirmed at the previous
-        re-matching (all of them before that), renewed at a re-matching step."""
-        if self._rematch_due(step):
+        re-matching (all of them before that), renewed at a re-matching step; between re-matchings only those
+        linked to a confirmed latent: the rest take no gradient, and the pulled rows' work is theirs alone."""
+        rematch = self._rematch_due(step)
+        if rematch:
             self._renew_confirmed()
-        if self.confirmed is None:
-            return torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
-        return ~self.confirmed[self.shard.start : self.shard.stop].to(weight.device)
+            self.linked = None
+        unconfirmed = torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
+        if self.confirmed is not None:
+            unconfirmed = ~self.confirmed[self.shard.start : self.shard.stop].to(weight.device)
+        if rematch:
+            return unconfirmed
+        if self.linked is None:
+            self.linked = self._linked_rows(unconfirmed)
+        return unconfirmed & self.linked
+
+    def _linked_rows(self, like: Tensor) -> Tensor:
+        """This rank's latents [n, h] with a match in some pair (as of the last re-matching)."""
+        linked = torch.zeros_like(like)
+        for pair, matches in self.matches.items():
+            for side, member in enumerate(pair):
+                if self.shard.start <= member < self.shard.stop:
+                    linked[member - self.shard.start] |= matches[side].to(like.device) != NO_MATCH
+        return linked
 
     def _renew_confirmed(self) -> None:
         """confirm: all members' confirmed latents [N, h] from every rank's best cosines of the last re-matching (a
