@@ -321,11 +321,26 @@ def _confirmed(decoder, cosine):
     return best >= cosine
 
 
-def test_confirm_pulls_only_unconfirmed_latents_towards_confirmed_ones_confirmed_at_the_previous_rematching():
+def _confirmed_reference(decoder, cosine):
+    """The penalty of `confirm` from dense products and hand-filtered matches: the confirmed latents, and the
+    penalty's value and gradient with pairs of two unconfirmed latents unlinked and confirmed rows not pulled."""
+    confirmed = _confirmed(decoder, cosine)
+    matches = match_all(decoder, "greedy")
+    for p, (a, b) in enumerate(member_pairs(len(decoder))):
+        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
+            for row, partner in enumerate(matches[p, side].tolist()):
+                if partner != NO_MATCH and not confirmed[row_member, row] and not confirmed[partner_member, partner]:
+                    matches[p, side, row] = NO_MATCH
+    reference = decoder.clone().requires_grad_()
+    expected = 1 - matched_mmcs(torch.where(confirmed.unsqueeze(-1), reference.detach(), reference), matches)
+    expected.backward()
+    return confirmed, expected.item(), reference.grad
+
+
+def test_confirm_pulls_only_unconfirmed_latents_towards_latents_that_the_same_rematching_confirmed():
     torch.manual_seed(2)
     base = F.normalize(torch.randn(30, 8), dim=-1)
     noise = torch.cat([0.1 * torch.ones(15), 3 * torch.ones(15)]).view(1, 30, 1)  # half agree, half do not
-    before, now = (F.normalize(base + noise * torch.randn(3, 30, 8), dim=-1) for _ in range(2))
     cfg = MFRConfig(
         enabled=True,
         beta=1.0,
@@ -338,39 +353,27 @@ def test_confirm_pulls_only_unconfirmed_latents_towards_confirmed_ones_confirmed
         confirm_cosine=0.9,
     )
     reg = MutualRegularizer(cfg, [2, 2, 2])
-    weight = before.clone().requires_grad_()
-    penalty, logs = reg.penalty(weight, 0, lambda: 1.0)
-    penalty.backward()
-    assert logs["confirmed_frac"] == 0 and not weight.grad.any()  # nothing confirmed before a first re-matching
-
-    weight = now.clone().requires_grad_()
-    penalty, logs = reg.penalty(weight, 10, lambda: 1.0)
-    penalty.backward()
-    confirmed = _confirmed(before, 0.9)  # as the matching before this one measured it
-    assert 0 < confirmed.float().mean() < 1 and not torch.equal(confirmed, _confirmed(now, 0.9))
-    assert logs["confirmed_frac"] == pytest.approx(confirmed.float().mean().item())
-    matches = match_all(now, "greedy")
-    for p, (a, b) in enumerate(member_pairs(3)):
-        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
-            for row, partner in enumerate(matches[p, side].tolist()):
-                if partner != NO_MATCH and not confirmed[row_member, row] and not confirmed[partner_member, partner]:
-                    matches[p, side, row] = NO_MATCH
-    reference = now.clone().requires_grad_()
-    expected = 1 - matched_mmcs(torch.where(confirmed.unsqueeze(-1), reference.detach(), reference), matches)
-    expected.backward()
-    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
-    torch.testing.assert_close(weight.grad, reference.grad)
-    assert not weight.grad[confirmed].any() and weight.grad[~confirmed].abs().sum() > 0
+    for step in (0, 10):  # two re-matchings of other decoders
+        decoder = F.normalize(base + noise * torch.randn(3, 30, 8), dim=-1)
+        weight = decoder.clone().requires_grad_()
+        penalty, logs = reg.penalty(weight, step, lambda: 1.0)
+        penalty.backward()
+        confirmed, expected, expected_grad = _confirmed_reference(decoder, 0.9)
+        assert 0 < confirmed.float().mean() < 1
+        assert logs["confirmed_frac"] == pytest.approx(confirmed.float().mean().item())
+        assert penalty.item() == pytest.approx(expected, rel=1e-6)
+        torch.testing.assert_close(weight.grad, expected_grad)
+        assert not weight.grad[confirmed].any() and weight.grad[~confirmed].abs().sum() > 0
     # between re-matchings only the linked unconfirmed rows are pulled: the same gradient, with or without the value
     grads = {}
     for value in (True, False):
-        weight = now.clone().requires_grad_()
+        weight = decoder.clone().requires_grad_()
         penalty, logs = reg.penalty(weight, 11, lambda: 1.0, value=value)
         penalty.backward()
         grads[value] = weight.grad.to_dense()
         assert logs["pulled_frac"] < (~confirmed).float().mean()  # unlinked unconfirmed rows are left out
     torch.testing.assert_close(grads[False], grads[True])
-    torch.testing.assert_close(grads[True], reference.grad)
+    torch.testing.assert_close(grads[True], expected_grad)
 
 
 def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides):

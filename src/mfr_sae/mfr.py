@@ -96,8 +96,8 @@ class MutualRegularizer:
         self.idle: Tensor | None = None  # idle_to_live: all members' idle latents [N, h] at the re-matching step
         self.confirm = cfg.enabled and cfg.confirm_cosine < 1
         self.best: dict[Pair, Tensor] = {}  # confirm: each pair's best cosines [2, h] at the last re-matching
-        self.confirmed: Tensor | None = None  # confirm: all members' confirmed latents [N, h], from the one before
-        self.linked: Tensor | None = None  # confirm: this rank's latents [n, h] linked at the last re-matching
+        self.confirmed: Tensor | None = None  # confirm: all members' confirmed latents [N, h] at the last one
+        self.linked: Tensor | None = None  # confirm: this rank's latents [n, h] linked since the last one
 
     @property
     def penalty_on(self) -> bool:
@@ -121,8 +121,14 @@ class MutualRegularizer:
         re-matchings, only the pulled rows' part is computed: the same gradient for a fraction of the work,
         and a tensor that is not the penalty's value (nothing is logged from it)."""
         logged: dict[str, float] = {}
+        rematch = self.cfg.match_every > 0 and self._rematch_due(step)
+        previous = self.matches
         if self.confirm:
-            unconfirmed = self._unconfirmed(weight, step)
+            if rematch:  # matched first: the pulled rows are known only once this matching has confirmed latents
+                self._matched_mmcs(weight.detach(), True, pulled)
+                self._confirm_matches()
+                rematch = False
+            unconfirmed = self._unconfirmed(weight)
             logged["confirmed_frac"] = 0.0 if self.confirmed is None else self.confirmed.float().mean().item()
             pulled = unconfirmed if pulled is None else pulled & unconfirmed
         if pulled is not None:
@@ -133,11 +139,10 @@ class MutualRegularizer:
         if self.cfg.match_every == 0:  # the dense reference: every rank evaluates all of it
             mmcs = dense_mmcs(unit_rows(self.shard.gather_differentiable(weight)), self.cfg.min_cosine).mean()
         else:
-            rematch = self._rematch_due(step)
-            previous = self.matches
             mmcs = self._matched_mmcs(weight, rematch, pulled)
             self._note_rematched()
-            stale = changed_fraction(previous, self.matches) if rematch and self.cfg.match_every > 1 else None
+            new = self.matches is not previous  # matched anew at this step
+            stale = changed_fraction(previous, self.matches) if new and self.cfg.match_every > 1 else None
             if stale is not None:  # how far matches drift in match_every steps (this rank's pairs)
                 logged["match_stale_frac"] = self.stale_frac = stale
         distance = 1 - mmcs
@@ -156,22 +161,26 @@ class MutualRegularizer:
         """Whether this step's penalty matches anew: at the first step, after a reinitialisation, every match_every."""
         return not self.matches or step % self.cfg.match_every == 0
 
-    def _unconfirmed(self, weight: Tensor, step: int) -> Tensor:
-        """confirm: this rank's latents [n, h] that no latent of another member confirmed at the previous
-        re-matching (all of them before that), renewed at a re-matching step; between re-matchings only those
-        linked to a confirmed latent: the rest take no gradient, and the pulled rows' work is theirs alone."""
-        rematch = self._rematch_due(step)
-        if rematch:
-            self._renew_confirmed()
-            self.linked = None
+    def _unconfirmed(self, weight: Tensor) -> Tensor:
+        """confirm: this rank's latents [n, h] that no latent of another member confirmed at the last re-matching
+        and that are linked to one that is: the others take no gradient, and the pulled rows' work is theirs."""
         unconfirmed = torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
         if self.confirmed is not None:
             unconfirmed = ~self.confirmed[self.shard.start : self.shard.stop].to(weight.device)
-        if rematch:
-            return unconfirmed
         if self.linked is None:
             self.linked = self._linked_rows(unconfirmed)
         return unconfirmed & self.linked
+
+    def _confirm_matches(self) -> None:
+        """confirm, right after a re-matching: the latents it confirmed, and its matches without the pairs of two
+        unconfirmed latents (a pair of two confirmed ones stays linked: neither takes a gradient)."""
+        self._renew_confirmed()
+        assert self.confirmed is not None  # a re-matching has just given every pair's best cosines
+        unconfirmed = ~self.confirmed
+        for (a, b), matches in self.matches.items():
+            marked = unconfirmed.to(matches.device)
+            self.matches[(a, b)] = without_marked_pairs(matches, marked[a], marked[b])
+        self.links, self.linked = {}, None
 
     def _linked_rows(self, like: Tensor) -> Tensor:
         """This rank's latents [n, h] with a match in some pair (as of the last re-matching)."""
@@ -183,8 +192,8 @@ class MutualRegularizer:
         return linked
 
     def _renew_confirmed(self) -> None:
-        """confirm: all members' confirmed latents [N, h] from every rank's best cosines of the last re-matching (a
-        collective: every rank takes it at the same step); None before any."""
+        """confirm: all members' confirmed latents [N, h] from every rank's best cosines of the re-matching just
+        made (a collective: every rank takes it at the same step); None before any."""
         known: dict[Pair, Tensor] = {}
         for part in self.shard.gather_objects({pair: best.cpu() for pair, best in self.best.items()}):
             known.update(part)
@@ -250,7 +259,7 @@ class MutualRegularizer:
         idle_to_live leaves pairs of this rank's `idle` latents out); across processes each rank adds its own
         rows' part, summed in member order whatever the shards."""
         if rematch and self.certified is None:
-            self.matches, self.links = {}, {}
+            self.matches, self.links, self.best = {}, {}, {}
             if self.idle_to_live and idle is not None:  # every rank's, for the pairs it matches
                 self.idle = self.shard.gather(idle.to(torch.uint8)).bool()
         if self.shard.world == 1:
@@ -287,8 +296,7 @@ class MutualRegularizer:
 
     def _match_pairs(self, pairs: list[Pair], unit_rows: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """The matches [2, h] of member pairs from their unit rows, kept where mfr.min_cosine, max_cosine (the
-        ceiling), twin_guard, idle_to_live and confirm_cosine say (confirm: their best cosines kept for the next
-        re-matching)."""
+        ceiling), twin_guard and idle_to_live say (confirm: their best cosines kept, for `_confirm_matches`)."""
         cfg = self.cfg
         matched, best = matches_and_best(
             unit_rows,
@@ -299,16 +307,10 @@ class MutualRegularizer:
             best=self.confirm,
         )
         self.best.update(zip(pairs, best))
-        # pairs of two idle latents, or of two unconfirmed ones, are not pulled together
-        marks = [] if self.idle is None else [self.idle]
-        if self.confirm:
-            h = unit_rows[0][0].shape[0]
-            confirmed = self.confirmed if self.confirmed is not None else torch.zeros(len(self.ks), h, dtype=torch.bool)
-            marks.append(~confirmed)
-        for marked in marks:
-            marked = marked.to(matched[0].device)
-            matched = [without_marked_pairs(m, marked[a], marked[b]) for m, (a, b) in zip(matched, pairs)]
-        return matched
+        if self.idle is None:
+            return matched
+        idle = self.idle.to(matched[0].device) if matched else self.idle
+        return [without_marked_pairs(m, idle[a], idle[b]) for m, (a, b) in zip(matched, pairs)]
 
     def _one_process_columns(self, weight: Tensor) -> Tensor:
         """All members' decoder rows [N * h, d] in column_dtype and back: rounded as the rows that travel between
@@ -348,9 +350,8 @@ class MutualRegularizer:
         rank's members [n] (None once all are past it)."""
         chosen, own_metric = self.reinit.check(step, counts, batch_size)
         if chosen:  # fresh partners: matches of its old weights would pull it until the next re-matching, so
-            # the next penalty re-matches (every rank takes this decision: all re-match together), and nothing
-            # is confirmed until the one after
-            self.matches, self.links, self.best, self.confirmed = {}, {}, {}, None
+            # the next penalty re-matches (every rank takes this decision: all re-match together)
+            self.matches, self.links, self.linked = {}, {}, None
             if self.certified is not None:
                 self.certified.reset()
             if self.pair_certified is not None:
@@ -375,8 +376,6 @@ class MutualRegularizer:
         """All members' state, whole on rank 0 (a collective across processes: every rank calls it; the
         firing history is None on the other ranks)."""
         tensors = {"mfr.matches": self._all_pairs(self.matches)} if self.matches else {}
-        if self.best:
-            tensors["mfr.best"] = self._all_pairs(self.best)
         if self.confirmed is not None:
             tensors["mfr.confirmed"] = self.confirmed.to(torch.uint8)
         reinit_tensors, reinit_meta = self.reinit.state()
@@ -402,9 +401,6 @@ class MutualRegularizer:
         self.matches = {
             pair: m for pair, m in zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", [])) if pair in own_pairs
         }
-        self.best = {
-            pair: b for pair, b in zip(member_pairs(len(self.ks)), tensors.get("mfr.best", [])) if pair in own_pairs
-        }
         confirmed = tensors.get("mfr.confirmed")
         self.confirmed = None if confirmed is None else confirmed.bool()
-        self.links = {}
+        self.links, self.linked = {}, None

@@ -111,7 +111,7 @@ def restore_training(
     """Load this process's members (weights, AdamW state, firing history, MFR state) from the checkpoint
     folder, whatever the number of processes that wrote it (the files hold all N); returns its step."""
     state, meta = ckpt.load_trainer_state(
-        folder, slice(shard.start, shard.stop), whole=("mfr.matches", "mfr.best", "mfr.confirmed")
+        folder, slice(shard.start, shard.stop), whole=("mfr.matches", "mfr.confirmed")
     )
     loaded = ckpt.load(folder, device, members=shard.members)
     with torch.no_grad():
