@@ -188,10 +188,9 @@ class MFRConfig:
     towards every match."""
     confirm_cosine: float = 1.0
     """Evidence, not pull: a latent is confirmed when a latent of another member is at cosine >= this with it (as
-    measured at the previous re-matching, so that each process can match its pairs as the decoders pass). Below 1,
-    only unconfirmed latents are pulled, and only towards confirmed matches: what members found on their own guides
-    the rest, and with mfr.max_cosine below this the pull alone never confirms a latent (`confirmed_frac` in the
-    log). 1: off."""
+    measured at each re-matching). Below 1, only unconfirmed latents are pulled, and only towards confirmed matches:
+    what members found on their own guides the rest, and with mfr.max_cosine below this the pull alone never
+    confirms a latent (`confirmed_frac` in the log). 1: off."""
     match_every: int = 100
     """Recompute the matched feature pairs every this many steps; in between, `match_stale_frac` in the log
     measures how many matches had changed. 1: exact every step (with `max`, certified: only
