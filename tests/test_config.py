@@ -103,9 +103,17 @@ def test_the_paper_mfr_setting_is_spelled_out_in_full():
 
 
 def test_a_saved_run_config_without_a_later_field_reads_as_the_run_was_trained(tmp_path):
+    from mfr_sae.config.loading import FIELDS_BEFORE_THEY_EXISTED
+
+    # each later field whose default is not how the runs saved before it behaved
+    changed = {name: v for name, v in FIELDS_BEFORE_THEY_EXISTED["mfr"].items() if getattr(MFRConfig(), name) != v}
+    assert changed
     path = tmp_path / "config.yaml"
-    save_config(load_config(None, ["mfr.enabled=true", "mfr.idle_window=7"]), path)
-    assert load_run_config(path).mfr.idle_window == 7  # a field the file holds is kept
-    path.write_text("\n".join(line for line in path.read_text().splitlines() if "idle_window" not in line))
-    assert load_run_config(path).mfr.idle_window == 0  # saved before the field existed: no idle pulling
-    assert load_config(path).mfr.idle_window == MFRConfig().idle_window  # a user's config takes the default
+    save_config(load_config(None, ["mfr.enabled=true", "mfr.confirm_cosine=0.6"]), path)
+    assert load_run_config(path).mfr.confirm_cosine == 0.6  # a field the file holds is kept
+    path.write_text(
+        "\n".join(line for line in path.read_text().splitlines() if line.split(":")[0].strip() not in changed)
+    )
+    for name, before in changed.items():
+        assert getattr(load_run_config(path).mfr, name) == before  # saved before the field existed
+        assert getattr(load_config(path).mfr, name) == getattr(MFRConfig(), name)  # a user's config: the default

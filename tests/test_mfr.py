@@ -21,12 +21,14 @@ def test_warmup_is_a_cosine_ramp():
 
 
 def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
-    reg = MutualRegularizer(MFRConfig(enabled=True, beta="auto", mmcs="max", warmup_steps=0), [2, 2])
+    reg = MutualRegularizer(
+        MFRConfig(enabled=True, confirm_cosine=1.0, beta="auto", mmcs="max", warmup_steps=0), [2, 2]
+    )
     decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
     penalty, logs = reg.penalty(decoder, 0, lambda: 0.37)
     assert penalty.item() == pytest.approx(0.37, rel=1e-5)
     assert reg.beta == pytest.approx(0.37 / (1 - logs["pairwise_mmcs"]), rel=1e-5)
-    fixed = MutualRegularizer(MFRConfig(enabled=True, beta=2.0, warmup_steps=100), [2, 2])
+    fixed = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta=2.0, warmup_steps=100), [2, 2])
     penalty, logs = fixed.penalty(decoder, 50, lambda: 0.37)
     assert logs["penalty_weight"] == pytest.approx(1.0)  # beta * w(50) = 2 * 0.5
     assert penalty.item() == pytest.approx(1 - logs["pairwise_mmcs"], rel=1e-5)
@@ -34,7 +36,7 @@ def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
 
 def test_auto_beta_refuses_identical_members():
     reg = MutualRegularizer(
-        MFRConfig(enabled=True, max_cosine=1.0, twin_guard=1.0), [2, 2]
+        MFRConfig(enabled=True, confirm_cosine=1.0, max_cosine=1.0, twin_guard=1.0), [2, 2]
     )  # (a ceiling unlinks them all)
     decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
     with pytest.raises(ConfigError, match="members start identical"):
@@ -58,7 +60,8 @@ def test_with_match_every_1_training_follows_the_dense_penalty(tmp_path, easy_ov
 def test_mfr_pulls_members_together(tmp_path, easy_overrides):
     overrides = easy_overrides + ["train.n_samples=100000", "sae.n_members=3"]
     base = train(load_config(None, overrides), tmp_path / "base", progress=False)
-    mfr = train(load_config(None, overrides + ["mfr.enabled=true", "mfr.beta=1.0"]), tmp_path / "mfr", progress=False)
+    every_latent = ["mfr.enabled=true", "mfr.beta=1.0", "mfr.confirm_cosine=1"]  # (here nothing is confirmed by 0.8)
+    mfr = train(load_config(None, overrides + every_latent), tmp_path / "mfr", progress=False)
     assert base["beta"] is None and mfr["beta"] == 1.0
     assert mfr["pairwise_mmcs"] > base["pairwise_mmcs"]
 
@@ -87,12 +90,12 @@ def test_beta_relative_to_auto_scales_the_auto_value():
     decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
     betas = {}
     for beta in ("auto", "0.02*auto", 0.5):
-        reg = MutualRegularizer(MFRConfig(enabled=True, beta=beta, warmup_steps=0), [2, 2])
+        reg = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta=beta, warmup_steps=0), [2, 2])
         reg.penalty(decoder, 0, lambda: 0.37)
         betas[beta] = reg.beta
     assert betas["0.02*auto"] == pytest.approx(0.02 * betas["auto"])
     assert betas[0.5] == 0.5
-    assert not MutualRegularizer(MFRConfig(enabled=True, beta="0*auto"), [2, 2]).penalty_on
+    assert not MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0*auto"), [2, 2]).penalty_on
     for wrong in ("2*aut", "-1*auto", "auto*2", -0.5):
         with pytest.raises(ConfigError, match="mfr.beta"):
             load_config(None, [f"mfr.beta={wrong}"])
@@ -108,6 +111,7 @@ def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matche
             "mfr.enabled=true",
             "mfr.match_every=4",
             "mfr.mmcs=max",
+            "mfr.confirm_cosine=1",
             "train.log_every=1",
             "mfr.warmup_steps=0",
             "mfr.beta=1.0",
@@ -135,6 +139,7 @@ def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, e
             "mfr.enabled=true",
             "mfr.match_every=50",
             "mfr.mmcs=max",
+            "mfr.confirm_cosine=1",
             "mfr.beta=1.0",
             "mfr.warmup_steps=0",
             "mfr.reinit_samples=1000",
@@ -154,8 +159,8 @@ def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, e
 
 def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_its_first_value():
     decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
-    recon = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*recon", warmup_steps=0), [2, 2])
-    auto = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*auto", warmup_steps=0), [2, 2])
+    recon = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*recon", warmup_steps=0), [2, 2])
+    auto = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*auto", warmup_steps=0), [2, 2])
     _, first = recon.penalty(decoder, 0, lambda: 1.0)
     auto.penalty(decoder, 0, lambda: 1.0)
     start = 1 - first["pairwise_mmcs"]
@@ -170,7 +175,7 @@ def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_i
     assert auto_logs["beta_effective"] == first["beta_effective"]  # the paper's form keeps its step-1 beta
     # a resumed run goes on from the same running mean and start distance
     tensors, meta = recon.state()
-    again = MutualRegularizer(MFRConfig(enabled=True, beta="0.1*recon", warmup_steps=0), [2, 2])
+    again = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*recon", warmup_steps=0), [2, 2])
     again.load_state(tensors, json.loads(json.dumps(meta)))
     assert again.penalty(decoder, 400, lambda: 0.01)[1] == recon.penalty(decoder, 400, lambda: 0.01)[1]
     with pytest.raises(ConfigError, match="mfr.beta"):
@@ -178,7 +183,9 @@ def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_i
 
 
 def test_recon_beta_refuses_identical_members():
-    reg = MutualRegularizer(MFRConfig(enabled=True, beta="recon", max_cosine=1.0, twin_guard=1.0), [2, 2])
+    reg = MutualRegularizer(
+        MFRConfig(enabled=True, confirm_cosine=1.0, beta="recon", max_cosine=1.0, twin_guard=1.0), [2, 2]
+    )
     decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
     with pytest.raises(ConfigError, match="members start identical"):
         reg.penalty(decoder, 0, lambda: 1.0)
@@ -195,6 +202,7 @@ def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_ever
     for ceiling in (1.0, 0.98):
         cfg = MFRConfig(
             enabled=True,
+            confirm_cosine=1.0,
             beta=1.0,
             mmcs=mmcs,
             match_every=match_every,
@@ -225,7 +233,15 @@ def test_only_the_rows_given_as_pulled_take_the_penalty_gradient(mmcs, match_eve
     pulled = torch.rand(3, 30) < 0.3
     grads, values = {}, {}
     for name, mask in (("all", None), ("some", pulled)):
-        cfg = MFRConfig(enabled=True, beta=1.0, mmcs=mmcs, match_every=match_every, twin_guard=1.0, idle_to_live=False)
+        cfg = MFRConfig(
+            enabled=True,
+            confirm_cosine=1.0,
+            beta=1.0,
+            mmcs=mmcs,
+            match_every=match_every,
+            twin_guard=1.0,
+            idle_to_live=False,
+        )
         reg = MutualRegularizer(cfg, [2, 2, 2])
         weight = decoder.clone().requires_grad_()
         penalty, logs = reg.penalty(weight, 200, lambda: 1.0, mask)
@@ -245,7 +261,9 @@ def test_a_step_without_the_value_gives_the_pulled_rows_the_same_gradient_bitwis
     pulled = torch.rand(3, 60) < 0.2
     grads, betas = {}, {}
     for value in (True, False):
-        reg = MutualRegularizer(MFRConfig(enabled=True, beta=beta, match_every=10, idle_window=1), [2, 2, 2])
+        reg = MutualRegularizer(
+            MFRConfig(enabled=True, confirm_cosine=1.0, beta=beta, match_every=10, idle_window=1), [2, 2, 2]
+        )
         weight = decoder.clone().requires_grad_()
         reg.penalty(weight, 0, lambda: 1.0, pulled)  # the re-matching step: its value is always taken
         weight.grad = None
@@ -266,7 +284,14 @@ def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtere
     decoder = F.normalize(base + 0.3 * torch.randn(3, 30, 8), dim=-1)  # members that roughly agree
     idle = torch.rand(3, 30) < 0.5
     cfg = MFRConfig(
-        enabled=True, beta=1.0, mmcs="mnn_hungarian", match_every=10, max_cosine=1.0, idle_window=1, idle_to_live=True
+        enabled=True,
+        confirm_cosine=1.0,
+        beta=1.0,
+        mmcs="mnn_hungarian",
+        match_every=10,
+        max_cosine=1.0,
+        idle_window=1,
+        idle_to_live=True,
     )
     reg = MutualRegularizer(cfg, [2, 2, 2])
     weight = decoder.clone().requires_grad_()
@@ -291,7 +316,7 @@ def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtere
 
 def test_idle_window_pulls_only_latents_that_have_not_fired_lately(tmp_path, easy_overrides):
     overrides = easy_overrides + ["train.n_samples=40000", "sae.n_members=3"]
-    mfr = ["mfr.enabled=true", "mfr.beta=1.0", "mfr.mmcs=mnn_hungarian", "mfr.warmup_steps=0"]
+    mfr = ["mfr.enabled=true", "mfr.beta=1.0", "mfr.mmcs=mnn_hungarian", "mfr.warmup_steps=0", "mfr.confirm_cosine=1"]
     runs = {}
     for name, extra in [
         ("base", []),
