@@ -136,3 +136,27 @@ def tiny_gpt2(tmp_path_factory):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir, corpus
+
+
+@pytest.fixture
+def cut_and_resumed():
+    """`cut_and_resumed(overrides, run_dir, step)`: train a run that a Ctrl-C stops at `step`, then `--resume` it;
+    returns (the Trainer that was cut, the resumed run's results)."""
+    from mfr_sae.config import load_config
+    from mfr_sae.train import Trainer, resume
+
+    def run(overrides, run_dir, step):
+        trainer = Trainer(load_config(None, overrides), run_dir, progress=False)
+        original = trainer.train_step
+
+        def stop_at_step(*args):
+            if trainer.step == step:
+                raise KeyboardInterrupt
+            return original(*args)
+
+        trainer.train_step = stop_at_step
+        with pytest.raises(Exception, match="resume"):
+            trainer.fit()
+        return trainer, resume(run_dir, progress=False)
+
+    return run

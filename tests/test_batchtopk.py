@@ -11,7 +11,7 @@ from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.kernels import tied_topk
 from mfr_sae.metrics import reconstruction_metrics
-from mfr_sae.train import Trainer, resume, train
+from mfr_sae.train import train
 
 
 def dense(values, idx, h):
@@ -122,7 +122,7 @@ def test_saelens_loads_a_batchtopk_member_as_jumprelu_and_agrees(tmp_path, archi
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 def test_a_batchtopk_run_with_mfr_resumes_to_the_same_weights_and_reports_its_saved_form(
-    tmp_path, easy_overrides, architecture
+    tmp_path, easy_overrides, architecture, cut_and_resumed
 ):
     overrides = easy_overrides + [
         f"sae.architecture={architecture}",
@@ -132,18 +132,7 @@ def test_a_batchtopk_run_with_mfr_resumes_to_the_same_weights_and_reports_its_sa
         "train.log_every=5",
     ]
     full = train(load_config(None, overrides), tmp_path / "full", progress=False)
-    trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
-    original = trainer.train_step
-
-    def stop_at_step_22(*args):
-        if trainer.step == 22:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    trainer.train_step = stop_at_step_22
-    with pytest.raises(Exception, match="resume"):
-        trainer.fit()
-    resumed = resume(tmp_path / "cut", progress=False)
+    trainer, resumed = cut_and_resumed(overrides, tmp_path / "cut", 22)
     full_model, cut_model = load(tmp_path / "full"), load(tmp_path / "cut")
     for name, tensor in full_model.state_dict().items():
         assert torch.equal(tensor, cut_model.state_dict()[name]), name

@@ -9,7 +9,7 @@ from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
 from mfr_sae.mmcs import NO_MATCH, changed_fraction, match_all, matched_mmcs, member_pairs
-from mfr_sae.train import Trainer, resume, train
+from mfr_sae.train import Trainer, train
 
 
 def test_warmup_is_a_cosine_ramp():
@@ -278,6 +278,17 @@ def test_a_step_without_the_value_gives_the_pulled_rows_the_same_gradient_bitwis
     assert betas[False] == betas[True]  # recon's running mean went on alike
 
 
+def _unlinked_where_both(matches, marked):
+    """Reference, by hand: matches [P, 2, h] with NO_MATCH wherever a latent and its partner are both marked [N, h]."""
+    matches = matches.clone()
+    for p, (a, b) in enumerate(member_pairs(len(marked))):
+        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
+            for row, partner in enumerate(matches[p, side].tolist()):
+                if partner != NO_MATCH and marked[row_member, row] and marked[partner_member, partner]:
+                    matches[p, side, row] = NO_MATCH
+    return matches
+
+
 def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtered_matches():
     torch.manual_seed(1)
     base = F.normalize(torch.randn(30, 8), dim=-1)
@@ -298,12 +309,7 @@ def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtere
     penalty, _ = reg.penalty(weight, 200, lambda: 1.0, idle)
     penalty.backward()
     # the reference: every pair's one-to-one matches, with those between two idle latents taken out by hand
-    matches = match_all(decoder, "mnn_hungarian")
-    for p, (a, b) in enumerate(member_pairs(3)):
-        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
-            for row, partner in enumerate(matches[p, side].tolist()):
-                if partner != NO_MATCH and idle[row_member, row] and idle[partner_member, partner]:
-                    matches[p, side, row] = NO_MATCH
+    matches = _unlinked_where_both(match_all(decoder, "mnn_hungarian"), idle)
     reference = decoder.clone().requires_grad_()
     expected = 1 - matched_mmcs(torch.where(idle.unsqueeze(-1), reference, reference.detach()), matches)
     expected.backward()
@@ -350,12 +356,7 @@ def _confirmed_reference(decoder, cosine):
     """The penalty of `confirm` from dense products and hand-filtered matches: the confirmed latents, and the
     penalty's value and gradient with pairs of two unconfirmed latents unlinked and confirmed rows not pulled."""
     confirmed = _confirmed(decoder, cosine)
-    matches = match_all(decoder, "greedy")
-    for p, (a, b) in enumerate(member_pairs(len(decoder))):
-        for side, (row_member, partner_member) in enumerate([(a, b), (b, a)]):
-            for row, partner in enumerate(matches[p, side].tolist()):
-                if partner != NO_MATCH and not confirmed[row_member, row] and not confirmed[partner_member, partner]:
-                    matches[p, side, row] = NO_MATCH
+    matches = _unlinked_where_both(match_all(decoder, "greedy"), ~confirmed)
     reference = decoder.clone().requires_grad_()
     expected = 1 - matched_mmcs(torch.where(confirmed.unsqueeze(-1), reference.detach(), reference), matches)
     expected.backward()
@@ -401,7 +402,7 @@ def test_confirm_pulls_only_unconfirmed_latents_towards_latents_that_the_same_re
     torch.testing.assert_close(grads[True], expected_grad)
 
 
-def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides):
+def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides, cut_and_resumed):
     overrides = easy_overrides + [
         "sae.n_members=3",
         "mfr.enabled=true",
@@ -417,18 +418,7 @@ def test_a_run_with_confirm_resumes_to_the_same_weights(tmp_path, easy_overrides
     full = train(load_config(None, overrides), tmp_path / "full", progress=False)
     logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < max(r.get("confirmed_frac", 0) for r in logged) < 1  # some latents confirmed, others pulled
-    trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
-    original = trainer.train_step
-
-    def stop_at_step_22(*args):
-        if trainer.step == 22:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    trainer.train_step = stop_at_step_22
-    with pytest.raises(Exception, match="resume"):
-        trainer.fit()
-    resumed = resume(tmp_path / "cut", progress=False)
+    _, resumed = cut_and_resumed(overrides, tmp_path / "cut", 22)
     for name, tensor in load(tmp_path / "full").state_dict().items():
         assert torch.equal(tensor, load(tmp_path / "cut").state_dict()[name]), name
     assert resumed["members"] == full["members"]

@@ -74,23 +74,8 @@ def match_pair(
     NO_MATCH (no ceiling at max_cosine >= 1), and so is a match (i, j) where j is at cosine >= twin_cosine
     with a row of a other than i, or i with a row of b other than j: pulling them together would make a twin
     in a member (no guard at twin_cosine >= 1)."""
-    return match_pairs([(a, b)], mode, chunk, min_cosine=min_cosine, max_cosine=max_cosine, twin_cosine=twin_cosine)[0]
-
-
-@torch.no_grad()
-def match_pairs(
-    pairs: Sequence[tuple[Tensor, Tensor]],
-    mode: str = "max",
-    chunk: int = CHUNK_ROWS,
-    *,
-    min_cosine: float = -1.0,
-    max_cosine: float = 1.0,
-    twin_cosine: float = 1.0,
-) -> list[Tensor]:
-    """`match_pair` of each (a, b); the one-to-one assignments of all pairs are solved side by side in threads
-    (`metrics.hungarian_matches`)."""
     bounds = {"min_cosine": min_cosine, "max_cosine": max_cosine, "twin_cosine": twin_cosine}
-    return matches_and_best(pairs, mode, chunk, best=False, **bounds)[0]
+    return matches_and_best([(a, b)], mode, chunk, best=False, **bounds)[0][0]
 
 
 @torch.no_grad()
@@ -104,8 +89,10 @@ def matches_and_best(
     twin_cosine: float = 1.0,
     best: bool = True,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """`match_pairs`, and with `best` each pair's best cosines [2, h]: for each row of a its largest cosine with
-    a row of b (row 0), and for each row of b with a row of a (row 1), from the same products (else [])."""
+    """`match_pair` of each (a, b), the one-to-one assignments of all pairs solved side by side in threads
+    (`metrics.hungarian_matches`); and with `best` each pair's best cosines [2, h]: for each row of a its largest
+    cosine with a row of b (row 0), and for each row of b with a row of a (row 1), from the same products (else
+    [])."""
     matched: list[tuple[Tensor, Tensor | None]] = []  # each pair's matches and, where known, their cosines
     tops: list[tuple[Top, Top]] = []  # each pair's best cosines both ways (two or more), where taken
     if mode == "greedy":
@@ -369,7 +356,9 @@ def match_all(
     if not pairs:
         return torch.empty(0, 2, decoder.shape[1], dtype=torch.long, device=decoder.device)
     bounds = {"min_cosine": min_cosine, "max_cosine": max_cosine, "twin_cosine": twin_cosine}
-    return torch.stack(match_pairs([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, **bounds))
+    return torch.stack(
+        matches_and_best([(decoder[a], decoder[b]) for a, b in pairs], mode, chunk, best=False, **bounds)[0]
+    )
 
 
 def changed_fraction(old: dict[Pair, Tensor], new: dict[Pair, Tensor]) -> float | None:
