@@ -138,6 +138,24 @@ def tiny_gpt2(tmp_path_factory):
     return model_dir, corpus
 
 
+def _raise_at(trainer, step, error) -> None:
+    """Make the trainer raise `error` when it is about to run step `step`."""
+    original = trainer.train_step
+
+    def step_or_raise(*args):
+        if trainer.step == step:
+            raise error
+        return original(*args)
+
+    trainer.train_step = step_or_raise
+
+
+@pytest.fixture
+def raise_at():
+    """`raise_at(trainer, step, error)`: the trainer raises `error` when it is about to run step `step`."""
+    return _raise_at
+
+
 @pytest.fixture
 def cut_and_resumed():
     """`cut_and_resumed(overrides, run_dir, step)`: train a run that a Ctrl-C stops at `step`, then `--resume` it;
@@ -147,14 +165,7 @@ def cut_and_resumed():
 
     def run(overrides, run_dir, step):
         trainer = Trainer(load_config(None, overrides), run_dir, progress=False)
-        original = trainer.train_step
-
-        def stop_at_step(*args):
-            if trainer.step == step:
-                raise KeyboardInterrupt
-            return original(*args)
-
-        trainer.train_step = stop_at_step
+        _raise_at(trainer, step, KeyboardInterrupt)
         with pytest.raises(Exception, match="resume"):
             trainer.fit()
         return trainer, resume(run_dir, progress=False)

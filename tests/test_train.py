@@ -68,24 +68,12 @@ class _Interrupt(Exception):
     pass
 
 
-def _raise_at(trainer, step, error) -> None:
-    """Make the trainer raise `error` when it is about to run step `step`."""
-    original = trainer.train_step
-
-    def step_or_raise(*args):
-        if trainer.step == step:
-            raise error
-        return original(*args)
-
-    trainer.train_step = step_or_raise
-
-
-def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_overrides, monkeypatch):
+def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, easy_overrides, monkeypatch, raise_at):
     overrides = easy_overrides + ["train.n_samples=60000", "train.checkpoint_every=20", "train.log_every=5"]
     full = train(load_config(None, overrides), tmp_path / "full", progress=False)
 
     trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
-    _raise_at(trainer, 47, _Interrupt)
+    raise_at(trainer, 47, _Interrupt)
     with pytest.raises(_Interrupt):
         trainer.fit()
     resumed = resume(tmp_path / "cut", progress=False)
@@ -154,10 +142,10 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_with_the_same
     assert logged_steps(run_dir) == logged_steps(tmp_path / "full") == list(range(1, 301))
 
 
-def test_resume_drops_a_log_line_cut_off_by_a_kill(tmp_path, easy_overrides, monkeypatch):
+def test_resume_drops_a_log_line_cut_off_by_a_kill(tmp_path, easy_overrides, monkeypatch, raise_at):
     overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=10", "train.log_every=5"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "cut", progress=False)
-    _raise_at(trainer, 17, _Interrupt)
+    raise_at(trainer, 17, _Interrupt)
     with pytest.raises(_Interrupt):
         trainer.fit()
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as log:
@@ -314,14 +302,14 @@ class _Bar:
         monkeypatch.setattr(run_log, "tqdm", Bar)
 
 
-def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, easy_overrides, monkeypatch):
+def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, easy_overrides, monkeypatch, raise_at):
     from mfr_sae.checkpoint import load_trainer_state
     from mfr_sae.train import Interrupted
 
     bar = _Bar(monkeypatch)
     overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=5", "train.log_every=1"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=True)
-    _raise_at(trainer, 7, KeyboardInterrupt)
+    raise_at(trainer, 7, KeyboardInterrupt)
     try:
         trainer.fit()
     except Interrupted as err:  # (while it is in flight, its traceback keeps the bar from being collected)
@@ -334,12 +322,12 @@ def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, ea
     assert resume(tmp_path / "run", progress=False)["steps"] == 30
 
 
-def test_ctrl_c_before_the_first_checkpoint_says_that_resume_starts_again(tmp_path, easy_overrides, capsys):
+def test_ctrl_c_before_the_first_checkpoint_says_that_resume_starts_again(tmp_path, easy_overrides, capsys, raise_at):
     from mfr_sae.train import Interrupted
 
     overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=20"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=False)
-    _raise_at(trainer, 3, KeyboardInterrupt)
+    raise_at(trainer, 3, KeyboardInterrupt)
     with pytest.raises(Interrupted, match="at step 3, before the first checkpoint: .* starts again from step 0"):
         trainer.fit()
     assert resume(tmp_path / "run", progress=False)["steps"] == 30

@@ -174,8 +174,7 @@ class MutualRegularizer:
     def _confirm_matches(self) -> None:
         """confirm, right after a re-matching: the latents it confirmed, and its matches without the pairs of two
         unconfirmed latents (a pair of two confirmed ones stays linked: neither takes a gradient)."""
-        self._renew_confirmed()
-        assert self.confirmed is not None  # a re-matching has just given every pair's best cosines
+        self.confirmed = self._gathered_confirmed()
         unconfirmed = ~self.confirmed
         for (a, b), matches in self.matches.items():
             marked = unconfirmed.to(matches.device)
@@ -191,19 +190,16 @@ class MutualRegularizer:
                     linked[member - self.shard.start] |= matches[side].to(like.device) != NO_MATCH
         return linked
 
-    def _renew_confirmed(self) -> None:
+    def _gathered_confirmed(self) -> Tensor:
         """confirm: all members' confirmed latents [N, h] from every rank's best cosines of the re-matching just
-        made (a collective: every rank takes it at the same step); None before any."""
+        made, which together cover every pair (a collective: every rank takes it at the same step)."""
         known: dict[Pair, Tensor] = {}
         for part in self.shard.gather_objects({pair: best.cpu() for pair, best in self.best.items()}):
             known.update(part)
-        if not known:
-            self.confirmed = None
-            return
         best = torch.full((len(self.ks), next(iter(known.values())).shape[1]), -math.inf)
         for (a, b), cosines in known.items():
             best[a], best[b] = best[a].maximum(cosines[0].float()), best[b].maximum(cosines[1].float())
-        self.confirmed = best >= self.cfg.confirm_cosine
+        return best >= self.cfg.confirm_cosine
 
     def _pulled_part_will_do(self, step: int) -> bool:
         """Whether this step needs nothing of the penalty but its pulled rows' gradient: one process, matches
@@ -375,18 +371,18 @@ class MutualRegularizer:
     def state(self) -> tuple[dict[str, Tensor | None], dict[str, Any]]:
         """All members' state, whole on rank 0 (a collective across processes: every rank calls it; the
         firing history is None on the other ranks)."""
-        tensors = {"mfr.matches": self._all_pairs(self.matches)} if self.matches else {}
+        tensors = {"mfr.matches": self._all_matches()} if self.matches else {}
         if self.confirmed is not None:
             tensors["mfr.confirmed"] = self.confirmed.to(torch.uint8)
         reinit_tensors, reinit_meta = self.reinit.state()
         beta_meta = {"beta": self.beta, "beta_start_distance": self.start_distance, "recon_mean": self.recon_mean}
         return tensors | reinit_tensors, beta_meta | reinit_meta
 
-    def _all_pairs(self, values: dict[Pair, Tensor]) -> Tensor:
-        """Values of every pair [P, 2, h] (matches, best cosines), on every rank: each rank knows the pairs of its
-        own members, together all pairs."""
+    def _all_matches(self) -> Tensor:
+        """The matches of every pair [P, 2, h], on every rank: each rank knows the pairs of its own members,
+        together all pairs."""
         known = {}
-        for part in self.shard.gather_objects({pair: value.cpu() for pair, value in values.items()}):
+        for part in self.shard.gather_objects({pair: matches.cpu() for pair, matches in self.matches.items()}):
             known.update(part)
         return torch.stack([known[pair] for pair in member_pairs(len(self.ks))])
 
@@ -397,10 +393,8 @@ class MutualRegularizer:
         self.start_distance, self.recon_mean = meta.get("beta_start_distance"), meta.get("recon_mean")
         self.reinit.load_state(tensors, meta)
         own_members = range(self.shard.start, self.shard.stop)
-        own_pairs = [pair for pair in member_pairs(len(self.ks)) if pair[0] in own_members or pair[1] in own_members]
-        self.matches = {
-            pair: m for pair, m in zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", [])) if pair in own_pairs
-        }
+        saved = zip(member_pairs(len(self.ks)), tensors.get("mfr.matches", []))
+        self.matches = {pair: matches for pair, matches in saved if pair[0] in own_members or pair[1] in own_members}
         confirmed = tensors.get("mfr.confirmed")
         self.confirmed = None if confirmed is None else confirmed.bool()
         self.links, self.linked = {}, None
