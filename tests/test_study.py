@@ -128,7 +128,7 @@ def test_a_setting_identical_to_the_baseline_is_said_so_and_not_counted_in_any_h
 def _summary(analysed: dict) -> dict:
     """The summary `study` hands write_report, around one dataset analysed on both splits."""
     config = run_config("learnable", settings()[0], 0, quick=True).to_dict()
-    data = {**analysed, "config": config, "replicates": R}
+    data = {**analysed, "config": config, "replicates": R, "dataset": "learnable", "architecture": "topk"}
     return {
         "quick": True,
         "replicates": R,
@@ -218,7 +218,7 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     # learnable marked large, to see --large-replicates reach it without training another dataset
     monkeypatch.setitem(study.DATASETS, "learnable", {**study.DATASETS["learnable"], "large": True})
     args = ["study", "--quick", "--replicates", "3", "--tune-replicates", "2", "--large-replicates", "2"]
-    args += ["--candidates", ",".join(two), "--data", "learnable", "--out", str(out)]
+    args += ["--candidates", ",".join(two), "--data", "learnable", "--architectures", "batchtopk", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     lines = report.splitlines()
@@ -245,6 +245,16 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert saved["replicates"] == 3 and "--large-replicates 2" in report
     assert len(saved["tuning"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
     assert (out / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
+    # the architecture axis: BatchTopK alone against BatchTopK with the defaults, in the same Holm family
+    batchtopk = saved["datasets"]["learnable batchtopk"]
+    assert (
+        set(batchtopk["rows"]) == {BASELINE, DEFAULT_SETTING}
+        and batchtopk["config"]["sae"]["architecture"] == "batchtopk"
+    )
+    assert batchtopk["rows"][BASELINE]["measures"]["gt_mcc"] != heldout["rows"][BASELINE]["measures"]["gt_mcc"]
+    assert (out / "batchtopk" / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
+    assert "--architectures batchtopk --data learnable " in report and "## Held-out learnable batchtopk: " in report
+    assert lines[6].startswith("**held-out learnable batchtopk: ")
     # a second run reuses every finished run (nothing retrained: the results files stay as they were)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
     assert main([*args, "--no-progress"]) == 0
@@ -256,6 +266,7 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert main(["study", "--large-replicates", "1", "--out", str(out)]) == 2
     assert main(["study", "--candidates", "hungarian 9*auto", "--out", str(out)]) == 2
     assert main(["study", "--tune-on", "learnable,nope", "--out", str(out)]) == 2
+    assert main(["study", "--architectures", "jumprelu", "--out", str(out)]) == 2
 
 
 def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():

@@ -96,7 +96,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from mfr_sae.study import CANDIDATES, DATASETS, study
+    from mfr_sae.study import ARCHITECTURES, CANDIDATES, DATASETS, study
 
     counts = {
         "--replicates": args.replicates,
@@ -114,6 +114,10 @@ def run_study(args: argparse.Namespace) -> int:
     unknown = [c for c in candidates if c not in CANDIDATES]
     if unknown:
         raise ConfigError(f"study: unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
+    architectures = tuple(args.architectures.split(",")) if args.architectures else ()
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown:
+        raise ConfigError(f"study: unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
     summary = study(
         args.out,
         args.quick,
@@ -124,6 +128,7 @@ def run_study(args: argparse.Namespace) -> int:
         tune_on=tune_on,
         large_replicates=args.large_replicates,
         candidates=candidates,
+        architectures=architectures,
     )
     print(f"chosen on the tuning split ({args.tune_on}): {summary['chosen'] or 'none'}")
     for name, data in summary["datasets"].items():

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out datasets, comma-separated: learnable (h 1,024), learnable-large (h 4,096), hierarchical "
         "(correlated features, h 1,024), paper",
     )
+    p.add_argument(
+        "--architectures",
+        default="",
+        help="besides TopK, architectures each judged alone and with the defaults of mfr.* on every held-out "
+        "dataset, comma-separated: auxk (TopK + AuxK), batchtopk, matryoshka (default: none)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 
     p = commands.add_parser(

@@ -116,6 +116,18 @@ CANDIDATES = {
     # or not (at h = 4,096 almost no latent idles, and idle pulling did nothing there)
     "greedy 1*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=1*auto"),
     "greedy 0.3*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*auto"),
+    # at the GPT-2 shape the two above lost to the baseline: pulled latents became partial copies of features their
+    # own member already had. Not towards a feature the member already has at the ceiling (guard0.7); or a pull
+    # that fades as the reconstruction improves (recon)
+    "greedy 0.3*auto confirm0.8 cap0.7 guard0.7": (*CONFIRMED, "mfr.beta=0.3*auto", "mfr.twin_guard=0.7"),
+    "greedy 0.3*recon confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*recon"),
+}
+# the architecture axis (issue 27, `--architectures`): beside TopK, each of these alone (its own baseline) and with
+# the defaults of mfr.*, on every held-out dataset
+ARCHITECTURES = {
+    "auxk": ("sae.aux_coef=0.03125",),  # TopK with AuxK at the paper's 1/32
+    "batchtopk": ("sae.architecture=batchtopk",),
+    "matryoshka": ("sae.architecture=matryoshka",),  # Matryoshka BatchTopK, prefixes h/16, h/4, h
 }
 # the candidate whose settings are the defaults of mfr.*
 DEFAULT_SETTING = "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live"
@@ -189,6 +201,18 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out comparison: a dataset's held-out split, trained with one architecture's overrides."""
+
+    key: str  # its name in the report and results.json
+    dataset: str
+    architecture: str
+    folder: Path  # its runs: folder/heldout/DATASET/SETTING/repR
+    grid: list[Setting]
+    overrides: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -313,12 +337,15 @@ def study(
     tune_on: tuple[str, ...] = ("learnable",),
     large_replicates: int = 3,
     candidates: tuple[str, ...] = (),
+    architectures: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Choose a setting on the tuning splits of the `tune_on` datasets (among `candidates`, default all),
     judge it (and the defaults) on the held-out split of each of `datasets`; write out/report.md,
     out/results.json and out/fig_fvu_mcc.png. `extra` (section.field=value) changes every run, e.g. for a
     smaller test. The large datasets (minutes a run on a CPU) get `large_replicates` held-out replicates each,
-    the others `replicates`."""
+    the others `replicates`. Each of `architectures` (ARCHITECTURES) is judged too: on every held-out dataset,
+    its own baseline against it with the defaults (held-out key "DATASET ARCHITECTURE", runs in
+    out/ARCHITECTURE/)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -330,9 +357,18 @@ def study(
         tuning[name] = {**data, **analyse(data, tune_replicates)}
     chosen = choose(*tuning.values())
     judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
-    counts = {name: large_replicates if DATASETS[name].get("large") else replicates for name in datasets}
-    raw = {name: run_dataset(out, name, judged, counts[name], quick, progress, extra, "heldout") for name in datasets}
-    analysed = {name: {**data, **analyse(data, counts[name]), "replicates": counts[name]} for name, data in raw.items()}
+    with_defaults = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING)]
+    heldout = [HeldOut(name, name, "topk", out, judged, ()) for name in datasets] + [
+        HeldOut(f"{name} {arch}", name, arch, out / arch, with_defaults, ARCHITECTURES[arch])
+        for arch in architectures
+        for name in datasets
+    ]
+    analysed = {}
+    for h in heldout:
+        count = large_replicates if DATASETS[h.dataset].get("large") else replicates
+        data = run_dataset(h.folder, h.dataset, h.grid, count, quick, progress, (*extra, *h.overrides), "heldout")
+        analysed[h.key] = {**data, **analyse(data, count), "replicates": count}
+        analysed[h.key].update(dataset=h.dataset, architecture=h.architecture)
     correct_across_datasets(analysed)
     summary = {
         "quick": quick,
@@ -341,6 +377,7 @@ def study(
         "tune_replicates": tune_replicates,
         "tune_on": list(tune_on),
         "candidates": list(candidates),
+        "architectures": list(architectures),
         "chosen": chosen,
         "default_setting": DEFAULT_SETTING,
         "machine": machine(),

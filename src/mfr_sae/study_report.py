@@ -29,6 +29,12 @@ DATASET_WORDS = {
     "hierarchical": "correlated features: parents with Zipf firing, children that fire only with their parent",
     "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
 }
+ARCHITECTURE_WORDS = {
+    "auxk": "TopK SAEs with AuxK (dead latents reconstruct the residual; aux_coef 1/32), with and without MFR",
+    "batchtopk": "BatchTopK SAEs (k x batch largest activations across the batch), with and without MFR",
+    "matryoshka": "Matryoshka BatchTopK SAEs (nested prefixes h/16, h/4, h), with and without MFR",
+}
+SAE_KEYS = ("architecture", "n_members", "d_sae", "k", "aux_coef")
 
 
 def interval(ci: list[float] | None) -> str:
@@ -237,7 +243,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --large-replicates "
         f"{summary['large_replicates']} --tune-replicates {tr} --tune-on {tune_on} "
         + (f"--candidates '{','.join(tried)}' " if summary.get("candidates") else "")
-        + f"--data {','.join(summary['datasets'])} --out {out}"
+        + (f"--architectures {','.join(summary['architectures'])} " if summary.get("architectures") else "")
+        + f"--data {','.join(dict.fromkeys(h['dataset'] for h in summary['datasets'].values()))} --out {out}"
     )
     lines = ["# MFR study: a setting chosen on tuning data, judged on held-out data", ""]
     lines += [
@@ -257,6 +264,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             "the full study (without `--quick`) is the evidence.",
         ]
     candidates = "; ".join(f"`{s['name']}`: {', '.join(s['overrides'])}" for s in summary["settings"][1:])
+    architectures = []
+    if summary.get("architectures"):
+        architectures.append(
+            f"- Architectures beside TopK ({', '.join(summary['architectures'])}): on every held-out dataset each "
+            "one alone (its own baseline) against it with the defaults of mfr.*, on the same replicates, with the "
+            "same tests (its MCC test in the same Holm family)."
+        )
     lines += [
         "",
         "## Design",
@@ -268,6 +282,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         f"- Held-out: the baseline, the pick and the defaults of mfr.* (`{summary['default_setting']}`) on every "
         "dataset's held-out split (other true features, data.seed 1; other replicates, 100..), which the pick "
         f"never saw: {r} replicates, {summary['large_replicates']} on the large datasets (h above 1,024).",
+        *architectures,
         "- Replicate r has its own sample stream (data.stream_seed) and initialisation (train.seed); every "
         "setting of replicate r sees the samples and starts from the weights of the baseline of replicate r.",
         f"- Candidates: {candidates}.",
@@ -310,12 +325,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         }.get(cfg["data"]["firing"], ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
         lines += [
             "",
-            f"## Held-out {name}: {DATASET_WORDS.get(name, name)}",
+            f"## Held-out {name}: {DATASET_WORDS[data['dataset']]}"
+            + ("" if data["architecture"] == "topk" else f"; {ARCHITECTURE_WORDS[data['architecture']]}"),
             "",
             "Data: "
             + ", ".join(f"{k}={cfg['data'][k]}" for k in (*data_keys, "normalize_features", "seed"))
             + "; SAEs: "
-            + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in ("n_members", "d_sae", "k"))
+            + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in SAE_KEYS)
             + "; training: "
             + ", ".join(f"{k}={v}" for k, v in cfg["train"].items() if k in ("n_samples", "batch_size", "lr"))
             + ".",
