@@ -50,9 +50,10 @@ def _trainer(tmp_path, easy_overrides, name, extra):
         "mfr.enabled=true",
         "mfr.mmcs=max",
         "mfr.match_every=1",
-        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling or twin guard
+        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling, twin guard or confirmation
         "mfr.twin_guard=1",
         "mfr.idle_window=0",
+        "mfr.confirm_cosine=1",
         "mfr.beta=auto",
         "mfr.warmup_steps=5",
         "mfr.reinit_window=30",
@@ -101,8 +102,9 @@ def test_the_share_of_rows_re_matched_is_logged(tmp_path, easy_overrides):
         "mfr.enabled=true",
         "mfr.mmcs=max",
         "mfr.match_every=1",
-        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling or twin guard
+        "mfr.max_cosine=1",  # the paper's form: certified only without a ceiling, twin guard or confirmation
         "mfr.twin_guard=1",
+        "mfr.confirm_cosine=1",
         "mfr.idle_window=0",
     ]
     train(load_config(None, overrides), tmp_path / "run", progress=False)

@@ -285,7 +285,8 @@ def watched(shard, outgoing, stage):
     passed_on.append(weakref.ref(outgoing))
     return pass_on(shard, outgoing, stage)
 ring._pass_on = watched
-regularizer = MutualRegularizer(MFRConfig(enabled=True, beta=1.0, mmcs="max", match_every=1), [2] * 5, shard)
+cfg = MFRConfig(enabled=True, beta=1.0, mmcs="max", match_every=1, max_cosine=0.9, twin_guard=0.9, confirm_cosine=1.0)
+regularizer = MutualRegularizer(cfg, [2] * 5, shard)  # one stream a step (confirmation streams twice to re-match)
 weight = torch.randn(len(shard.members), 16, 8, requires_grad=True)
 for step in range(2):
     passed_on.clear()

@@ -297,6 +297,7 @@ def test_idle_to_live_leaves_pairs_of_idle_latents_unpulled_against_hand_filtere
     cfg = MFRConfig(
         enabled=True,
         confirm_cosine=1.0,
+        twin_guard=1.0,
         beta=1.0,
         mmcs="mnn_hungarian",
         match_every=10,

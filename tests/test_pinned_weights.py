@@ -36,10 +36,12 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "sae.n_members=3",
         "sae.k=[3,4,3]",
         "mfr.mmcs=hungarian",
+        "mfr.beta=0.1*auto",
         "mfr.match_every=10",
         "mfr.idle_window=0",
         "mfr.max_cosine=1",
         "mfr.twin_guard=1",
+        "mfr.confirm_cosine=1",
     ],
     "untied_max_bias": [
         "sae.n_members=2",
@@ -52,6 +54,7 @@ RUNS = {  # the defaults before 2026-12-03 (hungarian, beta 0.1*auto, matched ev
         "mfr.idle_window=0",
         "mfr.max_cosine=1",
         "mfr.twin_guard=1",
+        "mfr.confirm_cosine=1",
     ],
 }
 

@@ -130,7 +130,7 @@ ARCHITECTURES = {
     "matryoshka": ("sae.architecture=matryoshka",),  # Matryoshka BatchTopK, prefixes h/16, h/4, h
 }
 # the candidate whose settings are the defaults of mfr.*
-DEFAULT_SETTING = "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live"
+DEFAULT_SETTING = "greedy 0.3*auto confirm0.8 cap0.7 guard0.7"
 BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole

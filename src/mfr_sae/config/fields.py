@@ -140,18 +140,17 @@ class TrainConfig:
 
 @dataclass
 class MFRConfig:
-    """Defaults (`mfr-sae study`, RESULTS.md): a greedy one-to-one matching re-made every 100 steps; only latents
-    idle for 5,000 vectors pulled, only towards matches that fire, never into a twin, up to a 0.9 ceiling. On
-    held-out learnable data they beat the baseline at h = 1,024 and neither help nor hurt at h = 4,096; at the
-    paper's GPT-2 shape on its synthetic data (3 seeds) they recover more true features than the baseline, with
-    the members agreeing one-to-one at 0.9895-0.9902 (`collapse_note` flags above 0.99). Confirmation
-    (`confirm_cosine: 0.8`, beta 0.3*auto, idle_window 0, max_cosine 0.7) also beats the baseline at h = 4,096;
-    it is not measured at the GPT-2 shape, where at beta 1*auto it lost (one seed). The paper's form is
-    PAPER_MFR."""
+    """Defaults (`mfr-sae study`, RESULTS.md): confirmation. A greedy one-to-one matching re-made every 100 steps;
+    only latents that no other member confirms (no latent of another member at cosine >= 0.8) are pulled, only
+    towards confirmed matches, up to a 0.7 ceiling, never towards a direction their own member already has at
+    0.7 (the twin guard at the ceiling), at beta 0.3*auto. On held-out learnable data they beat the baseline at
+    h = 1,024 and at h = 4,096 with FVU no worse; at the paper's GPT-2 shape on its synthetic data they recover
+    more true features than the baseline and reconstruct better, the members agreeing one-to-one at about 0.92.
+    The paper's form is PAPER_MFR."""
 
     enabled: bool = False
     """Mutual Feature Regularization (penalty and reinitialisation); false: the baseline, same code."""
-    beta: float | str = "0.1*auto"
+    beta: float | str = "0.3*auto"
     """Penalty coefficient; `auto` (the paper) makes the penalty equal the reconstruction loss at the start and
     keeps that beta; `0.1*auto` a fraction of it; `0.1*recon` follows the reconstruction loss as it is now:
     beta = 0.1 x (running mean of the members' reconstruction loss) / (1 - MMCS at the first step), so members
@@ -171,25 +170,26 @@ class MFRConfig:
     min_cosine: float = -1.0
     """Thresholded form: only matched latents whose cosine is at least this (when matched) are pulled
     together, so agreement is used as evidence, not forced; -1: every match (the paper)."""
-    max_cosine: float = 0.9
+    max_cosine: float = 0.7
     """Ceiling, against collapse: matched latents whose cosine is above this (when matched) are not pulled
-    further (agreement, not identity; 0.95 let the GPT-2-shape members agree one-to-one at 0.991, RESULTS.md;
-    below mfr.confirm_cosine the pull alone never confirms a latent);
+    further (agreement, not identity; below mfr.confirm_cosine the pull alone never confirms a latent);
     1: no ceiling (the paper; `max` at match_every 1 is certified only without one)."""
-    twin_guard: float = 0.9
+    twin_guard: float = 0.7
     """A match is not pulled when either latent's partner is already at cosine >= this with another latent of
-    the latent's own member: the pull would make a twin there (as twin_frac counts them, above 0.9); 1: off
-    (the paper)."""
-    idle_window: int = 5000
+    the latent's own member: the pull would make a partial copy of a direction the member has (at 0.9, a twin
+    as twin_frac counts them; at the 0.7 ceiling, anything the pull could reach: at the GPT-2 shape, 0.9 let
+    confirmation lose to the baseline, RESULTS.md); 1: off (the paper)."""
+    idle_window: int = 0
     """Pull only idle latents: a latent is pulled towards its matches only once it has not fired on the last
     this-many training vectors; live latents are left to the reconstruction (`pulled_frac` in the log). Where
-    many latents idle (rare features) a pulled one can become a twin of a feature its own member has; 0: every
-    matched latent is pulled (the paper)."""
-    idle_to_live: bool = True
+    many latents idle (rare features) a pulled one can become a twin of a feature its own member has; 0 (the
+    default, and the paper): idle or not. 5000 (with idle_to_live) were the defaults until 2026-12-03: they
+    gained nothing at h = 4,096, where almost no latent idles (RESULTS.md)."""
+    idle_to_live: bool = False
     """With idle_window: an idle latent is pulled only towards matches that fire; two idle latents matched to each
     other (as of the last re-matching) are not pulled together, since neither is evidence of a feature. false:
     towards every match."""
-    confirm_cosine: float = 1.0
+    confirm_cosine: float = 0.8
     """Evidence, not pull: a latent is confirmed when a latent of another member is at cosine >= this with it (as
     measured at each re-matching). Below 1, only unconfirmed latents are pulled, and only towards confirmed matches:
     what members found on their own guides the rest, and with mfr.max_cosine below this the pull alone never
