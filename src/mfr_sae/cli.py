@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Collection
 
 from mfr_sae import distributed
 from mfr_sae.checkpoint import CheckpointError
@@ -95,6 +96,19 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_names(names: tuple[str, ...], known: Collection[str], what: str) -> tuple[str, ...]:
+    """`names` when each is one of `known` (a `mfr-sae study` option's comma-separated list), else the error."""
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"study: unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    return names
+
+
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated option's names; none when it is empty."""
+    return tuple(text.split(",")) if text else ()
+
+
 def run_study(args: argparse.Namespace) -> int:
     from mfr_sae.study import ARCHITECTURES, CANDIDATES, DATASETS, study
 
@@ -106,18 +120,10 @@ def run_study(args: argparse.Namespace) -> int:
     for option, count in counts.items():
         if count < 2:
             raise ConfigError(f"{option} {count}: a paired test needs at least 2 replicates")
-    datasets, tune_on = tuple(args.data.split(",")), tuple(args.tune_on.split(","))
-    unknown = [d for d in (*datasets, *tune_on) if d not in DATASETS]
-    if unknown:
-        raise ConfigError(f"study: unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
-    candidates = tuple(args.candidates.split(",")) if args.candidates else ()
-    unknown = [c for c in candidates if c not in CANDIDATES]
-    if unknown:
-        raise ConfigError(f"study: unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
-    architectures = tuple(args.architectures.split(",")) if args.architectures else ()
-    unknown = [a for a in architectures if a not in ARCHITECTURES]
-    if unknown:
-        raise ConfigError(f"study: unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+    datasets = _study_names(tuple(args.data.split(",")), DATASETS, "dataset")
+    tune_on = _study_names(tuple(args.tune_on.split(",")), DATASETS, "dataset")
+    candidates = _study_names(_listed(args.candidates), CANDIDATES, "candidate")
+    architectures = _study_names(_listed(args.architectures), ARCHITECTURES, "architecture")
     summary = study(
         args.out,
         args.quick,

@@ -129,6 +129,7 @@ ARCHITECTURES = {
     "batchtopk": ("sae.architecture=batchtopk",),
     "matryoshka": ("sae.architecture=matryoshka",),  # Matryoshka BatchTopK, prefixes h/16, h/4, h
 }
+TOPK = "topk"  # the architecture of the study's tuning and of its held-out datasets' own keys
 # the candidate whose settings are the defaults of mfr.*
 DEFAULT_SETTING = "greedy 0.3*auto confirm0.8 cap0.7 guard0.7"
 BASELINE = "baseline"
@@ -205,14 +206,21 @@ COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
 
 @dataclass(frozen=True)
 class HeldOut:
-    """One held-out comparison: a dataset's held-out split, trained with one architecture's overrides."""
+    """One held-out comparison: a dataset's held-out split, trained as `architecture` (TOPK, the study's own, or a
+    key of ARCHITECTURES, with its overrides)."""
 
-    key: str  # its name in the report and results.json
     dataset: str
     architecture: str
-    folder: Path  # its runs: folder/heldout/DATASET/SETTING/repR
     grid: list[Setting]
-    overrides: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """Its name in the report and results.json."""
+        return self.dataset if self.architecture == TOPK else f"{self.dataset} {self.architecture}"
+
+    def folder(self, out: Path) -> Path:
+        """Where its runs go: folder/heldout/DATASET/SETTING/repR."""
+        return out if self.architecture == TOPK else out / self.architecture
 
 
 @dataclass(frozen=True)
@@ -358,17 +366,20 @@ def study(
     chosen = choose(*tuning.values())
     judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
     with_defaults = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING)]
-    heldout = [HeldOut(name, name, "topk", out, judged, ()) for name in datasets] + [
-        HeldOut(f"{name} {arch}", name, arch, out / arch, with_defaults, ARCHITECTURES[arch])
-        for arch in architectures
-        for name in datasets
-    ]
+    heldout = [HeldOut(name, TOPK, judged) for name in datasets]
+    heldout += [HeldOut(name, arch, with_defaults) for arch in architectures for name in datasets]
     analysed = {}
     for h in heldout:
         count = large_replicates if DATASETS[h.dataset].get("large") else replicates
-        data = run_dataset(h.folder, h.dataset, h.grid, count, quick, progress, (*extra, *h.overrides), "heldout")
-        analysed[h.key] = {**data, **analyse(data, count), "replicates": count}
-        analysed[h.key].update(dataset=h.dataset, architecture=h.architecture)
+        overrides = (*extra, *ARCHITECTURES.get(h.architecture, ()))
+        data = run_dataset(h.folder(out), h.dataset, h.grid, count, quick, progress, overrides, "heldout")
+        analysed[h.key] = {
+            **data,
+            **analyse(data, count),
+            "replicates": count,
+            "dataset": h.dataset,
+            "architecture": h.architecture,
+        }
     correct_across_datasets(analysed)
     summary = {
         "quick": quick,
