@@ -150,6 +150,28 @@ def run_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_study_lm(args: argparse.Namespace) -> int:
+    from mfr_sae.study_lm import FULL_TOKENS, QUICK_TOKENS, study_lm, verdict
+
+    if args.seeds < 2:
+        raise ConfigError(f"--seeds {args.seeds}: a paired comparison needs at least 2 seeds")
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
+    summary = study_lm(
+        args.out,
+        args.model,
+        args.text,
+        args.hook,
+        tokens,
+        args.cache_tokens,
+        args.seeds,
+        progress=not args.no_progress,
+        extra=args.overrides,
+    )
+    print("\n".join(verdict(summary)))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
     if args.experiment == "gpt2":
         from mfr_sae.reproduce.gpt2 import reproduce_gpt2
@@ -207,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "compare": run_compare,
             "cache": run_cache,
             "study": run_study,
+            "study-lm": run_study_lm,
             "verify": run_verify,
             "browse": run_browse,
         }

@@ -29,6 +29,26 @@ class WrappingRawFormatter(argparse.RawDescriptionHelpFormatter):
         return "\n".join(lines)
 
 
+def add_lm_source(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--model, --hook and --text: the language model, its hooked module and the text (`note` leads their help)."""
+    p.add_argument("--model", default="gpt2", help=f"{note}HF model name or local path (folder or .gguf file)")
+    p.add_argument(
+        "--hook",
+        default="blocks.0.hook_mlp_out",
+        help=f"{note}HF module path (transformer.h.0.mlp) or TransformerLens alias (blocks.0.hook_mlp_out)",
+    )
+    p.add_argument(
+        "--text",
+        default="Skylion007/openwebtext",
+        help=f"{note}HF dataset name (streamed) or a local .txt / .jsonl file or folder",
+    )
+
+
+def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """--set SECTION.FIELD=VALUE, repeatable, into `overrides`."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfr-sae", description="The `mfr-sae` command line.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="YAML file with sections data, sae, train, mfr, eval")
     p.add_argument("--out", type=Path, help="run folder to create (config, logs, checkpoint, results)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field (repeatable)",
-    )
+    add_overrides(p, "override one config field (repeatable)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument(
         "--overwrite",
@@ -74,13 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="synthetic: number of seeds (default: 3 with --quick, else 5); eeg: number of seeds (default 1)",
     )
-    p.add_argument("--model", default="gpt2", help="gpt2: HF model name or local path (folder or .gguf file)")
-    p.add_argument(
-        "--text",
-        default="Skylion007/openwebtext",
-        help="gpt2: HF dataset name (streamed) or a local .txt / .jsonl file or folder",
-    )
-    p.add_argument("--hook", default="blocks.0.hook_mlp_out", help="gpt2: the hooked module")
+    add_lm_source(p, "gpt2: ")
     p.add_argument("--tokens", type=int, help="gpt2: training tokens (default 2,000,000; --quick 100,000)")
     p.add_argument(
         "--data",
@@ -135,23 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 
     p = commands.add_parser(
+        "study-lm",
+        help="do the defaults of mfr.* beat the baseline on a language model's activations? (seeds)",
+        description="Cache the activations of one module of a language model, train the baseline and the defaults "
+        "of mfr.* for each seed (5 TopK members, k 6 to 30, h = 4d: the paper's Section 4.1 shape) and compare "
+        "them, paired over seeds: FVU, loss recovered, KL, the members' agreement and agreement across seeds. "
+        "Writes DIR/report.md (the verdict first) and DIR/results.json; finished runs in DIR are reused.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_lm_source(p)
+    p.add_argument("--tokens", type=int, help="training tokens per run (default 2,000,000; --quick 100,000)")
+    p.add_argument(
+        "--cache-tokens",
+        type=int,
+        help="activations to cache (default: --tokens plus the 10,000 held out; fewer: several passes over them)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="independent seeds (>= 2), each a baseline and an MFR run")
+    p.add_argument("--quick", action="store_true", help="100,000 training tokens a run")
+    add_overrides(p, "override one config field of every run (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+    p = commands.add_parser(
         "cache",
         help="cache activations of a language model on disk",
         description="Run a Hugging Face causal LM over text and store the output of "
         "one module as sharded .npy arrays with a manifest; train on it "
         "with --set data.kind=activations --set data.path=DIR.",
     )
-    p.add_argument("--model", default="gpt2", help="HF model name or local path (folder or .gguf file)")
-    p.add_argument(
-        "--hook",
-        default="blocks.0.hook_mlp_out",
-        help="HF module path (transformer.h.0.mlp) or TransformerLens alias (blocks.0.hook_mlp_out)",
-    )
-    p.add_argument(
-        "--text",
-        default="Skylion007/openwebtext",
-        help="HF dataset name (streamed) or a local .txt / .jsonl file or folder",
-    )
+    add_lm_source(p)
     p.add_argument("--out", type=Path, required=True, help="cache folder (a matching cache there is reused)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="activation vectors to store")
     p.add_argument("--context", type=int, default=128, help="tokens per sequence, BOS included")

@@ -276,6 +276,20 @@ def agreement_matrix(decoders: list[Tensor], progress: bool = False) -> np.ndarr
     return matrix
 
 
+def paired_agreement(treated: list[Tensor], control: list[Tensor], control_matrix: np.ndarray) -> np.ndarray:
+    """The [2R, 2R] agreement matrix of paired_permutation_test: R treated ensembles, then their R controls
+    (`control_matrix`: agreement_matrix of the controls, computed once for every treatment); a replicate's
+    own two ensembles are never compared (NaN)."""
+    replicates = len(treated)
+    matrix = np.full((2 * replicates, 2 * replicates), np.nan)
+    matrix[replicates:, replicates:] = control_matrix
+    matrix[:replicates, :replicates] = agreement_matrix(treated)
+    for r, q in combinations(range(replicates), 2):  # a treated ensemble against another replicate's control
+        matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(treated[r], control[q])
+        matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(treated[q], control[r])
+    return matrix
+
+
 def run_dataset(
     out: Path,
     dataset: str,
@@ -313,16 +327,10 @@ def run_dataset(
     # permutation test, which swaps a replicate's setting and baseline ensembles)
     base = decoders[BASELINE]
     base_matrix = agreement_matrix(base)
-    across: dict[str, Any] = {}
-    for setting in tqdm(grid[1:], desc=f"{dataset}: agreement", disable=not progress):
-        ens = decoders[setting.name]
-        matrix = np.full((2 * replicates, 2 * replicates), np.nan)
-        matrix[replicates:, replicates:] = base_matrix
-        matrix[:replicates, :replicates] = agreement_matrix(ens)
-        for r, q in combinations(range(replicates), 2):  # a setting's ensemble against another replicate's baseline
-            matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(ens[r], base[q])
-            matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(ens[q], base[r])
-        across[setting.name] = matrix.tolist()
+    across = {
+        setting.name: paired_agreement(decoders[setting.name], base, base_matrix).tolist()
+        for setting in tqdm(grid[1:], desc=f"{dataset}: agreement", disable=not progress)
+    }
     return {
         "values": values,
         "betas": betas,
