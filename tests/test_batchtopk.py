@@ -42,6 +42,8 @@ def test_batch_topk_equals_sorting_the_whole_batch(case):
     values, idx = batch_topk(pre, ks)
     assert values.shape[:2] == (3, 32) and values.shape == idx.shape
     torch.testing.assert_close(dense(values, idx, 50), dense_batch_topk(pre, ks), rtol=0, atol=0)
+    ordered = idx.sort(dim=-1).values  # every slot names its own latent, kept or not (as a top-k's do)
+    assert (ordered[..., 1:] != ordered[..., :-1]).all()
     kept = (values > 0).sum(dim=(1, 2))
     if case == "few_positive":
         assert (kept < torch.tensor(ks) * 32).all()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from mfr_sae.architectures import Architecture, register
 from mfr_sae.kernels import Selector
@@ -26,29 +27,40 @@ UNSET = -1.0  # a threshold not yet estimated (JumpReLU with it is ReLU)
 
 def batch_topk(pre: Tensor, ks: list[int]) -> tuple[Tensor, Tensor]:
     """pre [B, N, h] -> each member's k_n x B largest ReLU'd entries over the batch, as (values, idx) [N, B, k'],
-    the kept ones first in each sample and zeros after them (k': the most any sample keeps). Each sample's best
-    k_cap are the candidates, k_cap doubled until no sample can hold a kept entry beyond them: exact."""
+    the kept ones first in each sample and zeros after them (k': the most any sample keeps; entries tied with the
+    k_n x B-th are all kept). Each sample's best 2 max(k) are the candidates; the member's threshold is the
+    k_n x B-th largest candidate, exact once no sample has an entry at or above it beyond its candidates: the few
+    samples that might get more candidates (their own top-k again, twice as wide) until none does."""
     batch, n_members, d_sae = pre.shape
     k_cap = min(d_sae, 2 * max(ks))
+    values, idx = pre.topk(k_cap, dim=-1)  # sorted: each sample's candidates in descending order
+    values = values.relu_()
     while True:
-        values, idx = pre.topk(k_cap, dim=-1)  # sorted: each sample's candidates in descending order
-        values, idx = values.transpose(0, 1).relu(), idx.transpose(0, 1)  # [N, B, k_cap]
-        flat = values.reshape(n_members, -1)
-        chosen = [flat[n].topk(k * batch) for n, k in enumerate(ks)]
-        lowest = torch.stack([c.values[-1] for c in chosen])  # the smallest kept value of each member
+        flat = values.transpose(0, 1).reshape(n_members, -1)
+        threshold = torch.stack([flat[n].kthvalue(flat.shape[1] - k * batch + 1).values for n, k in enumerate(ks)])
         last = values[..., -1]  # a sample's entries beyond its candidates are at most its last one
-        if k_cap == d_sae or bool(((last < lowest[:, None]) | (last <= 0)).all()):
+        wider = (last >= threshold) & (last > 0)  # [B, N]: samples that may keep more than their candidates
+        if k_cap == d_sae or not bool(wider.any()):
             break
         k_cap = min(d_sae, 2 * k_cap)
-    kept = torch.zeros_like(flat, dtype=torch.bool)
-    for n, c in enumerate(chosen):
-        kept[n, c.indices] = True
-    kept = kept.view_as(values)
-    order = kept.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)  # kept first, in value order
+        values, idx = F.pad(values, (0, k_cap - values.shape[-1])), widened(idx, k_cap, d_sae)
+        values[wider], idx[wider] = pre[wider].topk(k_cap, dim=-1)
+        values[wider] = values[wider].relu_()
+    kept = (values >= threshold.unsqueeze(-1)) & (values > 0)  # a prefix of each sample's sorted candidates
     width = max(int(kept.sum(-1).max()), 1)
-    order = order[..., :width]
-    values = values.gather(-1, order) * kept.gather(-1, order)
-    return values.contiguous(), idx.gather(-1, order).contiguous()
+    values = (values * kept)[..., :width].transpose(0, 1).contiguous()
+    return values, idx[..., :width].transpose(0, 1).contiguous()
+
+
+def widened(idx: Tensor, width: int, d_sae: int) -> Tensor:
+    """idx [..., c] (distinct latents in each row) -> [..., width]: the same, then the lowest latents not among
+    them (slots that keep nothing still name distinct latents, as a top-k's do)."""
+    c = idx.shape[-1]
+    span = min(d_sae, width + c)  # holds width - c latents outside the row's c
+    taken = idx.new_zeros(*idx.shape[:-1], span + 1, dtype=torch.bool)
+    taken.scatter_(-1, idx.clamp_max(span), True)  # latents >= span land on the extra last column
+    free = (~taken[..., :span]).to(torch.uint8).argsort(dim=-1, descending=True, stable=True)  # ascending latents
+    return torch.cat([idx, free[..., : width - c]], dim=-1)
 
 
 def jumprelu(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:

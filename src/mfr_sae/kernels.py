@@ -130,23 +130,30 @@ class _TiedTopK(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_members, d_sae, d_in = weight.shape
         acts, idx = encoder_select(x, weight, bias, select)
-        k = idx.shape[-1]
         acts = acts.relu_() if mask is None else acts.relu_().mul_(mask)
         flat = weight.reshape(-1, d_in)
         inv_norm = inverse_norms(flat)
-        rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1, k)
-        scaled = acts.reshape(-1, k) * inv_norm[rows]  # a / n: the weight of each gathered raw row
+        # only the kept (non-zero) slots, ragged: bag n * B + b holds member n's latents of sample b (BatchTopK
+        # keeps from 0 to many per sample; its k' slots per sample are mostly zeros)
+        slots = acts.reshape(-1).nonzero().squeeze(1)
+        bags = slots.div(idx.shape[-1], rounding_mode="floor")
+        rows = (idx + member_offsets(n_members, d_sae, idx.device)).reshape(-1)[slots]
+        scaled = acts.reshape(-1)[slots] * inv_norm[rows]  # a / n: the weight of each gathered raw row
+        counts = torch.bincount(bags, minlength=n_members * len(x))
+        offsets = counts.cumsum(0).sub_(counts)
         if ends is None:
             ctx.groups = None
-            x_hat = F.embedding_bag(rows, flat, per_sample_weights=scaled, mode="sum").view(n_members, -1, d_in)
+            x_hat = F.embedding_bag(rows, flat, offsets, per_sample_weights=scaled, mode="sum").view(
+                n_members, -1, d_in
+            )
         else:
-            ctx.groups = torch.bucketize(idx, ends, right=True).reshape(-1, k)
+            ctx.groups = torch.bucketize(idx.reshape(-1)[slots], ends, right=True)
             parts = [
-                F.embedding_bag(rows, flat, per_sample_weights=scaled * (ctx.groups == g), mode="sum")
+                F.embedding_bag(rows, flat, offsets, per_sample_weights=scaled * (ctx.groups == g), mode="sum")
                 for g in range(len(ends))
             ]
             x_hat = torch.stack(parts).cumsum(0).view(len(ends), n_members, -1, d_in)
-        ctx.save_for_backward(x, weight, acts, rows, inv_norm, scaled)
+        ctx.save_for_backward(x, weight, rows, bags, offsets, inv_norm, scaled)
         ctx.mark_non_differentiable(acts, idx)
         return x_hat, acts, idx
 
@@ -155,38 +162,35 @@ class _TiedTopK(torch.autograd.Function):
         ctx: Any, grad_out: Tensor, _grad_acts: Tensor | None, _grad_idx: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         saved: tuple[Tensor, ...] = ctx.saved_tensors
-        x, weight, acts, rows, inv_norm, scaled = saved
+        x, weight, rows, bags, offsets, inv_norm, scaled = saved
         n_members, d_sae, d_in = weight.shape
-        batch, k = x.shape[0], rows.shape[-1]
+        batch = x.shape[0]
         flat = weight.reshape(-1, d_in).detach()
         # each kept pair's output row: its sample's (one reconstruction), or its group's sum over prefixes
-        outputs = torch.arange(n_members * batch, device=x.device).repeat_interleave(k)
         if ctx.groups is None:
-            grad_rows = grad_out.reshape(-1, d_in)
+            grad_rows, outputs = grad_out.reshape(-1, d_in), bags
         else:
             grad_rows = grad_out.flip(0).cumsum(0).flip(0).reshape(-1, d_in)
-            outputs = outputs + ctx.groups.reshape(-1) * (n_members * batch)
-        dot = bag_dots(grad_rows, flat, rows, outputs)  # g_b . w_r for every kept pair
-        grad_pre = (dot * inv_norm[rows]) * (acts.reshape(-1, k) > 0)
-        row_ids = rows.reshape(-1)
+            outputs = bags + ctx.groups * (n_members * batch)
+        dot = bag_dots(grad_rows, flat, rows, offsets, outputs)  # g_b . w_r for every kept pair
+        grad_pre = dot * inv_norm[rows]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, (scaled * dot).reshape(-1))
+            along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, rows, scaled * dot)
             # the correction -w_r sum a/n (g . w_r) / n^2 first, then both sparse terms added onto it
             correction = flat * (along * inv_norm.square()).neg_().unsqueeze(1)
-            samples = torch.arange(batch, device=x.device).repeat(n_members).repeat_interleave(k)
             grad_weight = add_sparse_product(
                 correction,
-                row_ids.repeat(2),
-                torch.cat([samples, outputs + batch]),
-                torch.cat([grad_pre.reshape(-1), scaled.reshape(-1)]),
+                rows.repeat(2),
+                torch.cat([bags.remainder(batch), outputs + batch]),
+                torch.cat([grad_pre, scaled]),
                 torch.cat([x, grad_rows]),
             ).view_as(weight)
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_pre.new_zeros(n_members * d_sae).index_add_(0, row_ids, grad_pre.reshape(-1))
+            grad_bias = grad_pre.new_zeros(n_members * d_sae).index_add_(0, rows, grad_pre)
             grad_bias = grad_bias.view(n_members, d_sae)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(rows, flat, per_sample_weights=grad_pre, mode="sum")
+            grad_x = F.embedding_bag(rows, flat, offsets, per_sample_weights=grad_pre, mode="sum")
             grad_x = grad_x.view(n_members, batch, d_in).sum(0)
         return grad_x, grad_weight, grad_bias, None, None, None
 
@@ -197,18 +201,14 @@ _tied_topk: Callable[
 ] = _TiedTopK.apply
 
 
-def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor, outputs: Tensor | None = None) -> Tensor:
-    """grad[b] . weight[rows[b, j]] for every bag b and slot j -> [bags, k] (outputs [bags * k]: the row of grad
-    each slot reads instead of its bag's): the gradient of a sum-mode embedding_bag with respect to its
-    per-sample weights, without running the bag's forward again."""
-    bags, k = rows.shape
-    offsets = torch.arange(0, bags * k, k, device=rows.device)
-    if outputs is None:
-        outputs = torch.arange(bags, device=rows.device).repeat_interleave(k)
+def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor, offsets: Tensor, outputs: Tensor) -> Tensor:
+    """grad[outputs[i]] . weight[rows[i]] for every entry i of a ragged sum-mode embedding_bag (rows, offsets): the
+    gradient of the bag with respect to its per-sample weights, without running its forward again (`outputs`:
+    each entry's row of grad, its own bag's or another)."""
     dots: Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad, weight, rows.reshape(-1), offsets, outputs, 0, -1
+        grad, weight, rows, offsets, outputs, 0, -1
     )
-    return dots.view(bags, k)
+    return dots
 
 
 def add_sparse_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
