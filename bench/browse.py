@@ -3,9 +3,10 @@
 Writes a cache-like file of random rows (d=576, SmolLM2's hook width), then times, in one run on this machine,
 (1) the ensemble's encoder over every row (`Ensemble.encode`: the product and the top-k, which any pass over
 the cache pays) and (2) `browse.collect` over the same rows (the encoder plus firing counts, histograms and
-each latent's running top contexts), then (3) `browse.window_activations` (the rows around the top contexts
-encoded again). Issue 29 asks for the pass to run at the speed of the encoder product and to fit 3 members x
-16,384 latents x 10 million tokens in a few GB: its memory is N h CONTEXTS entries, printed here.
+each latent's running top contexts), then (3) `browse.window_activations` (each top context's latent on the
+tokens around it: one dot product per token). Issue 29 asks for the pass to run at the speed of the encoder
+product and to fit 3 members x 16,384 latents x 10 million tokens in a few GB: its memory is N h CONTEXTS
+entries and 4 N bytes a row (each row's smallest kept activation), both printed here.
 
     python bench/browse.py [--rows 200000] [--h 16384] [--members 3] [--k 32]
 """
@@ -52,7 +53,7 @@ def main() -> None:
         stats = collect(ensemble, cache, args.rows, progress=False)
         one_pass = time.perf_counter() - start
         start = time.perf_counter()
-        window_activations(ensemble, cache, stats.top, args.rows, CONTEXT)
+        window_activations(ensemble, cache, stats, CONTEXT)
         windows = time.perf_counter() - start
     n_latents = args.members * args.h
     kept_mb = n_latents * (CONTEXTS * 12 + HISTOGRAM_BINS * 4 + 12) / 2**20
@@ -60,6 +61,7 @@ def main() -> None:
     print(f"browse.collect, one pass:               {one_pass:8.1f} s   {one_pass / encoder:.2f}x the encoder")
     print(f"browse.window_activations, top windows: {windows:8.1f} s   {windows / encoder:.2f}x the encoder")
     print(f"what the pass keeps, whatever the rows: {kept_mb:.0f} MB ({CONTEXTS} contexts, {HISTOGRAM_BINS} bins each)")
+    print(f"and per row: {4 * args.members} bytes ({4 * args.members * 10_000_000 / 2**20:.0f} MB for 10M rows)")
 
 
 if __name__ == "__main__":

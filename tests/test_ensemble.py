@@ -29,6 +29,21 @@ def test_each_member_matches_a_hand_computed_topk_sae(tied, decoder_bias):
         assert ((out.acts[i] > 0).sum(-1) <= k).all()
 
 
+@pytest.mark.parametrize("decoder_bias", [False, True])
+def test_one_latents_pre_activation_is_the_dense_products_entry(decoder_bias):
+    ens = Ensemble(8, 20, [2, 5, 3], decoder_bias=decoder_bias, seed=2)
+    with torch.no_grad():
+        ens.b_enc.normal_()
+        if ens.b_dec is not None:
+            ens.b_dec.normal_()
+    x = torch.randn(30, 8)
+    latents = torch.randint(0, 3 * 20, (30,))
+    member, latent = latents // 20, latents % 20
+    b_dec = ens.b_dec[member] if ens.b_dec is not None else torch.zeros(30, 8)
+    want = ((x - b_dec) * ens.W_enc[member, latent]).sum(-1) + ens.b_enc[member, latent]
+    torch.testing.assert_close(ens.pre_activations_at(x, latents), want, atol=1e-5, rtol=1e-5)
+
+
 def test_tied_decoder_is_the_unit_normalised_encoder():
     ens = Ensemble(8, 20, [3, 3])
     torch.testing.assert_close(ens.decoder(), F.normalize(ens.W_enc, dim=-1))

@@ -3,9 +3,11 @@
 One pass over the run's activation cache keeps, for each member and latent, its firing count, the sum and the
 largest of its activations, a histogram of them (log-spaced bins) and its CONTEXTS largest, with the cache rows
 they fire on: a running top-k merged batch by batch (`mmcs.merged_top`), so that memory is N h CONTEXTS whatever
-the cache's length. Row r of a cache is token r % (context - 1) + 1 of sequence r // (context - 1) (its
-manifest: model, text, context), so the token ids are recomputed, not stored. The tokens around each top
-activation are encoded again (a second pass, over those rows only) to show the latent on each of them. Each
+the cache's length, and each row's smallest kept activation per member (4 N bytes a row). Row r of a cache is
+token r % (context - 1) + 1 of sequence r // (context - 1) (its manifest: model, text, context), so the token ids
+are recomputed, not stored. The latent of each top context is shown on the tokens around it: a second pass reads
+those rows and takes one dot product per (latent, token), kept where it reaches the row's smallest kept
+activation (a latent is kept, by TopK as by a JumpReLU threshold, exactly when it does), not a whole encoder. Each
 decoder row is read through the model's unembedding (the tokens it promotes and suppresses, after the final
 norm's scale), and matched to its best cosine in each other member: a latent is shared when that cosine is at
 least SHARED_COSINE in every other member. The site (browse_site/) reads its data from JavaScript files, so that
@@ -41,12 +43,16 @@ LOGIT_TOKENS = 10  # tokens promoted and suppressed listed per latent
 SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
 LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)
 ENCODE_ROWS = 4096  # rows encoded at once ([N, rows, h] pre-activations)
+# a window's activation recomputed as one dot product may differ from the encoder's by rounding: it counts as
+# reaching its row's smallest kept activation within this relative margin
+FLOOR_TOLERANCE = 1e-5
 
 
 @dataclass
 class LatentStats:
     """Per member and latent ([N, h]), from one pass over a cache: firings, sum and largest activation, the
-    histogram [N, h, HISTOGRAM_BINS], and the top activations with their cache rows (Top [N h, CONTEXTS])."""
+    histogram [N, h, HISTOGRAM_BINS], and the top activations with their cache rows (Top [N h, CONTEXTS]); per
+    member and row, the smallest activation the row kept (`floor` [N, rows]; inf where it kept none)."""
 
     rows: int
     fired: Tensor
@@ -54,6 +60,7 @@ class LatentStats:
     largest: Tensor
     histogram: Tensor
     top: Top
+    floor: Tensor
 
 
 @torch.no_grad()
@@ -70,11 +77,13 @@ def collect(
     fired, total, largest = torch.zeros(n * h), torch.zeros(n * h), torch.zeros(n * h)
     histogram = torch.zeros(n * h * HISTOGRAM_BINS)
     top = Top(torch.full((n * h, contexts), -torch.inf), torch.zeros(n * h, contexts, dtype=torch.long))
+    floor = torch.empty(n, n_rows)
     for start in tqdm(range(0, n_rows, batch_rows), desc="browse: latents", unit="batch", disable=not progress):
         x = cache.read_rows(start, min(start + batch_rows, n_rows))
         acts, idx = ensemble.encode(x)  # [N, B, k']
         member = torch.arange(n).view(n, 1, 1).expand_as(idx)
         on = acts > 0
+        floor[:, start : start + len(x)] = torch.where(on, acts, torch.inf).amin(-1)
         owners, values = (member * h + idx)[on], acts[on].float()
         rows = (torch.arange(len(x)) + start).view(1, -1, 1).expand_as(idx)[on]
         fired.index_add_(0, owners, torch.ones_like(values))
@@ -86,7 +95,13 @@ def collect(
         top = merged_top(top, owners[above], values[above], rows[above])
     shape = (n, h)
     return LatentStats(
-        n_rows, fired.view(shape), total.view(shape), largest.view(shape), histogram.view(n, h, HISTOGRAM_BINS), top
+        n_rows,
+        fired.view(shape),
+        total.view(shape),
+        largest.view(shape),
+        histogram.view(n, h, HISTOGRAM_BINS),
+        top,
+        floor,
     )
 
 
@@ -110,11 +125,11 @@ def sequences_of(manifest: dict[str, Any], tokenizer: Any, count: int) -> np.nda
 
 @torch.no_grad()
 def window_activations(
-    ensemble: Ensemble, cache: ActivationCache, top: Top, n_rows: int, context: int, chunk_rows: int = 65536
+    ensemble: Ensemble, cache: ActivationCache, stats: LatentStats, context: int, chunk_rows: int = 65536
 ) -> Tensor:
     """Each top context's latent on each token of its window, [N h, CONTEXTS, BEFORE + 1 + AFTER] (0 outside its
-    sequence and for empty contexts): a pass over the cache reading in order, encoding only the windows' rows."""
-    h = ensemble.d_sae
+    sequence and for empty contexts): a pass over the cache reading in order, one dot product per window slot."""
+    top, n_rows, h = stats.top, stats.rows, ensemble.d_sae
     _, position = token_position(top.indices, context)
     offsets = torch.arange(-BEFORE, AFTER + 1)
     window, shown = top.indices.unsqueeze(-1) + offsets, position.unsqueeze(-1) + offsets
@@ -127,20 +142,15 @@ def window_activations(
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
         lo, hi = (int(i) for i in torch.searchsorted(slot_rows, torch.tensor([start, stop])))
-        if lo == hi:
-            continue
-        rows, where = torch.unique(slot_rows[lo:hi], return_inverse=True)
-        x = cache.read_rows(start, stop)[rows - start]
-        codes = [ensemble.encode(x[first : first + ENCODE_ROWS]) for first in range(0, len(x), ENCODE_ROWS)]
-        acts, idx = torch.cat([a for a, _ in codes], dim=1), torch.cat([i for _, i in codes], dim=1)  # [N, b, k']
-        # each kept activation under the key (member, row, latent), sorted: a slot looks its own up
-        n, b, _ = idx.shape
-        keys = ((torch.arange(n).view(n, 1, 1) * b + torch.arange(b).view(1, b, 1)) * h + idx).flatten()
-        keys, by_key = keys.sort()
-        kept = acts.flatten()[by_key].float()
-        wanted = ((owner[lo:hi] // h) * b + where) * h + owner[lo:hi] % h
-        found = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
-        values[lo:hi] = torch.where(keys[found] == wanted, kept[found], 0.0)
+        x = cache.read_rows(start, stop) if lo < hi else None
+        for first in range(lo, hi, ENCODE_ROWS):
+            last = min(first + ENCODE_ROWS, hi)
+            rows, owners = slot_rows[first:last], owner[first:last]
+            assert x is not None  # read whenever the chunk has slots
+            pre = ensemble.pre_activations_at(x[rows - start], owners).float()
+            # kept where it reaches its row's smallest kept activation (the product's rounding aside)
+            kept = pre >= stats.floor[owners // h, rows] * (1 - FLOOR_TOLERANCE)
+            values[first:last] = torch.where(kept & (pre > 0), pre, 0.0)
     result = torch.zeros(window.shape)
     result[inside] = torch.empty_like(values).scatter_(0, order, values)
     return result
@@ -208,7 +218,7 @@ def browse(
     n_rows = n_rows if max_rows is None else min(max_rows, n_rows)
     ensemble = load(run)
     stats = collect(ensemble, cache, n_rows, contexts, progress=progress)
-    windows = window_activations(ensemble, cache, stats.top, n_rows, context)
+    windows = window_activations(ensemble, cache, stats, context)
     model, tokenizer = load_model(manifest["model"])
     decoder = ensemble.decoder().detach()
     n, h, d = decoder.shape
