@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--architectures",
         default="",
         help="besides TopK, architectures each judged alone and with the defaults of mfr.* on every held-out "
-        "dataset, comma-separated: auxk (TopK + AuxK), batchtopk, matryoshka (default: none)",
+        "dataset, comma-separated: auxk (TopK + AuxK), batchtopk, matryoshka, batchtopk-auxk (BatchTopK + AuxK "
+        "with a 10,000-vector dead window) (default: none)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 

@@ -33,6 +33,7 @@ ARCHITECTURE_WORDS = {
     "auxk": "TopK SAEs with AuxK (dead latents reconstruct the residual; aux_coef 1/32), with and without MFR",
     "batchtopk": "BatchTopK SAEs (k x batch largest activations across the batch), with and without MFR",
     "matryoshka": "Matryoshka BatchTopK SAEs (nested prefixes h/16, h/4, h), with and without MFR",
+    "batchtopk-auxk": "BatchTopK SAEs with AuxK (aux_coef 1/32, dead after 10,000 vectors), with and without MFR",
 }
 SAE_KEYS = ("architecture", "n_members", "d_sae", "k", "aux_coef")
 
