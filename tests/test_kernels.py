@@ -60,6 +60,23 @@ def test_unit_rows_matches_normalize_in_value_and_gradient():
     torch.autograd.gradcheck(unit_rows, (w,))
 
 
+def test_gather_rows_gradient_is_the_rows_alone_and_adds_onto_a_dense_one():
+    from mfr_sae.kernels import gather_rows
+
+    w = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([1, 4, 9, 20])
+    g = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(gather_rows(w, rows), w.flatten(0, 1)[rows])
+    (ours,) = torch.autograd.grad((gather_rows(w, rows) * g).sum(), w)
+    (ref,) = torch.autograd.grad((w.flatten(0, 1)[rows] * g).sum(), w)
+    assert ours.is_sparse and ours._nnz() == len(rows)
+    torch.testing.assert_close(ours.to_dense(), ref)
+    # beside a dense gradient (the reconstruction's), the accumulated one is dense and the sum of both
+    ((w * w).sum() + (gather_rows(w, rows) * g).sum()).backward()
+    assert w.grad is not None and not w.grad.is_sparse
+    torch.testing.assert_close(w.grad, 2 * w.detach() + ref)
+
+
 def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_reference():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 32, generator=gen)

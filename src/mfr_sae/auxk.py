@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.kernels import unit_rows
+from mfr_sae.kernels import gather_rows, unit_rows
 
 
 def auxk_loss(ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
     """The AuxK loss of each member [N]: x [B, d] the input, residual [N, B, d] what each member left over (no
     gradient), dead [N, h] the latents that take part. A member with no dead latent contributes 0."""
     # the dead rows of all members gathered once (one gather, one gradient written back), member by member
+    # (sparse gradients: a few rows of [N, h, d], added onto the reconstruction's dense ones)
     rows = dead.flatten().nonzero().squeeze(1)
-    encoder = ensemble.W_enc.flatten(0, 1)[rows]
-    decoder = encoder if ensemble.W_dec is None else ensemble.W_dec.flatten(0, 1)[rows]
+    encoder = gather_rows(ensemble.W_enc, rows)
+    decoder = encoder if ensemble.W_dec is None else gather_rows(ensemble.W_dec, rows)
     bias = ensemble.b_enc.flatten()[rows]
     decoder = unit_rows(decoder)
     dtype = torch.promote_types(residual.dtype, torch.float32)  # bf16 products (autocast): summed in fp32
@@ -35,10 +37,12 @@ def auxk_loss(ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_a
         start += count
         inputs = x if ensemble.b_dec is None else x - ensemble.b_dec[n]
         pre = torch.addmm(bias[block], inputs, encoder[block].T)  # [B, count]
-        acts, idx = pre.topk(min(k_aux, count), dim=1)
+        if k_aux < count:  # each sample's k_aux largest (with fewer dead latents, all of them)
+            acts, idx = pre.topk(k_aux, dim=1)
+            pre = torch.zeros_like(pre).scatter(1, idx, acts)
         # a dense product: k_aux (d / 2) is near the number of dead latents, where a gather of rows is slower
-        e_hat = torch.zeros_like(pre).scatter(1, idx, acts.relu()) @ decoder[block]
-        e = residual[n].to(dtype)
-        spread = (e - e.mean(0)).pow(2).sum().clamp_min(torch.finfo(dtype).tiny)
-        losses.append((e_hat.to(dtype) - e).pow(2).sum() / spread)
-    return torch.stack(losses)
+        e_hat = pre.relu() @ decoder[block]
+        losses.append(F.mse_loss(e_hat.to(dtype), residual[n].to(dtype), reduction="sum"))
+    residual = residual.to(dtype)
+    spread = (residual - residual.mean(1, keepdim=True)).pow(2).sum((1, 2))  # the residual's variance, x B d
+    return torch.stack(losses) / spread.clamp_min(torch.finfo(dtype).tiny)

@@ -313,6 +313,33 @@ class _UnitRows(torch.autograd.Function):
 _unit_rows: Callable[[Tensor], Tensor] = _UnitRows.apply  # typed: torch's `apply` is not
 
 
+class _GatherRows(torch.autograd.Function):
+    """weight [..., d] -> its rows at the flat indices `rows` [R, d], whose gradient is sparse: a dense one would
+    zero and add a whole weight-sized tensor for a few rows (AuxK's dead latents)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.shape = weight.shape
+        ctx.save_for_backward(rows)
+        return weight.reshape(-1, weight.shape[-1])[rows]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        shape = ctx.shape
+        indices = torch.stack(torch.unravel_index(rows, shape[:-1])) if len(shape) > 2 else rows.unsqueeze(0)
+        return torch.sparse_coo_tensor(indices, grad, shape, is_coalesced=True, check_invariants=False), None
+
+
+_gather_rows: Callable[[Tensor, Tensor], Tensor] = _GatherRows.apply  # typed: torch's `apply` is not
+
+
+def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:
+    """weight.flatten(0, -2)[rows] for distinct rows in increasing order, with a sparse gradient (the rows
+    alone): added onto a dense gradient it costs the rows, not the weight; alone, `.grad` is sparse."""
+    return _gather_rows(weight, rows)
+
+
 def inverse_norms(rows: Tensor) -> Tensor:
     """1 / ||row|| of every row [..., d] -> [...] (norms clamped at 1e-12, as F.normalize)."""
     norms: Tensor = torch.linalg.vector_norm(rows, dim=-1)
