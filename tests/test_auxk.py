@@ -54,6 +54,18 @@ def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bia
     assert grads[0]["W_enc"][dead].abs().sum() > 0
 
 
+def test_auxk_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(1)
+    ensemble = Ensemble(16, 40, [2, 3, 4])
+    x, residual = torch.randn(32, 16), torch.randn(3, 32, 16)
+    dead = torch.rand(3, 40) < 0.3
+    want = auxk_loss(ensemble, x, residual, dead, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = auxk_loss(ensemble, x, residual, dead, 8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=1e-3)
+
+
 def test_auxk_is_zero_for_a_member_without_dead_latents():
     ensemble = Ensemble(8, 20, [2, 2])
     dead = torch.zeros(2, 20, dtype=torch.bool)

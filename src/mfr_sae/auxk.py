@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.kernels import gather_rows, unit_rows
@@ -20,29 +19,43 @@ from mfr_sae.kernels import gather_rows, unit_rows
 def auxk_loss(ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
     """The AuxK loss of each member [N]: x [B, d] the input, residual [N, B, d] what each member left over (no
     gradient), dead [N, h] the latents that take part. A member with no dead latent contributes 0."""
-    # the dead rows of all members gathered once (one gather, one gradient written back), member by member
-    # (sparse gradients: a few rows of [N, h, d], added onto the reconstruction's dense ones)
+    n_members, d_sae = dead.shape
+    counts = dead.sum(1)
+    width = int(counts.max())
+    if not width:
+        return x.new_zeros(n_members)
+    # the dead rows of all members gathered once, with sparse gradients (a few rows of [N, h, d], added onto the
+    # reconstruction's dense ones), then laid out [N, width, d], each member's block padded, for batched products
     rows = dead.flatten().nonzero().squeeze(1)
+    member = rows // d_sae
+    slot = member * width + torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[member]
     encoder = gather_rows(ensemble.W_enc, rows)
-    decoder = encoder if ensemble.W_dec is None else gather_rows(ensemble.W_dec, rows)
-    bias = ensemble.b_enc.flatten()[rows]
-    decoder = unit_rows(decoder)
-    dtype = torch.promote_types(residual.dtype, torch.float32)  # bf16 products (autocast): summed in fp32
-    losses, start = [], 0
-    for n, count in enumerate(dead.sum(1).tolist()):
-        if not count:
-            losses.append(x.new_zeros((), dtype=dtype))
-            continue
-        block = slice(start, start + count)
-        start += count
-        inputs = x if ensemble.b_dec is None else x - ensemble.b_dec[n]
-        pre = torch.addmm(bias[block], inputs, encoder[block].T)  # [B, count]
-        if k_aux < count:  # each sample's k_aux largest (with fewer dead latents, all of them)
-            acts, idx = pre.topk(k_aux, dim=1)
-            pre = torch.zeros_like(pre).scatter(1, idx, acts)
-        # a dense product: k_aux (d / 2) is near the number of dead latents, where a gather of rows is slower
-        e_hat = pre.relu() @ decoder[block]
-        losses.append(F.mse_loss(e_hat.to(dtype), residual[n].to(dtype), reduction="sum"))
-    residual = residual.to(dtype)
-    spread = (residual - residual.mean(1, keepdim=True)).pow(2).sum((1, 2))  # the residual's variance, x B d
-    return torch.stack(losses) / spread.clamp_min(torch.finfo(dtype).tiny)
+    decoder = unit_rows(encoder if ensemble.W_dec is None else gather_rows(ensemble.W_dec, rows))
+
+    def padded(values: Tensor, fill: float = 0.0) -> Tensor:
+        out = values.new_full((n_members * width, *values.shape[1:]), fill)
+        return out.index_copy(0, slot, values).view(n_members, width, *values.shape[1:])
+
+    bias = padded(ensemble.b_enc.flatten()[rows], -torch.inf)  # padding: -inf, never kept
+    if ensemble.b_dec is None:  # one input for all members: one product [B, d] x [d, N width]
+        pre = torch.addmm(bias.flatten(), x, padded(encoder).flatten(0, 1).T).view(len(x), n_members, width)
+        pre = pre.transpose(0, 1)  # [N, B, width]
+    else:
+        inputs = x - ensemble.b_dec.unsqueeze(1)  # [N, B, d]
+        pre = torch.baddbmm(bias.unsqueeze(1), inputs, padded(encoder).transpose(1, 2))  # [N, B, width]
+    if k_aux < width:  # each sample's k_aux largest (with fewer dead latents, all of them)
+        acts, idx = pre.topk(k_aux, dim=2)
+        pre = torch.zeros_like(pre).scatter(2, idx, acts)
+    acts, decoder = pre.relu(), padded(decoder)  # [N, B, width], [N, width, d]
+    # ||e_hat - e||^2 = <A, A G - 2 e D^T> + ||e||^2 with e_hat = A D and G = D D^T: no [N, B, d] product is
+    # formed (the dead latents' one product with the residual instead of the reconstruction's three); in fp32
+    dtype = torch.promote_types(residual.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        acts, decoder, residual = acts.to(dtype), decoder.to(dtype), residual.to(dtype)
+        along = torch.bmm(residual, decoder.transpose(1, 2))  # e D^T [N, B, width]
+        gram = torch.bmm(decoder, decoder.transpose(1, 2))  # [N, width, width]
+        norm = torch.linalg.vector_norm(residual, dim=(1, 2))
+        error = (acts * (torch.bmm(acts, gram) - 2 * along)).sum((1, 2)) + norm.square()
+        spread = torch.linalg.vector_norm(residual - residual.mean(1, keepdim=True), dim=(1, 2)).square()
+    loss: Tensor = error.clamp_min(0) * (counts > 0) / spread.clamp_min(torch.finfo(dtype).tiny)
+    return loss  # (rounding could take the expanded error a hair below 0)
