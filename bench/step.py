@@ -93,18 +93,18 @@ def in_training(device: str, H: int, mfr: list[str]) -> list[tuple[str, float]]:
 
 
 def architectures_in_training(device: str, H: int, warm: int = 201, steps: int = 50) -> list[tuple[str, float]]:
-    """Rows (name, seconds per step) of each architecture, MFR off, timed over `steps` steps on fresh batches after
-    `warm` untimed ones (AuxK's window shortened to 5,000 vectors, so that some of its dead latents take part)."""
-    rows = []
-    for name, overrides in ARCHITECTURES.items():
-        run = trainer(device, overrides, H)
-        batches = (x.to(device) for x in run.source.batches(BATCH))
+    """Rows (name, seconds per step) of each architecture, MFR off: each trains `warm` steps on fresh batches
+    untimed (AuxK's window shortened to 5,000 vectors, so that some of its dead latents take part), then all are
+    timed step by step in turn over `steps` steps (a drift of the machine's speed falls on all alike)."""
+    runs = {name: trainer(device, overrides, H) for name, overrides in ARCHITECTURES.items()}
+    batches = {name: (x.to(device) for x in run.source.batches(BATCH)) for name, run in runs.items()}
+    steps_of = {name: (lambda run=run, name=name: run.train_step(next(batches[name]))) for name, run in runs.items()}
+    for step in steps_of.values():
         for _ in range(warm):
-            run.train_step(next(batches))
-        dead = run.firing.idle_mask(run.cfg.sae.aux_dead_window).float().mean().item()
-        seconds = timed(lambda: run.train_step(next(batches)), steps, torch.device(device), warmup=0)
-        rows.append((f"architecture {name} (dead for AuxK {dead:.1%})", seconds))
-    return rows
+            step()
+    dead = {name: run.firing.idle_mask(run.cfg.sae.aux_dead_window).float().mean().item() for name, run in runs.items()}
+    seconds = timed_side_by_side(steps_of, steps, torch.device(device))
+    return [(f"architecture {name} (dead for AuxK {dead[name]:.1%})", seconds[name]) for name in runs]
 
 
 def main() -> None:
