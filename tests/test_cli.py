@@ -376,3 +376,13 @@ def test_a_full_disk_before_the_first_checkpoint_removes_the_new_run_and_says_to
         "again)\n"
     )
     assert not run.exists()  # nothing left to block the retry
+
+
+def test_only_commands_that_train_keep_freed_memory_in_the_heap(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_cpu_memory", lambda: calls.append(True))
+    missing = str(tmp_path / "missing")
+    assert cli.main(["browse", missing, "--out", str(tmp_path / "site")]) == 2  # reads a run: heap left as it is
+    assert calls == []
+    assert cli.main(["train", "--config", missing + ".yaml", "--out", str(tmp_path / "run")]) == 2
+    assert calls == [True]
