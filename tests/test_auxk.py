@@ -26,8 +26,9 @@ def dense_auxk(ensemble, x, residual, dead, k_aux):
 
 
 @pytest.mark.parametrize("k_aux", [4, 20])  # fewer than the dead latents, and all of them
+@pytest.mark.parametrize("dead_share", [0.4, 0.9])  # fewer dead latents than d (8), and more
 @pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
-def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias, k_aux):
+def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias, k_aux, dead_share):
     torch.manual_seed(0)
     ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
     with torch.no_grad():
@@ -35,7 +36,7 @@ def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bia
             param.add_(0.1 * torch.randn_like(param))
     x = torch.randn(16, 8, dtype=torch.float64)
     residual = torch.randn(2, 16, 8, dtype=torch.float64)
-    dead = torch.rand(2, 20) < 0.4
+    dead = torch.rand(2, 20) < dead_share
     values, grads = [], []
     for loss_of in (auxk_loss, dense_auxk):
         ensemble.zero_grad()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mfr_sae.browse import (
+    AFTER,
     BEFORE,
     CONTEXTS,
     HISTOGRAM_BINS,
@@ -222,3 +223,33 @@ def _has_playwright() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_windows_of_jumprelu_members_equal_their_dense_codes_whatever_the_threshold(tmp_path):
+    # saved BatchTopK members are JumpReLU: with a low or unset threshold a row's smallest kept activation is near
+    # 0, so that a recomputed window value within rounding of it must still count as kept
+    torch.manual_seed(0)
+    x = torch.randn(1500, 256) * 3 + 1.0
+    np.save(tmp_path / "rows.npy", x.numpy())
+    cache = VectorsData(tmp_path / "rows.npy", holdout=1)
+    ensemble = Ensemble(256, 128, [3, 8, 20], architecture="batchtopk")
+    with torch.no_grad():
+        for param in ensemble.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        ensemble.threshold.copy_(torch.tensor([0.5, 2.0, -1.0]))  # the last: unset, a plain ReLU
+    ensemble.eval()
+    stats = collect(ensemble, cache, len(x), contexts=4, progress=False)
+    context = 50
+    windows = window_activations(ensemble, cache, stats, context, chunk_rows=300)
+    with torch.no_grad():
+        dense = ensemble.dense_codes(x).transpose(1, 2).flatten(0, 1)  # [N h, rows]
+    offsets = torch.arange(-BEFORE, AFTER + 1)
+    rows = stats.top.indices.unsqueeze(-1) + offsets
+    shown = token_position(stats.top.indices, context)[1].unsqueeze(-1) + offsets
+    inside = (shown >= 1) & (shown <= context - 1) & (rows < len(x)) & (stats.top.values > 0).unsqueeze(-1)
+    owner = torch.arange(len(rows)).view(-1, 1, 1).expand_as(rows)
+    want = torch.zeros_like(windows)
+    want[inside] = dense[owner[inside], rows[inside]]
+    assert inside.sum() > 20_000
+    assert torch.equal(windows > 0, want > 0)  # kept exactly where the encoder keeps
+    torch.testing.assert_close(windows, want, rtol=1e-4, atol=1e-4)

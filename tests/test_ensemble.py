@@ -41,7 +41,9 @@ def test_one_latents_pre_activation_is_the_dense_products_entry(decoder_bias):
     member, latent = latents // 20, latents % 20
     b_dec = ens.b_dec[member] if ens.b_dec is not None else torch.zeros(30, 8)
     want = ((x - b_dec) * ens.W_enc[member, latent]).sum(-1) + ens.b_enc[member, latent]
-    torch.testing.assert_close(ens.pre_activations_at(x, latents), want, atol=1e-5, rtol=1e-5)
+    pre, magnitude = ens.pre_activations_at(x, latents)
+    torch.testing.assert_close(pre, want, atol=1e-5, rtol=1e-5)
+    assert (magnitude >= pre.abs() - 1e-6).all() and (magnitude > 0).all()
 
 
 def test_tied_decoder_is_the_unit_normalised_encoder():

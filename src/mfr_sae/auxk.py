@@ -47,15 +47,18 @@ def auxk_loss(ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_a
         acts, idx = pre.topk(k_aux, dim=2)
         pre = torch.zeros_like(pre).scatter(2, idx, acts)
     acts, decoder = pre.relu(), padded(decoder)  # [N, B, width], [N, width, d]
-    # ||e_hat - e||^2 = <A, A G - 2 e D^T> + ||e||^2 with e_hat = A D and G = D D^T: no [N, B, d] product is
-    # formed (the dead latents' one product with the residual instead of the reconstruction's three); in fp32
     dtype = torch.promote_types(residual.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):  # the error in fp32
         acts, decoder, residual = acts.to(dtype), decoder.to(dtype), residual.to(dtype)
-        along = torch.bmm(residual, decoder.transpose(1, 2))  # e D^T [N, B, width]
-        gram = torch.bmm(decoder, decoder.transpose(1, 2))  # [N, width, width]
-        norm = torch.linalg.vector_norm(residual, dim=(1, 2))
-        error = (acts * (torch.bmm(acts, gram) - 2 * along)).sum((1, 2)) + norm.square()
+        if width <= residual.shape[-1]:
+            # ||e_hat - e||^2 = <A, A G - 2 e D^T> + ||e||^2 with e_hat = A D, G = D D^T [N, width, width]: no
+            # [N, B, d] tensor formed (the cheaper way while the dead latents are fewer than d)
+            along = torch.bmm(residual, decoder.transpose(1, 2))  # e D^T [N, B, width]
+            gram = torch.bmm(decoder, decoder.transpose(1, 2))
+            norm = torch.linalg.vector_norm(residual, dim=(1, 2))
+            error = (acts * (torch.bmm(acts, gram) - 2 * along)).sum((1, 2)) + norm.square()
+        else:  # the gram would cost B width^2
+            error = torch.linalg.vector_norm(torch.bmm(acts, decoder) - residual, dim=(1, 2)).square()
         spread = torch.linalg.vector_norm(residual - residual.mean(1, keepdim=True), dim=(1, 2)).square()
     loss: Tensor = error.clamp_min(0) * (counts > 0) / spread.clamp_min(torch.finfo(dtype).tiny)
     return loss  # (rounding could take the expanded error a hair below 0)

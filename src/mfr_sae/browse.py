@@ -43,8 +43,8 @@ LOGIT_TOKENS = 10  # tokens promoted and suppressed listed per latent
 SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
 LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)
 ENCODE_ROWS = 4096  # rows encoded at once ([N, rows, h] pre-activations)
-# a window's activation recomputed as one dot product may differ from the encoder's by rounding: it counts as
-# reaching its row's smallest kept activation within this relative margin
+# a window's activation recomputed as one dot product may differ from the encoder's by rounding, which scales
+# with the sum of its terms' magnitudes: within this share of that sum it counts as reaching its row's floor
 FLOOR_TOLERANCE = 1e-5
 
 
@@ -147,9 +147,9 @@ def window_activations(
             last = min(first + ENCODE_ROWS, hi)
             rows, owners = slot_rows[first:last], owner[first:last]
             assert x is not None  # read whenever the chunk has slots
-            pre = ensemble.pre_activations_at(x[rows - start], owners).float()
-            # kept where it reaches its row's smallest kept activation (the product's rounding aside)
-            kept = pre >= stats.floor[owners // h, rows] * (1 - FLOOR_TOLERANCE)
+            pre, magnitude = (t.float() for t in ensemble.pre_activations_at(x[rows - start], owners))
+            # kept where it reaches its row's smallest kept activation, less what rounding could move it by
+            kept = pre >= stats.floor[owners // h, rows] - FLOOR_TOLERANCE * magnitude
             values[first:last] = torch.where(kept & (pre > 0), pre, 0.0)
     result = torch.zeros(window.shape)
     result[inside] = torch.empty_like(values).scatter_(0, order, values)

@@ -147,10 +147,12 @@ class Ensemble(nn.Module):
             return self.b_enc
         return self.b_enc - torch.einsum("nhd,nd->nh", self.W_enc, self.b_dec)  # W (x - b_dec) + b_enc
 
-    def pre_activations_at(self, x: Tensor, latents: Tensor) -> Tensor:
-        """The pre-activation of one latent per input: x [S, d], latents [S] (member * h + latent) -> [S]."""
+    def pre_activations_at(self, x: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """The pre-activation of one latent per input, x [S, d], latents [S] (member * h + latent) -> [S], and the
+        sum of its terms' magnitudes [S] (what its rounding error scales with)."""
         bias = self._encoder_bias(x).flatten()[latents]
-        return torch.einsum("sd,sd->s", x, self.W_enc.flatten(0, 1)[latents]) + bias
+        terms = x * self.W_enc.flatten(0, 1)[latents]
+        return terms.sum(-1) + bias, terms.abs().sum(-1) + bias.abs()
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, d] -> (acts [N, B, k'], idx [N, B, k']); k' = k_max for TopK."""
