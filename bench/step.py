@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from timing import timed, timed_side_by_side  # bench/timing.py
@@ -68,6 +70,16 @@ def trainer(device: str, extra: list[str], H: int) -> Trainer:
     return Trainer(load_config(None, overrides + extra), tempfile.mkdtemp() + "/run", progress=False)
 
 
+def warmed_steps(runs: dict[str, Trainer], device: str, warm: int) -> dict[str, Callable[[], Any]]:
+    """Each run's training step on its own fresh batches, after `warm` untimed ones."""
+    batches = {name: (x.to(device) for x in run.source.batches(BATCH)) for name, run in runs.items()}
+    steps = {name: (lambda run=run, name=name: run.train_step(next(batches[name]))) for name, run in runs.items()}
+    for step in steps.values():
+        for _ in range(warm):
+            step()
+    return steps
+
+
 def in_training(device: str, H: int, mfr: list[str]) -> list[tuple[str, float]]:
     """Rows (name, seconds per step) of the baseline, MFR (the defaults, with `mfr` on top), the baseline and MFR
     again, as a training pays them. Each trains match_every + 1 steps on fresh batches untimed (the first
@@ -76,11 +88,7 @@ def in_training(device: str, H: int, mfr: list[str]) -> list[tuple[str, float]]:
     rows, as in every later stretch of a training), then over 10 steps between re-matchings."""
     runs = {"baseline": trainer(device, [], H), "MFR": trainer(device, ["mfr.enabled=true", *mfr], H)}
     every = runs["MFR"].cfg.mfr.match_every
-    batches = {name: (x.to(device) for x in run.source.batches(BATCH)) for name, run in runs.items()}
-    steps = {name: (lambda run=run, name=name: run.train_step(next(batches[name]))) for name, run in runs.items()}
-    for step in steps.values():
-        for _ in range(every + 1):
-            step()
+    steps = warmed_steps(runs, device, every + 1)
     stretch = timed_side_by_side(steps, every, torch.device(device))
     between = timed_side_by_side(steps, 10, torch.device(device))
     label = "the defaults" + (" with " + " ".join(mfr) if mfr else "")
@@ -97,11 +105,7 @@ def architectures_in_training(device: str, H: int, warm: int = 201, steps: int =
     untimed (AuxK's window shortened to 5,000 vectors, so that some of its dead latents take part), then all are
     timed step by step in turn over `steps` steps (a drift of the machine's speed falls on all alike)."""
     runs = {name: trainer(device, overrides, H) for name, overrides in ARCHITECTURES.items()}
-    batches = {name: (x.to(device) for x in run.source.batches(BATCH)) for name, run in runs.items()}
-    steps_of = {name: (lambda run=run, name=name: run.train_step(next(batches[name]))) for name, run in runs.items()}
-    for step in steps_of.values():
-        for _ in range(warm):
-            step()
+    steps_of = warmed_steps(runs, device, warm)
     dead = {name: run.firing.idle_mask(run.cfg.sae.aux_dead_window).float().mean().item() for name, run in runs.items()}
     seconds = timed_side_by_side(steps_of, steps, torch.device(device))
     return [(f"architecture {name} (dead for AuxK {dead[name]:.1%})", seconds[name]) for name in runs]
