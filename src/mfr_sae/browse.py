@@ -42,7 +42,7 @@ HISTOGRAM_BINS, LOG10_LOW, LOG10_HIGH = 60, -3.0, 3.0  # bins of 0.1 decade over
 LOGIT_TOKENS = 10  # tokens promoted and suppressed listed per latent
 SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
 LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)
-ENCODE_ROWS = 4096  # rows encoded at once ([N, rows, h] pre-activations)
+ENCODE_ROWS = 4096  # rows encoded at once ([N, rows, h] pre-activations), and window slots taken at once
 # a window's activation recomputed as one dot product may differ from the encoder's by rounding, which scales
 # with the sum of its terms' magnitudes: within this share of that sum it counts as reaching its row's floor
 FLOOR_TOLERANCE = 1e-5
@@ -142,11 +142,12 @@ def window_activations(
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
         lo, hi = (int(i) for i in torch.searchsorted(slot_rows, torch.tensor([start, stop])))
-        x = cache.read_rows(start, stop) if lo < hi else None
+        if lo == hi:
+            continue
+        x = cache.read_rows(start, stop)
         for first in range(lo, hi, ENCODE_ROWS):
             last = min(first + ENCODE_ROWS, hi)
             rows, owners = slot_rows[first:last], owner[first:last]
-            assert x is not None  # read whenever the chunk has slots
             pre, magnitude = (t.float() for t in ensemble.pre_activations_at(x[rows - start], owners))
             # kept where it reaches its row's smallest kept activation, less what rounding could move it by
             kept = pre >= stats.floor[owners // h, rows] - FLOOR_TOLERANCE * magnitude

@@ -150,8 +150,10 @@ class Ensemble(nn.Module):
     def pre_activations_at(self, x: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
         """The pre-activation of one latent per input, x [S, d], latents [S] (member * h + latent) -> [S], and the
         sum of its terms' magnitudes [S] (what its rounding error scales with)."""
-        bias = self._encoder_bias(x).flatten()[latents]
-        terms = x * self.W_enc.flatten(0, 1)[latents]
+        weight, bias = self.W_enc.flatten(0, 1)[latents], self.b_enc.flatten()[latents]
+        if self.b_dec is not None:  # W (x - b_dec) + b_enc, for these latents only (not all N h, as encode)
+            bias = bias - (weight * self.b_dec[latents // self.d_sae]).sum(-1)
+        terms = x * weight
         return terms.sum(-1) + bias, terms.abs().sum(-1) + bias.abs()
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
