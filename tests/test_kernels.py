@@ -77,6 +77,24 @@ def test_gather_rows_gradient_is_the_rows_alone_and_adds_onto_a_dense_one():
     torch.testing.assert_close(w.grad, 2 * w.detach() + ref)
 
 
+@pytest.mark.parametrize("kernel", ["topk_encode", "tied_topk"])
+def test_a_sparse_gradient_is_added_in_place_into_the_kernels_weight_gradient(kernel):
+    # AuxK's and MFR's sparse gradients (a few rows) meet the kernel's dense one; autograd adds them in place only
+    # when that dense one is a tensor of its own, not a view: else every step copies the whole [N, h, d] weight
+    from mfr_sae.kernels import gather_rows, tied_topk
+
+    x, w, bias, _ = _inputs()
+    rows = torch.tensor([2, 9, 30])
+    encode = topk_encode if kernel == "topk_encode" else tied_topk
+    out = encode(x, w, bias, 4)[0]
+    produced = []
+    out.grad_fn.register_hook(lambda grad_inputs, _: produced.append(grad_inputs[1].data_ptr()))  # no reference
+    (gather_rows(w, rows).sum() + out.sum()).backward()  # the sparse gradient, computed first, waits for the dense
+    assert w.grad.data_ptr() == produced[0]  # the sum is in the kernel's own buffer
+    (ref,) = torch.autograd.grad(w.flatten(0, 1)[rows].sum() + encode(x, w, bias, 4)[0].sum(), w)
+    torch.testing.assert_close(w.grad, ref)
+
+
 def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_reference():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 32, generator=gen)

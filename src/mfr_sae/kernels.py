@@ -83,8 +83,7 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             cols = torch.arange(batch, device=idx.device).view(1, -1, 1).expand_as(idx).reshape(-1)
-            grad_weight = add_sparse_product(x.new_zeros(n_members * d_sae, d_in), rows, cols, grad.reshape(-1), x)
-            grad_weight = grad_weight.view_as(weight)
+            grad_weight = add_sparse_product(x.new_zeros(weight.shape), rows, cols, grad.reshape(-1), x)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.new_zeros(n_members * d_sae).index_add_(0, rows, grad.reshape(-1))
             grad_bias = grad_bias.view(n_members, d_sae)
@@ -178,14 +177,14 @@ class _TiedTopK(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             along = grad_pre.new_zeros(n_members * d_sae).index_add_(0, rows, scaled * dot)
             # the correction -w_r sum a/n (g . w_r) / n^2 first, then both sparse terms added onto it
-            correction = flat * (along * inv_norm.square()).neg_().unsqueeze(1)
+            correction = weight.detach() * (along * inv_norm.square()).neg_().view(n_members, d_sae, 1)
             grad_weight = add_sparse_product(
                 correction,
                 rows.repeat(2),
                 torch.cat([bags.remainder(batch), outputs + batch]),
                 torch.cat([grad_pre, scaled]),
                 torch.cat([x, grad_rows]),
-            ).view_as(weight)
+            )
         if ctx.needs_input_grad[2]:
             grad_bias = grad_pre.new_zeros(n_members * d_sae).index_add_(0, rows, grad_pre)
             grad_bias = grad_bias.view(n_members, d_sae)
@@ -212,18 +211,23 @@ def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor, offsets: Tensor, output
 
 
 def add_sparse_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """out + S @ dense, S [len(out), len(dense)] the sparse matrix of the (row, col, value) entries (distinct,
-    the columns of each row listed ascending: a stable sort by row keeps them so), in out's dtype. S is
-    taken as CSR: its product is one MKL/cuSPARSE call (2x a COO product here), added onto out in place.
-    MKL has no bf16 sparse product: under CPU autocast the sum is taken in fp32."""
+    """out + S @ dense, out [..., d] (contiguous) taken as its rows [R, d], S [R, len(dense)] the sparse matrix of
+    the (row, col, value) entries (distinct, the columns of each row listed ascending: a stable sort by row keeps
+    them so), in out's dtype and shape. S is taken as CSR: its product is one MKL/cuSPARSE call (2x a COO
+    product here), added onto out in place. MKL has no bf16 sparse product: under CPU autocast the sum is taken
+    in fp32. The result is out itself, not a view of it, where the dtype allows: autograd adds a sparse gradient
+    onto a weight's dense one in place only then (onto a view it copies the whole weight)."""
     dtype = out.dtype
     if out.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
+    result = out.to(dtype)
+    flat = result.view(-1, out.shape[-1])
     order = torch.argsort(rows, stable=True)
-    crow = rows.new_zeros(len(out) + 1)
-    torch.cumsum(torch.bincount(rows, minlength=len(out)), 0, out=crow[1:])
-    sparse = csr_matrix(crow, cols[order], values[order].to(dtype), (len(out), len(dense)))
-    return out.to(dtype).addmm_(sparse, dense.to(dtype)).to(out.dtype)
+    crow = rows.new_zeros(len(flat) + 1)
+    torch.cumsum(torch.bincount(rows, minlength=len(flat)), 0, out=crow[1:])
+    sparse = csr_matrix(crow, cols[order], values[order].to(dtype), (len(flat), len(dense)))
+    flat.addmm_(sparse, dense.to(dtype))
+    return result.to(out.dtype)
 
 
 def csr_matrix(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
