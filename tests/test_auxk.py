@@ -37,17 +37,23 @@ def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bia
     x = torch.randn(16, 8, dtype=torch.float64)
     residual = torch.randn(2, 16, 8, dtype=torch.float64)
     dead = torch.rand(2, 20) < dead_share
+
+    def auxk_of_read_pre(ensemble, x, residual, dead, k_aux):  # as the trainer: pre-activations from the forward
+        read_pre = ensemble(x, dead.flatten().nonzero().squeeze(1)).read_pre
+        return auxk_loss(ensemble, x, residual, dead, k_aux, read_pre)
+
     values, grads = [], []
-    for loss_of in (auxk_loss, dense_auxk):
+    for loss_of in (auxk_loss, auxk_of_read_pre, dense_auxk):
         ensemble.zero_grad()
         loss = loss_of(ensemble, x, residual, dead, k_aux)
         loss.sum().backward()
         values.append(loss.detach())
         # the weights' gradient is sparse (the dead rows alone): compared densely
         grads.append({name: p.grad.to_dense() for name, p in ensemble.named_parameters()})
-    torch.testing.assert_close(values[0], values[1])
-    for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    for value, grad in zip(values[:2], grads[:2]):
+        torch.testing.assert_close(value, values[2])
+        for name in grads[2]:
+            torch.testing.assert_close(grad[name], grads[2][name], msg=name)
     assert values[0].min() > 0
     # only the dead latents' rows take its gradient
     live = ~dead

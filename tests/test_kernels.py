@@ -95,6 +95,39 @@ def test_a_sparse_gradient_is_added_in_place_into_the_kernels_weight_gradient(ke
     torch.testing.assert_close(w.grad, ref)
 
 
+def test_given_product_takes_the_gradient_of_the_product_it_was_given():
+    from mfr_sae.kernels import given_product
+
+    x, w, bias, _ = _inputs()
+    weight, b = w.flatten(0, 1)[:7], bias.flatten()[:7]
+    product = torch.addmm(b, x, weight.T)
+    g = torch.randn_like(product)
+    given = given_product(product.detach(), x, weight, b)
+    torch.testing.assert_close(given, product)
+    ours = torch.autograd.grad((given * g).sum(), [x, w, bias])
+    ref = torch.autograd.grad((product * g).sum(), [x, w, bias])
+    for name, a, r in zip(["x", "weight", "bias"], ours, ref):
+        torch.testing.assert_close(a, r, msg=name)
+
+
+@pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
+def test_the_forward_pass_reads_the_asked_latents_pre_activations_and_keeps_the_same_ones(tied, decoder_bias):
+    from mfr_sae.ensemble import Ensemble
+
+    torch.manual_seed(0)
+    ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
+    with torch.no_grad():
+        for param in ensemble.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(16, 8, dtype=torch.float64)
+    latents = torch.tensor([1, 7, 19, 20, 33])  # flat: member * h + latent, both members
+    out, plain = ensemble(x, latents), ensemble(x)
+    want = torch.einsum("bd,nhd->bnh", x, ensemble.W_enc) + ensemble._encoder_bias(x)
+    assert not out.read_pre.requires_grad and plain.read_pre is None
+    torch.testing.assert_close(out.read_pre, want.flatten(1)[:, latents])
+    assert torch.equal(out.idx, plain.idx) and torch.equal(out.x_hat, plain.x_hat)
+
+
 def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_reference():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 32, generator=gen)

@@ -13,36 +13,40 @@ import torch
 from torch import Tensor
 
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.kernels import gather_rows, unit_rows
+from mfr_sae.kernels import gather_rows, given_product, unit_rows
 
 
-def auxk_loss(ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(
+    ensemble: Ensemble, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int, dead_pre: Tensor | None = None
+) -> Tensor:
     """The AuxK loss of each member [N]: x [B, d] the input, residual [N, B, d] what each member left over (no
-    gradient), dead [N, h] the latents that take part. A member with no dead latent contributes 0."""
+    gradient), dead [N, h] the latents that take part. A member with no dead latent contributes 0. dead_pre [B, R]
+    (optional): the dead latents' pre-activations (in the order of dead.flatten().nonzero(), no gradient) as the
+    ensemble's forward pass read them (`Ensemble.forward(x, read_latents)`), so that they are not computed again."""
     n_members, d_sae = dead.shape
     counts = dead.sum(1)
     width = int(counts.max())
     if not width:
         return x.new_zeros(n_members)
     # the dead rows of all members gathered once, with sparse gradients (a few rows of [N, h, d], added onto the
-    # reconstruction's dense ones), then laid out [N, width, d], each member's block padded, for batched products
+    # reconstruction's dense ones), then laid out [N, width, ...], each member's block padded, for batched products
     rows = dead.flatten().nonzero().squeeze(1)
     member = rows // d_sae
     slot = member * width + torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[member]
     encoder = gather_rows(ensemble.W_enc, rows)
     decoder = unit_rows(encoder if ensemble.W_dec is None else gather_rows(ensemble.W_dec, rows))
 
-    def padded(values: Tensor, fill: float = 0.0) -> Tensor:
-        out = values.new_full((n_members * width, *values.shape[1:]), fill)
-        return out.index_copy(0, slot, values).view(n_members, width, *values.shape[1:])
+    def padded(values: Tensor, fill: float = 0.0, dim: int = 0) -> Tensor:
+        shape = list(values.shape)
+        shape[dim] = n_members * width
+        out = values.new_full(shape, fill).index_copy(dim, slot, values)
+        return out.view(*shape[:dim], n_members, width, *shape[dim + 1 :])
 
-    bias = padded(ensemble.b_enc.flatten()[rows], -torch.inf)  # padding: -inf, never kept
-    if ensemble.b_dec is None:  # one input for all members: one product [B, d] x [d, N width]
-        pre = torch.addmm(bias.flatten(), x, padded(encoder).flatten(0, 1).T).view(len(x), n_members, width)
-        pre = pre.transpose(0, 1)  # [N, B, width]
-    else:
-        inputs = x - ensemble.b_dec.unsqueeze(1)  # [N, B, d]
-        pre = torch.baddbmm(bias.unsqueeze(1), inputs, padded(encoder).transpose(1, 2))  # [N, B, width]
+    bias = ensemble.b_enc.flatten()[rows]
+    if ensemble.b_dec is not None:  # W (x - b_dec) + b_enc
+        bias = bias - (encoder * ensemble.b_dec[member]).sum(-1)
+    pre = torch.addmm(bias, x, encoder.T) if dead_pre is None else given_product(dead_pre, x, encoder, bias)
+    pre = padded(pre, -torch.inf, dim=1).transpose(0, 1)  # [N, B, width]; padding: -inf, never kept
     if k_aux < width:  # each sample's k_aux largest (with fewer dead latents, all of them)
         acts, idx = pre.topk(k_aux, dim=2)
         pre = torch.zeros_like(pre).scatter(2, idx, acts)

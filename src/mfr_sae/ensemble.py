@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mfr_sae.architectures import architecture_named
-from mfr_sae.kernels import sparse_decode, tied_topk, topk_encode, unit_rows
+from mfr_sae.kernels import Selector, also_reading, sparse_decode, tied_topk, topk_encode, unit_rows
 from mfr_sae.seeding import INIT_STREAM, seeded_generator
 
 
@@ -34,6 +34,8 @@ class EnsembleOutput:
     """Latent index of each kept activation [N, B, k_max]."""
     prefixes: Tensor | None = None
     """Matryoshka in training: the reconstruction of each nested prefix [G, N, B, d] (the last is x_hat)."""
+    read_pre: Tensor | None = None
+    """The pre-activations [B, R] of the latents the forward pass was asked to read (no gradient)."""
 
 
 class Ensemble(nn.Module):
@@ -158,7 +160,9 @@ class Ensemble(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, d] -> (acts [N, B, k'], idx [N, B, k']); k' = k_max for TopK."""
-        select, mask = self.architecture.selector(self)
+        return self._encode(x, *self.architecture.selector(self))
+
+    def _encode(self, x: Tensor, select: Selector, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         acts, idx = topk_encode(x, self.W_enc, self._encoder_bias(x), select)
         return (acts, idx) if mask is None else (acts * mask, idx)
 
@@ -176,21 +180,26 @@ class Ensemble(nn.Module):
         prefixes = parts.cumsum(0)
         return prefixes if self.b_dec is None else prefixes + self.b_dec.unsqueeze(1)
 
-    def forward(self, x: Tensor) -> EnsembleOutput:
+    def forward(self, x: Tensor, read_latents: Tensor | None = None) -> EnsembleOutput:
         """Every member's reconstruction of x [B, d]; tied ensembles take the fused kernel (one weight
-        gradient for encoder and decoder), untied ones encode then decode."""
+        gradient for encoder and decoder), untied ones encode then decode. read_latents (flat: member * h +
+        latent): latents whose pre-activations the encoder product also hands out, as `read_pre`."""
         ends = self.architecture.prefix_ends(self)
-        if self.W_dec is not None:
-            acts, idx = self.encode(x)
-            if ends is not None:
-                prefixes = self._decode_prefixes(acts, idx, ends)
-                return EnsembleOutput(prefixes[-1], acts, idx, prefixes)
-            return EnsembleOutput(self.decode(acts, idx), acts, idx)
         select, mask = self.architecture.selector(self)
-        x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), select, mask, ends)
-        if self.b_dec is not None:
-            x_hat = x_hat + self.b_dec.unsqueeze(1)
-        return EnsembleOutput(x_hat, acts, idx) if ends is None else EnsembleOutput(x_hat[-1], acts, idx, x_hat)
+        read: list[Tensor] = []
+        if read_latents is not None:
+            select, read = also_reading(select, read_latents)
+        if self.W_dec is not None:
+            acts, idx = self._encode(x, select, mask)
+            x_hat = self._decode_prefixes(acts, idx, ends) if ends is not None else self.decode(acts, idx)
+        else:
+            x_hat, acts, idx = tied_topk(x, self.W_enc, self._encoder_bias(x), select, mask, ends)
+            if self.b_dec is not None:
+                x_hat = x_hat + self.b_dec.unsqueeze(1)
+        read_pre = read[0] if read else None
+        if ends is None:
+            return EnsembleOutput(x_hat, acts, idx, read_pre=read_pre)
+        return EnsembleOutput(x_hat[-1], acts, idx, x_hat, read_pre)
 
     def dense_codes(self, x: Tensor) -> Tensor:
         """Latent activations as a dense [N, B, h] tensor (for analysis, not training)."""

@@ -52,6 +52,19 @@ def topk_selector(k: int, sorted: bool = False) -> Selector:
     return select
 
 
+def also_reading(select: Selector, latents: Tensor) -> tuple[Selector, list[Tensor]]:
+    """select, which also copies the pre-activations [B, len(latents)] of these latents (flat: member * h + latent)
+    into the list returned beside it, without a gradient (`given_product` gives them one): a fused kernel computes
+    every pre-activation anyway, and AuxK wants its dead latents'."""
+    read: list[Tensor] = []
+
+    def select_reading(pre: Tensor) -> tuple[Tensor, Tensor]:
+        read.append(pre.reshape(len(pre), -1).index_select(1, latents))  # (3x faster than [:, latents])
+        return select(pre)
+
+    return select_reading, read
+
+
 def encoder_select(x: Tensor, weight: Tensor, bias: Tensor, select: Selector) -> tuple[Tensor, Tensor]:
     """The kept latents of x W^T + b per member: x [B, d], weight [N, h, d], bias [N, h] -> (values, idx) [N, B, k'].
     One [B, d] x [d, N h] product for all members (faster on CPU than N batched ones), whose [B, N, h]
@@ -336,6 +349,33 @@ class _GatherRows(torch.autograd.Function):
 
 
 _gather_rows: Callable[[Tensor, Tensor], Tensor] = _GatherRows.apply  # typed: torch's `apply` is not
+
+
+class _GivenProduct(torch.autograd.Function):
+    """x W^T + b as computed elsewhere (`value`, without a gradient), given the gradient of that product."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return value.detach().clone()  # (an input returned as it is would not take this function's gradient)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None]:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        x, weight = saved
+        grad = grad.to(weight.dtype)  # under autocast the value's dtype; the weights' gradients in theirs
+        grad_x = grad @ weight if ctx.needs_input_grad[1] else None
+        grad_weight = grad.T @ x.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return None, grad_x, grad_weight, grad.sum(0) if ctx.needs_input_grad[3] else None
+
+
+_given_product: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = _GivenProduct.apply  # typed: `apply` is not
+
+
+def given_product(value: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """value [B, R] = x [B, d] weight^T [d, R] + bias [R], already computed (`also_reading`), with the gradient of
+    the product with respect to x, weight and bias: its forward is not run again."""
+    return _given_product(value, x, weight, bias)
 
 
 def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:

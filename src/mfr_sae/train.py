@@ -170,8 +170,11 @@ class Trainer:
         rows = self.shard.batch_rows(len(x))  # data parallel: this replica's slice; else the whole batch
         share = (rows.stop - rows.start) / len(x)
         self.mfr.prefetch(self.ensemble.decoder_weight)  # the decoders travel while this rank encodes
+        sae = self.cfg.sae
+        dead = self.firing.idle_mask(sae.aux_dead_window) if sae.aux_coef else None  # AuxK's latents
+        dead_latents = dead.flatten().nonzero().squeeze(1) if dead is not None else None
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.autocast):
-            out = self.ensemble(x[rows])
+            out = self.ensemble(x[rows], dead_latents)  # (which reads their pre-activations on the way)
         acts, idx = out.acts, out.idx
         self.ensemble.architecture.after_step(self.ensemble, acts, self.shard)  # e.g. BatchTopK's threshold
         n_members = self.shard.n_members
@@ -182,9 +185,11 @@ class Trainer:
             mse, fit = errors[-1], errors.mean(0)
         loss = fit.sum() / n_members  # this rank's part of the mean over all members
         logs: dict[str, Any] = {"mse": mse.detach()}
-        if self.cfg.sae.aux_coef:  # AuxK: dead latents reconstruct what their member leaves over
-            aux = self._auxk(x[rows], target[rows], out.x_hat.detach()) * share
-            loss = loss + self.cfg.sae.aux_coef * aux.sum() / n_members
+        if dead is not None:  # AuxK: dead latents reconstruct what their member leaves over
+            residual = target[rows] - out.x_hat.detach().float()
+            k_aux = sae.aux_k or self.cfg.data.d // 2
+            aux = auxk_loss(self.ensemble, x[rows], residual, dead, k_aux, out.read_pre) * share
+            loss = loss + sae.aux_coef * aux.sum() / n_members
             logs["aux_loss"] = aux.detach()
         if self.mfr.penalty_on:  # on the decoders of all members; the gradient reaches this rank's own
             penalty, values = self.mfr.penalty(
@@ -217,14 +222,6 @@ class Trainer:
         self.step += 1
         logs["l0"] = (acts > 0).sum(-1).float().mean(-1) * share
         return logs
-
-    def _auxk(self, x: Tensor, target: Tensor, x_hat: Tensor) -> Tensor:
-        """Each of this rank's members' AuxK loss on its slice of the batch [n] (auxk.py)."""
-        sae = self.cfg.sae
-        dead = self.firing.idle_mask(sae.aux_dead_window)
-        if not dead.any():
-            return x.new_zeros(len(self.shard.members))
-        return auxk_loss(self.ensemble, x, target - x_hat.float(), dead, sae.aux_k or self.cfg.data.d // 2)
 
     @torch.no_grad()
     def _reinit_member(self, n: int) -> None:
