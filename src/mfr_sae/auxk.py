@@ -9,6 +9,9 @@ leaves it unnormalised, sparsify divides by the input's). The trainer adds sae.a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -47,22 +50,54 @@ def auxk_loss(
         bias = bias - (encoder * ensemble.b_dec[member]).sum(-1)
     pre = torch.addmm(bias, x, encoder.T) if dead_pre is None else given_product(dead_pre, x, encoder, bias)
     pre = padded(pre, -torch.inf, dim=1).transpose(0, 1)  # [N, B, width]; padding: -inf, never kept
-    if k_aux < width:  # each sample's k_aux largest (with fewer dead latents, all of them)
-        acts, idx = pre.topk(k_aux, dim=2)
-        pre = torch.zeros_like(pre).scatter(2, idx, acts)
-    acts, decoder = pre.relu(), padded(decoder)  # [N, B, width], [N, width, d]
+    decoder = padded(decoder)  # [N, width, d]
     dtype = torch.promote_types(residual.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):  # the error in fp32
-        acts, decoder, residual = acts.to(dtype), decoder.to(dtype), residual.to(dtype)
-        if width <= residual.shape[-1]:
-            # ||e_hat - e||^2 = <A, A G - 2 e D^T> + ||e||^2 with e_hat = A D, G = D D^T [N, width, width]: no
-            # [N, B, d] tensor formed (the cheaper way while the dead latents are fewer than d)
-            along = torch.bmm(residual, decoder.transpose(1, 2))  # e D^T [N, B, width]
-            gram = torch.bmm(decoder, decoder.transpose(1, 2))
-            norm = torch.linalg.vector_norm(residual, dim=(1, 2))
-            error = (acts * (torch.bmm(acts, gram) - 2 * along)).sum((1, 2)) + norm.square()
-        else:  # the gram would cost B width^2
-            error = torch.linalg.vector_norm(torch.bmm(acts, decoder) - residual, dim=(1, 2)).square()
+        pre, decoder, residual = pre.to(dtype), decoder.to(dtype), residual.to(dtype)
+        error = _reconstruction_error(pre, decoder, residual, k_aux)
         spread = torch.linalg.vector_norm(residual - residual.mean(1, keepdim=True), dim=(1, 2)).square()
     loss: Tensor = error.clamp_min(0) * (counts > 0) / spread.clamp_min(torch.finfo(dtype).tiny)
     return loss  # (rounding could take the expanded error a hair below 0)
+
+
+class _ReconstructionError(torch.autograd.Function):
+    """||A D - e||^2 per member, A the ReLU of each sample's k_aux largest of pre [N, B, width], D [N, width, d] unit
+    rows, e [N, B, d] (no gradient), with the backward written out: while width <= d, as <A, A G - 2 e D^T> + ||e||^2
+    (G = D D^T), so that no [N, B, d] tensor is formed; past that directly (the gram would cost B width^2)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, decoder: Tensor, residual: Tensor, k_aux: int) -> Tensor:
+        if k_aux < pre.shape[2]:
+            values, idx = pre.topk(k_aux, dim=2)
+            acts = torch.zeros_like(pre).scatter_(2, idx, values.relu_())
+        else:
+            acts = pre.relu()
+        ctx.gram = pre.shape[2] <= residual.shape[2]
+        error: Tensor
+        if ctx.gram:
+            along = torch.bmm(residual, decoder.transpose(1, 2))  # e D^T [N, B, width]
+            fit = torch.bmm(acts, torch.bmm(decoder, decoder.transpose(1, 2))).sub_(along)  # A G - e D^T
+            norm = torch.linalg.vector_norm(residual, dim=(1, 2))
+            error = (acts * (fit - along)).sum((1, 2)) + norm.square()
+        else:
+            fit = torch.bmm(acts, decoder).sub_(residual)  # A D - e [N, B, d]
+            error = torch.linalg.vector_norm(fit, dim=(1, 2)).square()
+        ctx.save_for_backward(acts, decoder, residual, fit)
+        return error
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        saved: tuple[Tensor, ...] = ctx.saved_tensors
+        acts, decoder, residual, fit = saved
+        scale = 2 * grad.view(-1, 1, 1)
+        if ctx.gram:  # d/dA = 2 (A G - e D^T), d/dD = 2 (A^T A D - A^T e)
+            grad_acts = fit * scale
+            grad_decoder = torch.bmm(torch.bmm(acts.transpose(1, 2), acts), decoder)
+            grad_decoder = grad_decoder.sub_(torch.bmm(acts.transpose(1, 2), residual)).mul_(scale)
+        else:  # d/dA = 2 (A D - e) D^T, d/dD = 2 A^T (A D - e)
+            grad_acts = torch.bmm(fit, decoder.transpose(1, 2)).mul_(scale)
+            grad_decoder = torch.bmm(acts.transpose(1, 2), fit).mul_(scale)
+        return grad_acts.masked_fill_(acts <= 0, 0), grad_decoder, None, None  # A > 0: kept, and past the ReLU
+
+
+_reconstruction_error: Callable[[Tensor, Tensor, Tensor, int], Tensor] = _ReconstructionError.apply
