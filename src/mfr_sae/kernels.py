@@ -357,7 +357,7 @@ class _GivenProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, value: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return value.detach().clone()  # (an input returned as it is would not take this function's gradient)
+        return value
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None]:
