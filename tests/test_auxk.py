@@ -21,14 +21,26 @@ def dense_auxk(ensemble, x, residual, dead, k_aux):
         codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
         e_hat = codes @ F.normalize(ensemble.decoder_weight[n], dim=-1)
         e = residual[n]
-        losses.append((e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum())
+        loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        losses.append(loss if dead[n].any() else loss * 0)  # a member without dead latents: no AuxK
     return torch.stack(losses)
 
 
+def dead_latents(pattern: str) -> torch.Tensor:
+    """[2, 20]: a share of random latents, or one member with 3 dead latents and the other 6 (k_aux 4 between
+    them), or one member with none."""
+    if pattern in ("uneven", "one empty"):
+        dead = torch.zeros(2, 20, dtype=torch.bool)
+        dead[0, [1, 5, 9][: 3 if pattern == "uneven" else 0]] = True
+        dead[1, [0, 2, 3, 11, 17, 19]] = True
+        return dead
+    return torch.rand(2, 20) < float(pattern)
+
+
 @pytest.mark.parametrize("k_aux", [4, 20])  # fewer than the dead latents, and all of them
-@pytest.mark.parametrize("dead_share", [0.4, 0.9])  # fewer dead latents than d (8), and more
+@pytest.mark.parametrize("pattern", ["0.4", "0.9", "uneven", "one empty"])  # up to d (8) dead latents, or more
 @pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
-def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias, k_aux, dead_share):
+def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias, k_aux, pattern):
     torch.manual_seed(0)
     ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
     with torch.no_grad():
@@ -36,7 +48,7 @@ def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bia
             param.add_(0.1 * torch.randn_like(param))
     x = torch.randn(16, 8, dtype=torch.float64)
     residual = torch.randn(2, 16, 8, dtype=torch.float64)
-    dead = torch.rand(2, 20) < dead_share
+    dead = dead_latents(pattern)
 
     def auxk_of_read_pre(ensemble, x, residual, dead, k_aux):  # as the trainer: pre-activations from the forward
         read_pre = ensemble(x, dead.flatten().nonzero().squeeze(1)).read_pre
@@ -54,11 +66,29 @@ def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bia
         torch.testing.assert_close(value, values[2])
         for name in grads[2]:
             torch.testing.assert_close(grad[name], grads[2][name], msg=name)
-    assert values[0].min() > 0
+    assert torch.equal(values[0] > 0, dead.any(1))  # 0 for a member without dead latents
     # only the dead latents' rows take its gradient
     live = ~dead
     assert torch.equal(grads[0]["W_enc"][live], torch.zeros_like(grads[0]["W_enc"][live]))
     assert grads[0]["W_enc"][dead].abs().sum() > 0
+
+
+def test_auxk_reads_no_pre_activations_rounded_by_autocast():
+    # under bf16 autocast the forward pass's pre-activations are bf16; AuxK picks its top k_aux among them, so it
+    # computes its own product in the input's precision instead (a bf16 read moved the gradient by ~1e-2)
+    torch.manual_seed(2)
+    ensemble = Ensemble(16, 64, [2, 3], tied=False, decoder_bias=True)
+    x, residual = torch.randn(64, 16), torch.randn(2, 64, 16)
+    dead = torch.rand(2, 64) < 0.3
+    with torch.autocast("cpu", torch.bfloat16):
+        read_pre = ensemble(x, dead.flatten().nonzero().squeeze(1)).read_pre
+    assert read_pre.dtype == torch.bfloat16
+    grads = []
+    for pre in (None, read_pre):
+        ensemble.zero_grad()
+        auxk_loss(ensemble, x, residual, dead, 4, pre).sum().backward()
+        grads.append(ensemble.W_enc.grad.to_dense())
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_auxk_under_bf16_autocast_is_close_to_fp32():

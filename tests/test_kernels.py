@@ -95,6 +95,17 @@ def test_a_sparse_gradient_is_added_in_place_into_the_kernels_weight_gradient(ke
     torch.testing.assert_close(w.grad, ref)
 
 
+def test_the_kernels_take_a_weight_of_any_strides():
+    from mfr_sae.kernels import tied_topk
+
+    x, w, bias, _ = _inputs()
+    strided = w.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [N, h, d], h outermost
+    for kernel in (lambda w: tied_topk(x, w, bias, 4)[0], lambda w: topk_encode(x, w, bias, 4)[0]):
+        (ours,) = torch.autograd.grad(kernel(strided).sum(), strided)
+        (ref,) = torch.autograd.grad(kernel(w).sum(), w)
+        torch.testing.assert_close(ours, ref)
+
+
 def test_given_product_takes_the_gradient_of_the_product_it_was_given():
     from mfr_sae.kernels import given_product
 

@@ -25,7 +25,8 @@ def auxk_loss(
     """The AuxK loss of each member [N]: x [B, d] the input, residual [N, B, d] what each member left over (no
     gradient), dead [N, h] the latents that take part. A member with no dead latent contributes 0. dead_pre [B, R]
     (optional): the dead latents' pre-activations (in the order of dead.flatten().nonzero(), no gradient) as the
-    ensemble's forward pass read them (`Ensemble.forward(x, read_latents)`), so that they are not computed again."""
+    ensemble's forward pass read them (`Ensemble.forward(x, read_latents)`), so that they are not computed again
+    (unless they were read in a lower precision than x's, under autocast)."""
     n_members, d_sae = dead.shape
     counts = dead.sum(1)
     width = int(counts.max())
@@ -48,6 +49,8 @@ def auxk_loss(
     bias = ensemble.b_enc.flatten()[rows]
     if ensemble.b_dec is not None:  # W (x - b_dec) + b_enc
         bias = bias - (encoder * ensemble.b_dec[member]).sum(-1)
+    if dead_pre is not None and dead_pre.dtype != x.dtype:  # read under autocast (bf16): the top k_aux is
+        dead_pre = None  # picked among values of the input's precision, as without autocast
     pre = torch.addmm(bias, x, encoder.T) if dead_pre is None else given_product(dead_pre, x, encoder, bias)
     pre = padded(pre, -torch.inf, dim=1).transpose(0, 1)  # [N, B, width]; padding: -inf, never kept
     decoder = padded(decoder)  # [N, width, d]

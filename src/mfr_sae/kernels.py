@@ -224,7 +224,7 @@ def bag_dots(grad: Tensor, weight: Tensor, rows: Tensor, offsets: Tensor, output
 
 
 def add_sparse_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """out + S @ dense, out [..., d] (contiguous) taken as its rows [R, d], S [R, len(dense)] the sparse matrix of
+    """out + S @ dense, out [..., d] taken as its rows [R, d], S [R, len(dense)] the sparse matrix of
     the (row, col, value) entries (distinct, the columns of each row listed ascending: a stable sort by row keeps
     them so), in out's dtype and shape. S is taken as CSR: its product is one MKL/cuSPARSE call (2x a COO
     product here), added onto out in place. MKL has no bf16 sparse product: under CPU autocast the sum is taken
@@ -233,7 +233,7 @@ def add_sparse_product(out: Tensor, rows: Tensor, cols: Tensor, values: Tensor, 
     dtype = out.dtype
     if out.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    result = out.to(dtype)
+    result = out.to(dtype).contiguous()
     flat = result.view(-1, out.shape[-1])
     order = torch.argsort(rows, stable=True)
     crow = rows.new_zeros(len(flat) + 1)
