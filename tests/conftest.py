@@ -27,6 +27,23 @@ def easy_overrides() -> list[str]:
 
 
 @pytest.fixture
+def perturbed_ensemble():
+    """make(tied, decoder_bias): a float64 ensemble of 2 members (d 8, h 20, k 2 and 3), its weights and biases
+    moved off their initialisation by the global generator seeded 0 (tests draw their inputs after it)."""
+    from mfr_sae.ensemble import Ensemble
+
+    def make(tied: bool, decoder_bias: bool) -> Ensemble:
+        torch.manual_seed(0)
+        ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
+        with torch.no_grad():
+            for param in ensemble.parameters():
+                param.add_(0.1 * torch.randn_like(param))
+        return ensemble
+
+    return make
+
+
+@pytest.fixture
 def flip_byte():
     """Flip one bit of a file's 4th byte from the end: a safetensors file stays readable (a mantissa bit of
     its last value), so that only its SHA-256 can tell."""

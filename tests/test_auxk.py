@@ -40,12 +40,8 @@ def dead_latents(pattern: str) -> torch.Tensor:
 @pytest.mark.parametrize("k_aux", [4, 20])  # fewer than the dead latents, and all of them
 @pytest.mark.parametrize("pattern", ["0.4", "0.9", "uneven", "one empty"])  # up to d (8) dead latents, or more
 @pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
-def test_auxk_equals_the_dense_reference_in_value_and_gradient(tied, decoder_bias, k_aux, pattern):
-    torch.manual_seed(0)
-    ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
-    with torch.no_grad():
-        for param in ensemble.parameters():
-            param.add_(0.1 * torch.randn_like(param))
+def test_auxk_equals_the_dense_reference_in_value_and_gradient(perturbed_ensemble, tied, decoder_bias, k_aux, pattern):
+    ensemble = perturbed_ensemble(tied, decoder_bias)
     x = torch.randn(16, 8, dtype=torch.float64)
     residual = torch.randn(2, 16, 8, dtype=torch.float64)
     dead = dead_latents(pattern)

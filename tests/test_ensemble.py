@@ -46,6 +46,20 @@ def test_one_latents_pre_activation_is_the_dense_products_entry(decoder_bias):
     assert (magnitude >= pre.abs() - 1e-6).all() and (magnitude > 0).all()
 
 
+@pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
+def test_the_forward_pass_reads_the_asked_latents_pre_activations_and_keeps_the_same_ones(
+    perturbed_ensemble, tied, decoder_bias
+):
+    ensemble = perturbed_ensemble(tied, decoder_bias)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    latents = torch.tensor([1, 7, 19, 20, 33])  # flat: member * h + latent, both members
+    out, plain = ensemble(x, latents), ensemble(x)
+    want = torch.einsum("bd,nhd->bnh", x, ensemble.W_enc) + ensemble._encoder_bias(x)
+    assert not out.read_pre.requires_grad and plain.read_pre is None
+    torch.testing.assert_close(out.read_pre, want.flatten(1)[:, latents])
+    assert torch.equal(out.idx, plain.idx) and torch.equal(out.x_hat, plain.x_hat)
+
+
 def test_tied_decoder_is_the_unit_normalised_encoder():
     ens = Ensemble(8, 20, [3, 3])
     torch.testing.assert_close(ens.decoder(), F.normalize(ens.W_enc, dim=-1))

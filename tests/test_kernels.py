@@ -121,24 +121,6 @@ def test_given_product_takes_the_gradient_of_the_product_it_was_given():
         torch.testing.assert_close(a, r, msg=name)
 
 
-@pytest.mark.parametrize("tied, decoder_bias", [(True, False), (False, True)])
-def test_the_forward_pass_reads_the_asked_latents_pre_activations_and_keeps_the_same_ones(tied, decoder_bias):
-    from mfr_sae.ensemble import Ensemble
-
-    torch.manual_seed(0)
-    ensemble = Ensemble(8, 20, [2, 3], tied, decoder_bias).double()
-    with torch.no_grad():
-        for param in ensemble.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    x = torch.randn(16, 8, dtype=torch.float64)
-    latents = torch.tensor([1, 7, 19, 20, 33])  # flat: member * h + latent, both members
-    out, plain = ensemble(x, latents), ensemble(x)
-    want = torch.einsum("bd,nhd->bnh", x, ensemble.W_enc) + ensemble._encoder_bias(x)
-    assert not out.read_pre.requires_grad and plain.read_pre is None
-    torch.testing.assert_close(out.read_pre, want.flatten(1)[:, latents])
-    assert torch.equal(out.idx, plain.idx) and torch.equal(out.x_hat, plain.x_hat)
-
-
 def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients_close_to_the_reference():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 32, generator=gen)
