@@ -236,7 +236,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_ends_as_an_unint
     full_disk(lambda path: (run / "checkpoint").is_dir() and path.parent.name == "member_1")
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--no-progress", *sets]) == 2
-    assert capsys.readouterr().err == (
+    started, error = capsys.readouterr().err.split("\n", 1)
+    assert started.startswith(f"training {run} from step 0 of 30: 2 topk SAEs of 128 latents")
+    assert error == (
         f"mfr-sae: error: cannot write the checkpoint {run / 'checkpoint.tmp'} (No space left on device); it was "
         f"removed and the previous checkpoint {run / 'checkpoint'} is untouched: free space on that disk (or make "
         f"it writable), then run `mfr-sae train --resume {run}`\n"

@@ -32,7 +32,8 @@ def test_the_tied_kernel_reconstructs_each_prefix_with_the_gradient_of_the_dense
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_matryoshka_ensemble_trains_on_prefixes_and_is_saved_as_one_jumprelu(tied):
     torch.manual_seed(1)
-    ens = Ensemble(6, 32, [2, 3], tied, decoder_bias=True, architecture="matryoshka", matryoshka_widths=[4, 12])
+    widths = {"matryoshka_widths": [4, 12]}
+    ens = Ensemble(6, 32, [2, 3], tied, decoder_bias=True, architecture="matryoshka", architecture_options=widths)
     with torch.no_grad():
         ens.b_dec.normal_()
     x = torch.randn(30, 6)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mfr_sae import load, run_log
+from mfr_sae.cli import main
 from mfr_sae.config import load_config
 from mfr_sae.data.synthetic import SyntheticData
 from mfr_sae.train import Trainer, TrainingError, resume, train
@@ -377,11 +378,14 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_block_a_retry(tmp
     assert (tmp_path / "kept" / "config.yaml").exists() and (tmp_path / "kept" / "checkpoint").is_dir()
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path, easy_overrides):
-    train(load_config(None, easy_overrides + ["train.n_samples=5000"]), tmp_path / "run", progress=False)
+def test_resume_of_a_finished_run_changes_nothing_and_succeeds(tmp_path, easy_overrides, capsys):
+    """A requeue loop on a cluster resumes until done: a finished run is success, not a failure."""
+    first = train(load_config(None, easy_overrides + ["train.n_samples=5000"]), tmp_path / "run", progress=False)
+    assert "MFR off: the baseline (--set mfr.enabled=true trains with MFR)" in capsys.readouterr().err
     results, log = ((tmp_path / "run" / name).read_bytes() for name in ("results.json", "metrics.jsonl"))
-    with pytest.raises(TrainingError, match="is finished \\(results.json\\); nothing to resume"):
-        resume(tmp_path / "run", progress=False)
+    assert resume(tmp_path / "run", progress=False) == json.loads(results) == json.loads(json.dumps(first))
+    assert "is finished (results.json); nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
     assert (tmp_path / "run" / "results.json").read_bytes() == results
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log
 

@@ -8,18 +8,12 @@ batch is each process's slice of it (as with DDP in SAELens), and the threshold 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mfr_sae.architectures import Architecture, register
+from mfr_sae.architecture import Architecture, Members, Replicas, register
 from mfr_sae.kernels import Selector
-
-if TYPE_CHECKING:  # (distributed imports the config, which imports this)
-    from mfr_sae.distributed import Shard
-    from mfr_sae.ensemble import Ensemble
 
 THRESHOLD_RATE = 0.01  # SAELens's topk_threshold_lr
 UNSET = -1.0  # a threshold not yet estimated (JumpReLU with it is ReLU)
@@ -81,27 +75,27 @@ class BatchTopK(Architecture):
     def state(self, n_members: int) -> dict[str, Tensor]:
         return {"threshold": torch.full((n_members,), UNSET)}
 
-    def selector(self, ensemble: Ensemble) -> tuple[Selector, Tensor | None]:
+    def selector(self, ensemble: Members) -> tuple[Selector, Tensor | None]:
         if ensemble.training:
             return (lambda pre: batch_topk(pre, ensemble.ks)), None
-        return (lambda pre: jumprelu(pre, ensemble.threshold)), None
+        return (lambda pre: jumprelu(pre, ensemble.get_buffer("threshold"))), None
 
     @torch.no_grad()
-    def after_step(self, ensemble: Ensemble, acts: Tensor, shard: Shard) -> None:
+    def after_step(self, ensemble: Members, acts: Tensor, replicas: Replicas) -> None:
         """The threshold's running mean moves towards the smallest positive activation each member kept."""
         smallest = torch.where(acts > 0, acts, torch.inf).flatten(1).amin(1).float()
-        smallest = shard.min_replicas(smallest)
+        smallest = replicas.min_replicas(smallest)
         fired = torch.isfinite(smallest)  # a member that kept nothing positive leaves its threshold
-        threshold = ensemble.threshold
+        threshold = ensemble.get_buffer("threshold")
         moved = torch.where(threshold == UNSET, smallest, threshold + THRESHOLD_RATE * (smallest - threshold))
         threshold.copy_(torch.where(fired, moved, threshold))
 
-    def saelens_fields(self, ensemble: Ensemble, i: int) -> dict[str, object]:
+    def saelens_fields(self, ensemble: Members, i: int) -> dict[str, object]:
         return {}
 
-    def saved_tensors(self, ensemble: Ensemble, i: int) -> dict[str, Tensor]:
+    def saved_tensors(self, ensemble: Members, i: int) -> dict[str, Tensor]:
         """SAELens's JumpReLU keeps one threshold per latent: the member's one, repeated."""
-        return {"threshold": ensemble.threshold[i].expand(ensemble.d_sae)}
+        return {"threshold": ensemble.get_buffer("threshold")[i].expand(ensemble.d_sae)}
 
-    def load_tensors(self, ensemble: Ensemble, i: int, tensors: dict[str, Tensor]) -> None:
-        ensemble.threshold[i] = tensors["threshold"].max()
+    def load_tensors(self, ensemble: Members, i: int, tensors: dict[str, Tensor]) -> None:
+        ensemble.get_buffer("threshold")[i] = tensors["threshold"].max()

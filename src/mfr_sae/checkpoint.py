@@ -321,7 +321,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", members: list[int
             seed=own[0]["seed"],
             member_ids=[o["member"] for o in own],
             architecture=own[0].get("architecture", "topk"),
-            matryoshka_widths=own[0].get("matryoshka_widths", ()),
+            architecture_options=own[0],  # (its own options are among them, by config key)
         )
     except KeyError as err:
         raise CheckpointError(f"{folders[0] / CFG_FILE}: missing key {err}") from None

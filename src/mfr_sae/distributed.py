@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mfr_sae.config import ConfigError
+from mfr_sae.errors import ConfigError
 
 
 class RankLost(RuntimeError):

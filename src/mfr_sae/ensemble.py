@@ -1,7 +1,7 @@
 """An ensemble of N SAEs held as stacked tensors (docs/design.md section 2).
 
 Member n: z = ReLU(TopK_k[n](W_enc[n] (x - b_dec[n]) + b_enc[n])), x_hat = z W_dec[n] + b_dec[n]; other
-architectures (architectures.py: `sae.architecture`) choose the kept latents otherwise.
+architectures (architecture.py: `sae.architecture`) choose the kept latents otherwise.
 W_enc is [N, h, d] with one latent per row. Tied (the paper's default): W_dec = W_enc with unit-norm
 rows, computed in the forward pass. Untied: W_dec is its own parameter, kept at unit-norm rows.
 Members may differ in k. Member n is initialised from (seed, member_ids[n]) alone, so any split of the
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,6 @@ class Ensemble(nn.Module):
     are saved (for TopK the same; BatchTopK: JumpReLU)."""
 
     k_mask: Tensor  # a buffer (registered in __init__): [N, 1, k_max], True up to each member's k
-    threshold: Tensor  # BatchTopK's buffer [N] (architectures may register theirs)
 
     def __init__(
         self,
@@ -57,11 +57,11 @@ class Ensemble(nn.Module):
         device: str | torch.device | None = None,
         shared_init: bool = False,
         architecture: str = "topk",
-        matryoshka_widths: Sequence[int] = (),
+        architecture_options: Mapping[str, Any] | None = None,
     ):
+        """architecture_options: the architecture's options by config key (`sae.<name>_<field>`)."""
         super().__init__()
-        self.architecture = architecture_named(architecture, d_sae, matryoshka_widths)
-        self.matryoshka_widths = list(matryoshka_widths)
+        self.architecture = architecture_named(architecture, d_sae, architecture_options)
         n = len(ks)
         self.d_in, self.d_sae, self.ks, self.tied, self.seed = d_in, d_sae, list(ks), tied, seed
         self.shared_init = shared_init
@@ -219,7 +219,7 @@ class Ensemble(nn.Module):
             self.W_enc.device,
             self.shared_init,
             self.architecture.name,
-            self.matryoshka_widths,
+            self.architecture.options(),
         )
         with torch.no_grad():
             for name, tensor in part.weights_and_state():

@@ -6,17 +6,15 @@ is: a JumpReLU SAE (the widths only under `mfr_sae` in cfg.json)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mfr_sae.architectures import register
+from mfr_sae.architecture import Members, register
 from mfr_sae.batchtopk import BatchTopK
-
-if TYPE_CHECKING:
-    from mfr_sae.ensemble import Ensemble
 
 
 def prefix_widths(d_sae: int, widths: Sequence[int]) -> list[int]:
@@ -35,14 +33,17 @@ def prefix_widths(d_sae: int, widths: Sequence[int]) -> list[int]:
 class Matryoshka(BatchTopK):
     name = "matryoshka"
 
-    def __init__(self, d_sae: int, widths: Sequence[int] = ()):
-        super().__init__(d_sae, widths)
-        self.widths = prefix_widths(d_sae, widths)
+    @dataclass
+    class Options:
+        widths: list[int] = field(default_factory=list)
+        """the nested prefixes' widths, increasing, d_sae last (added if missing); empty: d_sae/16, d_sae/4,
+        d_sae."""
 
-    def prefix_ends(self, ensemble: Ensemble) -> Tensor | None:
+    def __init__(self, d_sae: int, options: Mapping[str, Any] | None = None):
+        super().__init__(d_sae, options)
+        self.opts.widths = prefix_widths(d_sae, self.opts.widths)
+
+    def prefix_ends(self, ensemble: Members) -> Tensor | None:
         if not ensemble.training:  # as saved: one reconstruction
             return None
-        return torch.tensor(self.widths, device=ensemble.W_enc.device)
-
-    def options(self) -> dict[str, object]:
-        return {"matryoshka_widths": self.widths}
+        return torch.tensor(self.opts.widths, device=ensemble.W_enc.device)

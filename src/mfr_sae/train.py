@@ -122,7 +122,7 @@ class Trainer:
             device=device,
             shared_init=cfg.sae.shared_init,
             architecture=cfg.sae.architecture,
-            matryoshka_widths=cfg.sae.matryoshka_widths,
+            architecture_options=cfg.sae.options,
         )
 
     # ------------------------------------------------------------------ run folder and resume
@@ -260,6 +260,18 @@ class Trainer:
                 raise TrainingError(f"{line} ({self._after_refused_write()})") from err
             raise
 
+    def first_line(self) -> str:
+        """What is trained, and whether with MFR: plain `mfr-sae train` trains the baseline."""
+        cfg = self.cfg
+        ks = sorted(set(cfg.ks))
+        what = (
+            f"{'resuming' if self.step else 'training'} {self.run_dir} from step {self.step} of {cfg.n_steps}: "
+            f"{cfg.sae.n_members} {cfg.sae.architecture} SAEs of {cfg.sae.d_sae} latents, k {'/'.join(map(str, ks))}"
+        )
+        if cfg.mfr.enabled:
+            return f"{what}; MFR on (mfr.*)"
+        return f"{what}; MFR off: the baseline (--set mfr.enabled=true trains with MFR)"
+
     def _after_refused_write(self) -> str:
         """What a run stopped by a refused write kept, and how to go on: said after the cleanup of `fit`."""
         fix = "free space on that disk (or make it writable)"
@@ -272,6 +284,8 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
+        if self.shard.is_main:
+            print(self.first_line(), file=sys.stderr)
         log = RunLog(self.run_dir / METRICS_FILE, self.shard, self.cfg.train.wandb_project, self.cfg.to_dict())
         try:
             members, lm = self._train_to_end(log)
@@ -330,14 +344,17 @@ def train(
 
 def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bool = True) -> dict[str, Any]:
     """Continue a run from its last checkpoint (same config, same data stream) to the end. A finished run
-    (results.json, and the checkpoint at the last step) is an error that changes nothing."""
+    (results.json, and the checkpoint at the last step) is left as it is: its results are returned (a requeue
+    loop that resumes until done sees success)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise TrainingError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
     cfg = load_run_config(run_dir / CONFIG_FILE)
     with locked(run_dir):
         if is_finished(run_dir, cfg.n_steps):
-            raise TrainingError(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume")
+            if distributed.world_from_env()[0] == 0:
+                print(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume", file=sys.stderr)
+            return dict(ckpt.read_json(run_dir / RESULTS_FILE))
         return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
 
 

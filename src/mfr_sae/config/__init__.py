@@ -8,7 +8,6 @@ from mfr_sae.config.fields import (
     FIRING_KINDS,
     MMCS_FORMS,
     PAPER_MFR,
-    ConfigError,
     DataConfig,
     EvalConfig,
     MFRConfig,
@@ -29,6 +28,7 @@ from mfr_sae.config.loading import (
     set_field,
 )
 from mfr_sae.config.run import RunConfig
+from mfr_sae.errors import ConfigError
 
 __all__ = [
     "DATA_KINDS",

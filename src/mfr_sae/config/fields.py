@@ -5,10 +5,7 @@ setting (docs/design.md sections 1-4). RunConfig, the sections together and thei
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message is one line that names it."""
+from typing import Any
 
 
 @dataclass
@@ -82,9 +79,10 @@ class SAEConfig:
     architecture: str = "topk"
     """`topk` (each sample keeps its k largest latents; the paper), `batchtopk` (a batch of B keeps its k x B
     largest: k per sample on average; saved as SAELens's JumpReLU with the threshold estimated in training) or
-    `matryoshka` (BatchTopK whose nested prefixes of latents, matryoshka_widths, each reconstruct on their own)."""
-    matryoshka_widths: list[int] = field(default_factory=list)
-    """matryoshka: the prefixes' widths, increasing, d_sae last (added if missing); empty: d_sae/16, d_sae/4, d_sae."""
+    `matryoshka` (BatchTopK whose nested prefixes of latents, matryoshka_widths, each reconstruct on their own).
+    An architecture's own options are keys `sae.<architecture>_<option>` (e.g. sae.matryoshka_widths)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The architectures' own options that were set, by key (`matryoshka_widths`); written as `sae.<key>`."""
     n_members: int = 2
     """Number of SAEs trained together (the ensemble)."""
     d_sae: int = 512

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import textwrap
 import typing
 from collections.abc import Iterable
 from contextlib import suppress
@@ -17,8 +18,11 @@ from typing import Any
 
 import yaml
 
-from mfr_sae.config.fields import ConfigError
+from mfr_sae.architecture import option_default, option_types
+from mfr_sae.architectures import option_fields
+from mfr_sae.config.fields import SAEConfig
 from mfr_sae.config.run import RunConfig
+from mfr_sae.errors import ConfigError
 from mfr_sae.files import atomic_write_text
 
 # ---------------------------------------------------------------- dicts, YAML and overrides
@@ -46,19 +50,33 @@ def from_dict(raw: Any, source: str = "config") -> RunConfig:
 
 
 def set_field(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> None:
-    """Set `section.field` on cfg, converting value to the field's type."""
+    """Set `section.field` on cfg, converting value to the field's type (`sae.<architecture>_<option>`: an
+    architecture's option, kept in cfg.sae.options)."""
     section, _, name = dotted.partition(".")
     known = sections()
     if section not in known or not name:
         raise ConfigError(f"{source}: unknown key {dotted!r} (sections: {', '.join(known)})")
-    hints = field_types(known[section])
+    hints = settable_fields(known[section])
     if name not in hints:
         raise ConfigError(f"{source}: unknown key {dotted!r} (fields of {section}: {', '.join(hints)})")
     try:
-        setattr(getattr(cfg, section), name, _coerce(value, hints[name]))
+        if name in (options := option_fields()):
+            owner, field_ = options[name]
+            cfg.sae.options[name] = _coerce(value, option_types(owner)[field_.name])
+        else:
+            setattr(getattr(cfg, section), name, _coerce(value, hints[name]))
     except _Mismatch as err:
         bad, tp = err.args
         raise ConfigError(f"{source}: {dotted}={bad!r} is not a valid {_type_name(tp)}") from None
+
+
+def settable_fields(cls: type) -> dict[str, Any]:
+    """The keys of a section -> their types: its fields, and for `sae` every registered architecture's options
+    (in place of `options`, which holds them)."""
+    if cls is not SAEConfig:
+        return field_types(cls)
+    own = {name: tp for name, tp in field_types(cls).items() if name != "options"}
+    return own | {key: option_types(owner)[f.name] for key, (owner, f) in option_fields().items()}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -163,7 +181,7 @@ def field_types(cls: type) -> dict[str, Any]:
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal under each field of a dataclass (its docstring), on one line."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
     return {
         node.target.id: " ".join(doc.value.value.split())
         for node, doc in pairwise(body)
@@ -176,15 +194,22 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def help_text() -> str:
-    """Every config field with its type, default and docstring, for --help."""
+    """Every config field with its type, default and docstring, for --help (the architectures' options under
+    `sae`, documented by their Options' docstrings)."""
     lines = ["config fields (YAML sections, or --set section.field=value):"]
     defaults = RunConfig()
     for section, cls in sections().items():
         lines.append(f"  {section}:")
         docs = field_docs(cls)
         for name, tp in field_types(cls).items():
+            if cls is SAEConfig and name == "options":
+                continue
             default = getattr(getattr(defaults, section), name)
             lines.append(f"    {section}.{name} ({_type_name(tp)}, default {default!r})")
             if name in docs:
                 lines.append(f"        {docs[name]}")
+    for key, (owner, f) in option_fields().items():
+        lines.append(f"    sae.{key} ({_type_name(option_types(owner)[f.name])}, default {option_default(f)!r})")
+        if f.name in (docs := field_docs(owner.Options)):
+            lines.append(f"        {owner.name}: {docs[f.name]}")
     return "\n".join(lines)

@@ -7,13 +7,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mfr_sae.architectures import ARCHITECTURES
+from mfr_sae.architecture import option_default
+from mfr_sae.architectures import ARCHITECTURES, architecture_named, option_fields
 from mfr_sae.config.fields import (
     DATA_KINDS,
     EEG_NOISE_KINDS,
     FIRING_KINDS,
     MMCS_FORMS,
-    ConfigError,
     DataConfig,
     EvalConfig,
     MFRConfig,
@@ -21,7 +21,7 @@ from mfr_sae.config.fields import (
     TrainConfig,
     beta_parts,
 )
-from mfr_sae.matryoshka import prefix_widths
+from mfr_sae.errors import ConfigError
 
 
 @dataclass
@@ -43,7 +43,10 @@ class RunConfig:
         return self.train.n_samples // self.train.batch_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The sections as nested dicts, the architecture's options as keys of `sae` (as they are written)."""
+        raw = dataclasses.asdict(self)
+        raw["sae"].update(raw["sae"].pop("options"))
+        return raw
 
     def validate(self) -> RunConfig:
         """Raise ConfigError on the first value that cannot work."""
@@ -112,19 +115,7 @@ class RunConfig:
             _check(len(s.k) == s.n_members, f"sae.k has {len(s.k)} values but sae.n_members={s.n_members}")
         for k in self.ks:
             _check(1 <= k <= s.d_sae, f"sae.k={k}: must be between 1 and sae.d_sae={s.d_sae}")
-        _check(
-            s.architecture in ARCHITECTURES,
-            f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
-        )
-        _check(
-            not s.matryoshka_widths or s.architecture == "matryoshka",
-            f"sae.matryoshka_widths is set but sae.architecture={s.architecture!r} (it needs matryoshka)",
-        )
-        if s.architecture == "matryoshka":
-            try:
-                prefix_widths(s.d_sae, s.matryoshka_widths)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        self._validate_architecture()
         _check(s.aux_coef >= 0, f"sae.aux_coef={s.aux_coef}: must be >= 0")
         _check(0 <= s.aux_k <= s.d_sae, f"sae.aux_k={s.aux_k}: must be between 0 and sae.d_sae={s.d_sae}")
         _check(s.aux_dead_window >= 1, f"sae.aux_dead_window={s.aux_dead_window}: must be >= 1")
@@ -174,6 +165,25 @@ class RunConfig:
             f"train.device={t.device!r}: must be auto, cpu or cuda[:N]",
         )
         return self
+
+    def _validate_architecture(self) -> None:
+        """The architecture's name and its options: options of another architecture keep their defaults."""
+        s = self.sae
+        _check(
+            s.architecture in ARCHITECTURES,
+            f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
+        )
+        fields = option_fields()
+        for key, value in s.options.items():
+            owner, field_ = fields[key]
+            _check(
+                owner is ARCHITECTURES[s.architecture] or value == option_default(field_),
+                f"sae.{key} is set but sae.architecture={s.architecture!r} (it needs {owner.name})",
+            )
+        try:
+            architecture_named(s.architecture, s.d_sae, s.options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check(ok: bool, message: str) -> None:
