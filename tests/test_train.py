@@ -381,7 +381,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_block_a_retry(tmp
 def test_resume_of_a_finished_run_changes_nothing_and_succeeds(tmp_path, easy_overrides, capsys):
     """A requeue loop on a cluster resumes until done: a finished run is success, not a failure."""
     first = train(load_config(None, easy_overrides + ["train.n_samples=5000"]), tmp_path / "run", progress=False)
-    assert "MFR off: the baseline (--set mfr.enabled=true trains with MFR)" in capsys.readouterr().err
+    assert "MFR off: the baseline (--set mfr.enabled=true trains with MFR)" in capsys.readouterr().out
     results, log = ((tmp_path / "run" / name).read_bytes() for name in ("results.json", "metrics.jsonl"))
     assert resume(tmp_path / "run", progress=False) == json.loads(results) == json.loads(json.dumps(first))
     assert "is finished (results.json); nothing to resume" in capsys.readouterr().err

@@ -285,7 +285,7 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
         if self.shard.is_main:
-            print(self.first_line(), file=sys.stderr)
+            print(self.first_line(), flush=True)  # (stdout: an error stays the one line on stderr)
         log = RunLog(self.run_dir / METRICS_FILE, self.shard, self.cfg.train.wandb_project, self.cfg.to_dict())
         try:
             members, lm = self._train_to_end(log)
