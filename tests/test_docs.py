@@ -18,12 +18,12 @@ from mfr_sae import offline
 from mfr_sae.config import (
     ConfigError,
     RunConfig,
-    field_types,
     from_dict,
     load_config,
     parse_override,
     sections,
     set_field,
+    settable_fields,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_every_config_field_named_in_inline_code_exists_and_takes_the_value_give
                 if name in ("py", "yaml", "json", "md"):  # a file name, not a field
                     continue
                 key = f"{section}.{name}"
-                assert name in field_types(sections()[section]), f"{page_id(page)}: `{code}`: no field {key}"
+                assert name in settable_fields(sections()[section]), f"{page_id(page)}: `{code}`: no field {key}"
                 if value:
                     try:
                         set_field(RunConfig(), *parse_override(f"{key}={value}"), source=page_id(page))

@@ -26,6 +26,7 @@ from mfr_sae.config.loading import (
     save_config,
     sections,
     set_field,
+    settable_fields,
 )
 from mfr_sae.config.run import RunConfig
 from mfr_sae.errors import ConfigError
@@ -54,4 +55,5 @@ __all__ = [
     "save_config",
     "sections",
     "set_field",
+    "settable_fields",
 ]
