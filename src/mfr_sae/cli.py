@@ -43,7 +43,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_browse(args: argparse.Namespace) -> int:
-    from mfr_sae.browse import browse
+    from mfr_sae.browse_writer import browse
 
     summary = browse(args.run, args.out, args.baseline, args.contexts, args.max_rows, progress=not args.no_progress)
     shares = ", ".join(f"member {m['id']} {m['shared']:.1%}" for m in summary["members"])
