@@ -8,12 +8,12 @@ import sys
 from collections.abc import Collection
 
 from mfr_sae import distributed
-from mfr_sae.checkpoint import CheckpointError
 from mfr_sae.cli_parser import build_parser
 from mfr_sae.config import ConfigError, load_config
 from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.data import DataError
 from mfr_sae.distributed import RankLost, world_from_env
+from mfr_sae.errors import CheckpointError
 from mfr_sae.extras import MissingExtra
 from mfr_sae.files import refused_write
 from mfr_sae.report import fmt_num, markdown_table
@@ -55,7 +55,8 @@ def run_browse(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from mfr_sae.checkpoint import find_checkpoint, verify_checkpoint
+    from mfr_sae.checkpoint import find_checkpoint
+    from mfr_sae.digests import verify_checkpoint
 
     folder = find_checkpoint(args.run)
     problems, checked = verify_checkpoint(folder)

@@ -23,7 +23,7 @@ from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.files import refused_write, write_json
+from mfr_sae.files import read_json, refused_write, write_json
 from mfr_sae.firing import LatentFiring
 from mfr_sae.kernels import member_mse
 from mfr_sae.mfr import MutualRegularizer
@@ -354,7 +354,7 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
         if is_finished(run_dir, cfg.n_steps):
             if distributed.world_from_env()[0] == 0:
                 print(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume", file=sys.stderr)
-            return dict(ckpt.read_json(run_dir / RESULTS_FILE))
+            return dict(read_json(run_dir / RESULTS_FILE))
         return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
 
 
