@@ -44,6 +44,38 @@ def perturbed_ensemble():
 
 
 @pytest.fixture
+def trained_like():
+    """make(tied=True): 2 members (d 6, h 10, k 2 and 4, a decoder bias, seed 3) whose biases are drawn from the
+    global generator, as a trained ensemble's are not zero (tests/test_checkpoint.py, tests/test_digests.py)."""
+    from mfr_sae.ensemble import Ensemble
+
+    def make(tied=True):
+        ens = Ensemble(6, 10, [2, 4], tied=tied, decoder_bias=True, seed=3)
+        with torch.no_grad():
+            ens.b_enc.normal_()
+            ens.b_dec.normal_()
+        return ens
+
+    return make
+
+
+@pytest.fixture
+def full_checkpoint(trained_like):
+    """save(run_dir, seed=3): a checkpoint with every kind of file: each member's cfg.json, weights and sparsity,
+    the trainer state (seed 3: `trained_like()`'s members); returns the ensemble it saved."""
+    from mfr_sae.checkpoint import save_checkpoint
+    from mfr_sae.ensemble import Ensemble
+
+    def save(run_dir, seed=3):
+        ens = trained_like() if seed == 3 else Ensemble(6, 10, [2, 4], decoder_bias=True, seed=seed)
+        state = {"optimizer.W_enc.exp_avg": torch.randn(2, 10, 6), "optimizer.W_enc.step": torch.tensor(3.0)}
+        save_checkpoint(run_dir, ens, state, {"step": 3}, firing_prob=torch.rand(2, 10))
+        return ens
+
+    return save
+
+
+@pytest.fixture
 def flip_byte():
     """Flip one bit of a file's 4th byte from the end: a safetensors file stays readable (a mantissa bit of
     its last value), so that only its SHA-256 can tell."""

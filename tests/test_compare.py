@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from mfr_sae.checkpoint import CheckpointError, save_checkpoint
+from mfr_sae.checkpoint import save_checkpoint
 from mfr_sae.cli import main
 from mfr_sae.compare import compare, decoder_agreement
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.errors import CheckpointError
 
 
 def test_a_permuted_copy_agrees_fully():

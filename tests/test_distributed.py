@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mfr_sae import load
-from mfr_sae.checkpoint import load_trainer_state
 from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
 from mfr_sae.mmcs import NO_MATCH
+from mfr_sae.trainer_state import load_trainer_state
 
 SMALL = [
     *PAPER_MFR,
@@ -262,8 +262,8 @@ def test_four_uneven_shards_match_and_link_as_one_process(tmp_path, mmcs, extra)
 
 _STREAM_WORKER = """
 import json, weakref, torch
-from mfr_sae import distributed, ring
-rank, world, _ = distributed.init(torch.device("cpu"), 60)
+from mfr_sae import distributed, process_group, ring
+rank, world, _ = process_group.init(torch.device("cpu"), 60)
 shard = distributed.Shard(5, rank, world)
 local = torch.arange(shard.start, shard.stop, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 4).contiguous()
 seen, held = [], []
@@ -295,7 +295,7 @@ for step in range(2):
 print("ALIVE", rank, json.dumps(alive), flush=True)
 full = shard.gather_to_main(local)  # a checkpoint's tensors: whole on rank 0 only
 print("MAIN", rank, json.dumps(None if full is None else full[:, 0, 0].tolist()), flush=True)
-distributed.close()
+process_group.close()
 """
 
 
@@ -430,17 +430,17 @@ def test_a_rank_that_loses_its_peer_outside_torchrun_stops_with_a_one_line_error
 
 _FAILING_WORKER = """
 import os, torch
-from mfr_sae import distributed
+from mfr_sae import distributed, process_group
 from mfr_sae.train import TrainingError
-rank, world, _ = distributed.init(torch.device("cpu"), 60)
+rank, world, _ = process_group.init(torch.device("cpu"), 60)
 shard = distributed.Shard(2, rank, world)
 shard.barrier()
 if rank == 1:
-    distributed.report_failure(TrainingError("loss became nan at step 3"))
+    process_group.report_failure(TrainingError("loss became nan at step 3"))
     os._exit(1)
 try:
     shard.gather(torch.ones(1))
-except distributed.RankLost as err:
+except process_group.RankLost as err:
     print("LOST", err, flush=True)
 """
 
@@ -459,7 +459,7 @@ def test_the_others_say_why_a_rank_stopped(tmp_path):
 
 _COUNTING_WORKER = """
 import json, sys
-from mfr_sae import distributed
+from mfr_sae import process_group
 from mfr_sae.config import load_config
 from mfr_sae.train import Trainer
 trainer = Trainer(load_config(None, json.loads(sys.argv[2])), sys.argv[1], progress=False)
@@ -473,7 +473,7 @@ for _ in range(4):
 sys.stdout.write(f"RECEIVED {trainer.shard.rank} {json.dumps(received)}\\n")
 sys.stdout.flush()
 del trainer
-distributed.close()
+process_group.close()
 """
 
 

@@ -304,8 +304,8 @@ class _Bar:
 
 
 def test_ctrl_c_saves_nothing_closes_the_bar_and_says_how_to_resume(tmp_path, easy_overrides, monkeypatch, raise_at):
-    from mfr_sae.checkpoint import load_trainer_state
     from mfr_sae.train import Interrupted
+    from mfr_sae.trainer_state import load_trainer_state
 
     bar = _Bar(monkeypatch)
     overrides = easy_overrides + ["train.n_samples=30000", "train.checkpoint_every=5", "train.log_every=1"]

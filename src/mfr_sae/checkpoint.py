@@ -9,8 +9,9 @@ A run folder:
         trainer_state.safetensors                       optimiser and counters, for --resume
         digests.json                                    the SHA-256 of every other file, written last
 
-Every reader checks the SHA-256 of the files it reads against digests.json (a checkpoint without one, written
-before digests were recorded, loads unchecked); `verify_checkpoint` checks them all.
+Every reader checks the SHA-256 of the files it reads against digests.json (digests.py; a checkpoint without one,
+written before digests were recorded, loads unchecked); `digests.verify_checkpoint` checks them all. The trainer
+state is read back by trainer_state.py.
 
 Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
 (unit-norm rows), b_dec [d_in].
@@ -18,41 +19,27 @@ Member weights use SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mfr_sae.digests import check_digest, record_digests, recorded_digests
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.files import fsync_dir, fsync_file, sha256, write_json
+from mfr_sae.errors import CheckpointError
+from mfr_sae.files import fsync_dir, fsync_file, read_json, write_json
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 SPARSITY_FILE = "sparsity.safetensors"  # SAELens' name: log10 of each latent's firing probability
 STATE_FILE = "trainer_state.safetensors"
-DIGESTS_FILE = "digests.json"  # beside the member folders: SAELens reads only what is inside one
 SAELENS_FORMAT = "6.0.0"  # the cfg.json layout SAELens 6.x reads (checked with sae-lens 6.54.12)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt, or cannot be written; the message names the file."""
-
-
-def read_json(path: Path) -> Any:
-    """A checkpoint's JSON file; a CheckpointError naming it when missing or corrupt (hence here, not in files)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file: {path}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"corrupt JSON in {path}: {err}") from None
 
 
 def member_cfg(ensemble: Ensemble, i: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -136,7 +123,7 @@ def save_checkpoint(
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(tensors, tmp / STATE_FILE, metadata={"meta": json.dumps(state_meta or {})})
             fsync_file(tmp / STATE_FILE)
-        _record_digests(tmp)
+        record_digests(tmp)
         fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -166,68 +153,6 @@ def _write_failure(run_dir: Path, tmp: Path, err: BaseException) -> str:
     )
 
 
-def _listing_digest(files: dict[str, str]) -> str:
-    """The SHA-256 of digests.json's own listing, so that damage to it is not blamed on a file it lists."""
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def _record_digests(folder: Path) -> None:
-    """Write folder/digests.json: the SHA-256 of every file in the folder as it was written (read back)."""
-    files = {
-        path.relative_to(folder).as_posix(): sha256(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != DIGESTS_FILE
-    }
-    write_json(folder / DIGESTS_FILE, {"sha256": files, "listing_sha256": _listing_digest(files)})
-
-
-def _recorded_digests(folder: Path) -> dict[str, str]:
-    """The SHA-256 recorded for each file of a checkpoint folder, by path inside it; {} for a checkpoint
-    written before digests were recorded."""
-    path = Path(folder) / DIGESTS_FILE
-    if not path.is_file():
-        return {}
-    record = read_json(path)
-    files = record.get("sha256") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or record.get("listing_sha256") != _listing_digest(files):
-        raise CheckpointError(f"{path} is corrupt: the checkpoint's files cannot be checked against it")
-    return files
-
-
-def _digest_problem(folder: Path, name: str, digests: dict[str, str]) -> str | None:
-    """What is wrong with file `name` of a checkpoint folder by its recorded SHA-256, in one line; None when
-    it matches or none was recorded."""
-    expected, path = digests.get(name), Path(folder) / name
-    if expected is None:
-        return None
-    try:
-        if sha256(path) == expected:
-            return None
-    except FileNotFoundError:
-        return f"missing file: {path}"
-    except OSError as err:
-        return f"cannot read {path}: {err.strerror or err}"
-    return f"{path} is corrupt: its SHA-256 is not the one recorded when the checkpoint was written"
-
-
-def _check_digest(folder: Path, name: str, digests: dict[str, str]) -> None:
-    """CheckpointError naming file `name` of a checkpoint folder when it differs from its recorded SHA-256."""
-    problem = _digest_problem(folder, name, digests)
-    if problem is not None:
-        raise CheckpointError(problem)
-
-
-def verify_checkpoint(folder: Path) -> tuple[list[str], int]:
-    """Every file of a checkpoint folder that has a recorded SHA-256 checked: the problems, one line each, and
-    how many files have one (0: a checkpoint written before digests were recorded)."""
-    try:
-        digests = _recorded_digests(folder)
-    except CheckpointError as err:
-        return [str(err)], 0
-    problems = [problem for name in sorted(digests) if (problem := _digest_problem(folder, name, digests))]
-    return problems, len(digests)
-
-
 def checkpoint_dir(run_dir: Path) -> Path | None:
     """The current checkpoint of a run, or the previous one if a save was cut off mid-swap."""
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
@@ -243,34 +168,6 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
-
-
-def load_trainer_state(
-    folder: Path, member_rows: slice | None = None, whole: tuple[str, ...] = ()
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and metadata of trainer_state.safetensors. member_rows: read only these rows of the
-    tensors with a member axis first (all but scalars and those named in `whole`), so that a process
-    reads its own members' state only."""
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
-    _check_digest(folder, STATE_FILE, _recorded_digests(folder))
-    tensors = {}
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not `in`)
-                part = f.get_slice(name)
-                shape = part.get_shape()
-                if member_rows is None or name in whole or not shape:
-                    tensors[name] = f.get_tensor(name)
-                elif shape[0] < member_rows.stop:
-                    raise CheckpointError(f"{path}: {name} holds {shape[0]} members, the run has more")
-                else:
-                    tensors[name] = part[member_rows]
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
-    return tensors, meta
 
 
 def _member_id(folder: Path) -> int:
@@ -304,10 +201,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", members: list[int
         folders = [f for f in _member_folders(ckpt) if members is None or _member_id(f) in members]
         if members is not None and len(folders) != len(members):
             raise CheckpointError(f"{ckpt} holds no member_<i>/ folder for some of members {members}")
-    digests = _recorded_digests(folders[0].parent)  # a member folder's checkpoint folder
+    digests = recorded_digests(folders[0].parent)  # a member folder's checkpoint folder
     for folder in folders:
         for name in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE):
-            _check_digest(folder.parent, f"{folder.name}/{name}", digests)
+            check_digest(folder.parent, f"{folder.name}/{name}", digests)
     cfgs = [read_json(f / CFG_FILE) for f in folders]
     tensors = [_load_safetensors(f / WEIGHTS_FILE) for f in folders]
     try:

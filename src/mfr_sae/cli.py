@@ -7,15 +7,15 @@ import os
 import sys
 from collections.abc import Collection
 
-from mfr_sae import distributed
-from mfr_sae.checkpoint import CheckpointError
+from mfr_sae import process_group
 from mfr_sae.cli_parser import build_parser
 from mfr_sae.config import ConfigError, load_config
 from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.data import DataError
-from mfr_sae.distributed import RankLost, world_from_env
+from mfr_sae.errors import CheckpointError
 from mfr_sae.extras import MissingExtra
 from mfr_sae.files import refused_write
+from mfr_sae.process_group import RankLost, world_from_env
 from mfr_sae.report import fmt_num, markdown_table
 from mfr_sae.run_folder import TrainingError
 from mfr_sae.train import Interrupted, resume, train
@@ -43,7 +43,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_browse(args: argparse.Namespace) -> int:
-    from mfr_sae.browse import browse
+    from mfr_sae.browse_writer import browse
 
     summary = browse(args.run, args.out, args.baseline, args.contexts, args.max_rows, progress=not args.no_progress)
     shares = ", ".join(f"member {m['id']} {m['shared']:.1%}" for m in summary["members"])
@@ -55,7 +55,8 @@ def run_browse(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from mfr_sae.checkpoint import find_checkpoint, verify_checkpoint
+    from mfr_sae.checkpoint import find_checkpoint
+    from mfr_sae.digests import verify_checkpoint
 
     folder = find_checkpoint(args.run)
     problems, checked = verify_checkpoint(folder)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mfr-sae: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    if distributed.close():  # under torchrun: leave without the interpreter's teardown (see close)
+    if process_group.close():  # under torchrun: leave without the interpreter's teardown (see close)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -21,9 +21,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mfr_sae.checkpoint import CheckpointError, load
+from mfr_sae.checkpoint import load
 from mfr_sae.config import ConfigError
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.errors import CheckpointError
 from mfr_sae.files import write_json
 from mfr_sae.metrics import hungarian_match, twin_fraction
 from mfr_sae.report import save_figure

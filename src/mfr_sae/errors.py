@@ -4,3 +4,7 @@ any module can raise them without importing what they are about."""
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message is one line that names it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt, or cannot be written; the message names the file."""

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mfr_sae.errors import CheckpointError
+
 # Why a file system refuses a write that the user can fix (no space, a quota, read-only, no permission): one
 # line, not a traceback. Any other OSError is a bug, whose traceback is the report.
 REFUSED_WRITE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
@@ -77,6 +79,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         err.filename, err.filename2 = str(path), None  # the file meant, not its temporary sibling
         raise
     fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    """A run's JSON file (a checkpoint's, results.json); a CheckpointError naming it when missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"corrupt JSON in {path}: {err}") from None
 
 
 def write_json(path: Path, data: Any) -> None:

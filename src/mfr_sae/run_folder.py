@@ -15,8 +15,9 @@ from safetensors import safe_open
 
 from mfr_sae import checkpoint as ckpt
 from mfr_sae.config import RunConfig, save_config
-from mfr_sae.distributed import Shard, world_from_env
+from mfr_sae.distributed import Shard
 from mfr_sae.files import atomic_write_text
+from mfr_sae.process_group import world_from_env
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

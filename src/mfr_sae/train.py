@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from mfr_sae import checkpoint as ckpt
-from mfr_sae import distributed
+from mfr_sae import process_group
 from mfr_sae.auxk import auxk_loss
 from mfr_sae.config import ConfigError, RunConfig, load_run_config
 from mfr_sae.data import VectorSource, run_source, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.files import refused_write, write_json
+from mfr_sae.files import read_json, refused_write, write_json
 from mfr_sae.firing import LatentFiring
 from mfr_sae.kernels import member_mse
 from mfr_sae.mfr import MutualRegularizer
@@ -80,7 +80,7 @@ class Trainer:
         once everything else has been checked; without it such a folder is an error."""
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.created: list[Path] = []  # what this process created for a new run (removed if it fails early)
-        rank, world, self.device = distributed.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
+        rank, world, self.device = process_group.init(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
         self.shard = Shard(len(cfg.ks), rank, world)
         require_wandb(cfg.train.wandb_project)
         self.source, truth, layout = run_source(cfg, self.device, source)
@@ -105,7 +105,7 @@ class Trainer:
             else:
                 self.created = start_new_run(self.run_dir, cfg, self.shard, overwrite)
         except Exception as err:  # each rank reads its own members: the others are told why it stopped
-            distributed.report_failure(err)
+            process_group.report_failure(err)
             raise
         self.shard.barrier()  # every rank is ready (with NCCL, the first collective must span all ranks)
 
@@ -238,7 +238,7 @@ class Trainer:
                     self.optimizer.state[param][key][local].zero_()
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end; an error that stops this rank is left for the others to name (distributed).
+        """Train to the end; an error that stops this rank is left for the others to name (process_group).
         Ctrl-C raises `Interrupted` (nothing saved since the last checkpoint: `resume` goes on from it); a new
         run that fails before its first checkpoint removes what it created (a retry is not blocked). A write
         the file system refuses (a full disk...: `refused_write`) is a TrainingError naming the file, the cause
@@ -247,10 +247,10 @@ class Trainer:
             return self._fit()
         except KeyboardInterrupt:
             interrupted = Interrupted(self.step, self.run_dir, self.saved_step)
-            distributed.report_failure(interrupted)
+            process_group.report_failure(interrupted)
             raise interrupted from None
         except Exception as err:
-            distributed.report_failure(err)
+            process_group.report_failure(err)
             if self.shard.is_main and not isinstance(err, Interrupted):
                 with contextlib.suppress(OSError):  # the error that stopped the run is the one to see
                     remove_failed_start(self.run_dir, self.created)
@@ -352,9 +352,9 @@ def resume(run_dir: str | Path, source: VectorSource | None = None, progress: bo
     cfg = load_run_config(run_dir / CONFIG_FILE)
     with locked(run_dir):
         if is_finished(run_dir, cfg.n_steps):
-            if distributed.world_from_env()[0] == 0:
+            if process_group.world_from_env()[0] == 0:
                 print(f"{run_dir} is finished ({RESULTS_FILE}); nothing to resume", file=sys.stderr)
-            return dict(ckpt.read_json(run_dir / RESULTS_FILE))
+            return dict(read_json(run_dir / RESULTS_FILE))
         return Trainer(cfg, run_dir, source, resume=True, progress=progress).fit()
 
 

@@ -1,19 +1,24 @@
 """A training run's checkpoint, gathered from the processes and read back by each: all members in one
 Ensemble on rank 0, the AdamW state as flat named tensors (safetensors holds no pickle), the latents' firing
-history and the MFR state (`save_training`, `restore_training`)."""
+history and the MFR state (`save_training`, `restore_training`; `load_trainer_state` reads a process's share of
+trainer_state.safetensors)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from mfr_sae import checkpoint as ckpt
+from mfr_sae.digests import check_digest, recorded_digests
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
+from mfr_sae.errors import CheckpointError
 from mfr_sae.firing import LatentFiring
 from mfr_sae.mfr import MutualRegularizer
 
@@ -99,6 +104,34 @@ def save_training(
     shard.barrier()  # nobody goes on (or exits) before the checkpoint is in place
 
 
+def load_trainer_state(
+    folder: Path, member_rows: slice | None = None, whole: tuple[str, ...] = ()
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata of trainer_state.safetensors. member_rows: read only these rows of the
+    tensors with a member axis first (all but scalars and those named in `whole`), so that a process
+    reads its own members' state only."""
+    path = Path(folder) / ckpt.STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    check_digest(folder, ckpt.STATE_FILE, recorded_digests(folder))
+    tensors = {}
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not `in`)
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                if member_rows is None or name in whole or not shape:
+                    tensors[name] = f.get_tensor(name)
+                elif shape[0] < member_rows.stop:
+                    raise CheckpointError(f"{path}: {name} holds {shape[0]} members, the run has more")
+                else:
+                    tensors[name] = part[member_rows]
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
+    return tensors, meta
+
+
 def restore_training(
     folder: Path,
     shard: Shard,
@@ -110,9 +143,7 @@ def restore_training(
 ) -> int:
     """Load this process's members (weights, AdamW state, firing history, MFR state) from the checkpoint
     folder, whatever the number of processes that wrote it (the files hold all N); returns its step."""
-    state, meta = ckpt.load_trainer_state(
-        folder, slice(shard.start, shard.stop), whole=("mfr.matches", "mfr.confirmed")
-    )
+    state, meta = load_trainer_state(folder, slice(shard.start, shard.stop), whole=("mfr.matches", "mfr.confirmed"))
     loaded = ckpt.load(folder, device, members=shard.members)
     with torch.no_grad():
         for name, tensor in ensemble.weights_and_state():
