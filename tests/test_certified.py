@@ -4,7 +4,8 @@ from torch.nn import functional as F
 
 from mfr_sae.certified import CertifiedMaxMatcher
 from mfr_sae.config import load_config
-from mfr_sae.mmcs import TIE_TOLERANCE, match_pair, member_pairs
+from mfr_sae.matching import match_pair, member_pairs
+from mfr_sae.search import TIE_TOLERANCE
 from mfr_sae.train import Trainer
 
 

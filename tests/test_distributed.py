@@ -17,7 +17,7 @@ from mfr_sae import load
 from mfr_sae.checkpoint import load_trainer_state
 from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
-from mfr_sae.mmcs import NO_MATCH
+from mfr_sae.matching import NO_MATCH
 
 SMALL = [
     *PAPER_MFR,

@@ -7,8 +7,9 @@ from torch.nn import functional as F
 
 from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
+from mfr_sae.matching import NO_MATCH, changed_fraction, match_all, member_pairs
 from mfr_sae.mfr import MutualRegularizer, warmup_weight
-from mfr_sae.mmcs import NO_MATCH, changed_fraction, match_all, matched_mmcs, member_pairs
+from mfr_sae.mmcs import matched_mmcs
 from mfr_sae.train import Trainer, train
 
 

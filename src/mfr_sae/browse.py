@@ -34,7 +34,8 @@ from mfr_sae.data import DataError
 from mfr_sae.data.activations import ActivationCache, read_texts, token_sequences
 from mfr_sae.data.lm_model import load_model
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.mmcs import Top, member_pairs, merged_top, top_both_ways
+from mfr_sae.matching import member_pairs
+from mfr_sae.search import Top, merged_top, top_both_ways
 
 CONTEXTS = 20  # top activating contexts kept per latent
 BEFORE, AFTER = 16, 4  # tokens shown before and after the one a context's activation fires on

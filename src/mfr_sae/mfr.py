@@ -31,20 +31,17 @@ from mfr_sae.certified import CertifiedMaxMatcher
 from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
 from mfr_sae.kernels import unit_rows
-from mfr_sae.mmcs import (
+from mfr_sae.links import Links, linked_similarity, links_between, pulled_similarity
+from mfr_sae.matching import (
     NO_MATCH,
-    Links,
     Pair,
     changed_fraction,
-    dense_mmcs,
-    linked_similarity,
-    links_between,
     matches_and_best,
     member_pairs,
     n_member_pairs,
-    pulled_similarity,
     without_marked_pairs,
 )
+from mfr_sae.mmcs import dense_mmcs
 from mfr_sae.reinit import ReinitRule
 from mfr_sae.ring import Stream, linked_product, stream_shards
 
