@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfr_sae.kernels import csr_matrix
 from mfr_sae.matching import NO_MATCH, Pair, member_pairs
 from mfr_sae.metrics import CHUNK_ROWS
 from mfr_sae.screen import bf16_is_faster, screen_both_ways, screen_error, screen_rows
 from mfr_sae.search import TIE_TOLERANCE, Top, at_least, best_both_ways, settle_near_ties
+from mfr_sae.sparse_grads import csr_matrix
 
 
 @dataclass

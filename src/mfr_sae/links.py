@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mfr_sae.kernels import inverse_norms
 from mfr_sae.matching import NO_MATCH, Pair
+from mfr_sae.row_norms import inverse_norms
 
 
 @dataclass

@@ -30,7 +30,6 @@ from torch.nn import functional as F
 from mfr_sae.certified import CertifiedMaxMatcher
 from mfr_sae.config import ConfigError, MFRConfig, beta_parts
 from mfr_sae.distributed import Shard
-from mfr_sae.kernels import unit_rows
 from mfr_sae.links import Links, linked_similarity, links_between, pulled_similarity
 from mfr_sae.matching import (
     NO_MATCH,
@@ -44,6 +43,7 @@ from mfr_sae.matching import (
 from mfr_sae.mmcs import dense_mmcs
 from mfr_sae.reinit import ReinitRule
 from mfr_sae.ring import Stream, linked_product, stream_shards
+from mfr_sae.row_norms import unit_rows
 
 RECON_MEAN_RATE = 0.01  # beta=recon: the running mean of the reconstruction loss spans about 100 steps
 
