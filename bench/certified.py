@@ -37,8 +37,8 @@ def main() -> None:
         name: Trainer(load_config("configs/gpt2-shape.yaml", overrides + extra), tempfile.mkdtemp(), progress=False)
         for name, extra in [("baseline", []), ("exact, every row", mfr), ("exact, certified", mfr)]
     }
-    trainers["exact, every row"].mfr.certified = None
-    certified = trainers["exact, certified"].mfr.certified
+    trainers["exact, every row"].mfr.matching.certified = None
+    certified = trainers["exact, certified"].mfr.matching.certified
     assert certified is not None
     cfg = trainers["baseline"].cfg
     print(
@@ -55,7 +55,8 @@ def main() -> None:
             start = time.perf_counter()
             trainer.train_step(batch)
             seconds[name].append(time.perf_counter() - start)
-        reference, mine = trainers["exact, every row"].mfr.matches, trainers["exact, certified"].mfr.matches
+        reference = trainers["exact, every row"].mfr.matching.matches
+        mine = trainers["exact, certified"].mfr.matching.matches
         assert all(torch.equal(mine[pair], matches) for pair, matches in reference.items()), f"step {step}"
         rematched.append(certified.rematched_frac)
     half = args.steps // 2

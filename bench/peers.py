@@ -210,8 +210,8 @@ def trained_step(trainer: Any, warm: int, steps: int, device: torch.device) -> t
 
     def step() -> None:
         trainer.train_step(fresh.pop())
-        if trainer.mfr.certified is not None:
-            shares.append(trainer.mfr.certified.rematched_frac)
+        if trainer.mfr.matching.certified is not None:
+            shares.append(trainer.mfr.matching.certified.rematched_frac)
 
     seconds = timed(step, steps, device)
     return seconds, sum(shares[2:]) / steps if shares else None

@@ -17,7 +17,7 @@ import torch
 from step import BATCH, PAPER_MFR, trainer  # bench/step.py
 from timing import timed  # bench/timing.py
 
-from mfr_sae.mmcs import match_all
+from mfr_sae.matching import match_all
 from mfr_sae.train import Trainer
 
 

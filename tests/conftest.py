@@ -60,6 +60,22 @@ def trained_like():
 
 
 @pytest.fixture
+def kernel_inputs():
+    """make(n, b, d, h, seed): float64 inputs of the kernels, each requiring a gradient: x [b, d], an encoder weight
+    [n, h, d], its bias [n, h] and a decoder weight [n, h, d], drawn from a generator seeded `seed`."""
+
+    def make(n=3, b=17, d=6, h=11, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(n, h, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+        dec = torch.randn(n, h, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        return x, w, bias, dec
+
+    return make
+
+
+@pytest.fixture
 def full_checkpoint(trained_like):
     """save(run_dir, seed=3): a checkpoint with every kind of file: each member's cfg.json, weights and sparsity,
     the trainer state (seed 3: `trained_like()`'s members); returns the ensemble it saved."""

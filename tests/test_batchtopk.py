@@ -9,8 +9,8 @@ from mfr_sae.checkpoint import save_checkpoint
 from mfr_sae.config import load_config
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.kernels import tied_topk
 from mfr_sae.metrics import reconstruction_metrics
+from mfr_sae.tied_kernel import tied_topk
 from mfr_sae.train import train
 
 

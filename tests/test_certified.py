@@ -4,7 +4,8 @@ from torch.nn import functional as F
 
 from mfr_sae.certified import CertifiedMaxMatcher
 from mfr_sae.config import load_config
-from mfr_sae.mmcs import TIE_TOLERANCE, match_pair, member_pairs
+from mfr_sae.matching import match_pair, member_pairs
+from mfr_sae.search import TIE_TOLERANCE
 from mfr_sae.train import Trainer
 
 
@@ -71,9 +72,9 @@ def test_a_run_with_certified_matching_has_the_matches_and_weights_of_exact_matc
 ):
     certified = _trainer(tmp_path, easy_overrides, "certified", extra)
     exact = _trainer(tmp_path, easy_overrides, "exact", extra)
-    exact.mfr.certified = None  # every row matched every step
-    assert certified.mfr.certified is not None
-    certified.mfr.certified.screen = screen  # the bf16 screen, whether or not it is faster here
+    exact.mfr.matching.certified = None  # every row matched every step
+    assert certified.mfr.matching.certified is not None
+    certified.mfr.matching.certified.screen = screen  # the bf16 screen, whether or not it is faster here
     batches = certified.source.batches(certified.cfg.train.batch_size)
     rematched, reinits = [], 0
     for step in range(certified.cfg.n_steps):
@@ -81,10 +82,10 @@ def test_a_run_with_certified_matching_has_the_matches_and_weights_of_exact_matc
         logs = certified.train_step(batch)
         exact.train_step(batch)
         reinits += len(logs.get("reinit", []))
-        assert certified.mfr.matches.keys() == exact.mfr.matches.keys()
-        for pair, matches in exact.mfr.matches.items():
-            assert torch.equal(certified.mfr.matches[pair], matches), (step, pair)
-        rematched.append(certified.mfr.certified.rematched_frac)
+        assert certified.mfr.matching.matches.keys() == exact.mfr.matching.matches.keys()
+        for pair, matches in exact.mfr.matching.matches.items():
+            assert torch.equal(certified.mfr.matching.matches[pair], matches), (step, pair)
+        rematched.append(certified.mfr.matching.certified.rematched_frac)
     assert reinits > 0  # the re-initialisations' fresh rows are matched too
     for mine, theirs in zip(certified.ensemble.parameters(), exact.ensemble.parameters()):
         assert torch.equal(mine, theirs)

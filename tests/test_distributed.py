@@ -16,7 +16,7 @@ import torch
 from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError
 from mfr_sae.distributed import Shard
-from mfr_sae.mmcs import NO_MATCH
+from mfr_sae.matching import NO_MATCH
 from mfr_sae.trainer_state import load_trainer_state
 
 SMALL = [

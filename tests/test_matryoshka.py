@@ -5,8 +5,8 @@ from torch.nn import functional as F
 from mfr_sae.batchtopk import batch_topk
 from mfr_sae.config import ConfigError, load_config
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.kernels import tied_topk
 from mfr_sae.matryoshka import prefix_widths
+from mfr_sae.tied_kernel import tied_topk
 
 
 def dense_prefixes(codes, decoder, ends):

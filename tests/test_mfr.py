@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -7,40 +6,10 @@ from torch.nn import functional as F
 
 from mfr_sae import load
 from mfr_sae.config import PAPER_MFR, ConfigError, MFRConfig, load_config
-from mfr_sae.mfr import MutualRegularizer, warmup_weight
-from mfr_sae.mmcs import NO_MATCH, changed_fraction, match_all, matched_mmcs, member_pairs
+from mfr_sae.matching import NO_MATCH, match_all, member_pairs
+from mfr_sae.mfr import MutualRegularizer
+from mfr_sae.mmcs import matched_mmcs
 from mfr_sae.train import Trainer, train
-
-
-def test_warmup_is_a_cosine_ramp():
-    assert warmup_weight(0, 100) == 0.0
-    assert warmup_weight(50, 100) == pytest.approx(0.5)
-    assert warmup_weight(25, 100) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
-    assert warmup_weight(100, 100) == 1.0 and warmup_weight(1000, 100) == 1.0
-    assert warmup_weight(0, 0) == 1.0
-
-
-def test_auto_beta_makes_the_penalty_equal_the_loss_at_the_start():
-    reg = MutualRegularizer(
-        MFRConfig(enabled=True, confirm_cosine=1.0, beta="auto", mmcs="max", warmup_steps=0), [2, 2]
-    )
-    decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
-    penalty, logs = reg.penalty(decoder, 0, lambda: 0.37)
-    assert penalty.item() == pytest.approx(0.37, rel=1e-5)
-    assert reg.beta == pytest.approx(0.37 / (1 - logs["pairwise_mmcs"]), rel=1e-5)
-    fixed = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta=2.0, warmup_steps=100), [2, 2])
-    penalty, logs = fixed.penalty(decoder, 50, lambda: 0.37)
-    assert logs["penalty_weight"] == pytest.approx(1.0)  # beta * w(50) = 2 * 0.5
-    assert penalty.item() == pytest.approx(1 - logs["pairwise_mmcs"], rel=1e-5)
-
-
-def test_auto_beta_refuses_identical_members():
-    reg = MutualRegularizer(
-        MFRConfig(enabled=True, confirm_cosine=1.0, max_cosine=1.0, twin_guard=1.0), [2, 2]
-    )  # (a ceiling unlinks them all)
-    decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
-    with pytest.raises(ConfigError, match="members start identical"):
-        reg.penalty(decoder, 0, lambda: 1.0)
 
 
 def test_with_match_every_1_training_follows_the_dense_penalty(tmp_path, easy_overrides):
@@ -86,111 +55,6 @@ def test_resume_of_an_mfr_run_with_sparse_matching_is_exact(tmp_path, easy_overr
         assert torch.equal(p, getattr(load(tmp_path / "cut"), name)), name
 
 
-def test_beta_relative_to_auto_scales_the_auto_value():
-    decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
-    betas = {}
-    for beta in ("auto", "0.02*auto", 0.5):
-        reg = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta=beta, warmup_steps=0), [2, 2])
-        reg.penalty(decoder, 0, lambda: 0.37)
-        betas[beta] = reg.beta
-    assert betas["0.02*auto"] == pytest.approx(0.02 * betas["auto"])
-    assert betas[0.5] == 0.5
-    assert not MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0*auto"), [2, 2]).penalty_on
-    for wrong in ("2*aut", "-1*auto", "auto*2", -0.5):
-        with pytest.raises(ConfigError, match="mfr.beta"):
-            load_config(None, [f"mfr.beta={wrong}"])
-    assert load_config(None, ["mfr.beta=1e-3*auto"]).mfr.beta == "1e-3*auto"
-
-
-def test_stale_fraction_of_sparse_matching_is_logged_and_measures_changed_matches(tmp_path, easy_overrides):
-    cfg = load_config(
-        None,
-        easy_overrides
-        + [
-            "train.n_samples=12000",
-            "mfr.enabled=true",
-            "mfr.match_every=4",
-            "mfr.mmcs=max",
-            "mfr.confirm_cosine=1",
-            "train.log_every=1",
-            "mfr.warmup_steps=0",
-            "mfr.beta=1.0",
-        ],
-    )
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    batches = trainer.source.batches(cfg.train.batch_size)
-    seen = {}
-    for step in range(9):
-        before = dict(trainer.mfr.matches)
-        logs = trainer.train_step(next(batches))
-        if "match_stale_frac" in logs:
-            seen[step] = logs["match_stale_frac"]
-            assert seen[step] == changed_fraction(before, trainer.mfr.matches)
-    assert sorted(seen) == [4, 8]  # at each re-matching after the first
-    assert all(0 <= v <= 1 for v in seen.values()) and any(v > 0 for v in seen.values())
-
-
-def test_a_reinitialisation_forces_a_re_matching_at_the_next_penalty(tmp_path, easy_overrides):
-    cfg = load_config(
-        None,
-        easy_overrides
-        + [
-            "train.n_samples=20000",
-            "mfr.enabled=true",
-            "mfr.match_every=50",
-            "mfr.mmcs=max",
-            "mfr.confirm_cosine=1",
-            "mfr.beta=1.0",
-            "mfr.warmup_steps=0",
-            "mfr.reinit_samples=1000",
-            "mfr.reinit_window=10",
-        ],
-    )
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    with torch.no_grad():  # member 1 cannot use most latents: re-initialised at step 0
-        trainer.ensemble.b_enc[1, 32:] = -100.0
-    batches = trainer.source.batches(cfg.train.batch_size)
-    logs = trainer.train_step(next(batches))
-    assert [e["member"] for e in logs["reinit"]] == [1]
-    new_weights = match_all(trainer.ensemble.decoder().detach())  # the matches of the re-initialised member
-    trainer.train_step(next(batches))  # step 1: not a matching step of match_every=50
-    assert torch.equal(trainer.mfr.matches[(0, 1)], new_weights[0])
-
-
-def test_recon_beta_follows_the_reconstruction_loss_as_it_falls_and_auto_keeps_its_first_value():
-    decoder = F.normalize(torch.randn(2, 30, 8), dim=-1)
-    recon = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*recon", warmup_steps=0), [2, 2])
-    auto = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*auto", warmup_steps=0), [2, 2])
-    _, first = recon.penalty(decoder, 0, lambda: 1.0)
-    auto.penalty(decoder, 0, lambda: 1.0)
-    start = 1 - first["pairwise_mmcs"]
-    assert first["beta_effective"] == pytest.approx(0.1 / start, rel=1e-5) == auto.beta
-    mean = 1.0
-    for step in range(1, 400):  # the loss falls a hundredfold and stays there
-        _, logs = recon.penalty(decoder, step, lambda: 0.01)
-        _, auto_logs = auto.penalty(decoder, step, lambda: 0.01)
-        mean += 0.01 * (0.01 - mean)
-    assert logs["beta_effective"] == pytest.approx(0.1 * mean / start, rel=1e-5)
-    assert logs["beta_effective"] < 0.05 * first["beta_effective"]
-    assert auto_logs["beta_effective"] == first["beta_effective"]  # the paper's form keeps its step-1 beta
-    # a resumed run goes on from the same running mean and start distance
-    tensors, meta = recon.state()
-    again = MutualRegularizer(MFRConfig(enabled=True, confirm_cosine=1.0, beta="0.1*recon", warmup_steps=0), [2, 2])
-    again.load_state(tensors, json.loads(json.dumps(meta)))
-    assert again.penalty(decoder, 400, lambda: 0.01)[1] == recon.penalty(decoder, 400, lambda: 0.01)[1]
-    with pytest.raises(ConfigError, match="mfr.beta"):
-        load_config(None, ["mfr.beta=0.1*recons"])
-
-
-def test_recon_beta_refuses_identical_members():
-    reg = MutualRegularizer(
-        MFRConfig(enabled=True, confirm_cosine=1.0, beta="recon", max_cosine=1.0, twin_guard=1.0), [2, 2]
-    )
-    decoder = F.normalize(torch.randn(1, 30, 8), dim=-1).expand(2, 30, 8)
-    with pytest.raises(ConfigError, match="members start identical"):
-        reg.penalty(decoder, 0, lambda: 1.0)
-
-
 @pytest.mark.parametrize(
     "mmcs, match_every", [("max", 1), ("mnn", 10), ("mnn_hungarian", 10), ("hungarian", 10), ("greedy", 10)]
 )
@@ -211,7 +75,7 @@ def test_a_ceiling_stops_the_pull_on_members_that_already_agree(mmcs, match_ever
             idle_to_live=False,
         )
         reg = MutualRegularizer(cfg, [2, 2])
-        assert (reg.certified is None) == (ceiling < 1 or mmcs != "max")  # the certified path has no ceiling
+        assert (reg.matching.certified is None) == (ceiling < 1 or mmcs != "max")  # the certified path has no ceiling
         weight = close.clone().requires_grad_()
         penalty, logs = reg.penalty(weight, 200, lambda: 1.0)
         penalty.backward()

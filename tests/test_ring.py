@@ -4,7 +4,7 @@ tests/test_distributed.py."""
 import pytest
 
 from mfr_sae.distributed import Shard
-from mfr_sae.mmcs import member_pairs
+from mfr_sae.matching import member_pairs
 from mfr_sae.ring import pairs_at_stage
 
 LAYOUTS = [(3, 2), (5, 4), (6, 3), (7, 4), (4, 4), (8, 6), (9, 6), (2, 2), (2, 4), (3, 6)]  # (members, processes)

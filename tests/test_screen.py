@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mfr_sae.mmcs import top_both_ways
 from mfr_sae.screen import screen_both_ways, screen_error, screen_rows
+from mfr_sae.search import top_both_ways
 
 
 def _rows(kind: str, n: int, d: int, seed: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.kernels import gather_rows, given_product, unit_rows
+from mfr_sae.row_norms import unit_rows
+from mfr_sae.sparse_grads import gather_rows, given_product
 
 
 def auxk_loss(

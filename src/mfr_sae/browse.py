@@ -3,7 +3,7 @@ the site from it).
 
 One pass over the run's activation cache keeps, for each member and latent, its firing count, the sum and the
 largest of its activations, a histogram of them (log-spaced bins) and its CONTEXTS largest, with the cache rows
-they fire on: a running top-k merged batch by batch (`mmcs.merged_top`), so that memory is N h CONTEXTS whatever
+they fire on: a running top-k merged batch by batch (`search.merged_top`), so that memory is N h CONTEXTS whatever
 the cache's length, and each row's smallest kept activation per member (4 N bytes a row). Row r of a cache is
 token r % (context - 1) + 1 of sequence r // (context - 1) (its manifest: model, text, context), so the token ids
 are recomputed, not stored. The latent of each top context is shown on the tokens around it: a second pass reads
@@ -26,7 +26,8 @@ from tqdm import tqdm
 from mfr_sae.data import DataError
 from mfr_sae.data.activations import ActivationCache, read_texts, token_sequences
 from mfr_sae.ensemble import Ensemble
-from mfr_sae.mmcs import Top, member_pairs, merged_top, top_both_ways
+from mfr_sae.matching import member_pairs
+from mfr_sae.search import Top, merged_top, top_both_ways
 
 CONTEXTS = 20  # top activating contexts kept per latent
 BEFORE, AFTER = 16, 4  # tokens shown before and after the one a context's activation fires on

@@ -33,7 +33,7 @@ from mfr_sae.config import load_run_config
 from mfr_sae.data import DataError
 from mfr_sae.data.activations import ActivationCache
 from mfr_sae.data.lm_model import load_model
-from mfr_sae.mmcs import Top
+from mfr_sae.search import Top
 
 SHARED_COSINE = 0.9  # a latent matched at least this close in every other member is shared by all
 LATENTS_PER_FILE = 256  # latents whose details one data file holds (loaded when one of them is opened)

@@ -18,7 +18,7 @@ only rows still open are matched in fp32 against every row (about 1 in 3,000 at 
 Bounds grow by each step's movement rather than by the movement since a fixed reference: against a fixed
 reference, a row matched anew would carry the movement of every step before it.
 
-Near ties are settled in float64 as exact matching settles them (mmcs.TIE_TOLERANCE), so that the result
+Near ties are settled in float64 as exact matching settles them (search.TIE_TOLERANCE), so that the result
 is the matching `match_pair` finds, bitwise; with a threshold (min_cosine > -1) a match's cosine is exact
 (a candidate's), so its side of the threshold is decided as `match_pair` decides it.
 """
@@ -30,19 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfr_sae.kernels import csr_matrix
+from mfr_sae.matching import NO_MATCH, Pair, member_pairs
 from mfr_sae.metrics import CHUNK_ROWS
-from mfr_sae.mmcs import (
-    NO_MATCH,
-    TIE_TOLERANCE,
-    Pair,
-    Top,
-    at_least,
-    best_both_ways,
-    member_pairs,
-    settle_near_ties,
-)
 from mfr_sae.screen import bf16_is_faster, screen_both_ways, screen_error, screen_rows
+from mfr_sae.search import TIE_TOLERANCE, Top, at_least, best_both_ways, settle_near_ties
+from mfr_sae.sparse_grads import csr_matrix
 
 
 @dataclass

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mfr_sae.architectures import architecture_named
-from mfr_sae.kernels import Selector, also_reading, sparse_decode, tied_topk, topk_encode, unit_rows
+from mfr_sae.kernels import Selector, also_reading, sparse_decode, topk_encode
+from mfr_sae.row_norms import unit_rows
 from mfr_sae.seeding import INIT_STREAM, seeded_generator
+from mfr_sae.tied_kernel import tied_topk
 
 
 @dataclass

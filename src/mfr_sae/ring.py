@@ -1,7 +1,7 @@
 """The MFR penalty across processes: the decoders of all members go round the ring of member shards, and
 the pairs of members are matched on the way.
 
-Every rank needs L @ D for its own decoder rows (mmcs.py), and L's columns read the rows of all members.
+Every rank needs L @ D for its own decoder rows (links.py), and L's columns read the rows of all members.
 They come round the ring one shard at a time (`stream_shards`: at stage s, the shard s places before
 this rank's); each rank adds that shard's columns to its product and lets them go, so that it holds its
 own members and at most two other shards (the one in use, the next on its way), never all N.
@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mfr_sae.distributed import Shard
-from mfr_sae.mmcs import Links, Pair, links_between, member_pairs, n_member_pairs
+from mfr_sae.links import Links, links_between
+from mfr_sae.matching import Pair, member_pairs, n_member_pairs
 
 if TYPE_CHECKING:
     from torch.distributed import Work

@@ -1,6 +1,6 @@
 """A bf16 screen for exact `max` matching: the cosines of unit rows from a bf16 product (AMX, tensor cores:
 8x the fp32 rate on this project's CPU), with a proven bound on how far each can be from the fp32 product
-that exact matching (`mmcs.match_pair`) computes. The screen's K best columns of a row hold its fp32 best
+that exact matching (`matching.match_pair`) computes. The screen's K best columns of a row hold its fp32 best
 whenever the screen's (K+1)-th value plus the bound lies below the best candidate's exact cosine, which
 `certified.CertifiedMaxMatcher` checks; only rows where that fails are matched in fp32 against every row.
 The screen changes which work is done, never a match.
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mfr_sae.metrics import CHUNK_ROWS
-from mfr_sae.mmcs import Top, top_both_ways
+from mfr_sae.search import Top, top_both_ways
 
 _BF16_FASTER: dict[str, bool] = {}  # by device, measured once per process
 
