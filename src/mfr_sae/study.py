@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mfr_sae.checkpoint import load
-from mfr_sae.compare import decoder_agreement
+from mfr_sae.compare import agreement_matrix, paired_agreement
 from mfr_sae.config import PAPER_MFR, RunConfig, load_config
 from mfr_sae.consensus import consensus_mcc
 from mfr_sae.data import make_source
@@ -262,35 +261,6 @@ def member_means(results: dict[str, Any]) -> dict[str, float]:
     """A run's measures: each member measure the mean over its members, and the ensemble's own."""
     means = {key: float(np.mean([m[key] for m in results["members"]])) for key in MEASURES}
     return means | {key: float(results[key]) for key in RUN_MEASURES}
-
-
-def agreement(decoders_a: Tensor, decoders_b: Tensor) -> float:
-    """PW-MCC of two ensembles' decoders [N, h, d]: member m against member m (one-to-one matched latents), mean
-    over m."""
-    return float(np.mean([decoder_agreement(a, b)[0] for a, b in zip(decoders_a, decoders_b)]))
-
-
-def agreement_matrix(decoders: list[Tensor], progress: bool = False) -> np.ndarray:
-    """Agreement between every two ensembles [E, E] (NaN on the diagonal)."""
-    n = len(decoders)
-    matrix = np.full((n, n), np.nan)
-    for i, j in tqdm(list(combinations(range(n), 2)), desc="agreement", disable=not progress, leave=False):
-        matrix[i, j] = matrix[j, i] = agreement(decoders[i], decoders[j])
-    return matrix
-
-
-def paired_agreement(treated: list[Tensor], control: list[Tensor], control_matrix: np.ndarray) -> np.ndarray:
-    """The [2R, 2R] agreement matrix of paired_permutation_test: R treated ensembles, then their R controls
-    (`control_matrix`: agreement_matrix of the controls, computed once for every treatment); a replicate's
-    own two ensembles are never compared (NaN)."""
-    replicates = len(treated)
-    matrix = np.full((2 * replicates, 2 * replicates), np.nan)
-    matrix[replicates:, replicates:] = control_matrix
-    matrix[:replicates, :replicates] = agreement_matrix(treated)
-    for r, q in combinations(range(replicates), 2):  # a treated ensemble against another replicate's control
-        matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(treated[r], control[q])
-        matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(treated[q], control[r])
-    return matrix
 
 
 def run_dataset(
