@@ -4,19 +4,9 @@ import numpy as np
 import pytest
 
 from mfr_sae.cli import main
-from mfr_sae.config import load_config
 from mfr_sae.stats import paired_permutation_test
-from mfr_sae.study import (
-    BASELINE,
-    CANDIDATES,
-    DEFAULT_SETTING,
-    FVU_MARGIN,
-    analyse,
-    choose,
-    correct_across_datasets,
-    run_config,
-    settings,
-)
+from mfr_sae.study import FVU_MARGIN, analyse, choose, correct_across_datasets
+from mfr_sae.study_catalogue import BASELINE, DEFAULT_SETTING, run_config, settings
 from mfr_sae.study_report import IDENTICAL, dataset_table, write_report
 
 R = 5
@@ -148,19 +138,6 @@ def _summary(analysed: dict) -> dict:
     }
 
 
-def test_the_grid_is_the_baseline_and_every_candidate_each_a_valid_config():
-    grid = settings()
-    assert grid[0].name == BASELINE and [s.name for s in grid[1:]] == list(CANDIDATES)
-    assert len({s.folder for s in grid}) == len(grid) and all("/" not in s.folder for s in grid)
-    assert DEFAULT_SETTING in CANDIDATES
-    for setting in grid:
-        cfg = run_config("learnable", setting, replicate=2, quick=True, split="heldout")
-        assert cfg.mfr.enabled == (setting.name != BASELINE)
-        assert (cfg.data.seed, cfg.data.stream_seed, cfg.train.seed) == (1, 102, 102)  # held-out: other features, seeds
-    tuning = run_config("learnable", grid[1], replicate=2, quick=True)
-    assert (tuning.data.seed, tuning.data.stream_seed, tuning.train.seed) == (0, 2, 2)
-
-
 def test_a_collapsed_setting_is_never_recommended_and_the_pick_falls_back_to_the_largest_safe_gain():
     base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
     noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
@@ -209,14 +186,14 @@ def test_with_several_tuning_datasets_the_pick_gains_on_every_one():
 
 
 def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs(tmp_path, monkeypatch):
-    import mfr_sae.study as study
+    import mfr_sae.study_catalogue as catalogue
 
     tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
-    monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
+    monkeypatch.setattr(catalogue, "COMMON", catalogue.COMMON + tiny)
     two = (DEFAULT_SETTING, "mnn 0.3*recon")  # to keep the test short
     out = tmp_path / "study"
     # learnable marked large, to see --large-replicates reach it without training another dataset
-    monkeypatch.setitem(study.DATASETS, "learnable", {**study.DATASETS["learnable"], "large": True})
+    monkeypatch.setitem(catalogue.DATASETS, "learnable", {**catalogue.DATASETS["learnable"], "large": True})
     args = ["study", "--quick", "--replicates", "3", "--tune-replicates", "2", "--large-replicates", "2"]
     args += ["--candidates", ",".join(two), "--data", "learnable", "--architectures", "batchtopk", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
@@ -260,21 +237,10 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert main([*args, "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # a folder of another setting is refused, naming the field, not mixed in
-    monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
+    monkeypatch.setattr(catalogue, "COMMON", catalogue.COMMON + ["train.lr=0.002"])
     assert main([*args, "--no-progress"]) == 2
     assert main(["study", "--data", "nope", "--out", str(out)]) == 2
     assert main(["study", "--large-replicates", "1", "--out", str(out)]) == 2
     assert main(["study", "--candidates", "hungarian 9*auto", "--out", str(out)]) == 2
     assert main(["study", "--tune-on", "learnable,nope", "--out", str(out)]) == 2
     assert main(["study", "--architectures", "jumprelu", "--out", str(out)]) == 2
-
-
-def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():
-    """README's first run claims to be one replicate of the study's learnable setting with the defaults of mfr.*:
-    the same config but for logging, checkpoints and the stream seed's spelling (-1: data.seed, which is 0)."""
-    setting = next(s for s in settings() if s.name == DEFAULT_SETTING)
-    study_cfg = run_config("learnable", setting, replicate=0, quick=False).to_dict()
-    quick_cfg = load_config("configs/quick.yaml").to_dict()
-    for cfg in (study_cfg, quick_cfg):
-        cfg["train"].pop("log_every"), cfg["train"].pop("checkpoint_every"), cfg["data"].pop("stream_seed")
-    assert quick_cfg == study_cfg
