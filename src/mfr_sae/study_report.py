@@ -11,14 +11,12 @@ import numpy as np
 
 from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table, save_figure
+from mfr_sae.study_analysis import IDENTICAL
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 FIGURE = "fig_fvu_mcc.png"
-# What a test against the baseline reports, with no p, when the setting's numbers are the baseline's in every
-# replicate (stats.set_aside): p = 1 would say nothing, and it is not counted in any Holm family.
-IDENTICAL = "identical to the baseline"
 CAPTION = (
     "FVU against MCC: top, one point per setting, mean over replicates with 95% CIs, the star the baseline; "
     "bottom, each setting's paired difference from the baseline with its 95% CI (what the tests judge)."
