@@ -1,222 +1,18 @@
 import json
 
-import numpy as np
-import pytest
-
 from mfr_sae.cli import main
-from mfr_sae.config import load_config
-from mfr_sae.stats import paired_permutation_test
-from mfr_sae.study import (
-    BASELINE,
-    CANDIDATES,
-    DEFAULT_SETTING,
-    FVU_MARGIN,
-    analyse,
-    choose,
-    correct_across_datasets,
-    run_config,
-    settings,
-)
-from mfr_sae.study_report import IDENTICAL, dataset_table, write_report
-
-R = 5
-
-
-def _data(values: dict[str, dict[str, list[float]]]) -> dict:
-    """A dataset's raw study data with every ensemble agreeing 0.5 with every other (no agreement effect)."""
-    agreement = np.full((2 * R, 2 * R), 0.5)
-    np.fill_diagonal(agreement, np.nan)
-    return {
-        "values": values,
-        "agreement": {n: agreement.tolist() for n in values if n != BASELINE},
-        "baseline_agreement": agreement[:R, :R].tolist(),
-    }
-
-
-def _measures(mcc, fvu, twin=0.0, one_to_one=0.8):
-    return {
-        "gt_mcc": list(mcc),
-        "fvu": list(fvu),
-        "twin_frac": [twin] * R,
-        "gt_distinct": [100.0] * R,
-        "silent_frac": [0.01] * R,
-        "pairwise_mmcs_hungarian": [one_to_one] * R,
-    }
-
-
-def test_analyse_names_a_winner_only_with_a_corrected_mcc_gain_and_no_fvu_loss():
-    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
-    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
-    data = _data(
-        {
-            BASELINE: _measures(base_mcc, base_fvu),
-            "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
-            "better but lossy": _measures(
-                [m + 0.03 + e for m, e in zip(base_mcc, noise)], [f + 0.02 + e for f, e in zip(base_fvu, noise)]
-            ),
-            "worse": _measures([m - 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu),
-            "noise": _measures([m + 3 * e for m, e in zip(base_mcc, noise)], base_fvu),
-            "best but twinned": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, twin=0.1),
-        }
-    )
-    result = analyse(data, R)
-    rows = result["rows"]
-    assert result["winners"] == ["best but twinned", "better"] and result["best"] == "best but twinned"
-    assert result["recommended"] == "better"  # the largest gain that keeps twin_frac near the baseline's
-    assert rows["better"]["fvu_not_worse"] and not rows["better but lossy"]["fvu_not_worse"]
-    assert not rows["worse"]["beats_baseline"] and not rows["noise"]["beats_baseline"]
-    mcc = rows["better"]["tests"]["gt_mcc"]
-    assert mcc["ci95"][0] < 0.03 < mcc["ci95"][1]
-    # Holm over the five settings: the smallest raw p is multiplied by 5
-    raw = sorted(rows[n]["tests"]["gt_mcc"]["t_test_p"] for n in rows if n != BASELINE)
-    assert min(rows[n]["tests"]["gt_mcc"]["p_holm"] for n in rows if n != BASELINE) == pytest.approx(5 * raw[0])
-    assert result["fvu_margin"] == pytest.approx(FVU_MARGIN * np.mean(base_fvu))
-    # agreement is the same everywhere: the arms of the permutation test are identical, its p = 1 says nothing
-    across = rows["better"]["tests"]["across_pw_mcc"]
-    assert across["diff"] == pytest.approx(0.0) and across["p"] is None and across["not_tested"] == IDENTICAL
-
-
-def test_analyse_with_no_winner():
-    base = _measures([0.8] * R, [0.3] * R)
-    data = _data({BASELINE: base, "same": _measures([0.8, 0.81, 0.79, 0.8, 0.8], [0.3] * R)})
-    result = analyse(data, R)
-    assert result["winners"] == [] and result["best"] is None and result["recommended"] is None
-
-
-def test_a_setting_identical_to_the_baseline_is_said_so_and_not_counted_in_any_holm_family(tmp_path, monkeypatch):
-    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
-    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
-    data = _data(
-        {
-            BASELINE: _measures(base_mcc, base_fvu),
-            "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
-            "same": _measures(base_mcc, base_fvu),  # a pull that never acted: the baseline's runs
-        }
-    )
-    base = np.full((R, R), 0.5) + 0.01 * np.arange(R)[:, None] * np.arange(R)[None, :]  # symmetric
-    np.fill_diagonal(base, np.nan)
-    # "same": its ensembles are the baseline's, so they agree with everything as the baseline's do
-    data["agreement"]["same"] = np.block([[base, base], [base, base]]).tolist()
-    # "better": its ensembles agree more with one another than the baseline's do
-    data["agreement"]["better"] = np.block([[base + 0.1, base], [base, base]]).tolist()
-    data["baseline_agreement"] = base.tolist()
-    result = analyse(data, R)
-    rows = result["rows"]
-    for key, test in rows["same"]["tests"].items():
-        assert test["not_tested"] == IDENTICAL and test["p_holm"] is None, key
-        assert test.get("p") is None and test.get("t_test_p") is None, key
-    # the family of each measure is "better" alone: its Holm p is its raw p
-    mcc, across = rows["better"]["tests"]["gt_mcc"], rows["better"]["tests"]["across_pw_mcc"]
-    assert mcc["p_holm"] == pytest.approx(mcc["t_test_p"])
-    assert across["p"] == paired_permutation_test(np.asarray(data["agreement"]["better"]), R)["p"] == 2 / 2**R
-    assert across["p_holm"] == pytest.approx(across["p"])
-    correct_across_datasets({"a": {**data, **result}})
-    assert mcc["p_holm_all"] == pytest.approx(mcc["t_test_p"]) and rows["same"]["tests"]["gt_mcc"]["p_holm_all"] is None
-    assert result["winners"] == ["better"] and not rows["same"]["beats_baseline"]
-    table = dataset_table(result)
-    same = next(line for line in table.splitlines() if line.startswith("| same |"))
-    assert same.count(IDENTICAL) == 3  # ΔMCC, ΔFVU and Δacross; no p anywhere in its row
-    # the report says the tuning family is one candidate, the other identical to the baseline
-    monkeypatch.setattr("mfr_sae.study_report.figure", lambda summary, path: None)
-    write_report(tmp_path, _summary({**data, **result}))
-    assert (
-        f"Holm p here: over the 1 of the 2 candidates with a p (1 {IDENTICAL}: no p);"
-        in (tmp_path / "report.md").read_text()
-    )
-
-
-def _summary(analysed: dict) -> dict:
-    """The summary `study` hands write_report, around one dataset analysed on both splits."""
-    config = run_config("learnable", settings()[0], 0, quick=True).to_dict()
-    data = {**analysed, "config": config, "replicates": R, "dataset": "learnable", "architecture": "topk"}
-    return {
-        "quick": True,
-        "replicates": R,
-        "large_replicates": R,
-        "tune_replicates": R,
-        "tune_on": ["learnable"],
-        "candidates": [],
-        "chosen": None,
-        "default_setting": DEFAULT_SETTING,
-        "machine": "test",
-        "seconds": 1.0,
-        "settings": [{"name": n, "overrides": []} for n in analysed["rows"]],
-        "fvu_margin": FVU_MARGIN,
-        "twin_tolerance": 0.02,
-        "tuning": {"learnable": data},
-        "datasets": {"learnable": data},
-    }
-
-
-def test_the_grid_is_the_baseline_and_every_candidate_each_a_valid_config():
-    grid = settings()
-    assert grid[0].name == BASELINE and [s.name for s in grid[1:]] == list(CANDIDATES)
-    assert len({s.folder for s in grid}) == len(grid) and all("/" not in s.folder for s in grid)
-    assert DEFAULT_SETTING in CANDIDATES
-    for setting in grid:
-        cfg = run_config("learnable", setting, replicate=2, quick=True, split="heldout")
-        assert cfg.mfr.enabled == (setting.name != BASELINE)
-        assert (cfg.data.seed, cfg.data.stream_seed, cfg.train.seed) == (1, 102, 102)  # held-out: other features, seeds
-    tuning = run_config("learnable", grid[1], replicate=2, quick=True)
-    assert (tuning.data.seed, tuning.data.stream_seed, tuning.train.seed) == (0, 2, 2)
-
-
-def test_a_collapsed_setting_is_never_recommended_and_the_pick_falls_back_to_the_largest_safe_gain():
-    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
-    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
-    data = _data(
-        {
-            BASELINE: _measures(base_mcc, base_fvu),
-            "copies": _measures([m + 0.05 + e for m, e in zip(base_mcc, noise)], base_fvu, one_to_one=0.999),
-            "better": _measures([m + 0.03 + e for m, e in zip(base_mcc, noise)], base_fvu),
-        }
-    )
-    result = analyse(data, R)
-    assert result["rows"]["copies"]["collapsed"] and result["best"] == "copies"
-    assert result["recommended"] == "better" == choose(result)
-    # tuning replicates too few to prove a gain: the largest mean gain that keeps FVU and twin_frac
-    noisy = _data(
-        {
-            BASELINE: _measures(base_mcc, base_fvu),
-            "small": _measures([m + 0.004 + 5 * e for m, e in zip(base_mcc, noise)], base_fvu),
-            "smaller": _measures([m + 0.002 + 5 * e for m, e in zip(base_mcc, noise)], base_fvu),
-            "worse": _measures([m - 0.01 for m in base_mcc], base_fvu),
-        }
-    )
-    result = analyse(noisy, R)
-    assert result["recommended"] is None and choose(result) == "small"
-    assert choose(analyse(_data({BASELINE: noisy["values"][BASELINE], "worse": noisy["values"]["worse"]}), R)) is None
-
-
-def test_with_several_tuning_datasets_the_pick_gains_on_every_one():
-    base_mcc, base_fvu = [0.80, 0.82, 0.81, 0.79, 0.80], [0.30, 0.31, 0.29, 0.30, 0.32]
-    noise = [0.001, -0.002, 0.0015, 0.0, -0.0005]
-
-    def shifted(gain: float) -> dict:
-        return _measures([m + gain + e for m, e in zip(base_mcc, noise)], base_fvu)
-
-    small = analyse(_data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(0.05), "mild": shifted(0.02)}), R)
-    large = analyse(
-        _data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(-0.04), "mild": shifted(0.01)}), R
-    )
-    assert choose(small) == "strong"  # alone, the small size picks the largest gain
-    assert choose(small, large) == "mild"  # the strong pull loses at the large size: not picked
-    assert choose(large, small) == "mild"
-    worse = analyse(
-        _data({BASELINE: _measures(base_mcc, base_fvu), "strong": shifted(-0.04), "mild": shifted(-0.01)}), R
-    )
-    assert choose(small, worse) is None
+from mfr_sae.study_catalogue import BASELINE, DEFAULT_SETTING
 
 
 def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs(tmp_path, monkeypatch):
-    import mfr_sae.study as study
+    import mfr_sae.study_catalogue as catalogue
 
     tiny = ["train.n_samples=3072", "eval.n_samples=1000"]
-    monkeypatch.setattr(study, "COMMON", study.COMMON + tiny)
+    monkeypatch.setattr(catalogue, "COMMON", catalogue.COMMON + tiny)
     two = (DEFAULT_SETTING, "mnn 0.3*recon")  # to keep the test short
     out = tmp_path / "study"
     # learnable marked large, to see --large-replicates reach it without training another dataset
-    monkeypatch.setitem(study.DATASETS, "learnable", {**study.DATASETS["learnable"], "large": True})
+    monkeypatch.setitem(catalogue.DATASETS, "learnable", {**catalogue.DATASETS["learnable"], "large": True})
     args = ["study", "--quick", "--replicates", "3", "--tune-replicates", "2", "--large-replicates", "2"]
     args += ["--candidates", ",".join(two), "--data", "learnable", "--architectures", "batchtopk", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
@@ -260,21 +56,10 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert main([*args, "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # a folder of another setting is refused, naming the field, not mixed in
-    monkeypatch.setattr(study, "COMMON", study.COMMON + ["train.lr=0.002"])
+    monkeypatch.setattr(catalogue, "COMMON", catalogue.COMMON + ["train.lr=0.002"])
     assert main([*args, "--no-progress"]) == 2
     assert main(["study", "--data", "nope", "--out", str(out)]) == 2
     assert main(["study", "--large-replicates", "1", "--out", str(out)]) == 2
     assert main(["study", "--candidates", "hungarian 9*auto", "--out", str(out)]) == 2
     assert main(["study", "--tune-on", "learnable,nope", "--out", str(out)]) == 2
     assert main(["study", "--architectures", "jumprelu", "--out", str(out)]) == 2
-
-
-def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():
-    """README's first run claims to be one replicate of the study's learnable setting with the defaults of mfr.*:
-    the same config but for logging, checkpoints and the stream seed's spelling (-1: data.seed, which is 0)."""
-    setting = next(s for s in settings() if s.name == DEFAULT_SETTING)
-    study_cfg = run_config("learnable", setting, replicate=0, quick=False).to_dict()
-    quick_cfg = load_config("configs/quick.yaml").to_dict()
-    for cfg in (study_cfg, quick_cfg):
-        cfg["train"].pop("log_every"), cfg["train"].pop("checkpoint_every"), cfg["data"].pop("stream_seed")
-    assert quick_cfg == study_cfg

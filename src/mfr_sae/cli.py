@@ -111,7 +111,8 @@ def _listed(text: str) -> tuple[str, ...]:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from mfr_sae.study import ARCHITECTURES, CANDIDATES, DATASETS, study
+    from mfr_sae.study import study
+    from mfr_sae.study_catalogue import ARCHITECTURES, CANDIDATES, DATASETS
 
     counts = {
         "--replicates": args.replicates,

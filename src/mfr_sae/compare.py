@@ -9,6 +9,10 @@ Hungarian algorithm on cosine similarity, and
 Both are averaged over every pair of runs. A run compared with itself gives 1.0 for both. Each run's
 `twin_frac` (latents with a near-copy inside their own SAE) is reported beside them: agreement bought with
 duplicated latents is not agreement.
+
+The same PW-MCC between whole ensembles trained as replicates (`mfr-sae study`, `study-lm`): `agreement` of
+two ensembles (member m against member m), `agreement_matrix` of every two, and `paired_agreement`, the matrix
+of a paired permutation test (stats.paired_permutation_test).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mfr_sae.checkpoint import load
 from mfr_sae.config import ConfigError
@@ -44,6 +49,35 @@ def decoder_agreement(a: Tensor, b: Tensor, threshold: float = 0.7) -> tuple[flo
     """(PW-MCC, shared-latent fraction, matched cosines) of two decoders [h, d]."""
     _, _, cosines = hungarian_match(a, b)
     return float(cosines.mean()), float((cosines > threshold).mean()), cosines
+
+
+def agreement(decoders_a: Tensor, decoders_b: Tensor) -> float:
+    """PW-MCC of two ensembles' decoders [N, h, d]: member m against member m (one-to-one matched latents), mean
+    over m."""
+    return float(np.mean([decoder_agreement(a, b)[0] for a, b in zip(decoders_a, decoders_b)]))
+
+
+def agreement_matrix(decoders: list[Tensor], progress: bool = False) -> np.ndarray:
+    """Agreement between every two ensembles [E, E] (NaN on the diagonal)."""
+    n = len(decoders)
+    matrix = np.full((n, n), np.nan)
+    for i, j in tqdm(list(combinations(range(n), 2)), desc="agreement", disable=not progress, leave=False):
+        matrix[i, j] = matrix[j, i] = agreement(decoders[i], decoders[j])
+    return matrix
+
+
+def paired_agreement(treated: list[Tensor], control: list[Tensor], control_matrix: np.ndarray) -> np.ndarray:
+    """The [2R, 2R] agreement matrix of paired_permutation_test: R treated ensembles, then their R controls
+    (`control_matrix`: agreement_matrix of the controls, computed once for every treatment); a replicate's
+    own two ensembles are never compared (NaN)."""
+    replicates = len(treated)
+    matrix = np.full((2 * replicates, 2 * replicates), np.nan)
+    matrix[replicates:, replicates:] = control_matrix
+    matrix[:replicates, :replicates] = agreement_matrix(treated)
+    for r, q in combinations(range(replicates), 2):  # a treated ensemble against another replicate's control
+        matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(treated[r], control[q])
+        matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(treated[q], control[r])
+    return matrix
 
 
 def compare_runs(

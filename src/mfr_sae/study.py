@@ -14,8 +14,8 @@ replicates can be compared latent by latent. Every setting of replicate r sees t
 from the same weights as the baseline of replicate r: tests are paired over replicates. Per run: MCC to the
 truth, FVU, twin_frac, gt_distinct and silent_frac (means over members) and the members' one-to-one
 agreement (pairwise_mmcs_hungarian: above 0.99 they are copies); per setting, agreement ACROSS replicates
-(PW-MCC of member m of one replicate's ensemble against member m of another's). `analyse` makes the tests
-(stats.py); study_report.py writes the report.
+(PW-MCC of member m of one replicate's ensemble against member m of another's). study_analysis.py makes the
+tests (stats.py); study_report.py writes the report. The settings, datasets and splits: study_catalogue.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -32,179 +31,25 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mfr_sae.checkpoint import load
-from mfr_sae.compare import decoder_agreement
-from mfr_sae.config import PAPER_MFR, RunConfig, load_config
+from mfr_sae.compare import agreement_matrix, paired_agreement
 from mfr_sae.consensus import consensus_mcc
 from mfr_sae.data import make_source
 from mfr_sae.reproduce import RunTracker, machine
-from mfr_sae.run_report import COLLAPSE_MMCS
-from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, set_aside, t_half_width
-from mfr_sae.study_report import IDENTICAL, write_report
-
-# every MFR candidate: matched anew every 10 steps (unless it says otherwise), no reinitialisation (it never fired
-# on learnable data and fired at every check until its cap on SmolLM2 activations: RESULTS.md)
-MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
-# idle latents pulled, re-matched every 100 steps, up to a 0.95 ceiling: the base of the guarded candidates
-IDLE_CAPPED = (
-    "mfr.mmcs=mnn_hungarian",
-    "mfr.beta=0.1*auto",
-    "mfr.idle_window=5000",
-    "mfr.match_every=100",
-    "mfr.max_cosine=0.95",
+from mfr_sae.study_analysis import FVU_MARGIN, TWIN_TOLERANCE, analyse, choose, correct_across_datasets
+from mfr_sae.study_catalogue import (
+    ARCHITECTURES,
+    BASELINE,
+    CONSENSUS,
+    DATASETS,
+    DEFAULT_SETTING,
+    MEASURES,
+    RUN_MEASURES,
+    TOPK,
+    Setting,
+    run_config,
+    settings,
 )
-# and pulled only towards live matches, never into a twin (mfr.twin_guard, mfr.idle_to_live)
-GUARDED = (*IDLE_CAPPED, "mfr.twin_guard=0.9", "mfr.idle_to_live=true")
-CONFIRMED = (
-    "mfr.mmcs=greedy",
-    "mfr.idle_window=0",
-    "mfr.match_every=100",
-    "mfr.twin_guard=0.9",
-    "mfr.confirm_cosine=0.8",
-    "mfr.max_cosine=0.7",
-)
-CANDIDATES = {
-    "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
-    "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
-    "mnn_hungarian 0.1*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto"),
-    "mnn_hungarian 0.1*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*recon"),
-    "mnn_hungarian 0.3*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon"),
-    "mnn_hungarian 0.3*recon cap0.95": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon", "mfr.max_cosine=0.95"),
-    "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
-    "mnn_hungarian 0.03*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.03*auto"),
-    # agreement as evidence, not identity: only matches already at cosine >= 0.3 (0.5) are pulled, up to 0.95
-    "mnn_hungarian 0.1*auto min0.3 cap0.95": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.min_cosine=0.3",
-        "mfr.max_cosine=0.95",
-    ),
-    "mnn_hungarian 0.1*auto min0.5 cap0.95": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.min_cosine=0.5",
-        "mfr.max_cosine=0.95",
-    ),
-    # only latents idle for 5,000 vectors are pulled: the live ones are left to the reconstruction
-    "mnn_hungarian 0.1*auto idle5k": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto", "mfr.idle_window=5000"),
-    # the same matched anew every 100 steps: a tenth of the matching's cost
-    "mnn_hungarian 0.1*auto idle5k every100": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.idle_window=5000",
-        "mfr.match_every=100",
-    ),
-    "mnn_hungarian 0.1*auto idle20k every100": (
-        "mfr.mmcs=mnn_hungarian",
-        "mfr.beta=0.1*auto",
-        "mfr.idle_window=20000",
-        "mfr.match_every=100",
-    ),
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95": IDLE_CAPPED,
-    # the same where a pull would make a twin in the pulled latent's own member: not pulled (mfr.twin_guard)
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (*IDLE_CAPPED, "mfr.twin_guard=0.9"),
-    # and two idle latents matched to each other not pulled together (mfr.idle_to_live)
-    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": GUARDED,
-    # the same matched greedily (no large assignment at any size: the cost goal at h = 8,192)
-    "greedy 0.1*auto idle5k every100 cap0.95 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy"),
-    # with a lower ceiling: at the GPT-2 shape the members agreed one-to-one at 0.991 under the 0.95 one
-    "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.9"),
-    # lower still: under the 0.9 one, GPT-2-shape latents that match no true feature were pulled to 0.92 with
-    # their matches in every member, which alone kept the members' one-to-one agreement at 0.99
-    "greedy 0.1*auto idle5k every100 cap0.8 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.8"),
-    # evidence, not pull (mfr.confirm_cosine): only latents that no other member confirms (cosine >= 0.8) are
-    # pulled, and only towards confirmed ones, up to 0.7, so that the pull alone never confirms a latent; idle
-    # or not (at h = 4,096 almost no latent idles, and idle pulling did nothing there)
-    "greedy 1*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=1*auto"),
-    "greedy 0.3*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*auto"),
-    # at the GPT-2 shape the two above lost to the baseline: pulled latents became partial copies of features their
-    # own member already had. Not towards a feature the member already has at the ceiling (guard0.7); or a pull
-    # that fades as the reconstruction improves (recon)
-    "greedy 0.3*auto confirm0.8 cap0.7 guard0.7": (*CONFIRMED, "mfr.beta=0.3*auto", "mfr.twin_guard=0.7"),
-    "greedy 0.3*recon confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*recon"),
-}
-# the architecture axis (issue 27, `--architectures`): beside TopK, each of these alone (its own baseline) and with
-# the defaults of mfr.*, on every held-out dataset
-ARCHITECTURES = {
-    "auxk": ("sae.aux_coef=0.03125",),  # TopK with AuxK at the paper's 1/32
-    "batchtopk": ("sae.architecture=batchtopk",),
-    "matryoshka": ("sae.architecture=matryoshka",),  # Matryoshka BatchTopK, prefixes h/16, h/4, h
-    # BatchTopK alone left 24% of its latents dead on learnable data; AuxK revives latents idle for 10,000 vectors
-    # (2% of a learnable run; the default window, 100,000, is a fifth of it and rarely reached)
-    "batchtopk-auxk": ("sae.architecture=batchtopk", "sae.aux_coef=0.03125", "sae.aux_dead_window=10000"),
-}
-TOPK = "topk"  # the architecture of the study's tuning and of its held-out datasets' own keys
-# the candidate whose settings are the defaults of mfr.*
-DEFAULT_SETTING = "greedy 0.3*auto confirm0.8 cap0.7 guard0.7"
-BASELINE = "baseline"
-MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
-RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
-CONSENSUS = "consensus_mcc"  # MCC of the ensemble's consensus decoder (consensus.py), measured here
-# "without losing FVU": the 95% CI of the FVU difference stays below 1% of the baseline's FVU
-FVU_MARGIN = 0.01
-# a setting fit to be the default also keeps its members' twin fraction within this of the baseline's
-TWIN_TOLERANCE = 0.02
-# tuning and held-out data: their own true features and their own replicates (sample streams, initialisations)
-SPLITS = {"tuning": {"feature_seed": 0, "first_replicate": 0}, "heldout": {"feature_seed": 1, "first_replicate": 100}}
-
-
-def zipf_family(
-    firing: str, d: int, features: int, active: int, k: int, samples: int, batch: int, eval_n: int, *extra: str
-) -> list[str]:
-    """The overrides of a learnable dataset: unit features with Zipf firing (exponent 0.3), 3 members with h =
-    the number of true features."""
-    return [
-        f"data.firing={firing}",
-        f"data.d={d}",
-        f"data.n_features={features}",
-        *extra,
-        f"data.mean_active={active}",
-        "data.zipf_exponent=0.3",
-        "data.normalize_features=true",
-        "sae.n_members=3",
-        f"sae.d_sae={features}",
-        f"sae.k={k}",
-        f"train.n_samples={samples}",
-        f"train.batch_size={batch}",
-        f"eval.n_samples={eval_n}",
-    ]
-
-
-HIERARCHY = ("data.children=3", "data.child_probability=0.3")
-DATASETS: dict[str, dict[str, Any]] = {
-    # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
-    "learnable": {
-        "full": zipf_family("independent", 128, 1024, 6, 6, 500_000, 512, 10_000),
-        "quick": zipf_family("independent", 48, 192, 4, 4, 120_000, 256, 5_000),
-    },
-    # the same family four times larger (the size at which the defaults of h = 1,024 turned into a loss, issue 26):
-    # 4,096 features in 256 dimensions, ~22 active; `large`: --large-replicates of it
-    "learnable-large": {
-        "large": True,
-        "full": zipf_family("independent", 256, 4096, 22, 22, 1_000_000, 1024, 10_000),
-        "quick": zipf_family("independent", 96, 768, 8, 8, 150_000, 512, 5_000),
-    },
-    # correlated features: 256 parents with Zipf firing, each with 3 children that fire only with it (30%), ~6
-    # active; the sizes of `learnable`
-    "hierarchical": {
-        "full": zipf_family("hierarchical", 128, 1024, 6, 6, 500_000, 512, 10_000, *HIERARCHY),
-        "quick": zipf_family("hierarchical", 48, 192, 4, 4, 120_000, 256, 5_000, *HIERARCHY),
-    },
-    "paper": {
-        "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
-        "quick": [
-            "data.d=64",
-            "data.n_features=128",
-            "data.n_groups=4",
-            "data.n_active=9",
-            "sae.d_sae=128",
-            "sae.k=9",
-            "train.n_samples=100000",
-            "train.batch_size=1000",
-            "eval.n_samples=5000",
-        ],
-    },
-}
-COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
+from mfr_sae.study_report import write_report
 
 
 @dataclass(frozen=True)
@@ -226,71 +71,10 @@ class HeldOut:
         return out if self.architecture == TOPK else out / self.architecture
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    overrides: tuple[str, ...]
-
-    @property
-    def folder(self) -> str:
-        return self.name.replace(">", "_gt_").replace("*", "x").replace(" ", "_")
-
-
-def settings() -> list[Setting]:
-    """The baseline, then every candidate."""
-    grid = [Setting(BASELINE, ("mfr.enabled=false",))]
-    return grid + [Setting(name, (*MFR_COMMON, *overrides)) for name, overrides in CANDIDATES.items()]
-
-
-def run_config(
-    dataset: str, setting: Setting, replicate: int, quick: bool, extra: Sequence[str] = (), split: str = "tuning"
-) -> RunConfig:
-    """Replicate `replicate` of a setting on a dataset's split (its true features and replicate seeds)."""
-    scale = DATASETS[dataset]["quick" if quick else "full"]
-    seed = SPLITS[split]["first_replicate"] + replicate
-    return load_config(
-        None,
-        COMMON
-        + scale
-        + list(extra)
-        + list(setting.overrides)
-        + [f"data.seed={SPLITS[split]['feature_seed']}", f"data.stream_seed={seed}", f"train.seed={seed}"],
-    )
-
-
 def member_means(results: dict[str, Any]) -> dict[str, float]:
     """A run's measures: each member measure the mean over its members, and the ensemble's own."""
     means = {key: float(np.mean([m[key] for m in results["members"]])) for key in MEASURES}
     return means | {key: float(results[key]) for key in RUN_MEASURES}
-
-
-def agreement(decoders_a: Tensor, decoders_b: Tensor) -> float:
-    """PW-MCC of two ensembles' decoders [N, h, d]: member m against member m (one-to-one matched latents), mean
-    over m."""
-    return float(np.mean([decoder_agreement(a, b)[0] for a, b in zip(decoders_a, decoders_b)]))
-
-
-def agreement_matrix(decoders: list[Tensor], progress: bool = False) -> np.ndarray:
-    """Agreement between every two ensembles [E, E] (NaN on the diagonal)."""
-    n = len(decoders)
-    matrix = np.full((n, n), np.nan)
-    for i, j in tqdm(list(combinations(range(n), 2)), desc="agreement", disable=not progress, leave=False):
-        matrix[i, j] = matrix[j, i] = agreement(decoders[i], decoders[j])
-    return matrix
-
-
-def paired_agreement(treated: list[Tensor], control: list[Tensor], control_matrix: np.ndarray) -> np.ndarray:
-    """The [2R, 2R] agreement matrix of paired_permutation_test: R treated ensembles, then their R controls
-    (`control_matrix`: agreement_matrix of the controls, computed once for every treatment); a replicate's
-    own two ensembles are never compared (NaN)."""
-    replicates = len(treated)
-    matrix = np.full((2 * replicates, 2 * replicates), np.nan)
-    matrix[replicates:, replicates:] = control_matrix
-    matrix[:replicates, :replicates] = agreement_matrix(treated)
-    for r, q in combinations(range(replicates), 2):  # a treated ensemble against another replicate's control
-        matrix[r, replicates + q] = matrix[replicates + q, r] = agreement(treated[r], control[q])
-        matrix[q, replicates + r] = matrix[replicates + r, q] = agreement(treated[q], control[r])
-    return matrix
 
 
 def run_dataset(
@@ -412,111 +196,3 @@ def study(
     }
     write_report(out, summary)
     return summary
-
-
-def choose(*tunings: dict[str, Any]) -> str | None:
-    """The setting the tuning splits pick (one per tuning dataset, each `analyse`d): of the settings fit on
-    every one (FVU not worse, twin_frac near the baseline's, no collapse) and gaining MCC on every one, those
-    that beat the baseline on every one if any (too few tuning replicates may prove nothing, yet the held-out
-    split judges the pick), and of those the largest smallest gain; else None."""
-    names = [n for n in tunings[0]["rows"] if n != BASELINE]
-
-    def fit(name: str, rows: dict[str, Any]) -> bool:
-        row, gain = rows[name], rows[name]["tests"]["gt_mcc"]["mean_diff"]
-        return row["fvu_not_worse"] and row["twin_ok"] and not row["collapsed"] and gain is not None and gain > 0
-
-    safe = [n for n in names if all(fit(n, t["rows"]) for t in tunings)]
-    proven = [n for n in safe if all(t["rows"][n]["beats_baseline"] for t in tunings)]
-    smallest_gain = {n: min(t["rows"][n]["tests"]["gt_mcc"]["mean_diff"] for t in tunings) for n in safe}
-    return max(proven or safe, key=lambda n: smallest_gain[n]) if safe else None
-
-
-def correct_across_datasets(analysed: dict[str, dict[str, Any]]) -> None:
-    """Holm over every held-out MCC test (each setting on each dataset; one without a p, such as a setting
-    identical to the baseline, not counted): `p_holm_all` beside each test's p_holm, and `beats_baseline`
-    judged by it."""
-    tests = [(name, setting) for name, data in analysed.items() for setting in data["rows"] if setting != BASELINE]
-    adjusted = holm([analysed[n]["rows"][s]["tests"]["gt_mcc"]["t_test_p"] for n, s in tests])
-    for (name, setting), p in zip(tests, adjusted):
-        row = analysed[name]["rows"][setting]
-        row["tests"]["gt_mcc"]["p_holm_all"] = p
-        row["beats_baseline"] = bool(row["beats_baseline"] and p is not None and p < ALPHA)
-    for data in analysed.values():
-        rows = data["rows"]
-        winners = [n for n in data["winners"] if rows[n]["beats_baseline"]]
-        data.update(
-            winners=winners,
-            best=winners[0] if winners else None,
-            recommended=next((n for n in winners if rows[n]["twin_ok"] and not rows[n]["collapsed"]), None),
-        )
-
-
-def describe(values: list[float]) -> dict[str, Any]:
-    """Mean, sd and t-based 95% interval of the mean over replicates."""
-    arr = np.asarray(values, float)
-    mean = float(arr.mean())
-    if len(arr) < 2:
-        return {"mean": mean, "sd": None, "ci95": None}
-    sd = float(arr.std(ddof=1))
-    half = t_half_width(sd, len(arr))
-    return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
-
-
-def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
-    """Every setting against the baseline of the same replicates: paired t-tests of the run measures, the
-    permutation test of agreement across replicates, Holm's correction within each measure's family (the
-    settings compared; a test whose arms are identical is said so, `not_tested`, and not counted), which
-    settings beat the baseline on MCC without losing FVU (`winners`, largest gain first), and the first of
-    them whose twin fraction stays within TWIN_TOLERANCE of the baseline's (`recommended`: fit to be the
-    default)."""
-    values, names = data["values"], [n for n in data["values"] if n != BASELINE]
-    base = values[BASELINE]
-    rows: dict[str, dict[str, Any]] = {n: {"measures": {k: describe(v) for k, v in values[n].items()}} for n in values}
-    base_across = np.asarray(data["baseline_agreement"])
-    rows[BASELINE]["measures"]["across_pw_mcc"] = (
-        describe([float(np.nanmean(np.delete(base_across[r], r))) for r in range(replicates)])
-        if replicates > 1
-        else None
-    )
-    measured = [key for key in (*MEASURES, *RUN_MEASURES, CONSENSUS) if key in base]
-    for name in names:  # a test whose arms are identical has no p: no Holm family counts it (set_aside)
-        tests = {key: set_aside(paired_test(values[name][key], base[key]), IDENTICAL) for key in measured}
-        matrix = np.asarray(data["agreement"][name])
-        tests["across_pw_mcc"] = set_aside(paired_permutation_test(matrix, replicates), IDENTICAL)
-        own = matrix[:replicates, :replicates]
-        rows[name]["measures"]["across_pw_mcc"] = (
-            describe([float(np.nanmean(np.delete(own[r], r))) for r in range(replicates)]) if replicates > 1 else None
-        )
-        rows[name]["tests"] = tests
-    for key in (*measured, "across_pw_mcc"):
-        p_key = "p" if key == "across_pw_mcc" else "t_test_p"
-        for name, adjusted in zip(names, holm([rows[n]["tests"][key][p_key] for n in names])):
-            rows[name]["tests"][key]["p_holm"] = adjusted
-    base_fvu = float(np.mean(base["fvu"]))
-    for name in names:
-        tests = rows[name]["tests"]
-        mcc, fvu = tests["gt_mcc"], tests["fvu"]
-        fvu_high = fvu["ci95"][1] if fvu["ci95"] else None
-        rows[name]["fvu_not_worse"] = fvu_high is not None and fvu_high <= FVU_MARGIN * base_fvu
-        twin = tests["twin_frac"]["mean_diff"]
-        rows[name]["twin_ok"] = twin is not None and abs(twin) <= TWIN_TOLERANCE
-        # members that became copies of one another in any replicate: never fit to be the default
-        rows[name]["collapsed"] = any(v > COLLAPSE_MMCS for v in values[name].get("pairwise_mmcs_hungarian", []))
-        rows[name]["beats_baseline"] = bool(
-            rows[name]["fvu_not_worse"]
-            and mcc["mean_diff"] is not None
-            and mcc["mean_diff"] > 0
-            and mcc["p_holm"] is not None
-            and mcc["p_holm"] < ALPHA
-        )
-    winners = sorted(
-        (n for n in names if rows[n]["beats_baseline"]), key=lambda n: -rows[n]["tests"]["gt_mcc"]["mean_diff"]
-    )
-    recommended = [n for n in winners if rows[n]["twin_ok"] and not rows[n]["collapsed"]]
-    return {
-        "rows": rows,
-        "winners": winners,
-        "best": winners[0] if winners else None,
-        "recommended": recommended[0] if recommended else None,
-        "fvu_margin": FVU_MARGIN * base_fvu,
-    }

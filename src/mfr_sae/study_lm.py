@@ -25,6 +25,7 @@ import numpy as np
 from torch import Tensor
 
 from mfr_sae.checkpoint import load
+from mfr_sae.compare import agreement_matrix, paired_agreement
 from mfr_sae.config import RunConfig, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
 from mfr_sae.extras import require
@@ -32,7 +33,7 @@ from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import fmt_num, fmt_p, markdown_table
 from mfr_sae.reproduce import RunTracker, describe_runs, machine
 from mfr_sae.stats import holm, paired_permutation_test, paired_test
-from mfr_sae.study import agreement_matrix, describe, paired_agreement
+from mfr_sae.study_analysis import describe
 from mfr_sae.study_report import commit, interval
 
 KS = [6, 12, 18, 24, 30]

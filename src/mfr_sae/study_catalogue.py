@@ -1,0 +1,203 @@
+"""The catalogue of `mfr-sae study` (study.py runs it): the MFR candidates, the architectures beside TopK, the
+datasets and their two splits, what each run is measured on, and the config of one replicate of a setting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mfr_sae.config import PAPER_MFR, RunConfig, load_config
+
+# every MFR candidate: matched anew every 10 steps (unless it says otherwise), no reinitialisation (it never fired
+# on learnable data and fired at every check until its cap on SmolLM2 activations: RESULTS.md)
+MFR_COMMON = ("mfr.enabled=true", "mfr.match_every=10", "mfr.reinit_window=0")
+# idle latents pulled, re-matched every 100 steps, up to a 0.95 ceiling: the base of the guarded candidates
+IDLE_CAPPED = (
+    "mfr.mmcs=mnn_hungarian",
+    "mfr.beta=0.1*auto",
+    "mfr.idle_window=5000",
+    "mfr.match_every=100",
+    "mfr.max_cosine=0.95",
+)
+# and pulled only towards live matches, never into a twin (mfr.twin_guard, mfr.idle_to_live)
+GUARDED = (*IDLE_CAPPED, "mfr.twin_guard=0.9", "mfr.idle_to_live=true")
+CONFIRMED = (
+    "mfr.mmcs=greedy",
+    "mfr.idle_window=0",
+    "mfr.match_every=100",
+    "mfr.twin_guard=0.9",
+    "mfr.confirm_cosine=0.8",
+    "mfr.max_cosine=0.7",
+)
+CANDIDATES = {
+    "hungarian 0.1*auto": ("mfr.mmcs=hungarian", "mfr.beta=0.1*auto"),  # the defaults until 2026-12-02
+    "hungarian 0.3*recon": ("mfr.mmcs=hungarian", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.1*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto"),
+    "mnn_hungarian 0.1*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*recon"),
+    "mnn_hungarian 0.3*recon": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.3*recon cap0.95": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.3*recon", "mfr.max_cosine=0.95"),
+    "mnn 0.3*recon": ("mfr.mmcs=mnn", "mfr.beta=0.3*recon"),
+    "mnn_hungarian 0.03*auto": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.03*auto"),
+    # agreement as evidence, not identity: only matches already at cosine >= 0.3 (0.5) are pulled, up to 0.95
+    "mnn_hungarian 0.1*auto min0.3 cap0.95": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.min_cosine=0.3",
+        "mfr.max_cosine=0.95",
+    ),
+    "mnn_hungarian 0.1*auto min0.5 cap0.95": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.min_cosine=0.5",
+        "mfr.max_cosine=0.95",
+    ),
+    # only latents idle for 5,000 vectors are pulled: the live ones are left to the reconstruction
+    "mnn_hungarian 0.1*auto idle5k": ("mfr.mmcs=mnn_hungarian", "mfr.beta=0.1*auto", "mfr.idle_window=5000"),
+    # the same matched anew every 100 steps: a tenth of the matching's cost
+    "mnn_hungarian 0.1*auto idle5k every100": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=5000",
+        "mfr.match_every=100",
+    ),
+    "mnn_hungarian 0.1*auto idle20k every100": (
+        "mfr.mmcs=mnn_hungarian",
+        "mfr.beta=0.1*auto",
+        "mfr.idle_window=20000",
+        "mfr.match_every=100",
+    ),
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95": IDLE_CAPPED,
+    # the same where a pull would make a twin in the pulled latent's own member: not pulled (mfr.twin_guard)
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9": (*IDLE_CAPPED, "mfr.twin_guard=0.9"),
+    # and two idle latents matched to each other not pulled together (mfr.idle_to_live)
+    "mnn_hungarian 0.1*auto idle5k every100 cap0.95 guard0.9 live": GUARDED,
+    # the same matched greedily (no large assignment at any size: the cost goal at h = 8,192)
+    "greedy 0.1*auto idle5k every100 cap0.95 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy"),
+    # with a lower ceiling: at the GPT-2 shape the members agreed one-to-one at 0.991 under the 0.95 one
+    "greedy 0.1*auto idle5k every100 cap0.9 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.9"),
+    # lower still: under the 0.9 one, GPT-2-shape latents that match no true feature were pulled to 0.92 with
+    # their matches in every member, which alone kept the members' one-to-one agreement at 0.99
+    "greedy 0.1*auto idle5k every100 cap0.8 guard0.9 live": (*GUARDED, "mfr.mmcs=greedy", "mfr.max_cosine=0.8"),
+    # evidence, not pull (mfr.confirm_cosine): only latents that no other member confirms (cosine >= 0.8) are
+    # pulled, and only towards confirmed ones, up to 0.7, so that the pull alone never confirms a latent; idle
+    # or not (at h = 4,096 almost no latent idles, and idle pulling did nothing there)
+    "greedy 1*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=1*auto"),
+    "greedy 0.3*auto confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*auto"),
+    # at the GPT-2 shape the two above lost to the baseline: pulled latents became partial copies of features their
+    # own member already had. Not towards a feature the member already has at the ceiling (guard0.7); or a pull
+    # that fades as the reconstruction improves (recon)
+    "greedy 0.3*auto confirm0.8 cap0.7 guard0.7": (*CONFIRMED, "mfr.beta=0.3*auto", "mfr.twin_guard=0.7"),
+    "greedy 0.3*recon confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*recon"),
+}
+# the architecture axis (issue 27, `--architectures`): beside TopK, each of these alone (its own baseline) and with
+# the defaults of mfr.*, on every held-out dataset
+ARCHITECTURES = {
+    "auxk": ("sae.aux_coef=0.03125",),  # TopK with AuxK at the paper's 1/32
+    "batchtopk": ("sae.architecture=batchtopk",),
+    "matryoshka": ("sae.architecture=matryoshka",),  # Matryoshka BatchTopK, prefixes h/16, h/4, h
+    # BatchTopK alone left 24% of its latents dead on learnable data; AuxK revives latents idle for 10,000 vectors
+    # (2% of a learnable run; the default window, 100,000, is a fifth of it and rarely reached)
+    "batchtopk-auxk": ("sae.architecture=batchtopk", "sae.aux_coef=0.03125", "sae.aux_dead_window=10000"),
+}
+TOPK = "topk"  # the architecture of the study's tuning and of its held-out datasets' own keys
+# the candidate whose settings are the defaults of mfr.*
+DEFAULT_SETTING = "greedy 0.3*auto confirm0.8 cap0.7 guard0.7"
+BASELINE = "baseline"
+MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
+RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
+CONSENSUS = "consensus_mcc"  # MCC of the ensemble's consensus decoder (consensus.py), measured here
+# tuning and held-out data: their own true features and their own replicates (sample streams, initialisations)
+SPLITS = {"tuning": {"feature_seed": 0, "first_replicate": 0}, "heldout": {"feature_seed": 1, "first_replicate": 100}}
+
+
+def zipf_family(
+    firing: str, d: int, features: int, active: int, k: int, samples: int, batch: int, eval_n: int, *extra: str
+) -> list[str]:
+    """The overrides of a learnable dataset: unit features with Zipf firing (exponent 0.3), 3 members with h =
+    the number of true features."""
+    return [
+        f"data.firing={firing}",
+        f"data.d={d}",
+        f"data.n_features={features}",
+        *extra,
+        f"data.mean_active={active}",
+        "data.zipf_exponent=0.3",
+        "data.normalize_features=true",
+        "sae.n_members=3",
+        f"sae.d_sae={features}",
+        f"sae.k={k}",
+        f"train.n_samples={samples}",
+        f"train.batch_size={batch}",
+        f"eval.n_samples={eval_n}",
+    ]
+
+
+HIERARCHY = ("data.children=3", "data.child_probability=0.3")
+DATASETS: dict[str, dict[str, Any]] = {
+    # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
+    "learnable": {
+        "full": zipf_family("independent", 128, 1024, 6, 6, 500_000, 512, 10_000),
+        "quick": zipf_family("independent", 48, 192, 4, 4, 120_000, 256, 5_000),
+    },
+    # the same family four times larger (the size at which the defaults of h = 1,024 turned into a loss, issue 26):
+    # 4,096 features in 256 dimensions, ~22 active; `large`: --large-replicates of it
+    "learnable-large": {
+        "large": True,
+        "full": zipf_family("independent", 256, 4096, 22, 22, 1_000_000, 1024, 10_000),
+        "quick": zipf_family("independent", 96, 768, 8, 8, 150_000, 512, 5_000),
+    },
+    # correlated features: 256 parents with Zipf firing, each with 3 children that fire only with it (30%), ~6
+    # active; the sizes of `learnable`
+    "hierarchical": {
+        "full": zipf_family("hierarchical", 128, 1024, 6, 6, 500_000, 512, 10_000, *HIERARCHY),
+        "quick": zipf_family("hierarchical", 48, 192, 4, 4, 120_000, 256, 5_000, *HIERARCHY),
+    },
+    "paper": {
+        "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
+        "quick": [
+            "data.d=64",
+            "data.n_features=128",
+            "data.n_groups=4",
+            "data.n_active=9",
+            "sae.d_sae=128",
+            "sae.k=9",
+            "train.n_samples=100000",
+            "train.batch_size=1000",
+            "eval.n_samples=5000",
+        ],
+    },
+}
+COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    overrides: tuple[str, ...]
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(">", "_gt_").replace("*", "x").replace(" ", "_")
+
+
+def settings() -> list[Setting]:
+    """The baseline, then every candidate."""
+    grid = [Setting(BASELINE, ("mfr.enabled=false",))]
+    return grid + [Setting(name, (*MFR_COMMON, *overrides)) for name, overrides in CANDIDATES.items()]
+
+
+def run_config(
+    dataset: str, setting: Setting, replicate: int, quick: bool, extra: Sequence[str] = (), split: str = "tuning"
+) -> RunConfig:
+    """Replicate `replicate` of a setting on a dataset's split (its true features and replicate seeds)."""
+    scale = DATASETS[dataset]["quick" if quick else "full"]
+    seed = SPLITS[split]["first_replicate"] + replicate
+    return load_config(
+        None,
+        COMMON
+        + scale
+        + list(extra)
+        + list(setting.overrides)
+        + [f"data.seed={SPLITS[split]['feature_seed']}", f"data.stream_seed={seed}", f"train.seed={seed}"],
+    )
