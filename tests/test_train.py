@@ -419,7 +419,8 @@ def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeyp
     trainer = Trainer(cfg, tmp_path / "run", progress=True)
     monkeypatch.setattr(run_log, "_now", lambda: 4.0 * trainer.step)  # 4 s a step
     trainer.fit()
-    lines = capsys.readouterr().out.splitlines()
+    started, *lines = capsys.readouterr().out.splitlines()
+    assert started.startswith(f"training {tmp_path / 'run'} from step 0 of 40: ")
     assert lines[0] == "40 steps of 500 vectors"
     # after 10 s (at step 3), over steps 2-3 (the first left out): 0.25 steps/s, 37 steps left = 148 s
     assert lines[1] == "37 steps at 0.25 steps/s: about 2 minutes" and len(lines) == 2
@@ -428,7 +429,7 @@ def test_a_long_run_says_how_long_it_will_take(tmp_path, easy_overrides, monkeyp
     trainer = Trainer(cfg, tmp_path / "short", progress=True)
     monkeypatch.setattr(run_log, "_now", lambda: 4.0 * trainer.step)
     trainer.fit()
-    assert capsys.readouterr().out.splitlines() == ["10 steps of 1,000 vectors"]
+    assert capsys.readouterr().out.splitlines()[1:] == ["10 steps of 1,000 vectors"]
 
 
 def test_all_finite_finds_nan_and_inf_and_is_not_fooled_by_a_sum_that_overflows():
