@@ -5,8 +5,9 @@ Times, for a preset (default synthsaebench-16k):
 - building its model (mfr_sae.data.synthsaebench.build_model: sae-lens's SyntheticModel with the orthogonalisation's
   gradient written out); `--exact` also times sae-lens's own build (about an hour of 2 CPU cores at 16k);
 - drawing one batch of `--batch` vectors with their true activations (SynthSAEBenchData.sample: sae-lens's
-  sampler, seeded per batch), and its two parts: the feature activations (activation_generator.sample) and the
-  vectors from them (feature_dict);
+  sampler, seeded per batch, the vectors summed over the active features), the true activations alone
+  (activation_generator.sample), and sae-lens's own draw of both (SyntheticModel.sample_with_features, whose
+  vectors are a dense product);
 - one training step of a plain torch TopK SAE (width `--h`, k `--k`, on the preset's d; encoder product, TopK,
   dense decoder, MSE, backward, Adam) on a batch of the same size: the reference step;
 side by side (one call of each in turn, so a drift in the machine's load falls on both alike), and prints vectors
@@ -22,6 +23,7 @@ matching of MCC) for one decoder of `--h` rows near true features.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -86,19 +88,13 @@ def main() -> None:
 
     model, batch = source.model, args.batch
     index = iter(range(10**9))  # a fresh batch every call
-    acts = model.activation_generator.sample(batch)
     step = topk_step(source.d, args.h, args.k, batch, device)
-
-    @torch.no_grad()
-    def vectors() -> torch.Tensor:
-        out: torch.Tensor = model.feature_dict(acts)
-        return out
 
     seconds = timed_side_by_side(
         {
             "draw": lambda: source.sample(batch, TRAIN_STREAM, next(index)),
             "activations": lambda: model.activation_generator.sample(batch),
-            "vectors": vectors,
+            "sae-lens": lambda: model.sample_with_features(batch),
             "step": step,
         },
         args.steps,
@@ -107,15 +103,17 @@ def main() -> None:
     print(f"\n| batch {batch} | s a batch | vectors / s |")
     print("|---|---|---|")
     labels = {
-        "draw": "draw (SynthSAEBenchData.sample)",
-        "activations": "  its true activations (activation_generator.sample)",
-        "vectors": "  its vectors from them (feature_dict)",
+        "draw": "draw (SynthSAEBenchData.sample: sae-lens's activations, vectors summed over the active features)",
+        "activations": "  its true activations alone (sae-lens's activation_generator.sample)",
+        "sae-lens": "sae-lens's own draw (SyntheticModel.sample_with_features: a dense product for the vectors)",
         "step": f"TopK SAE step (h {args.h}, k {args.k}, d {source.d})",
     }
     for name, label in labels.items():
         print(f"| {label} | {seconds[name]:.3f} | {batch / seconds[name]:,.0f} |")
     ratio = seconds["draw"] / seconds["step"]
     print(f"\ngeneration / step: {ratio:.2f} ({'slower' if ratio > 1 else 'faster'} than the step it feeds)")
+    members = math.ceil(ratio)
+    print(f"an ensemble of {members} or more such members trains on a batch at least as long as it takes to draw")
 
     gen = torch.Generator().manual_seed(0)
     truth = source.ground_truth.cpu()
