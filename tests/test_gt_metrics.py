@@ -128,3 +128,42 @@ def test_one_sae_and_no_samples():
     assert (one.precision, one.recall, one.f1_score) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
     assert one.explained_variance == pytest.approx(1 - 2.0 / (2.5 - 0.25 - 1.0))
     assert one.shrinkage == pytest.approx(0.5)
+
+
+def test_a_synthsaebench_run_reports_the_benchmark_metrics_as_sae_lens_computes_them(tmp_path):
+    """`data.kind=synthsaebench` end to end: results.json's members carry the benchmark's metrics, equal to
+    eval_sae_on_synthetic_data's on the saved member and the run's held-out samples; the run's true L0 and its
+    consensus decoder beside them."""
+    import sae_lens
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+
+    from mfr_sae.config import load_config
+    from mfr_sae.train import train
+
+    overrides = [
+        "data.kind=synthsaebench",
+        "data.preset=synthsaebench-1k",
+        "data.synth={num_features: 256, hidden_dim: 48, hierarchy.total_root_nodes: 2,"
+        " orthogonalization.num_steps: 10}",
+        "sae.architecture=batchtopk",
+        "sae.d_sae=96",
+        "sae.k=6",
+        "train.n_samples=20000",
+        "train.batch_size=500",
+        "eval.n_samples=1500",
+        "mfr.enabled=true",
+    ]
+    results = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    source = SynthSAEBenchData("synthsaebench-1k", SMALL)  # the run's model and held-out samples, drawn again
+    true_acts = torch.cat([acts for _, acts in source.held_out(1500).batches()])
+    assert results["true_l0"] == pytest.approx((true_acts != 0).sum().item() / 1500)
+    assert set(results["consensus"]) == {"mcc", "uniqueness"} and 0 < results["consensus"]["mcc"] < 1
+    for m, member in enumerate(results["members"]):
+        sae = sae_lens.SAE.load_from_disk(str(tmp_path / "run" / "checkpoint" / f"member_{m}"), device="cpu")
+        theirs = eval_sae_on_synthetic_data(sae, source.model.feature_dict, Replay(true_acts), num_samples=1500)
+        assert member["gt_f1"] == pytest.approx(theirs.classification.f1_score, rel=2e-5, abs=1e-6)
+        assert member["gt_mcc"] == pytest.approx(theirs.mcc, rel=2e-5)
+        assert member["gt_uniqueness"] == pytest.approx(theirs.uniqueness)
+        assert member["gt_explained_variance"] == pytest.approx(theirs.explained_variance, rel=2e-5)
+        assert member["gt_shrinkage"] == pytest.approx(theirs.shrinkage, rel=2e-5)
+        assert member["gt_dead_latents"] == theirs.dead_latents
