@@ -141,7 +141,10 @@ def orthogonalize(embeddings: Tensor, num_steps: int, lr: float) -> Tensor:
     n sum_i (e_i.e_i - 1)^2, then unit rows again) with the loss's gradient written out:
     4 (E (E^T E) - diag(G) E + n (diag(G) - 1) E), G = E E^T, which costs n d^2 a step instead of sae-lens's
     n^2 d (at 16,384 x 768, 21x less; about an hour of 2 CPU cores for sae-lens's). The result equals sae-lens's
-    up to float rounding (tests/test_synthsaebench.py)."""
+    up to float rounding (tests/test_synthsaebench.py). At the 4k preset every row's cosine with sae-lens's row is
+    >= 0.9999997, as sae-lens's own builds with chunk 512 and 1,024 are to each other; the mean |difference| is
+    2e-7 where the orthogonalisation moves entries by 7e-3 on average; a few entries differ by up to 5e-4 (as much
+    as float32 and float64 builds of this function differ: where a gradient is near 0, Adam steps by its sign)."""
     n = embeddings.shape[0]
     e = embeddings.detach().clone()
     e = e / e.norm(p=2, dim=1, keepdim=True).clamp(min=1e-8)
