@@ -10,10 +10,12 @@ import torch
 from torch import Tensor
 
 from mfr_sae.config import RunConfig
-from mfr_sae.data import VectorSource, split_batch
+from mfr_sae.consensus import consensus_decoder
+from mfr_sae.data import TrueActivations, VectorSource, split_batch
 from mfr_sae.distributed import Shard
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.firing import LatentFiring, dead_frac_note, dead_measured
+from mfr_sae.gt_metrics import decoder_scores, evaluate_ground_truth
 from mfr_sae.lm_eval import add_loss_recovered
 from mfr_sae.metrics import evaluate
 from mfr_sae.mfr import MutualRegularizer
@@ -46,6 +48,7 @@ class RunReport:
         self.ensemble, self.firing, self.mfr = ensemble, firing, mfr
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self._agreement: tuple[int, dict[str, float | None]] | None = None  # (step, pairwise_mmcs) last measured
+        self.true_l0: float | None = None  # the held-out samples' (benchmark sources only)
 
     def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
@@ -65,8 +68,34 @@ class RunReport:
                 self._dead_measured()[self.shard.start : self.shard.stop],
             )
             lm_result = add_loss_recovered(self.cfg, ensemble, members, self.device, self.progress) if lm else None
+            self._add_benchmark_metrics(ensemble, members)
         self.firing_prob = self.shard.gather(firing_prob.to(self.device)).cpu()  # NCCL sends CUDA tensors only
         return [m for part in self.shard.gather_objects(members) for m in part], lm_result
+
+    def _add_benchmark_metrics(self, ensemble: Ensemble, members: list[dict[str, Any]]) -> None:
+        """SynthSAEBench's metrics of each member (gt_metrics.py: gt_f1, gt_uniqueness, ...) on the held-out
+        samples, where the source knows their true feature activations; the run's true L0 beside them."""
+        if not isinstance(self.source, TrueActivations) or self.ground_truth is None:
+            return
+
+        def forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            out = ensemble(x)
+            return out.x_hat, out.acts, out.idx
+
+        held_out = self.source.held_out(self.cfg.eval.n_samples)
+        scores = evaluate_ground_truth(forward, ensemble.decoder(), self.ground_truth, held_out.batches())
+        for member, score in zip(members, scores):
+            member.update(score.member_results())
+        self.true_l0 = scores[0].true_l0
+
+    def consensus(self) -> dict[str, float] | None:
+        """MCC and uniqueness of the ensemble's consensus decoder (consensus.py) where the benchmark's metrics
+        are measured; computed on rank 0 and sent to the others (a collective: every rank calls it)."""
+        if self.true_l0 is None or self.ground_truth is None or self.shard.n_members < 2:
+            return None
+        decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
+        scores = None if decoders is None else decoder_scores(consensus_decoder(decoders)[0], self.ground_truth)
+        return dict(self.shard.gather_objects(scores)[0])
 
     def log_record(self, step: int, logs: dict[str, Any]) -> dict[str, Any]:
         """The log line of this step, all members' numbers (gathered from the ranks); logs: `train_step`'s."""
@@ -109,6 +138,7 @@ class RunReport:
                 "n_true": len(self.ground_truth),
                 "layout": self.ground_truth_layout,
             },
+            **({} if self.true_l0 is None else {"true_l0": self.true_l0, "consensus": self.consensus()}),
             "dead_frac_note": dead_frac_note(
                 [m["member"] for m in members if m["dead_frac"] is None],
                 step * cfg.train.batch_size,

@@ -12,7 +12,8 @@ from typing import Any
 class DataConfig:
     kind: str = "synthetic"
     """Where vectors come from: `synthetic` (ground-truth features, docs/design.md section 1), `vectors` (your
-    files), `activations` (a cache built by `mfr-sae cache`) or `eeg` (recordings, denoising)."""
+    files), `activations` (a cache built by `mfr-sae cache`), `eeg` (recordings, denoising) or `synthsaebench`
+    (SynthSAEBench's ground truth, drawn by sae-lens: the extra [synth])."""
     path: str = ""
     """vectors: a .npy file, a .safetensors file, or a folder of such shards, each [n_vectors, d];
     activations: the cache folder; eeg: an EDF/BDF/FIF/BrainVision file or a folder of them."""
@@ -72,6 +73,13 @@ class DataConfig:
     """eeg: signal-to-noise ratio of the corrupted input, in dB, exact per window."""
     line_freq: float = 50.0
     """eeg: mains frequency of `line` noise (50 or 60 Hz)."""
+    preset: str = "synthsaebench-16k"
+    """synthsaebench: the model: `synthsaebench-16k` (the published benchmark: 16,384 features in 768
+    dimensions), or the same recipe smaller, `synthsaebench-4k` (4,096 in 192) or `synthsaebench-1k` (1,024 in
+    256). Its seed is the model's (42; data.seed is not read); data.stream_seed seeds the samples (-1: 42)."""
+    synth: dict[str, Any] = field(default_factory=dict)
+    """synthsaebench: fields of the preset's sae_lens SyntheticModelConfig to change, nested as its to_dict
+    nests them or dotted (`{num_features: 2048, hierarchy.max_depth: 2}`)."""
 
 
 @dataclass
@@ -247,7 +255,7 @@ PAPER_MFR = [
     "mfr.reinit_samples=10000",
     "mfr.reinit_max=10",
 ]
-DATA_KINDS = ("synthetic", "vectors", "activations", "eeg")
+DATA_KINDS = ("synthetic", "vectors", "activations", "eeg", "synthsaebench")
 FIRING_KINDS = ("groups", "independent", "hierarchical")
 MMCS_FORMS = ("hungarian", "mnn_hungarian", "greedy", "mnn", "max")
 EEG_NOISE_KINDS = ("none", "white", "line", "emg", "pops")

@@ -149,6 +149,8 @@ def _coerce(value: Any, tp: Any) -> Any:
                     raise
     elif origin is list and isinstance(value, list):
         return [_coerce(item, args[0]) for item in value]
+    elif origin is dict and isinstance(value, dict):
+        return value
     elif isinstance(value, bool) or tp is bool:  # bool is an int subclass: bool fields take bools, no others do
         if tp is bool and isinstance(value, bool):
             return value

@@ -7,7 +7,7 @@ stream, so a resumed run sees the same batches), `eval_vectors(n)` (held out) an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -31,6 +31,20 @@ class VectorSource(Protocol):
 
 
 Batch = Tensor | tuple[Tensor, Tensor]
+
+
+@runtime_checkable
+class TrueActivations(Protocol):
+    """A source that knows each held-out sample's true feature activations (SynthSAEBench): the benchmark's
+    metrics (gt_metrics.py) read them."""
+
+    def held_out(self, n: int) -> HeldOutSamples: ...
+
+
+class HeldOutSamples(Protocol):
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(vectors [b, d], true feature activations [b, n_features]) batch by batch."""
+        ...
 
 
 def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
@@ -92,6 +106,15 @@ def _activations(cfg: DataConfig, device: str | torch.device) -> VectorSource:
     return ActivationCache(cfg.path, cfg.seed, cfg.holdout, cfg.shuffle_buffer, cfg.verify)
 
 
+def _synthsaebench(cfg: DataConfig, device: str | torch.device) -> VectorSource:
+    from mfr_sae.data.synthsaebench import SynthSAEBenchData  # sae-lens only when asked for
+
+    try:
+        return SynthSAEBenchData(cfg.preset, cfg.synth, None if cfg.stream_seed < 0 else cfg.stream_seed, device)
+    except ValueError as err:  # an unknown preset or SyntheticModelConfig field, named
+        raise ConfigError(str(err)) from None
+
+
 def _eeg(cfg: DataConfig, device: str | torch.device) -> VectorSource:
     from mfr_sae.data.eeg import EEGData  # mne only when asked for
 
@@ -121,6 +144,7 @@ SOURCES: dict[str, Callable[[DataConfig, str | torch.device], VectorSource]] = {
     "vectors": _vectors,
     "activations": _activations,
     "eeg": _eeg,
+    "synthsaebench": _synthsaebench,
 }
 
 
@@ -156,6 +180,7 @@ __all__ = [
     "SOURCES",
     "SYNTHETIC_FIRINGS",
     "SyntheticData",
+    "TrueActivations",
     "VectorSource",
     "VectorsData",
     "load_ground_truth",
