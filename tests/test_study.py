@@ -1,7 +1,7 @@
 import json
 
 from mfr_sae.cli import main
-from mfr_sae.study_catalogue import BASELINE, DEFAULT_SETTING
+from mfr_sae.study_catalogue import BASELINE, DEFAULT_SETTING, settings
 
 
 def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs(tmp_path, monkeypatch):
@@ -18,10 +18,12 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert main([*args, "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     lines = report.splitlines()
+    assert lines[0] == "# MFR study: a setting chosen on tuning data, judged on held-out data"  # the default path
     assert lines[2].startswith("Chosen on the tuning split (learnable, 2 replicates): ")
     assert lines[4].startswith("**held-out learnable: ") and "the baseline" in lines[4]
     assert (out / "fig_fvu_mcc.png").stat().st_size > 0 and "(fig_fvu_mcc.png)" in report
     saved = json.loads((out / "results.json").read_text())
+    assert (saved["judged_on"], saved["tuned"], saved["judged_split"]["first_replicate"]) == ("heldout", True, 100)
     assert set(saved["tuning"]["learnable"]["rows"]) == {BASELINE, *two}
     heldout = saved["datasets"]["learnable"]
     assert set(heldout["rows"]) == {BASELINE, DEFAULT_SETTING, *([saved["chosen"]] if saved["chosen"] else [])}
@@ -40,7 +42,8 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert len(heldout["values"][BASELINE]["gt_mcc"]) == 2 and heldout["replicates"] == 2
     assert saved["replicates"] == 3 and "--large-replicates 2" in report
     assert len(saved["tuning"]["learnable"]["values"][BASELINE]["gt_mcc"]) == 2
-    assert (out / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
+    run = json.loads((out / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").read_text())
+    assert (run["config"]["data"]["seed"], run["config"]["train"]["seed"]) == (1, 101) and not (out / "test").exists()
     # the architecture axis: BatchTopK alone against BatchTopK with the defaults, in the same Holm family
     batchtopk = saved["datasets"]["learnable batchtopk"]
     assert (
@@ -63,3 +66,45 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     assert main(["study", "--candidates", "hungarian 9*auto", "--out", str(out)]) == 2
     assert main(["study", "--tune-on", "learnable,nope", "--out", str(out)]) == 2
     assert main(["study", "--architectures", "jumprelu", "--out", str(out)]) == 2
+
+
+def test_study_judge_on_test_trains_only_the_baseline_and_the_defaults_on_the_test_split(tmp_path):
+    """`--judge-on test`: no tuning and no choice; the baseline and the frozen defaults alone on the test split
+    (true features data.seed 2, replicates 200..), for TopK and each of --architectures, runs under OUT/test/."""
+    out = tmp_path / "study"
+    args = ["study", "--quick", "--judge-on", "test", "--replicates", "2", "--data", "learnable"]
+    args += ["--architectures", "batchtopk", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["judged_on"], saved["tuned"], saved["chosen"], saved["tuning"]) == ("test", False, None, {})
+    assert saved["judged_split"] == {"feature_seed": 2, "first_replicate": 200}
+    assert [s["name"] for s in saved["settings"]] == [BASELINE, DEFAULT_SETTING]
+    assert set(saved["datasets"]) == {"learnable", "learnable batchtopk"}
+    judged = {s.folder for s in settings() if s.name in (BASELINE, DEFAULT_SETTING)}
+    for key, folder in (("learnable", out), ("learnable batchtopk", out / "batchtopk")):
+        data = saved["datasets"][key]
+        assert set(data["rows"]) == {BASELINE, DEFAULT_SETTING} and data["split"] == "test"
+        assert data["config"]["data"]["seed"] == 2 and "p_holm_all" in data["rows"][DEFAULT_SETTING]["tests"]["gt_mcc"]
+        assert {p.name for p in (folder / "test" / "learnable").iterdir()} == judged
+        for replicate in (0, 1):
+            run = json.loads(
+                (folder / "test" / "learnable" / "baseline" / f"rep{replicate}" / "results.json").read_text()
+            )
+            cfg = run["config"]
+            assert (cfg["data"]["seed"], cfg["data"]["stream_seed"], cfg["train"]["seed"]) == (
+                2,
+                200 + replicate,
+                200 + replicate,
+            )
+    assert saved["datasets"]["learnable batchtopk"]["config"]["sae"]["architecture"] == "batchtopk"
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"test", "batchtopk"}  # no tuning, no held-out runs
+    lines = (out / "report.md").read_text().splitlines()
+    assert lines[0] == "# MFR study: the frozen defaults of mfr.* judged once on the test split"
+    assert lines[2].startswith("Nothing was chosen: no tuning ran.") and "data.seed 2, replicates 200.." in lines[2]
+    assert lines[4].startswith("**test learnable: ") and lines[6].startswith("**test learnable batchtopk: ")
+    assert "--judge-on test " in lines[8] and "--tune-on" not in lines[8]
+    assert any(line.startswith("## Test learnable: ") for line in lines) and not any(
+        "held-out" in line for line in lines[:9]
+    )
+    # the test split tunes nothing: candidates are refused, not ignored
+    assert main([*args, "--candidates", DEFAULT_SETTING]) == 2

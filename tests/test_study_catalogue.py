@@ -13,6 +13,8 @@ def test_the_grid_is_the_baseline_and_every_candidate_each_a_valid_config():
         assert (cfg.data.seed, cfg.data.stream_seed, cfg.train.seed) == (1, 102, 102)  # held-out: other features, seeds
     tuning = run_config("learnable", grid[1], replicate=2, quick=True)
     assert (tuning.data.seed, tuning.data.stream_seed, tuning.train.seed) == (0, 2, 2)
+    test = run_config("learnable", grid[1], replicate=2, quick=True, split="test")  # for judging frozen defaults once
+    assert (test.data.seed, test.data.stream_seed, test.train.seed) == (2, 202, 202)
 
 
 def test_configs_quick_yaml_is_replicate_0_of_the_studys_learnable_default_setting():

@@ -112,7 +112,7 @@ def _listed(text: str) -> tuple[str, ...]:
 
 def run_study(args: argparse.Namespace) -> int:
     from mfr_sae.study import study
-    from mfr_sae.study_catalogue import ARCHITECTURES, CANDIDATES, DATASETS
+    from mfr_sae.study_catalogue import ARCHITECTURES, CANDIDATES, DATASETS, SPLIT_WORDS
 
     counts = {
         "--replicates": args.replicates,
@@ -126,6 +126,8 @@ def run_study(args: argparse.Namespace) -> int:
     tune_on = _study_names(tuple(args.tune_on.split(",")), DATASETS, "dataset")
     candidates = _study_names(_listed(args.candidates), CANDIDATES, "candidate")
     architectures = _study_names(_listed(args.architectures), ARCHITECTURES, "architecture")
+    if args.judge_on == "test" and candidates:
+        raise ConfigError("--candidates with --judge-on test: the test split tunes nothing, it judges the defaults")
     summary = study(
         args.out,
         args.quick,
@@ -137,11 +139,15 @@ def run_study(args: argparse.Namespace) -> int:
         large_replicates=args.large_replicates,
         candidates=candidates,
         architectures=architectures,
+        judge_on=args.judge_on,
     )
-    print(f"chosen on the tuning split ({args.tune_on}): {summary['chosen'] or 'none'}")
+    if summary["tuned"]:
+        print(f"chosen on the tuning split ({args.tune_on}): {summary['chosen'] or 'none'}")
+    else:
+        print("test split: nothing tuned or chosen; the defaults of mfr.* judged once")
     for name, data in summary["datasets"].items():
         print(
-            f"held-out {name}: "
+            f"{SPLIT_WORDS[args.judge_on]} {name}: "
             + (
                 f"{data['best']} beats the baseline"
                 if data["best"]

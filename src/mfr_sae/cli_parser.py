@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 from mfr_sae.config import EEG_NOISE_KINDS, help_text
+from mfr_sae.study_catalogue import JUDGED_SPLITS
 
 
 class WrappingRawFormatter(argparse.RawDescriptionHelpFormatter):
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="which MFR setting, chosen on tuning data, beats the baseline on held-out data? (replicates)",
         description="Train the baseline and candidate MFR settings on a tuning split of learnable data, pick one, "
         "then judge it and the defaults against the baseline on held-out splits (other true features, other "
-        "replicates) of several datasets and sizes; writes DIR/report.md (the verdict first), DIR/results.json "
+        "replicates) of several datasets and sizes (or, with --judge-on test, only the defaults on a test split, "
+        "once); writes DIR/report.md (the verdict first), DIR/results.json "
         "and DIR/fig_fvu_mcc.png. Finished runs in DIR are reused.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -139,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="besides TopK, architectures each judged alone and with the defaults of mfr.* on every held-out "
         "dataset, comma-separated: auxk (TopK + AuxK), batchtopk, matryoshka, batchtopk-auxk (BatchTopK + AuxK "
         "with a 10,000-vector dead window) (default: none)",
+    )
+    p.add_argument(
+        "--judge-on",
+        default="heldout",
+        choices=JUDGED_SPLITS,
+        help="the split judged: heldout (tune on the tuning split, then judge; it was read while the defaults "
+        "changed, a validation set now) or test (no tuning, nothing chosen: the baseline and the frozen defaults of "
+        "mfr.* alone, judged once on a split no choice has seen; runs in OUT/test/)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 

@@ -7,6 +7,8 @@ data it never saw, where the truth is known?
 2. Held-out: the baseline, the chosen setting and the defaults of mfr.* (DEFAULT_SETTING) on the HELD-OUT
    split of every dataset (other true features, data.seed 1; other replicates, 100..100+R-1), sizes and
    families the choice never saw. The verdict is this split's, Holm-corrected over every held-out MCC test.
+   With --judge-on test, no tuning and no choice: the baseline and the frozen defaults alone on the TEST split
+   (data.seed 2, replicates 200..), which no choice has seen, once, with the same tests (runs in out/test/...).
 
 Replicate r is independent of the others: its own sample stream (data.stream_seed) and its own
 initialisation (train.seed); the true features of a split are fixed, so that ensembles of different
@@ -42,8 +44,10 @@ from mfr_sae.study_catalogue import (
     CONSENSUS,
     DATASETS,
     DEFAULT_SETTING,
+    JUDGED_SPLITS,
     MEASURES,
     RUN_MEASURES,
+    SPLITS,
     TOPK,
     Setting,
     run_config,
@@ -54,8 +58,8 @@ from mfr_sae.study_report import write_report
 
 @dataclass(frozen=True)
 class HeldOut:
-    """One held-out comparison: a dataset's held-out split, trained as `architecture` (TOPK, the study's own, or a
-    key of ARCHITECTURES, with its overrides)."""
+    """One judged comparison: a dataset's held-out (or test) split, trained as `architecture` (TOPK, the study's
+    own, or a key of ARCHITECTURES, with its overrides)."""
 
     dataset: str
     architecture: str
@@ -67,7 +71,7 @@ class HeldOut:
         return self.dataset if self.architecture == TOPK else f"{self.dataset} {self.architecture}"
 
     def folder(self, out: Path) -> Path:
-        """Where its runs go: folder/heldout/DATASET/SETTING/repR."""
+        """Where its runs go: folder/SPLIT/DATASET/SETTING/repR."""
         return out if self.architecture == TOPK else out / self.architecture
 
 
@@ -141,6 +145,7 @@ def study(
     large_replicates: int = 3,
     candidates: tuple[str, ...] = (),
     architectures: tuple[str, ...] = (),
+    judge_on: str = "heldout",
 ) -> dict[str, Any]:
     """Choose a setting on the tuning splits of the `tune_on` datasets (among `candidates`, default all),
     judge it (and the defaults) on the held-out split of each of `datasets`; write out/report.md,
@@ -148,32 +153,38 @@ def study(
     smaller test. The large datasets (minutes a run on a CPU) get `large_replicates` held-out replicates each,
     the others `replicates`. Each of `architectures` (ARCHITECTURES) is judged too: on every held-out dataset,
     its own baseline against it with the defaults (held-out key "DATASET ARCHITECTURE", runs in
-    out/ARCHITECTURE/)."""
+    out/ARCHITECTURE/). `judge_on="test"`: nothing tuned or chosen; the baseline and the defaults alone on the
+    test split of each dataset and architecture (runs in out/test/... and out/ARCHITECTURE/test/...)."""
+    if judge_on not in JUDGED_SPLITS:
+        raise ValueError(f"judge_on {judge_on!r}: one of {', '.join(JUDGED_SPLITS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     grid = settings()
-    tried = [s for s in grid if s.name == BASELINE or not candidates or s.name in candidates]
+    with_defaults = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING)]
+    tune = judge_on == "heldout"  # the test split judges the frozen defaults: nothing is tuned or chosen for it
+    tune_on = tune_on if tune else ()
+    tried = [s for s in grid if s.name == BASELINE or not candidates or s.name in candidates] if tune else with_defaults
     tuning = {}
     for name in tune_on:
         data = run_dataset(out, name, tried, tune_replicates, quick, progress, extra, "tuning")
         tuning[name] = {**data, **analyse(data, tune_replicates)}
-    chosen = choose(*tuning.values())
+    chosen = choose(*tuning.values()) if tune else None
     judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
-    with_defaults = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING)]
     heldout = [HeldOut(name, TOPK, judged) for name in datasets]
     heldout += [HeldOut(name, arch, with_defaults) for arch in architectures for name in datasets]
     analysed = {}
     for h in heldout:
         count = large_replicates if DATASETS[h.dataset].get("large") else replicates
         overrides = (*extra, *ARCHITECTURES.get(h.architecture, ()))
-        data = run_dataset(h.folder(out), h.dataset, h.grid, count, quick, progress, overrides, "heldout")
+        data = run_dataset(h.folder(out), h.dataset, h.grid, count, quick, progress, overrides, judge_on)
         analysed[h.key] = {
             **data,
             **analyse(data, count),
             "replicates": count,
             "dataset": h.dataset,
             "architecture": h.architecture,
+            "split": judge_on,
         }
     correct_across_datasets(analysed)
     summary = {
@@ -184,6 +195,9 @@ def study(
         "tune_on": list(tune_on),
         "candidates": list(candidates),
         "architectures": list(architectures),
+        "judged_on": judge_on,
+        "judged_split": SPLITS[judge_on],
+        "tuned": tune,  # False: nothing was chosen, the frozen defaults were judged
         "chosen": chosen,
         "default_setting": DEFAULT_SETTING,
         "machine": machine(),

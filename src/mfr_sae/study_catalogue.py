@@ -1,5 +1,5 @@
 """The catalogue of `mfr-sae study` (study.py runs it): the MFR candidates, the architectures beside TopK, the
-datasets and their two splits, what each run is measured on, and the config of one replicate of a setting."""
+datasets and their splits, what each run is measured on, and the config of one replicate of a setting."""
 
 from __future__ import annotations
 
@@ -107,8 +107,16 @@ BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
 CONSENSUS = "consensus_mcc"  # MCC of the ensemble's consensus decoder (consensus.py), measured here
-# tuning and held-out data: their own true features and their own replicates (sample streams, initialisations)
-SPLITS = {"tuning": {"feature_seed": 0, "first_replicate": 0}, "heldout": {"feature_seed": 1, "first_replicate": 100}}
+# each split its own true features and its own replicates (sample streams, initialisations). The held-out split was
+# read 7 times while the defaults changed (RESULTS.md): a validation set now. The test split is for judging frozen
+# defaults once (`mfr-sae study --judge-on test`), never for choosing: a setting tuned on it would be judged on nothing
+SPLITS = {
+    "tuning": {"feature_seed": 0, "first_replicate": 0},
+    "heldout": {"feature_seed": 1, "first_replicate": 100},
+    "test": {"feature_seed": 2, "first_replicate": 200},
+}
+SPLIT_WORDS = {"tuning": "tuning", "heldout": "held-out", "test": "test"}  # a split's name in the report
+JUDGED_SPLITS = ("heldout", "test")  # the splits `mfr-sae study --judge-on` judges on
 
 
 def zipf_family(

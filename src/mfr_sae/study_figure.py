@@ -1,5 +1,5 @@
-"""The figure of `mfr-sae study`'s report: FVU against MCC on each held-out dataset, each setting's means and its
-paired differences from the baseline."""
+"""The figure of `mfr-sae study`'s report: FVU against MCC on each judged (held-out or test) dataset, each
+setting's means and its paired differences from the baseline."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mfr_sae.report import save_figure
+from mfr_sae.study_catalogue import SPLIT_WORDS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,7 +68,8 @@ def figure(summary: dict[str, Any], path: Path) -> None:
         for form, colour in colours.items():
             top.plot([], [], "o", color=colour, label=f"MFR {form}")
         top.set(xlabel="FVU (lower is better)", ylabel="MCC to the true features (higher is better)")
-        top.set_title(f"held-out {name}: mean over {data['replicates']} replicates, 95% CI", fontsize=10)
+        word = SPLIT_WORDS[data.get("split", "heldout")]
+        top.set_title(f"{word} {name}: mean over {data['replicates']} replicates, 95% CI", fontsize=10)
         top.legend(fontsize=7)
         bottom.axhline(0, color="grey", lw=0.5)
         bottom.axvline(0, color="grey", lw=0.5)

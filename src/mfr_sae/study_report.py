@@ -1,5 +1,6 @@
 """The report of `mfr-sae study`: report.md (verdict first), results.json and the FVU-MCC figure (drawn by
-study_figure.py)."""
+study_figure.py). The judged split (held-out, or test: the frozen defaults judged once, nothing chosen) is named in
+its title, its first lines and every judged table."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table
 from mfr_sae.study_analysis import IDENTICAL
+from mfr_sae.study_catalogue import SPLIT_WORDS, SPLITS
 from mfr_sae.study_figure import CAPTION, FIGURE, figure
 
 DATASET_WORDS = {
@@ -149,29 +151,41 @@ def holm_family(data: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> None:
-    """results.json, the figure and report.md (its first lines: the setting chosen on tuning data and whether it,
-    and the defaults, beat the baseline on each held-out dataset)."""
+    """results.json, the figure and report.md (its first lines: the setting chosen on tuning data, or that nothing
+    was chosen, and whether it, and the defaults, beat the baseline on each judged dataset)."""
     summary = {**summary, "commit": commit()}
     write_json(out / "results.json", summary)
     figure(summary, out / FIGURE)
     r, tr, quick, chosen = summary["replicates"], summary["tune_replicates"], summary["quick"], summary["chosen"]
     tune_on = ",".join(summary["tune_on"])
     tried = [s["name"] for s in summary["settings"][1:]]
+    split = summary.get("judged_on", "heldout")
+    word, seeds = SPLIT_WORDS[split], SPLITS[split]
     command = (
         f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --large-replicates "
-        f"{summary['large_replicates']} --tune-replicates {tr} --tune-on {tune_on} "
+        f"{summary['large_replicates']} "
+        + (f"--tune-replicates {tr} --tune-on {tune_on} " if split == "heldout" else "--judge-on test ")
         + (f"--candidates '{','.join(tried)}' " if summary.get("candidates") else "")
         + (f"--architectures {','.join(summary['architectures'])} " if summary.get("architectures") else "")
         + f"--data {','.join(dict.fromkeys(h['dataset'] for h in summary['datasets'].values()))} --out {out}"
     )
-    lines = ["# MFR study: a setting chosen on tuning data, judged on held-out data", ""]
-    lines += [
-        f"Chosen on the tuning split ({tune_on}, {tr} replicates): "
-        + (f"`{chosen}`." if chosen else "no candidate gained MCC without losing FVU or twin_frac; none chosen."),
-        "",
-    ]
+    if split == "heldout":
+        lines = ["# MFR study: a setting chosen on tuning data, judged on held-out data", ""]
+        lines += [
+            f"Chosen on the tuning split ({tune_on}, {tr} replicates): "
+            + (f"`{chosen}`." if chosen else "no candidate gained MCC without losing FVU or twin_frac; none chosen."),
+            "",
+        ]
+    else:
+        lines = ["# MFR study: the frozen defaults of mfr.* judged once on the test split", ""]
+        lines += [
+            "Nothing was chosen: no tuning ran. The baseline and the defaults of mfr.* "
+            f"(`{summary['default_setting']}`) alone, on the {word} split (true features data.seed "
+            f"{seeds['feature_seed']}, replicates {seeds['first_replicate']}..), which no choice has seen.",
+            "",
+        ]
     for name, data in summary["datasets"].items():
-        lines += [verdict_line(f"held-out {name}", data, summary["twin_tolerance"]), ""]
+        lines += [verdict_line(f"{word} {name}", data, summary["twin_tolerance"]), ""]
     lines += [
         f"Command: `{command}`; commit {summary['commit']}; {summary['machine']}; {fmt_duration(summary['seconds'])}."
     ]
@@ -185,25 +199,37 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     architectures = []
     if summary.get("architectures"):
         architectures.append(
-            f"- Architectures beside TopK ({', '.join(summary['architectures'])}): on every held-out dataset each "
+            f"- Architectures beside TopK ({', '.join(summary['architectures'])}): on every {word} dataset each "
             "one alone (its own baseline) against it with the defaults of mfr.*, on the same replicates, with the "
             "same tests (its MCC test in the same Holm family)."
         )
+    judged = (
+        [
+            f"- Tuning: the baseline and every candidate on the tuning split of {tune_on} (true features "
+            f"data.seed 0; replicates 0..{tr - 1}). The pick: of the settings that gain MCC with FVU not worse, "
+            "twin_frac near the baseline's and no collapse on every tuning dataset, those that beat the baseline on "
+            "every one if any (too few tuning replicates may prove nothing), the largest smallest MCC gain.",
+            f"- Held-out: the baseline, the pick and the defaults of mfr.* (`{summary['default_setting']}`) on every "
+            "dataset's held-out split (other true features, data.seed 1; other replicates, 100..), which the pick "
+            f"never saw: {r} replicates, {summary['large_replicates']} on the large datasets (h above 1,024).",
+        ]
+        if split == "heldout"
+        else [
+            f"- Test: no tuning; the baseline and the frozen defaults of mfr.* (`{summary['default_setting']}`) on "
+            f"every dataset's test split (true features data.seed {seeds['feature_seed']}; replicates "
+            f"{seeds['first_replicate']}..), judged once, never used to choose: {r} replicates, "
+            f"{summary['large_replicates']} on the large datasets (h above 1,024).",
+        ]
+    )
     lines += [
         "",
         "## Design",
         "",
-        f"- Tuning: the baseline and every candidate on the tuning split of {tune_on} (true features "
-        f"data.seed 0; replicates 0..{tr - 1}). The pick: of the settings that gain MCC with FVU not worse, "
-        "twin_frac near the baseline's and no collapse on every tuning dataset, those that beat the baseline on "
-        "every one if any (too few tuning replicates may prove nothing), the largest smallest MCC gain.",
-        f"- Held-out: the baseline, the pick and the defaults of mfr.* (`{summary['default_setting']}`) on every "
-        "dataset's held-out split (other true features, data.seed 1; other replicates, 100..), which the pick "
-        f"never saw: {r} replicates, {summary['large_replicates']} on the large datasets (h above 1,024).",
+        *judged,
         *architectures,
         "- Replicate r has its own sample stream (data.stream_seed) and initialisation (train.seed); every "
         "setting of replicate r sees the samples and starts from the weights of the baseline of replicate r.",
-        f"- Candidates: {candidates}.",
+        f"- {'Candidates' if split == 'heldout' else 'The defaults, spelled out'}: {candidates}.",
         "- Measures, each the mean over an ensemble's members: MCC (mean |cosine| of a one-to-one matching of "
         "latents to true features), FVU on held-out vectors, twin_frac (latents with another latent of the same "
         "SAE at cosine > 0.9), gt_distinct (distinct true features that are some latent's best match), silent "
@@ -216,8 +242,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         "the mean difference for the run measures; for across PW-MCC, an exact permutation test that swaps "
         "each replicate's setting and baseline ensembles (the replicate is the unit, never a seed pair; with "
         f"{r} replicates its smallest p is {fmt_p(2 / 2**r)}, with {summary['large_replicates']} "
-        f"{fmt_p(2 / 2 ** summary['large_replicates'])}). Held-out MCC: Holm's correction over every "
-        "setting on every held-out dataset (the Holm p of the tables); the other measures within each dataset.",
+        f"{fmt_p(2 / 2 ** summary['large_replicates'])}). {word.capitalize()} MCC: Holm's correction over every "
+        f"setting on every {word} dataset (the Holm p of the tables); the other measures within each dataset.",
         "- A setting beats the baseline when its MCC is higher with Holm-corrected p < 0.05 and its FVU is "
         f"not worse: the upper end of the 95% CI of its FVU difference is at most "
         f"{100 * summary['fvu_margin']:g}% of the baseline's FVU. Fit to be the default, it also keeps "
@@ -243,7 +269,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         }.get(cfg["data"]["firing"], ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
         lines += [
             "",
-            f"## Held-out {name}: {DATASET_WORDS[data['dataset']]}"
+            f"## {word.capitalize()} {name}: {DATASET_WORDS[data['dataset']]}"
             + ("" if data["architecture"] == "topk" else f"; {ARCHITECTURE_WORDS[data['architecture']]}"),
             "",
             "Data: "
@@ -257,7 +283,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             dataset_table(data),
             "",
             "Means with 95% CIs over replicates; Δ: setting minus baseline, paired; Holm p: the MCC test, over "
-            f"every held-out comparison with a p (`{IDENTICAL}`: the same numbers in every replicate, no test, "
+            f"every {word} comparison with a p (`{IDENTICAL}`: the same numbers in every replicate, no test, "
             "not counted). Δacross: the permutation test's difference of across-replicate PW-MCC, "
             "its p uncorrected (results.json has the Holm-corrected ones).",
         ]
