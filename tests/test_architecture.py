@@ -80,3 +80,15 @@ def test_a_new_architecture_with_an_option_is_checked_trained_saved_resumed_and_
     x = torch.randn(7, loaded.d_in)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), loaded(x).x_hat[1], atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_option_is_a_one_line_error_and_every_option_is_written(floored):
+    with pytest.raises(ValueError, match=r"sae.floored_nope: floored has no option 'nope'"):
+        Floored(8, {"floored_nope": 1})
+    cfg = load_config(None, [])
+    cfg.sae.options["nobody_x"] = 1  # filled in code, past set_field's check
+    with pytest.raises(ConfigError, match="sae.nobody_x: no architecture has this option"):
+        cfg.validate()
+    # every registered option is written, set or not, so that two saved configs compare key by key
+    written = load_config(None, []).to_dict()["sae"]
+    assert written["matryoshka_widths"] == [] and written["floored_floor"] == 0.0 and "options" not in written

@@ -97,6 +97,10 @@ class Architecture:
         an option that cannot work, naming its config key."""
         prefix = f"{self.name}_"
         own = {key.removeprefix(prefix): v for key, v in (options or {}).items() if key.startswith(prefix)}
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        for name in own:
+            if name not in known:
+                raise ValueError(f"sae.{prefix}{name}: {self.name} has no option {name!r} (it has: {sorted(known)})")
         self.d_sae = d_sae
         self.opts = self.Options(**own)
 

@@ -49,6 +49,7 @@ class RunReport:
         self.firing_prob: Tensor | None = None  # [N, h], from the last evaluation
         self._agreement: tuple[int, dict[str, float | None]] | None = None  # (step, pairwise_mmcs) last measured
         self.true_l0: float | None = None  # the held-out samples' (benchmark sources only)
+        self.benchmark_truth: Tensor | None = None  # the features the benchmark's metrics were measured against
 
     def evaluate(self, lm: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every member's metrics, in member order (each rank scores its own), and with `lm` the loss
@@ -75,7 +76,7 @@ class RunReport:
     def _add_benchmark_metrics(self, ensemble: Ensemble, members: list[dict[str, Any]]) -> None:
         """SynthSAEBench's metrics of each member (gt_metrics.py: gt_f1, gt_uniqueness, ...) on the held-out
         samples, where the source knows their true feature activations; the run's true L0 beside them."""
-        if not isinstance(self.source, TrueActivations) or self.ground_truth is None:
+        if not isinstance(self.source, TrueActivations):
             return
 
         def forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,7 +84,9 @@ class RunReport:
             return out.x_hat, out.acts, out.idx
 
         held_out = self.source.held_out(self.cfg.eval.n_samples)
-        scores = evaluate_ground_truth(forward, ensemble.decoder(), self.ground_truth, held_out.batches())
+        # the source's own features: its true activations index them (eval.ground_truth does not replace them here)
+        self.benchmark_truth = self.source.ground_truth
+        scores = evaluate_ground_truth(forward, ensemble.decoder(), self.benchmark_truth, held_out.batches())
         for member, score in zip(members, scores):
             member.update(score.member_results())
         self.true_l0 = scores[0].true_l0
@@ -91,10 +94,11 @@ class RunReport:
     def consensus(self) -> dict[str, float] | None:
         """MCC and uniqueness of the ensemble's consensus decoder (consensus.py) where the benchmark's metrics
         are measured; computed on rank 0 and sent to the others (a collective: every rank calls it)."""
-        if self.true_l0 is None or self.ground_truth is None or self.shard.n_members < 2:
+        truth = self.benchmark_truth
+        if truth is None or self.shard.n_members < 2:
             return None
         decoders = self.shard.gather_to_main(self.ensemble.decoder().detach())
-        scores = None if decoders is None else decoder_scores(consensus_decoder(decoders)[0], self.ground_truth)
+        scores = None if decoders is None else decoder_scores(consensus_decoder(decoders.to(self.device))[0], truth)
         return dict(self.shard.gather_objects(scores)[0])
 
     def log_record(self, step: int, logs: dict[str, Any]) -> dict[str, Any]:

@@ -43,9 +43,10 @@ class RunConfig:
         return self.train.n_samples // self.train.batch_size
 
     def to_dict(self) -> dict[str, Any]:
-        """The sections as nested dicts, the architecture's options as keys of `sae` (as they are written)."""
+        """The sections as nested dicts, every architecture's options as keys of `sae` (as they are written)."""
         raw = dataclasses.asdict(self)
-        raw["sae"].update(raw["sae"].pop("options"))
+        unset = {key: option_default(field_) for key, (_, field_) in option_fields().items()}
+        raw["sae"].update(unset | raw["sae"].pop("options"))  # every option, as a run config compares them
         return raw
 
     def validate(self) -> RunConfig:
@@ -175,6 +176,7 @@ class RunConfig:
         )
         fields = option_fields()
         for key, value in s.options.items():
+            _check(key in fields, f"sae.{key}: no architecture has this option")
             owner, field_ = fields[key]
             _check(
                 owner is ARCHITECTURES[s.architecture] or value == option_default(field_),

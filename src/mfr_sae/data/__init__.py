@@ -38,6 +38,9 @@ class TrueActivations(Protocol):
     """A source that knows each held-out sample's true feature activations (SynthSAEBench): the benchmark's
     metrics (gt_metrics.py) read them."""
 
+    @property
+    def ground_truth(self) -> Tensor: ...
+
     def held_out(self, n: int) -> HeldOutSamples: ...
 
 
