@@ -170,10 +170,10 @@ class RunConfig:
     def _validate_architecture(self) -> None:
         """The architecture's name and its options: options of another architecture keep their defaults."""
         s = self.sae
-        _check(
-            s.architecture in ARCHITECTURES,
-            f"sae.architecture={s.architecture!r}: must be one of {', '.join(sorted(ARCHITECTURES))}",
-        )
+        try:  # an unknown name, or an option the architecture refuses, named
+            architecture_named(s.architecture, s.d_sae, s.options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         fields = option_fields()
         for key, value in s.options.items():
             _check(key in fields, f"sae.{key}: no architecture has this option")
@@ -182,10 +182,6 @@ class RunConfig:
                 owner is ARCHITECTURES[s.architecture] or value == option_default(field_),
                 f"sae.{key} is set but sae.architecture={s.architecture!r} (it needs {owner.name})",
             )
-        try:
-            architecture_named(s.architecture, s.d_sae, s.options)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
 
 def _check(ok: bool, message: str) -> None:
