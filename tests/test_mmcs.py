@@ -3,7 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from mfr_sae.matching import NO_MATCH, match_all
-from mfr_sae.mmcs import dense_mmcs, matched_mmcs, pairwise_mmcs
+from mfr_sae.mmcs import agreed_fraction, dense_mmcs, matched_mmcs, pairwise_mmcs
 
 E = torch.eye(4)
 
@@ -73,3 +73,17 @@ def test_thresholded_and_one_to_one_penalties_equal_their_dense_reference(mode, 
     torch.testing.assert_close(torch.autograd.grad(fast, raw)[0], torch.autograd.grad(dense, raw)[0])
     if min_cosine > 0.5:  # the threshold leaves out some matches but not all: the test sees it act
         assert 0 < (matches == NO_MATCH).float().mean() < 1
+
+
+def test_agreed_fraction_counts_latents_another_member_has_at_the_cosine():
+    torch.manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(8, 64), dim=-1)
+    other = base.clone()
+    other[:2] = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)  # two latents no one else has
+    third = torch.nn.functional.normalize(torch.randn(8, 64), dim=-1)  # shares nothing
+    decoder = torch.stack([base * 3, other, third])  # any norm: cosines
+    # member 0 and 1 share 6 latents each; member 2 none: 12 of 24
+    assert agreed_fraction(decoder) == pytest.approx(12 / 24)
+    assert agreed_fraction(decoder, cosine=-1.0) == 1.0
+    assert pairwise_mmcs(decoder)["agreed_frac"] == pytest.approx(0.5)
+    assert pairwise_mmcs(decoder[:1])["agreed_frac"] is None

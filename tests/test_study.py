@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from mfr_sae.cli import main
 from mfr_sae.study_catalogue import BASELINE, DEFAULT_SETTING, settings
 
@@ -14,7 +16,16 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     # learnable marked large, to see --large-replicates reach it without training another dataset
     monkeypatch.setitem(catalogue.DATASETS, "learnable", {**catalogue.DATASETS["learnable"], "large": True})
     args = ["study", "--quick", "--replicates", "3", "--tune-replicates", "2", "--large-replicates", "2"]
-    args += ["--candidates", ",".join(two), "--data", "learnable", "--architectures", "batchtopk", "--out", str(out)]
+    args += [
+        "--candidates",
+        ",".join(two),
+        "--data",
+        "learnable",
+        "--architectures",
+        "topk,batchtopk",
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     lines = report.splitlines()
@@ -52,7 +63,9 @@ def test_study_end_to_end_tunes_then_judges_on_held_out_data_and_reuses_its_runs
     )
     assert batchtopk["rows"][BASELINE]["measures"]["gt_mcc"] != heldout["rows"][BASELINE]["measures"]["gt_mcc"]
     assert (out / "batchtopk" / "heldout" / "learnable" / "baseline" / "rep1" / "results.json").is_file()
-    assert "--architectures batchtopk --data learnable " in report and "## Held-out learnable batchtopk: " in report
+    assert (
+        "--architectures topk,batchtopk --data learnable " in report and "## Held-out learnable batchtopk: " in report
+    )
     assert lines[6].startswith("**held-out learnable batchtopk: ")
     # a second run reuses every finished run (nothing retrained: the results files stay as they were)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json") if "rep" in p.parent.name}
@@ -73,7 +86,7 @@ def test_study_judge_on_test_trains_only_the_baseline_and_the_defaults_on_the_te
     (true features data.seed 2, replicates 200..), for TopK and each of --architectures, runs under OUT/test/."""
     out = tmp_path / "study"
     args = ["study", "--quick", "--judge-on", "test", "--replicates", "2", "--data", "learnable"]
-    args += ["--architectures", "batchtopk", "--out", str(out), "--no-progress"]
+    args += ["--architectures", "topk,batchtopk", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     saved = json.loads((out / "results.json").read_text())
     assert (saved["judged_on"], saved["tuned"], saved["chosen"], saved["tuning"]) == ("test", False, None, {})
@@ -108,3 +121,32 @@ def test_study_judge_on_test_trains_only_the_baseline_and_the_defaults_on_the_te
     )
     # the test split tunes nothing: candidates are refused, not ignored
     assert main([*args, "--candidates", DEFAULT_SETTING]) == 2
+
+
+def test_the_16k_verdict_in_quick_form_judges_the_benchmark_metrics_and_learning_curves(tmp_path):
+    """synthsaebench-16k (its quick form: the recipe at 1,024 features): on the test split, the dataset as it stands
+    (TopK + AuxK) and Matryoshka, each with and without the defaults; F1 and explained variance tested beside MCC,
+    and learning curves (MCC, agreed and confirmed fractions against vectors seen) in results.json and the report."""
+    pytest.importorskip("sae_lens")
+    out = tmp_path / "study"
+    args = ["study", "--quick", "--judge-on", "test", "--data", "synthsaebench-16k", "--replicates", "2"]
+    args += ["--large-replicates", "2", "--architectures", "topk,matryoshka", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["datasets"]) == {"synthsaebench-16k", "synthsaebench-16k matryoshka"}
+    data = results["datasets"]["synthsaebench-16k"]
+    assert data["config"]["data"]["kind"] == "synthsaebench" and data["config"]["sae"]["aux_coef"] == 0.03125
+    tests = data["rows"][DEFAULT_SETTING]["tests"]
+    assert {"gt_mcc", "gt_f1", "gt_explained_variance"} <= set(tests)
+    curves = data["curves"]
+    assert set(curves) == {BASELINE, DEFAULT_SETTING}
+    assert [p["samples"] for p in curves[BASELINE]] == [10_240, 20_480]  # eval.every 20 steps of 512, and the end
+    assert all(0 <= p["agreed_frac"] <= 1 and 0 <= p["gt_mcc"] <= 1 for p in curves[BASELINE])
+    assert "confirmed_frac" in curves[DEFAULT_SETTING][-1] and "confirmed_frac" not in curves[BASELINE][-1]
+    matryoshka = results["datasets"]["synthsaebench-16k matryoshka"]["config"]["sae"]
+    assert matryoshka["architecture"] == "matryoshka"
+    report = (out / "report.md").read_text()
+    assert "Learning curves (synthsaebench-16k;" in report and "fig_learning_curves.png" in report
+    assert (out / "fig_learning_curves.png").stat().st_size > 0
+    assert "--architectures topk,matryoshka --data synthsaebench-16k" in report and "| F1 |" in report
+    assert "kind=synthsaebench, preset=synthsaebench-1k" in report

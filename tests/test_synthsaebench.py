@@ -176,3 +176,12 @@ def test_without_sae_lens_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_lens", None)  # import sae_lens raises ImportError
     with pytest.raises(MissingExtra, match=r"data.kind=synthsaebench needs sae_lens: pip install .*\[synth\]"):
         SynthSAEBenchData("synthsaebench-1k")
+
+
+def test_sources_of_one_config_share_one_built_model(source):
+    # a study's runs each make a source: the model (45 s to build at 16k) is built once per process
+    again = SynthSAEBenchData("synthsaebench-1k", SMALL, stream_seed=7)
+    assert again.model is source.model
+    assert not torch.equal(again.sample(8)[0], source.sample(8)[0])  # the same model, another sample stream
+    other = SynthSAEBenchData("synthsaebench-1k", {**SMALL, "bias": 0.25})
+    assert other.model is not source.model and torch.allclose(other.bias.norm(), torch.tensor(0.25))

@@ -112,7 +112,7 @@ def _listed(text: str) -> tuple[str, ...]:
 
 def run_study(args: argparse.Namespace) -> int:
     from mfr_sae.study import study
-    from mfr_sae.study_catalogue import ARCHITECTURES, CANDIDATES, DATASETS, SPLIT_WORDS
+    from mfr_sae.study_catalogue import ARCHITECTURES, CANDIDATES, DATASETS, SPLIT_WORDS, TOPK
 
     counts = {
         "--replicates": args.replicates,
@@ -125,7 +125,9 @@ def run_study(args: argparse.Namespace) -> int:
     datasets = _study_names(tuple(args.data.split(",")), DATASETS, "dataset")
     tune_on = _study_names(tuple(args.tune_on.split(",")), DATASETS, "dataset")
     candidates = _study_names(_listed(args.candidates), CANDIDATES, "candidate")
-    architectures = _study_names(_listed(args.architectures), ARCHITECTURES, "architecture")
+    architectures = _study_names(_listed(args.architectures), (TOPK, *ARCHITECTURES), "architecture")
+    if not architectures:
+        raise ConfigError("--architectures is empty: name at least one (topk, the study's own)")
     if args.judge_on == "test" and candidates:
         raise ConfigError("--candidates with --judge-on test: the test split tunes nothing, it judges the defaults")
     summary = study(

@@ -133,14 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default="learnable,learnable-large,hierarchical,paper",
         help="held-out datasets, comma-separated: learnable (h 1,024), learnable-large (h 4,096), hierarchical "
-        "(correlated features, h 1,024), paper",
+        "(correlated features, h 1,024), paper, synthsaebench-16k (SynthSAEBench-16k at h 4,096, L0 25; the extra "
+        "[synth]; not in the default list)",
     )
     p.add_argument(
         "--architectures",
-        default="",
-        help="besides TopK, architectures each judged alone and with the defaults of mfr.* on every held-out "
-        "dataset, comma-separated: auxk (TopK + AuxK), batchtopk, matryoshka, batchtopk-auxk (BatchTopK + AuxK "
-        "with a 10,000-vector dead window) (default: none)",
+        default="topk",
+        help="the architectures judged on every judged dataset, comma-separated, each alone and with the defaults "
+        "of mfr.*: topk (each dataset as it stands: TopK, on synthsaebench-16k TopK + AuxK; with the setting "
+        "tuned on it), auxk (TopK + AuxK), batchtopk, matryoshka, batchtopk-auxk (BatchTopK + AuxK with a "
+        "10,000-vector dead window) (default: topk)",
     )
     p.add_argument(
         "--judge-on",

@@ -9,11 +9,17 @@ MMCS (`matched_mmcs`); `dense_mmcs` is the naive reference (full h x h similarit
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from mfr_sae.links import linked_similarity, links_between
 from mfr_sae.matching import match_all, member_pairs
+from mfr_sae.search import top_both_ways
+
+AGREED_COSINE = 0.8  # a latent agrees with another member at this cosine: mfr.confirm_cosine's default
 
 
 def matched_mmcs(weight: Tensor, matches: Tensor) -> Tensor:
@@ -40,10 +46,27 @@ def dense_mmcs(decoder: Tensor, min_cosine: float = -1.0) -> Tensor:
 
 @torch.no_grad()
 def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
-    """Mean over member pairs of MMCS, `max` and `hungarian` variants (None for a single member)."""
+    """Mean over member pairs of MMCS, `max` and `hungarian` variants, and `agreed_frac` (None for a single
+    member)."""
     if len(decoder) < 2:
-        return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None}
+        return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None, "agreed_frac": None}
     return {
-        f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
-        for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]
+        **{
+            f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
+            for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]
+        },
+        "agreed_frac": agreed_fraction(decoder),
     }
+
+
+@torch.no_grad()
+def agreed_fraction(decoder: Tensor, cosine: float = AGREED_COSINE) -> float:
+    """Share of all members' latents [N, h, d] that some latent of another member is at cosine >= `cosine` with:
+    what MFR's confirmation counts as confirmed, measured alike with the penalty on or off (the baseline's own
+    agreement), so that both arms' learning curves show when the members come to agree."""
+    unit = F.normalize(decoder.float(), dim=-1)
+    best = torch.full(decoder.shape[:2], -math.inf, device=decoder.device)
+    for a, b in member_pairs(len(decoder)):
+        a_top, b_top = top_both_ways(unit[a], unit[b], 1)
+        best[a], best[b] = best[a].maximum(a_top.values[:, 0]), best[b].maximum(b_top.values[:, 0])
+    return (best >= cosine).float().mean().item()

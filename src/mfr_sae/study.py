@@ -39,8 +39,8 @@ from mfr_sae.data import make_source
 from mfr_sae.reproduce import RunTracker, machine
 from mfr_sae.study_analysis import FVU_MARGIN, TWIN_TOLERANCE, analyse, choose, correct_across_datasets
 from mfr_sae.study_catalogue import (
-    ARCHITECTURES,
     BASELINE,
+    BENCHMARK_MEASURES,
     CONSENSUS,
     DATASETS,
     DEFAULT_SETTING,
@@ -50,9 +50,11 @@ from mfr_sae.study_catalogue import (
     SPLITS,
     TOPK,
     Setting,
+    architecture_overrides,
     run_config,
     settings,
 )
+from mfr_sae.study_curves import learning_curve, mean_curves
 from mfr_sae.study_report import write_report
 
 
@@ -76,8 +78,11 @@ class HeldOut:
 
 
 def member_means(results: dict[str, Any]) -> dict[str, float]:
-    """A run's measures: each member measure the mean over its members, and the ensemble's own."""
-    means = {key: float(np.mean([m[key] for m in results["members"]])) for key in MEASURES}
+    """A run's measures: each member measure the mean over its members (the benchmark's where every member has
+    them), and the ensemble's own."""
+    members = results["members"]
+    keys = [*MEASURES, *(key for key in BENCHMARK_MEASURES if all(key in m for m in members))]
+    means = {key: float(np.mean([m[key] for m in members])) for key in keys}
     return means | {key: float(results[key]) for key in RUN_MEASURES}
 
 
@@ -93,9 +98,8 @@ def run_dataset(
 ) -> dict[str, Any]:
     """Train (or reuse) every setting of `grid` (the baseline first) on every replicate of one dataset's split;
     per-run measures and the agreement between the ensembles of every setting and the baseline's."""
-    values: dict[str, dict[str, list[float]]] = {
-        s.name: {k: [] for k in (*MEASURES, *RUN_MEASURES, CONSENSUS)} for s in grid
-    }
+    values: dict[str, dict[str, list[float]]] = {s.name: {} for s in grid}
+    curves: dict[str, list[list[dict[str, float]]]] = {s.name: [] for s in grid}
     decoders: dict[str, list[Tensor]] = {s.name: [] for s in grid}
     betas: dict[str, list[float | None]] = {s.name: [] for s in grid}
     jobs = [(r, s) for r in range(replicates) for s in grid]
@@ -109,11 +113,12 @@ def run_dataset(
         run_dir = out / split / dataset / setting.folder / f"rep{replicate}"
         results = tracker.run(f"{split} {dataset}: {setting.name}, replicate {replicate}", cfg, run_dir)
         for key, value in member_means(results).items():
-            values[setting.name][key].append(value)
+            values[setting.name].setdefault(key, []).append(value)
+        curves[setting.name].append(learning_curve(run_dir, cfg.train.batch_size))
         betas[setting.name].append(results["beta"])
         decoder = load(run_dir).decoder().detach()
         decoders[setting.name].append(decoder)
-        values[setting.name][CONSENSUS].append(consensus_mcc(decoder, truth))
+        values[setting.name].setdefault(CONSENSUS, []).append(consensus_mcc(decoder, truth))
     # agreement across replicates: the baseline's R ensembles and each setting's, every pair (for the
     # permutation test, which swaps a replicate's setting and baseline ensembles)
     base = decoders[BASELINE]
@@ -127,6 +132,7 @@ def run_dataset(
         "betas": betas,
         "agreement": across,
         "baseline_agreement": base_matrix.tolist(),
+        "curves": mean_curves(curves),
         "config": config.to_dict(),
         "settings": [{"name": s.name, "overrides": list(s.overrides)} for s in grid],
         "seconds": round(time.perf_counter() - started, 1),
@@ -144,17 +150,18 @@ def study(
     tune_on: tuple[str, ...] = ("learnable",),
     large_replicates: int = 3,
     candidates: tuple[str, ...] = (),
-    architectures: tuple[str, ...] = (),
+    architectures: tuple[str, ...] = (TOPK,),
     judge_on: str = "heldout",
 ) -> dict[str, Any]:
     """Choose a setting on the tuning splits of the `tune_on` datasets (among `candidates`, default all),
     judge it (and the defaults) on the held-out split of each of `datasets`; write out/report.md,
     out/results.json and out/fig_fvu_mcc.png. `extra` (section.field=value) changes every run, e.g. for a
     smaller test. The large datasets (minutes a run on a CPU) get `large_replicates` held-out replicates each,
-    the others `replicates`. Each of `architectures` (ARCHITECTURES) is judged too: on every held-out dataset,
-    its own baseline against it with the defaults (held-out key "DATASET ARCHITECTURE", runs in
-    out/ARCHITECTURE/). `judge_on="test"`: nothing tuned or chosen; the baseline and the defaults alone on the
-    test split of each dataset and architecture (runs in out/test/... and out/ARCHITECTURE/test/...)."""
+    the others `replicates`. Each of `architectures` is judged on every held-out dataset: TOPK (the dataset as it
+    stands: the tuned architecture) with the pick and the defaults; a key of ARCHITECTURES, its own baseline
+    against it with the defaults (held-out key "DATASET ARCHITECTURE", runs in out/ARCHITECTURE/).
+    `judge_on="test"`: nothing tuned or chosen; the baseline and the defaults alone on the test split of each dataset
+    and architecture (runs in out/test/... and out/ARCHITECTURE/test/...)."""
     if judge_on not in JUDGED_SPLITS:
         raise ValueError(f"judge_on {judge_on!r}: one of {', '.join(JUDGED_SPLITS)}")
     out = Path(out)
@@ -171,12 +178,13 @@ def study(
         tuning[name] = {**data, **analyse(data, tune_replicates)}
     chosen = choose(*tuning.values()) if tune else None
     judged = [s for s in grid if s.name in (BASELINE, DEFAULT_SETTING, chosen)]
-    heldout = [HeldOut(name, TOPK, judged) for name in datasets]
-    heldout += [HeldOut(name, arch, with_defaults) for arch in architectures for name in datasets]
+    heldout = [
+        HeldOut(name, arch, judged if arch == TOPK else with_defaults) for arch in architectures for name in datasets
+    ]
     analysed = {}
     for h in heldout:
         count = large_replicates if DATASETS[h.dataset].get("large") else replicates
-        overrides = (*extra, *ARCHITECTURES.get(h.architecture, ()))
+        overrides = (*extra, *architecture_overrides(h.dataset, h.architecture, quick))
         data = run_dataset(h.folder(out), h.dataset, h.grid, count, quick, progress, overrides, judge_on)
         analysed[h.key] = {
             **data,

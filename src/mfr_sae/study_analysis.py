@@ -10,7 +10,7 @@ import numpy as np
 
 from mfr_sae.run_report import COLLAPSE_MMCS
 from mfr_sae.stats import ALPHA, holm, paired_permutation_test, paired_test, set_aside, t_half_width
-from mfr_sae.study_catalogue import BASELINE, CONSENSUS, MEASURES, RUN_MEASURES
+from mfr_sae.study_catalogue import BASELINE, BENCHMARK_MEASURES, CONSENSUS, MEASURES, RUN_MEASURES
 
 # "without losing FVU": the 95% CI of the FVU difference stays below 1% of the baseline's FVU
 FVU_MARGIN = 0.01
@@ -85,7 +85,7 @@ def analyse(data: dict[str, Any], replicates: int) -> dict[str, Any]:
         if replicates > 1
         else None
     )
-    measured = [key for key in (*MEASURES, *RUN_MEASURES, CONSENSUS) if key in base]
+    measured = [key for key in (*MEASURES, *BENCHMARK_MEASURES, *RUN_MEASURES, CONSENSUS) if key in base]
     for name in names:  # a test whose arms are identical has no p: no Holm family counts it (set_aside)
         tests = {key: set_aside(paired_test(values[name][key], base[key]), IDENTICAL) for key in measured}
         matrix = np.asarray(data["agreement"][name])

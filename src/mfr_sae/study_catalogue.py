@@ -90,8 +90,8 @@ CANDIDATES = {
     "greedy 0.3*auto confirm0.8 cap0.7 guard0.7": (*CONFIRMED, "mfr.beta=0.3*auto", "mfr.twin_guard=0.7"),
     "greedy 0.3*recon confirm0.8 cap0.7 guard0.9": (*CONFIRMED, "mfr.beta=0.3*recon"),
 }
-# the architecture axis (issue 27, `--architectures`): beside TopK, each of these alone (its own baseline) and with
-# the defaults of mfr.*, on every held-out dataset
+# the architecture axis (issue 27, `--architectures`): each of these alone (its own baseline) and with the defaults
+# of mfr.*, on every judged dataset; TOPK, the study's own, is each dataset's architecture as it stands
 ARCHITECTURES = {
     "auxk": ("sae.aux_coef=0.03125",),  # TopK with AuxK at the paper's 1/32
     "batchtopk": ("sae.architecture=batchtopk",),
@@ -105,6 +105,8 @@ TOPK = "topk"  # the architecture of the study's tuning and of its held-out data
 DEFAULT_SETTING = "greedy 0.3*auto confirm0.8 cap0.7 guard0.7"
 BASELINE = "baseline"
 MEASURES = ("gt_mcc", "fvu", "twin_frac", "gt_distinct", "silent_frac")  # means over an ensemble's members
+# and where every member has them (SynthSAEBench's metrics, gt_metrics.py): F1 and explained variance
+BENCHMARK_MEASURES = ("gt_f1", "gt_explained_variance")
 RUN_MEASURES = ("pairwise_mmcs_hungarian",)  # of the ensemble as a whole
 CONSENSUS = "consensus_mcc"  # MCC of the ensemble's consensus decoder (consensus.py), measured here
 # each split its own true features and its own replicates (sample streams, initialisations). The held-out split was
@@ -141,7 +143,32 @@ def zipf_family(
     ]
 
 
+SYNTH_16K_SAMPLES = 1_024_000  # 1,000 steps of 1,024: about 10 minutes a run of 3 members on 2 CPU cores
 HIERARCHY = ("data.children=3", "data.child_probability=0.3")
+
+
+def synthsaebench(
+    preset: str, h: int, k: int, samples: int, batch: int, lr: float, eval_n: int, every: int
+) -> list[str]:
+    """The overrides of a SynthSAEBench dataset (sae-lens's model, built locally; data.seed unused: the preset's
+    model is the benchmark's, a replicate is its sample stream and initialisation): TopK + AuxK (1/32) with a
+    decoder bias (the data's constant offset), 3 members, evaluated every `every` steps (the learning curve)."""
+    return [
+        "data.kind=synthsaebench",
+        f"data.preset={preset}",
+        "sae.n_members=3",
+        f"sae.d_sae={h}",
+        f"sae.k={k}",
+        "sae.decoder_bias=true",
+        "sae.aux_coef=0.03125",
+        f"train.n_samples={samples}",
+        f"train.batch_size={batch}",
+        f"train.lr={lr}",
+        f"eval.n_samples={eval_n}",
+        f"eval.every={every}",
+    ]
+
+
 DATASETS: dict[str, dict[str, Any]] = {
     # independent Zipf firing: 1,024 unit features in 128 dimensions, ~6 active, 3 members with h = n
     "learnable": {
@@ -161,6 +188,16 @@ DATASETS: dict[str, dict[str, Any]] = {
         "full": zipf_family("hierarchical", 128, 1024, 6, 6, 500_000, 512, 10_000, *HIERARCHY),
         "quick": zipf_family("hierarchical", 48, 192, 4, 4, 120_000, 256, 5_000, *HIERARCHY),
     },
+    # the field's benchmark (issue 43): SynthSAEBench-16k's model, its SAE width 4,096, L0 25, batch 1,024 and
+    # lr 3e-4, at a budget 2 CPU cores allow (the published protocol: 200M samples); the quick form: its recipe at
+    # 1,024 features. `architectures`: overrides of an architecture on this dataset (SynthSAEBench's Matryoshka
+    # widths)
+    "synthsaebench-16k": {
+        "large": True,
+        "full": synthsaebench("synthsaebench-16k", 4096, 25, SYNTH_16K_SAMPLES, 1024, 3e-4, 10_240, 250),
+        "quick": synthsaebench("synthsaebench-1k", 128, 6, 20_480, 512, 3e-4, 2_048, 20),
+        "architectures": {"full": {"matryoshka": ("sae.matryoshka_widths=[128,512,2048,4096]",)}},
+    },
     "paper": {
         "full": ["train.n_samples=400000", "train.batch_size=1000", "eval.n_samples=10000"],
         "quick": [
@@ -175,6 +212,23 @@ DATASETS: dict[str, dict[str, Any]] = {
             "eval.n_samples=5000",
         ],
     },
+}
+# what the study's report says of each dataset and architecture
+DATASET_WORDS = {
+    "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
+    "learnable-large": "the same family four times larger (h = 4,096 in the full form)",
+    "hierarchical": "correlated features: parents with Zipf firing, children that fire only with their parent",
+    "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
+    "synthsaebench-16k": "SynthSAEBench-16k, the field's benchmark (16,384 true features in 768 dimensions: Zipfian "
+    "and correlated firing, trees of mutually exclusive children; sae-lens's model built locally), SAEs of width "
+    "4,096 at L0 25 with AuxK, at a budget far below the published 200M samples",
+}
+ARCHITECTURE_WORDS = {
+    "auxk": "TopK SAEs with AuxK (dead latents reconstruct the residual; aux_coef 1/32), with and without MFR",
+    "batchtopk": "BatchTopK SAEs (k x batch largest activations across the batch), with and without MFR",
+    "matryoshka": "Matryoshka BatchTopK SAEs (nested prefixes: sae.matryoshka_widths, by default h/16, h/4, h), "
+    "with and without MFR",
+    "batchtopk-auxk": "BatchTopK SAEs with AuxK (aux_coef 1/32, dead after 10,000 vectors), with and without MFR",
 }
 COMMON = ["train.checkpoint_every=0", "train.log_every=50", *PAPER_MFR]
 
@@ -193,6 +247,13 @@ def settings() -> list[Setting]:
     """The baseline, then every candidate."""
     grid = [Setting(BASELINE, ("mfr.enabled=false",))]
     return grid + [Setting(name, (*MFR_COMMON, *overrides)) for name, overrides in CANDIDATES.items()]
+
+
+def architecture_overrides(dataset: str, architecture: str, quick: bool) -> tuple[str, ...]:
+    """The overrides that make a dataset's runs `architecture` (TOPK: none; the dataset's own first, then those of
+    ARCHITECTURES): the dataset's, for its form, after the architecture's."""
+    own = DATASETS[dataset].get("architectures", {}).get("quick" if quick else "full", {})
+    return (*ARCHITECTURES.get(architecture, ()), *own.get(architecture, ()))
 
 
 def run_config(

@@ -13,22 +13,17 @@ import numpy as np
 from mfr_sae.files import atomic_write_text, write_json
 from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table
 from mfr_sae.study_analysis import IDENTICAL
-from mfr_sae.study_catalogue import SPLIT_WORDS, SPLITS
+from mfr_sae.study_catalogue import ARCHITECTURE_WORDS, DATASET_WORDS, SPLIT_WORDS, SPLITS
+from mfr_sae.study_curves import CURVES_CAPTION, CURVES_FIGURE, curves_figure, curves_section
 from mfr_sae.study_figure import CAPTION, FIGURE, figure
 
-DATASET_WORDS = {
-    "learnable": "learnable ground truth (independent Zipf firing; a TopK baseline recovers most features)",
-    "learnable-large": "the same family four times larger (h = 4,096 in the full form)",
-    "hierarchical": "correlated features: parents with Zipf firing, children that fire only with their parent",
-    "paper": "the paper's synthetic data (grouped firing; no method isolates single features)",
+SAE_KEYS = ("architecture", "n_members", "d_sae", "k", "aux_coef", "matryoshka_widths")
+DATA_KEYS = {  # what the report says of a dataset's data, by data.kind (synthetic: by data.firing)
+    "synthsaebench": ("kind", "preset", "synth"),
+    "independent": ("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude"),
+    "hierarchical": ("firing", "d", "n_features", "children", "child_probability", "mean_active"),
+    "groups": ("firing", "d", "n_features", "n_groups", "n_active", "decay"),
 }
-ARCHITECTURE_WORDS = {
-    "auxk": "TopK SAEs with AuxK (dead latents reconstruct the residual; aux_coef 1/32), with and without MFR",
-    "batchtopk": "BatchTopK SAEs (k x batch largest activations across the batch), with and without MFR",
-    "matryoshka": "Matryoshka BatchTopK SAEs (nested prefixes h/16, h/4, h), with and without MFR",
-    "batchtopk-auxk": "BatchTopK SAEs with AuxK (aux_coef 1/32, dead after 10,000 vectors), with and without MFR",
-}
-SAE_KEYS = ("architecture", "n_members", "d_sae", "k", "aux_coef")
 
 
 def interval(ci: list[float] | None) -> str:
@@ -106,6 +101,11 @@ def dataset_table(result: dict[str, Any]) -> str:
                 "MCC": _mean_ci(m["gt_mcc"]),
                 "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
                 "Holm p": fmt_p(t["gt_mcc"].get("p_holm_all", t["gt_mcc"]["p_holm"])) if t else "-",
+                **{
+                    word: f"{fmt_num(m[key]['mean'])}" + (f", Δ {_delta(t.get(key))}" if t else "")
+                    for key, word in (("gt_f1", "F1"), ("gt_explained_variance", "var. explained"))
+                    if key in m
+                },
                 "FVU": _mean_ci(m["fvu"]),
                 "ΔFVU [95% CI]": _delta(t.get("fvu")),
                 "twin_frac": fmt_num(m["twin_frac"]["mean"]),
@@ -156,6 +156,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     summary = {**summary, "commit": commit()}
     write_json(out / "results.json", summary)
     figure(summary, out / FIGURE)
+    curves = curves_figure(summary["datasets"], out / CURVES_FIGURE)
     r, tr, quick, chosen = summary["replicates"], summary["tune_replicates"], summary["quick"], summary["chosen"]
     tune_on = ",".join(summary["tune_on"])
     tried = [s["name"] for s in summary["settings"][1:]]
@@ -166,7 +167,11 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         f"{summary['large_replicates']} "
         + (f"--tune-replicates {tr} --tune-on {tune_on} " if split == "heldout" else "--judge-on test ")
         + (f"--candidates '{','.join(tried)}' " if summary.get("candidates") else "")
-        + (f"--architectures {','.join(summary['architectures'])} " if summary.get("architectures") else "")
+        + (
+            f"--architectures {','.join(summary['architectures'])} "
+            if summary.get("architectures", ["topk"]) != ["topk"]
+            else ""
+        )
         + f"--data {','.join(dict.fromkeys(h['dataset'] for h in summary['datasets'].values()))} --out {out}"
     )
     if split == "heldout":
@@ -196,12 +201,14 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             "the full study (without `--quick`) is the evidence.",
         ]
     candidates = "; ".join(f"`{s['name']}`: {', '.join(s['overrides'])}" for s in summary["settings"][1:])
+    judged_architectures = summary.get("architectures", ["topk"])
+    others = [a for a in judged_architectures if a != "topk"]
     architectures = []
-    if summary.get("architectures"):
+    if others:
         architectures.append(
-            f"- Architectures beside TopK ({', '.join(summary['architectures'])}): on every {word} dataset each "
-            "one alone (its own baseline) against it with the defaults of mfr.*, on the same replicates, with the "
-            "same tests (its MCC test in the same Holm family)."
+            f"- Architectures{' beside TopK' if 'topk' in judged_architectures else ''} ({', '.join(others)}): on "
+            f"every {word} dataset each one alone (its own baseline) against it with the defaults of mfr.*, on the "
+            "same replicates, with the same tests (its MCC test in the same Holm family)."
         )
     judged = (
         [
@@ -251,6 +258,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         "",
         figure_link(FIGURE, CAPTION),
         "",
+        *([figure_link(CURVES_FIGURE, CURVES_CAPTION), ""] if curves else []),
     ]
     for name, data in summary["tuning"].items():
         lines += [
@@ -263,17 +271,17 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         ]
     for name, data in summary["datasets"].items():
         cfg = data["config"]
-        data_keys = {
-            "independent": ("firing", "d", "n_features", "mean_active", "zipf_exponent", "min_magnitude"),
-            "hierarchical": ("firing", "d", "n_features", "children", "child_probability", "mean_active"),
-        }.get(cfg["data"]["firing"], ("firing", "d", "n_features", "n_groups", "n_active", "decay"))
+        kind = cfg["data"]["kind"]  # synthsaebench: the preset's model whatever data.seed (it has its own seed)
+        data_keys = (
+            DATA_KEYS[kind] if kind in DATA_KEYS else (*DATA_KEYS[cfg["data"]["firing"]], "normalize_features", "seed")
+        )
         lines += [
             "",
             f"## {word.capitalize()} {name}: {DATASET_WORDS[data['dataset']]}"
             + ("" if data["architecture"] == "topk" else f"; {ARCHITECTURE_WORDS[data['architecture']]}"),
             "",
             "Data: "
-            + ", ".join(f"{k}={cfg['data'][k]}" for k in (*data_keys, "normalize_features", "seed"))
+            + ", ".join(f"{k}={cfg['data'][k]}" for k in data_keys)
             + "; SAEs: "
             + ", ".join(f"{k}={v}" for k, v in cfg["sae"].items() if k in SAE_KEYS)
             + "; training: "
@@ -286,5 +294,6 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
             f"every {word} comparison with a p (`{IDENTICAL}`: the same numbers in every replicate, no test, "
             "not counted). Δacross: the permutation test's difference of across-replicate PW-MCC, "
             "its p uncorrected (results.json has the Holm-corrected ones).",
+            *curves_section(name, data),
         ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
