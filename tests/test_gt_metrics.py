@@ -130,15 +130,22 @@ def test_one_sae_and_no_samples():
     assert one.shrinkage == pytest.approx(0.5)
 
 
-def test_a_synthsaebench_run_reports_the_benchmark_metrics_as_sae_lens_computes_them(tmp_path):
+def test_a_synthsaebench_run_reports_the_benchmark_metrics_as_sae_lens_computes_them(tmp_path, monkeypatch):
     """`data.kind=synthsaebench` end to end: results.json's members carry the benchmark's metrics, equal to
     eval_sae_on_synthetic_data's on the saved member and the run's held-out samples; the run's true L0 and its
-    consensus decoder beside them."""
+    consensus decoder beside them. The members' MCC is matched once (metrics.py's), not again here."""
     import sae_lens
     from sae_lens.synthetic import eval_sae_on_synthetic_data
 
+    import mfr_sae.gt_metrics as gt_metrics
     from mfr_sae.config import load_config
     from mfr_sae.train import train
+
+    matched = []  # how many decoders each call of gt_metrics.mccs matched
+    real_mccs = gt_metrics.mccs
+    monkeypatch.setattr(
+        gt_metrics, "mccs", lambda decs, truth: matched.append(len(d := list(decs))) or real_mccs(d, truth)
+    )
 
     overrides = [
         "data.kind=synthsaebench",
@@ -154,6 +161,7 @@ def test_a_synthsaebench_run_reports_the_benchmark_metrics_as_sae_lens_computes_
         "mfr.enabled=true",
     ]
     results = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    assert matched == [1]  # the consensus decoder's alone
     source = SynthSAEBenchData("synthsaebench-1k", SMALL)  # the run's model and held-out samples, drawn again
     true_acts = torch.cat([acts for _, acts in source.held_out(1500).batches()])
     assert results["true_l0"] == pytest.approx((true_acts != 0).sum().item() / 1500)

@@ -18,7 +18,7 @@ F [n, d]:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -167,8 +167,9 @@ class GroundTruthEval:
         self.shrinkage_sum += (x_hat.float().norm(dim=-1)[:, valid] / norm[valid]).sum(dim=1).double()
         self.shrinkage_samples += int(valid.sum())
 
-    def scores(self) -> list[GroundTruthScores]:
-        """Each SAE's metrics over the batches added."""
+    def scores(self, member_mcc: Sequence[float] | None = None) -> list[GroundTruthScores]:
+        """Each SAE's metrics over the batches added; `member_mcc`: each SAE's MCC to this truth where already
+        measured (metrics.ground_truth_metrics' gt_mcc: the same matching, which at 16k features costs seconds)."""
         n_latents = self.fired.shape[1]
         samples = max(self.samples, 1)
         mean_x = self.sum_x / samples
@@ -181,7 +182,7 @@ class GroundTruthEval:
         recall = torch.where(tp + fn > 0, tp / (tp + fn), 0.0)
         f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
         accuracy = (tp + tn) / max(self.samples, 1e-8)
-        member_mcc = mccs(self.decoders, self.truth)
+        member_mcc = list(member_mcc) if member_mcc is not None else mccs(self.decoders, self.truth)
         results = []
         for m in range(self.fired.shape[0]):
             mse = self.squared_residual[m].item() / samples
@@ -213,15 +214,19 @@ Forward = Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
 
 
 def evaluate_ground_truth(
-    forward: Forward, decoders: Tensor, truth: Tensor, batches: Iterable[tuple[Tensor, Tensor]]
+    forward: Forward,
+    decoders: Tensor,
+    truth: Tensor,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    member_mcc: Sequence[float] | None = None,
 ) -> list[GroundTruthScores]:
     """The metrics of N SAEs over `batches` of (x [B, d], true activations [B, n]). forward(x) gives
     (x_hat [N, B, d], codes, idx) as `GroundTruthEval.add` takes them (idx None for dense codes [N, B, h]).
     For an Ensemble: forward = lambda x: (out := ensemble(x)).x_hat, out.acts, out.idx, decoders =
-    ensemble.decoder(), batches = SynthSAEBenchData.held_out(n).batches()."""
+    ensemble.decoder(), batches = SynthSAEBenchData.held_out(n).batches(). `member_mcc`: as `scores` takes it."""
     accumulator = GroundTruthEval(decoders, truth)
     with torch.no_grad():
         for x, true_acts in batches:
             x_hat, codes, idx = forward(x)
             accumulator.add(x, x_hat, true_acts, codes, idx)
-    return accumulator.scores()
+    return accumulator.scores(member_mcc)

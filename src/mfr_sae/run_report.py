@@ -86,7 +86,12 @@ class RunReport:
         held_out = self.source.held_out(self.cfg.eval.n_samples)
         # the source's own features: its true activations index them (eval.ground_truth does not replace them here)
         self.benchmark_truth = self.source.ground_truth
-        scores = evaluate_ground_truth(forward, ensemble.decoder(), self.benchmark_truth, held_out.batches())
+        # gt_mcc is already measured against these features unless eval.ground_truth named others: not matched twice
+        same = self.ground_truth is not None and torch.equal(
+            self.ground_truth.to(self.benchmark_truth), self.benchmark_truth
+        )
+        known = [member["gt_mcc"] for member in members] if same else None
+        scores = evaluate_ground_truth(forward, ensemble.decoder(), self.benchmark_truth, held_out.batches(), known)
         for member, score in zip(members, scores):
             member.update(score.member_results())
         self.true_l0 = scores[0].true_l0
