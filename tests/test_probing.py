@@ -103,7 +103,21 @@ def test_probes_read_the_latents_the_encoder_keeps(tiny_probe, tmp_path):
     assert baseline > 0.65
     assert abs(split - baseline) < 0.05
     assert split > silent + 0.15 and abs(silent - 0.5) < 0.02
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline", "member_0", "member_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["member_0", "member_1"]
+    assert (cache / "baseline_results_tiny").is_dir()  # beside the activations: shared by every run of the model
+
+
+def test_batches_hold_prompts_of_like_length_within_the_token_budget():
+    from mfr_sae.probing import BATCH_TOKENS, _batches
+
+    ids = [[1] * n for n in [5, 1024, 3, 700, 1024, 8, 2, 1024, 400] * 10]
+    batches = list(_batches(ids, batch_size=16))
+    assert sorted(i for batch in batches for i in batch) == list(range(len(ids)))
+    for batch in batches:
+        longest = max(len(ids[i]) for i in batch)
+        assert len(batch) <= 16 and len(batch) * longest <= BATCH_TOKENS
+    lengths = [len(ids[i]) for batch in batches for i in batch]
+    assert lengths == sorted(lengths)
 
 
 def test_probing_needs_every_activation_file(tmp_path):
