@@ -6,8 +6,8 @@ import torch
 
 from mfr_sae.extras import MissingExtra
 
-# The two cheap datasets on which the tiny GPT-2's last-layer output is clearly informative (baseline test AUC 0.78
-# and 0.64): 1,062 and 1,250 short prompts, some longer than the tiny model's 64 positions.
+# Two cheap datasets on which the tiny GPT-2's last block is clearly informative (baseline test AUC 0.81 and 0.68):
+# 1,062 and 1,250 short prompts, some longer than the tiny model's 64 positions.
 DATASETS = ["131_temp_cat_Typical Time", "134_context_type_Belief_states"]
 HOOK = "blocks.1.hook_resid_post"
 MAX_LENGTH = 64  # the tiny GPT-2's n_positions
@@ -62,18 +62,29 @@ def test_activation_files_hold_each_prompts_last_token(tiny_probe):
         path = cache / "model_activations_tiny" / f"{dataset}_{HOOK}.pt"
         acts = torch.load(path)
         prompts = list(read_numbered_dataset_df(dataset)["prompt"])
-        ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+        ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
         assert acts.dtype == torch.float32 and acts.shape == (len(prompts), 32)
         longest, shortest = (
             max(range(len(ids)), key=lambda i: len(ids[i])),
             min(range(len(ids)), key=lambda i: len(ids[i])),
         )
-        rows = [0, shortest, longest]  # the longest is cut to its last MAX_LENGTH tokens in the file
+        rows = [0, shortest, longest]  # the longest is cut to BOS and its last MAX_LENGTH - 1 tokens in the file
         for row in rows:
-            expected = block_output(model, ids[row][-MAX_LENGTH:])
+            expected = block_output(model, [tokenizer.bos_token_id, *ids[row][-(MAX_LENGTH - 1) :]])
             torch.testing.assert_close(acts[row], expected, atol=1e-5, rtol=1e-5)
     assert len(ids[longest]) > MAX_LENGTH
     assert not list(cache.glob("**/.*.tmp"))
+
+
+def test_prompts_start_with_bos_and_keep_their_last_tokens(tiny_gpt2):
+    from mfr_sae.data.lm_model import load_model
+    from mfr_sae.probing import with_bos
+
+    _, tokenizer = load_model(str(tiny_gpt2[0]))
+    tokens = tokenizer("the cat sees the dog", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    assert with_bos(tokenizer, "the cat sees the dog", 1024) == [bos, *tokens]
+    assert with_bos(tokenizer, "the cat sees the dog", 3) == [bos, *tokens[-2:]]
 
 
 def test_written_files_are_not_rewritten(tiny_probe):

@@ -114,8 +114,12 @@ def write_probe_activations(
     progress: bool = True,
 ) -> Path:
     """For each dataset whose file is missing, the hooked module's output at each prompt's last token, float32
-    [n_rows, d] in CSV order (prompts longer than max_length tokens keep their last max_length); returns the folder.
+    [n_rows, d] in CSV order; returns the folder. Each prompt is BOS and its tokens, the last max_length - 1 of them
+    where it is longer (sae-probes' TransformerLens tokenizer prepends BOS and cuts on the left; the project's SAEs
+    are trained on sequences that start with BOS, data/activations.py).
     batch_size 64: SmolLM2-135M on 2 shared CPU cores ran short prompts 3 to 5 times faster than in batches of 16."""
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length}: BOS and at least one token of the prompt")
     missing = [ds for ds in datasets if not activation_file(cache, model_name, ds, hook).exists()]
     folder = activations_folder(cache, model_name)
     if not missing:
@@ -127,10 +131,21 @@ def write_probe_activations(
     total = sum(len(texts) for texts in prompts.values())
     with tqdm(total=total, desc="probe activations", unit="prompt", disable=not progress) as bar:
         for ds, texts in prompts.items():
-            ids = [tokenizer(text)["input_ids"][-max_length:] for text in texts]
+            ids = [with_bos(tokenizer, text, max_length) for text in texts]
             acts = last_token_outputs(model, module, ids, batch_size, bar.update)
             _save_atomic(acts, activation_file(cache, model_name, ds, hook))
     return folder
+
+
+def with_bos(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """BOS (EOS where the tokenizer has none, as data/activations.py does) and the text's last max_length - 1 tokens."""
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not tokens:
+        raise DataError(f"the probing prompt {text!r} has no tokens")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token")
+    return [bos, *tokens[max(len(tokens) - (max_length - 1), 0) :]]
 
 
 @torch.no_grad()
@@ -139,8 +154,6 @@ def last_token_outputs(
 ) -> Tensor:
     """The module's output [len(ids), d] at each sequence's last token, float32 on the CPU. Batches are padded on the
     right, which causal attention keeps from every real token."""
-    if any(not row for row in ids):
-        raise DataError("a probing prompt has no tokens")
     device = next(model.parameters()).device
     out: Tensor | None = None
     for rows in _batches(ids, batch_size):
