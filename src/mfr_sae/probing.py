@@ -1,12 +1,10 @@
 """Sparse probing (Kantamneni et al. 2025, "Are Sparse Autoencoders Useful? A Case Study in Sparse Probing") through
 the `sae-probes` package, offline.
 
-For each of the package's binary classification datasets, sae-probes keeps the k latents whose class means differ
-most and fits an L1 logistic regression on them (one fit per k); the baseline is a logistic regression on the raw
-activations. It reads the model's activations from one file per dataset,
-`{cache}/model_activations_{model_name}/{dataset}_{hook}.pt`, and downloads a TransformerLens model from the hub for
-any file that is missing: `write_probe_activations` writes every file first, with the project's own LM helpers, and
-`sparse_probing` refuses to start while one is missing.
+On each binary dataset it ships, sae-probes fits an L1 logistic regression on the k latents whose class means differ
+most (per k), and a logistic regression on the raw activations (the baseline). It reads the activations from
+`{cache}/model_activations_{model_name}/{dataset}_{hook}.pt` and, for a missing file, downloads a TransformerLens
+model: `write_probe_activations` writes every file first, and `sparse_probing` refuses to start while one is missing.
 """
 
 from __future__ import annotations
@@ -62,8 +60,8 @@ CHEAP_DATASETS = (
 )
 
 # sae-probes' own ks for the normal setting are 1, 2, 4, ..., 512; 256 and 512 are cut: for a member of width 4,608 on
-# SmolLM2-135M's layer 15 they took 48 of the 66 s that its probes on one dataset took on 2 CPU cores, for each
-# member and dataset, and they are far from sparse.
+# SmolLM2-135M's layer 15 they took 35 of the 42 s that its probes on one dataset took on 2 idle CPU cores (for each
+# member and dataset), and they are far from sparse.
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)
 BATCH_TOKENS = 16_384  # padded tokens in one batch: 16 prompts of 1,024 tokens, so that long prompts bound memory
 METRICS = ("test_auc", "test_f1", "test_acc")
@@ -76,7 +74,7 @@ def _sae_probes() -> ModuleType:
 
 
 def probe_datasets(which: str | Sequence[str]) -> list[str]:
-    """ "cheap" (CHEAP_DATASETS), "all" (every binary dataset of sae-probes' normal setting) or these names."""
+    """Dataset names: "cheap" gives CHEAP_DATASETS, "all" every binary dataset of sae-probes' normal setting."""
     if which == "cheap":
         return list(CHEAP_DATASETS)
     known = list(_sae_probes().DATASETS)
@@ -217,7 +215,8 @@ def sparse_probing(
     """The baseline's and each encoder's probes on these datasets; returns the summary (see `summarize`). sae-probes
     reuses a result file it finds: the encoders' are kept under `results` (which belongs to these encoders), the
     baseline's beside the activations in `cache`, since they depend on nothing else and cost far more (SmolLM2-135M's
-    layer 15 on 2 CPU cores: 4.5 minutes a dataset, a member's probes 18 s), so that each model and hook pays once."""
+    layer 15 on 2 CPU cores: up to a minute a dataset when idle, against 7 s for a member), so that each model and hook
+    pays once."""
     sae_probes = _sae_probes()
     results = Path(results)
     ks, datasets = list(DEFAULT_KS if ks is None else ks), list(datasets)
@@ -243,8 +242,7 @@ def sparse_probing(
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """sae-probes prints a line and draws a bar per dataset: one bar says it all. scikit-learn 1.8-1.9 warns at each
-    fit that sae-probes' `penalty=` is deprecated (removed in 1.10, which the `evals` extra excludes), and where a fit
-    stops at sae-probes' max_iter, as sae-probes expects (it silences that warning, but only until pytest resets it)."""
+    fit that `penalty=` is deprecated (gone in 1.10, which the `evals` extra excludes), and where one hits max_iter."""
     with (
         open(os.devnull, "w") as sink,
         contextlib.redirect_stdout(sink),
