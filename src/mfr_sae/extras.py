@@ -9,7 +9,15 @@ import urllib.parse
 from types import ModuleType
 
 # module -> the extra of mfr-sae that installs it (pyproject.toml, [project.optional-dependencies])
-EXTRAS = {"transformers": "lm", "gguf": "lm", "accelerate": "lm", "datasets": "lm", "mne": "eeg", "sae_lens": "synth"}
+EXTRAS = {
+    "transformers": "lm",
+    "gguf": "lm",
+    "accelerate": "lm",
+    "datasets": "lm",
+    "mne": "eeg",
+    "sae_lens": "synth",
+    "sklearn": "evals",
+}
 
 
 class MissingExtra(RuntimeError):
