@@ -110,6 +110,17 @@ def test_prompts_and_split_match_saebench(tiny_gpt2):
     assert [prompts.letter_index(w) for w in ours_train + ours_test] == [c for _, c in train + test]
 
 
+def test_word_position_is_the_words_last_token(tiny_gpt2):
+    _, tokenizer = load_model(str(tiny_gpt2[0]))
+    vocab = prompts.alpha_vocab(tokenizer)
+    rng = random.Random(0)
+    rest = tokenizer.decode(tokenizer(" has the first letter:", add_special_tokens=False)["input_ids"])
+    for word in vocab[::10]:
+        ids, pos = prompts.tokenize(tokenizer, prompts.icl_prompt(word, vocab, rng))
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1 : pos + 1]).endswith("\n" + word)
+        assert tokenizer.decode(ids[pos + 1 :]) == rest  # this tokenizer has no ":"
+
+
 def _letter_data(seed=0, n_test=20, n_a=80):
     """Activations [n, 32] of words of 26 letters, 20 training words each: letter l along e_l (1 to 1.5);
     the other letters have n_test test words each, 'a' n_a, of

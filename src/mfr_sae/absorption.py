@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from mfr_sae import absorption_probes as probes
 from mfr_sae import absorption_prompts as prompts
@@ -28,10 +29,12 @@ from mfr_sae.data.vectors import DataError
 
 MIN_F1 = 0.6  # eval_config.py:70 (min_GT_probe_f1): a letter the model knows
 MIN_LETTERS = 20  # eval_config.py:75 (min_feats_for_eval): letters needed to measure absorption
-# Words drawn from the tokenizer's alphabetic tokens (SmolLM2: 47,078; SAEBench takes them all). One prompt is
-# ~90 tokens; on 2 CPU cores SmolLM2-135M's first 16 layers read ~4 prompts a second, so the default (2,000
-# words, ~2,300 prompts with the re-run) is ~10 minutes there and seconds on a GPU; None takes every word.
-N_WORDS = 2000
+# Words drawn from the tokenizer's alphabetic tokens (SmolLM2: 47,078; SAEBench takes them all; None here). Fewer
+# words fail letters for want of data (rare letters have few test words): on SmolLM2-135M, 4,000 words passed 19-24
+# letters at layers 3-15 (19 at layer 15: not measurable), 12,000 words 25-26 at layers 3 and 6. A prompt is ~90
+# tokens; on 2 busy CPU cores this default took 8.5 minutes at layer 6 (~12 prompts a second; to layer 15, ~2.5x
+# slower), seconds on a GPU: give more words, or None, where time allows.
+N_WORDS = 4000
 
 
 class Encoder(Protocol):
@@ -101,39 +104,24 @@ def letter_probe(
     module = resolve_hook(model, hook)[1]
     acts = prompts.word_activations(model, module, tokenizer, texts, batch_size, progress)
     letters = torch.tensor([prompts.letter_index(w) for w in train + test])
-    n = len(train)
-    weight, bias = probes.train_probe(
-        acts[:n],
-        letters[:n],
-        batch_size=probes.PROBE_BATCH,
-        weight_decay=probes.PROBE_DECAY,
-        seed=seed,
-        progress=progress,
-        desc="letter probe",
-    )
-    test_logits = acts[n:] @ weight.T + bias
-    f1 = probes.letter_f1(test_logits, letters[n:])
-    probe = LetterProbe(
-        hook,
-        seed,
-        len(vocab),
-        acts[:n],
-        letters[:n],
-        acts[n:],
-        letters[n:],
-        weight,
-        bias,
-        dict(zip(prompts.LETTERS, f1)),
-    )
+    probe = _fit(hook, seed, len(vocab), acts, letters, len(train), progress)
     if probe.measurable:
-        _rerun_true_positives(probe, test, test_logits, vocab, rng, (model, module, tokenizer), batch_size, progress)
+        _rerun_true_positives(probe, test, vocab, rng, (model, module, tokenizer), batch_size, progress)
     return probe
+
+
+def _fit(hook: str, seed: int, n_vocab: int, acts: Tensor, letters: Tensor, n: int, progress: bool) -> LetterProbe:
+    """The probe trained on the first n words, and its F1 on the rest."""
+    weight, bias = probes.train_probe(acts[:n], letters[:n], seed=seed, progress=progress, desc="letter probe")
+    f1 = probes.letter_f1(acts[n:] @ weight.T + bias, letters[n:])
+    return LetterProbe(
+        hook, seed, n_vocab, acts[:n], letters[:n], acts[n:], letters[n:], weight, bias, dict(zip(prompts.LETTERS, f1))
+    )
 
 
 def _rerun_true_positives(
     probe: LetterProbe,
     test: list[str],
-    logits: Tensor,
     vocab: list[str],
     rng: random.Random,
     lm: tuple[nn.Module, nn.Module, Any],
@@ -142,6 +130,7 @@ def _rerun_true_positives(
 ) -> None:
     """The words scored: each counting letter's test words whose probe logit is > 0 (feature_absorption.py:136-146),
     letter by letter, in prompts of ICL examples from the whole vocabulary (feature_absorption.py:206-210)."""
+    logits = probe.test_acts @ probe.weight.T + probe.bias
     words, letters = [], []
     for letter in probe.passing:
         i = prompts.LETTERS.index(letter)
@@ -170,7 +159,7 @@ def absorption(
     test_z = probes.encode_all(encoder.encode, probe.test_acts, batch_size, decoder)
     sparse = probes.sparse_probe(train_z, probe.train_letters, seed, progress)
     letters = {}
-    for letter in probe.passing:
+    for letter in tqdm(probe.passing, desc="absorption: letters", disable=not progress):
         i = prompts.LETTERS.index(letter)
         main = probes.main_latents(sparse, i, (train_z, probe.train_letters), (test_z, probe.test_letters))
         rows = probe.scored_letters == i

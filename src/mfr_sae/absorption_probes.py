@@ -29,16 +29,17 @@ def train_probe(
     x: Tensor,
     labels: Tensor,
     *,
-    batch_size: int,
-    weight_decay: float,
+    batch_size: int = PROBE_BATCH,
+    weight_decay: float = PROBE_DECAY,
     l1: float = 0.0,
     seed: int = 0,
     progress: bool = False,
     desc: str = "probe",
 ) -> tuple[Tensor, Tensor]:
-    """(weight [26, d], bias [26]) of 26 logistic probes trained jointly: BCE with logits, each letter's positives
-    weighted by its negatives / positives (probing.py:50-53), Adam from LR decaying exponentially to END_LR over
-    EPOCHS epochs, plus l1 x the mean over letters of |weight| summed (k_sparse_probing.py:88-89)."""
+    """(weight [26, d], bias [26]) of 26 logistic probes trained jointly (by default, the ground-truth probe):
+    BCE with logits, each letter's positives weighted by its negatives / positives (probing.py:50-53), Adam from LR
+    decaying exponentially to END_LR over EPOCHS epochs, plus l1 x the mean over letters of |weight| summed
+    (k_sparse_probing.py:88-89)."""
     y = nn.functional.one_hot(labels, 26).to(x.dtype)
     positives = y.sum(0)
     # a letter with no positive word: neg/pos is inf and inf * 0 NaNs the loss; any weight gives the same loss
