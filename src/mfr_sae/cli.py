@@ -229,6 +229,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mfr_sae.evaluate import EVALUATION_FILE, EVALUATION_REPORT, evaluate_run
+
+    evaluate_run(
+        args.run,
+        args.probe_datasets,
+        args.absorption_words,
+        probing=not args.no_probing,
+        absorption=not args.no_absorption,
+        activations=args.probe_cache,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"evaluation: {args.run / EVALUATION_FILE}, report: {args.run / EVALUATION_REPORT}")
+    return 0
+
+
 TRAINING_COMMANDS = {"train", "reproduce", "study", "study-lm"}
 
 
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "study-lm": run_study_lm,
             "verify": run_verify,
             "browse": run_browse,
+            "evaluate": run_evaluate,
         }
         code = commands[args.command](args)
     except USER_ERRORS as err:

@@ -230,4 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, default=20, help="top activating contexts kept per latent")
     p.add_argument("--max-rows", type=int, help="read only the cache's first rows (default: all of it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = commands.add_parser(
+        "evaluate",
+        help="the field's evaluations of a run on language-model activations, offline: sparse probing (sae-probes) "
+        "and first-letter absorption (SAEBench's method), per member",
+        description="Sparse probing through sae-probes (the model's activations for its binary tasks written by "
+        "mfr-sae's loader; the probe on raw activations as reference) and first-letter absorption by SAEBench's "
+        "method and thresholds, for every member, beside the run's own core metrics: RUN/evaluation.json "
+        "(sections core, probing, absorption) and RUN/evaluation.md. Needs the extras lm and evals.",
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder trained on an activation cache")
+    p.add_argument(
+        "--probe-datasets",
+        default="cheap",
+        help="sae-probes tasks: cheap (the shortest prompts: minutes on a CPU), all, or names, comma-separated",
+    )
+    p.add_argument("--absorption-words", type=int, help="words of the vocabulary the letter probe reads (a sample)")
+    p.add_argument("--probe-cache", type=Path, help="folder of the model activations sae-probes reads (reused)")
+    p.add_argument("--no-probing", action="store_true", help="skip sparse probing")
+    p.add_argument("--no-absorption", action="store_true", help="skip absorption")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
