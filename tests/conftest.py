@@ -166,6 +166,18 @@ def write_corpus(path, n_docs=400, seed=0):
     return path
 
 
+@pytest.fixture
+def cache_command(tiny_gpt2):
+    """`mfr-sae cache` of the tiny GPT-2's activations at a hook over its corpus, as main() takes it."""
+    model_dir, corpus = tiny_gpt2
+
+    def command(hook: str, out: Path, tokens: int, context: int) -> list[str]:
+        args = ["cache", "--model", str(model_dir), "--hook", hook, "--text", str(corpus), "--out", str(out)]
+        return args + ["--tokens", str(tokens), "--context", str(context), "--no-progress"]
+
+    return command
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     """A tiny GPT-2 with random weights and a BPE tokenizer trained here, saved with save_pretrained."""

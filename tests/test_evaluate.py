@@ -27,33 +27,12 @@ def test_model_label_has_no_slash():
     assert model_label("/cache/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
 
 
-def test_sparse_probing_of_a_tiny_lm_run_end_to_end(tmp_path, tiny_gpt2, capsys):
+def test_sparse_probing_of_a_tiny_lm_run_end_to_end(tmp_path, cache_command):
     """A run on a tiny GPT-2's activations: evaluation.json holds the core metrics and the probing of each member
     beside the raw-activation probe, and evaluation.md reports them."""
     pytest.importorskip("sae_probes")
-    model_dir, corpus = tiny_gpt2
     cache = tmp_path / "cache"
-    assert (
-        main(
-            [
-                "cache",
-                "--model",
-                str(model_dir),
-                "--text",
-                str(corpus),
-                "--hook",
-                "blocks.1.hook_resid_post",
-                "--out",
-                str(cache),
-                "--tokens",
-                "3000",
-                "--context",
-                "32",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(cache_command("blocks.1.hook_resid_post", cache, 3000, 32)) == 0
     run = tmp_path / "run"
     sets = [
         "data.kind=activations",

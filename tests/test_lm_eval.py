@@ -41,30 +41,9 @@ def test_identity_splice_gives_the_clean_loss_and_zero_ablation_does_not(tiny_gp
     assert useless["frac_recovered"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_cache_then_train_baseline_and_mfr_then_loss_recovered(tiny_gpt2, tmp_path, capsys):
-    model_dir, corpus = tiny_gpt2
+def test_cache_then_train_baseline_and_mfr_then_loss_recovered(cache_command, tmp_path, capsys):
     cache = tmp_path / "cache"
-    assert (
-        main(
-            [
-                "cache",
-                "--model",
-                str(model_dir),
-                "--hook",
-                "blocks.0.hook_mlp_out",
-                "--text",
-                str(corpus),
-                "--out",
-                str(cache),
-                "--tokens",
-                "6000",
-                "--context",
-                "16",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(cache_command("blocks.0.hook_mlp_out", cache, 6000, 16)) == 0
     assert "6000 vectors of d=32" in capsys.readouterr().out
     base = [
         "data.kind=activations",
