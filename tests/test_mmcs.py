@@ -85,5 +85,6 @@ def test_agreed_fraction_counts_latents_another_member_has_at_the_cosine():
     # member 0 and 1 share 6 latents each; member 2 none: 12 of 24
     assert agreed_fraction(decoder) == pytest.approx(12 / 24)
     assert agreed_fraction(decoder, cosine=-1.0) == 1.0
+    assert agreed_fraction(decoder, match_all(decoder, "max")) == pytest.approx(12 / 24)
     assert pairwise_mmcs(decoder)["agreed_frac"] == pytest.approx(0.5)
     assert pairwise_mmcs(decoder[:1])["agreed_frac"] is None

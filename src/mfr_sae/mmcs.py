@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from mfr_sae.links import linked_similarity, links_between
 from mfr_sae.matching import match_all, member_pairs
-from mfr_sae.search import top_both_ways
 
 AGREED_COSINE = 0.8  # a latent agrees with another member at this cosine: mfr.confirm_cosine's default
 
@@ -50,23 +49,24 @@ def pairwise_mmcs(decoder: Tensor) -> dict[str, float | None]:
     member)."""
     if len(decoder) < 2:
         return {"pairwise_mmcs": None, "pairwise_mmcs_hungarian": None, "agreed_frac": None}
+    best = match_all(decoder, "max")  # each row's best partner in the other member of each pair
     return {
-        **{
-            f"pairwise_mmcs{suffix}": matched_mmcs(decoder, match_all(decoder, mode)).item()
-            for suffix, mode in [("", "max"), ("_hungarian", "hungarian")]
-        },
-        "agreed_frac": agreed_fraction(decoder),
+        "pairwise_mmcs": matched_mmcs(decoder, best).item(),
+        "pairwise_mmcs_hungarian": matched_mmcs(decoder, match_all(decoder, "hungarian")).item(),
+        "agreed_frac": agreed_fraction(decoder, best),
     }
 
 
 @torch.no_grad()
-def agreed_fraction(decoder: Tensor, cosine: float = AGREED_COSINE) -> float:
+def agreed_fraction(decoder: Tensor, best: Tensor | None = None, cosine: float = AGREED_COSINE) -> float:
     """Share of all members' latents [N, h, d] that some latent of another member is at cosine >= `cosine` with:
     what MFR's confirmation counts as confirmed, measured alike with the penalty on or off (the baseline's own
-    agreement), so that both arms' learning curves show when the members come to agree."""
+    agreement), so that both arms' learning curves show when the members come to agree. best: the `max` matches
+    ([P, 2, h], `match_all`; made here when not given): each row's best partner, whose cosine is its largest."""
+    best = match_all(decoder, "max") if best is None else best
     unit = F.normalize(decoder.float(), dim=-1)
-    best = torch.full(decoder.shape[:2], -math.inf, device=decoder.device)
-    for a, b in member_pairs(len(decoder)):
-        a_top, b_top = top_both_ways(unit[a], unit[b], 1)
-        best[a], best[b] = best[a].maximum(a_top.values[:, 0]), best[b].maximum(b_top.values[:, 0])
-    return (best >= cosine).float().mean().item()
+    top = torch.full(decoder.shape[:2], -math.inf, device=decoder.device)
+    for (a, b), (a_to_b, b_to_a) in zip(member_pairs(len(decoder)), best):
+        top[a] = top[a].maximum((unit[a] * unit[b][a_to_b]).sum(-1))
+        top[b] = top[b].maximum((unit[b] * unit[a][b_to_a]).sum(-1))
+    return (top >= cosine).float().mean().item()
