@@ -119,10 +119,10 @@ def test_probes_read_the_latents_the_encoder_keeps(tiny_probe, tmp_path):
 
 
 def test_batches_hold_prompts_of_like_length_within_the_token_budget():
-    from mfr_sae.probing import BATCH_TOKENS, _batches
+    from mfr_sae.data.lm_model import BATCH_TOKENS, length_batches
 
     ids = [[1] * n for n in [5, 1024, 3, 700, 1024, 8, 2, 1024, 400] * 10]
-    batches = list(_batches(ids, batch_size=16))
+    batches = list(length_batches(ids, batch_size=16))
     assert sorted(i for batch in batches for i in batch) == list(range(len(ids)))
     for batch in batches:
         longest = max(len(ids[i]) for i in batch)

@@ -11,11 +11,10 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mfr_sae.data.lm_model import capture
+from mfr_sae.data.lm_model import bos_token_id, context_length, outputs_at
 from mfr_sae.data.vectors import DataError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -74,18 +73,10 @@ def icl_prompt(word: str, examples: Sequence[str], rng: random.Random) -> str:
     return "\n" + "\n".join(lines) + "\n" + TEMPLATE.format(word=word)
 
 
-def bos_id(tokenizer: Any) -> int:
-    """The token put first, as TransformerLens (SAEBench's model) prepends BOS; EOS where there is no BOS."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise DataError("the tokenizer has neither a BOS nor an EOS token")
-    return int(bos)
-
-
 def tokenize(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
     """(token ids, position of the word's last token). SAEBench reads a fixed position (-6 from the end); the
     position here is where the prompt's tokens up to the word end, so another tokenizer cannot shift it."""
-    head = [bos_id(tokenizer)]
+    head = [bos_token_id(tokenizer)]
     ids = head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     word_end = len(prompt) - len(TEMPLATE.format(word=""))
     upto = head + tokenizer(prompt[:word_end], add_special_tokens=False)["input_ids"]
@@ -94,34 +85,15 @@ def tokenize(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
     return ids, len(upto) - 1
 
 
-@torch.no_grad()
 def word_activations(
     model: nn.Module, module: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int, progress: bool
 ) -> Tensor:
-    """The hooked module's output at each prompt's word token [n, d], float32 on the CPU. Rows are padded on the
-    right: under causal attention a position never sees the padding after it, so no attention mask is needed."""
+    """The hooked module's output at each prompt's word token [n, d], float32 on the CPU (`outputs_at`)."""
     tokens = [tokenize(tokenizer, p) for p in prompts]
-    limit = _context(model)
+    limit = context_length(model)
     longest = max((len(ids) for ids, _ in tokens), default=0)
     if limit is not None and longest > limit:
         raise DataError(f"first-letter prompts of {longest} tokens exceed the model's context of {limit}")
-    device = next(model.parameters()).device
-    out = []
-    starts = range(0, len(tokens), batch_size)
-    for start in tqdm(starts, desc="absorption: activations", unit="batch", disable=not progress):
-        batch = tokens[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([row + [row[-1]] * (width - len(row)) for row, _ in batch], device=device)
-        acts = capture(model, module, ids)
-        where = torch.tensor([pos for _, pos in batch], device=device)
-        out.append(acts[torch.arange(len(batch), device=device), where].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-def _context(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    ids, positions = [ids for ids, _ in tokens], [pos for _, pos in tokens]
+    with tqdm(total=len(ids), desc="absorption: activations", unit="prompt", disable=not progress) as bar:
+        return outputs_at(model, module, ids, positions, batch_size, bar.update)

@@ -22,7 +22,7 @@ import torch
 from mfr_sae.checkpoint import load
 from mfr_sae.config import load_run_config
 from mfr_sae.data.activations import read_manifest
-from mfr_sae.data.lm_model import load_model
+from mfr_sae.data.lm_model import context_length, load_model
 from mfr_sae.errors import ConfigError
 from mfr_sae.files import atomic_write_text, read_json, write_json
 from mfr_sae.offline import cache_dir
@@ -81,32 +81,22 @@ def evaluate_run(
     from mfr_sae import absorption as letters  # the extra [evals] only when asked for
     from mfr_sae import probing as probes
 
-    class MemberSAE(probes.MemberEncoder):
-        """One member as both evaluations read an SAE: dense latents (`encode`) and its decoder rows (`W_dec`)."""
-
-        def __init__(self, ensemble: Any, member: int):
-            super().__init__(ensemble, member)
-            self.W_dec = self.ensemble.decoder()[0].detach()  # SAELens's name
-
     run_dir = Path(run_dir)
     cfg, results, manifest = lm_run(run_dir)
     model, tokenizer = load_model(manifest["model"], device)
     ensemble = load(run_dir, device)
-    encoders = [MemberSAE(ensemble, m) for m in range(ensemble.n_members)]
+    encoders = [probes.MemberEncoder(ensemble, m) for m in range(ensemble.n_members)]
     hook = manifest["hook"]
     evaluation: dict[str, Any] = {"run": str(run_dir), "model": manifest["model"], "hook": hook}
     evaluation["core"] = core_metrics(results)
     if probing:
-        try:  # "cheap", "all", or names, comma-separated
-            names = probes.probe_datasets(
-                probe_datasets if probe_datasets in ("cheap", "all") else probe_datasets.split(",")
-            )
+        try:
+            names = probes.probe_datasets(probe_datasets)
         except ValueError as err:
             raise ConfigError(f"--probe-datasets: {err}") from None
         model_name = model_label(manifest["model"])
         cache = activations or probe_cache()
-        positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        context = int(positions or 1024)  # prompts keep their last tokens within the model's positions
+        context = context_length(model) or 1024  # prompts keep their last tokens within the model's positions
         probes.write_probe_activations(
             model, tokenizer, hook, names, cache, model_name, max_length=min(1024, context), progress=progress
         )

@@ -10,7 +10,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,14 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text beside path, then rename it into place. A failed write (a full disk...) leaves the old file as
-    it was, removes its temporary copy and names `path` in its error."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) beside path, then rename it into place. A failed write (a full disk...) leaves the old file as it
+    was, removes its temporary copy and names `path` in its error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):  # a partial copy must not keep the space a retry needs
@@ -79,6 +77,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         err.filename, err.filename2 = str(path), None  # the file meant, not its temporary sibling
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> Any:

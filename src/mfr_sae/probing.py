@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mfr_sae.data.lm_model import capture, resolve_hook
+from mfr_sae.data.lm_model import bos_token_id, outputs_at, resolve_hook
 from mfr_sae.data.vectors import DataError
 from mfr_sae.ensemble import Ensemble
 from mfr_sae.extras import require
+from mfr_sae.files import atomic_write
 
 # The 25 binary datasets whose prompts are shortest in total (the sum of len(prompt) in characters over the CSV that
 # sae-probes 0.4.2 ships; characters, since its prompt_len column is missing from 7 datasets), shortest first. The
@@ -63,7 +64,6 @@ CHEAP_DATASETS = (
 # SmolLM2-135M's layer 15 they took 35 of the 42 s that its probes on one dataset took on 2 idle CPU cores (for each
 # member and dataset), and they are far from sparse.
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)
-BATCH_TOKENS = 16_384  # padded tokens in one batch: 16 prompts of 1,024 tokens, so that long prompts bound memory
 METRICS = ("test_auc", "test_f1", "test_acc")
 SETTING = "normal"
 
@@ -74,13 +74,14 @@ def _sae_probes() -> ModuleType:
 
 
 def probe_datasets(which: str | Sequence[str]) -> list[str]:
-    """Dataset names: "cheap" gives CHEAP_DATASETS, "all" every binary dataset of sae-probes' normal setting."""
+    """Dataset names: "cheap" gives CHEAP_DATASETS, "all" every binary dataset of sae-probes' normal setting, else
+    the names given (a string: comma-separated)."""
     if which == "cheap":
         return list(CHEAP_DATASETS)
     known = list(_sae_probes().DATASETS)
     if which == "all":
         return known
-    names = [which] if isinstance(which, str) else list(which)
+    names = which.split(",") if isinstance(which, str) else list(which)  # no dataset name holds a comma
     for name in names:
         if name not in known:
             raise ValueError(
@@ -130,64 +131,22 @@ def write_probe_activations(
     with tqdm(total=total, desc="probe activations", unit="prompt", disable=not progress) as bar:
         for ds, texts in prompts.items():
             ids = [with_bos(tokenizer, text, max_length) for text in texts]
-            acts = last_token_outputs(model, module, ids, batch_size, bar.update)
-            _save_atomic(acts, activation_file(cache, model_name, ds, hook))
+            acts = outputs_at(model, module, ids, [len(row) - 1 for row in ids], batch_size, bar.update)
+            _save(acts, activation_file(cache, model_name, ds, hook))
     return folder
 
 
 def with_bos(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """BOS (EOS where the tokenizer has none, as data/activations.py does) and the text's last max_length - 1 tokens."""
+    """BOS (`bos_token_id`, as data/activations.py's sequences start) and the text's last max_length - 1 tokens."""
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not tokens:
         raise DataError(f"the probing prompt {text!r} has no tokens")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise DataError("the tokenizer has neither a BOS nor an EOS token")
-    return [bos, *tokens[max(len(tokens) - (max_length - 1), 0) :]]
+    return [bos_token_id(tokenizer), *tokens[max(len(tokens) - (max_length - 1), 0) :]]
 
 
-@torch.no_grad()
-def last_token_outputs(
-    model: nn.Module, module: nn.Module, ids: list[list[int]], batch_size: int, done: Callable[[int], Any]
-) -> Tensor:
-    """The module's output [len(ids), d] at each sequence's last token, float32 on the CPU. Batches are padded on the
-    right, which causal attention keeps from every real token."""
-    device = next(model.parameters()).device
-    out: Tensor | None = None
-    for rows in _batches(ids, batch_size):
-        lengths = torch.tensor([len(ids[i]) for i in rows])
-        batch = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # the pad id is never read
-        for j, i in enumerate(rows):
-            batch[j, : lengths[j]] = torch.tensor(ids[i])
-        acts = capture(model, module, batch.to(device))
-        last = acts[torch.arange(len(rows), device=acts.device), (lengths - 1).to(acts.device)].float().cpu()
-        if out is None:
-            out = last.new_empty(len(ids), last.shape[1])
-        out[rows] = last
-        done(len(rows))
-    assert out is not None
-    return out
-
-
-def _batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-    """Row indices of batches of like length (little padding), shortest first, each of at most batch_size rows and
-    BATCH_TOKENS padded tokens (or one row), so that long prompts come a few at a time."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) == batch_size or (len(batch) + 1) * len(ids[i]) > BATCH_TOKENS):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-def _save_atomic(tensor: Tensor, path: Path) -> None:
-    """A crash leaves no half-written file that sae-probes would read as complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(tensor.contiguous(), tmp)
-    os.replace(tmp, path)
+def _save(acts: Tensor, path: Path) -> None:
+    """Written atomically: a crash leaves no half-written file that sae-probes would read as complete."""
+    atomic_write(path, lambda tmp: torch.save(acts.contiguous(), tmp))
 
 
 class MemberEncoder:
@@ -196,6 +155,9 @@ class MemberEncoder:
 
     def __init__(self, ensemble: Ensemble, member: int):
         self.ensemble = ensemble.select([member]).cpu().float().eval()
+        self.W_dec = self.ensemble.decoder()[
+            0
+        ].detach()  # its decoder rows [h, d], SAELens's name (absorption reads them)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

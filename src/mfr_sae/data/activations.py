@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mfr_sae.data.lm_model import capture, load_model, resolve_hook
+from mfr_sae.data.lm_model import bos_token_id, capture, context_length, load_model, resolve_hook
 from mfr_sae.data.vectors import DataError, VectorsData
 from mfr_sae.extras import require
 from mfr_sae.files import sha256
@@ -102,10 +102,8 @@ def _require_datasets(name: str) -> ModuleType:
 
 def token_sequences(texts: Iterator[str], tokenizer: Any, context: int) -> Iterator[Tensor]:
     """Sequences of `context` token ids: BOS followed by `context - 1` tokens of the joined documents."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_token_id(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
-    if bos is None:
-        raise DataError("the tokenizer has neither a BOS nor an EOS token")
     buffer: list[int] = []
     for text in texts:
         buffer += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
@@ -172,7 +170,7 @@ def build_cache(
         _require_datasets(text)
     model, tokenizer = load_model(model_name, device)
     module_path, module = resolve_hook(model, hook)
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    limit = context_length(model)
     if limit is not None and context > limit:
         raise DataError(f"context {context} is longer than the model's {limit} positions")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,14 @@
   so extracting layer 0 costs one layer, not the whole model (the embeddings, token and position,
   run as in the real model).
 - `splice`: within a block, the hooked module's output replaced by a function of it.
+- `outputs_at`: the hooked module's output at one position of each of many token sequences (batched, padded).
+- `bos_token_id`, `context_length`: the token a sequence starts with, and how many positions the model has.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -129,3 +131,69 @@ def splice(module: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[N
         yield
     finally:
         handle.remove()
+
+
+BATCH_TOKENS = 16_384  # padded tokens in one batch of `outputs_at`: 16 sequences of 1,024, so long ones bound memory
+
+
+def bos_token_id(tokenizer: Any) -> int:
+    """The token every sequence starts with: BOS, or EOS where the tokenizer has no BOS (as GPT-2's, whose BOS is its
+    EOS); TransformerLens prepends it too."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token")
+    return int(bos)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's positions (max_position_embeddings, GPT-2's n_positions), None where its config names none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.no_grad()
+def outputs_at(
+    model: nn.Module,
+    module: nn.Module,
+    ids: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    batch_size: int,
+    done: Callable[[int], Any] | None = None,
+) -> Tensor:
+    """The module's output [len(ids), d] at positions[i] of sequence ids[i], float32 on the CPU. Sequences of like
+    length are batched (`length_batches`) and padded on the right, which causal attention keeps from every real
+    token, so no attention mask is needed. done(n): called after each batch of n sequences (a progress bar)."""
+    device = next(model.parameters()).device
+    out: Tensor | None = None
+    for rows in length_batches(ids, batch_size):
+        lengths = [len(ids[i]) for i in rows]
+        batch = torch.zeros(len(rows), max(lengths), dtype=torch.long)  # the pad id is never read
+        for j, i in enumerate(rows):
+            batch[j, : lengths[j]] = torch.tensor(ids[i])
+        acts = capture(model, module, batch.to(device))
+        where = torch.tensor([positions[i] for i in rows], device=acts.device)
+        picked = acts[torch.arange(len(rows), device=acts.device), where].float().cpu()
+        if out is None:
+            out = picked.new_empty(len(ids), picked.shape[1])
+        out[rows] = picked
+        if done is not None:
+            done(len(rows))
+    return out if out is not None else torch.zeros(0, 0)
+
+
+def length_batches(ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """Row indices of batches of like length (little padding), shortest first, each of at most batch_size rows and
+    BATCH_TOKENS padded tokens (or one row), so that long sequences come a few at a time."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * len(ids[i]) > BATCH_TOKENS):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
