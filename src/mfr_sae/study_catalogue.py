@@ -143,7 +143,7 @@ def zipf_family(
     ]
 
 
-SYNTH_16K_SAMPLES = 1_024_000  # 1,000 steps of 1,024: about 10 minutes a run of 3 members on 2 CPU cores
+SYNTH_16K_SAMPLES = 1_024_000  # 1,000 steps of 1,024: about 12 minutes a run of 3 members on 2 idle CPU cores
 HIERARCHY = ("data.children=3", "data.child_probability=0.3")
 
 
