@@ -150,3 +150,4 @@ def test_the_16k_verdict_in_quick_form_judges_the_benchmark_metrics_and_learning
     assert (out / "fig_learning_curves.png").stat().st_size > 0
     assert "--architectures topk,matryoshka --data synthsaebench-16k" in report and "| F1 |" in report
     assert "kind=synthsaebench, preset=synthsaebench-1k" in report
+    assert "the preset's own true features, whatever data.seed" in report and "data.seed 2" not in report

@@ -150,6 +150,17 @@ def holm_family(data: dict[str, Any]) -> str:
     return family + (f" ({identical} {IDENTICAL}: no p)" if identical else "")
 
 
+def features_words(summary: dict[str, Any], seed: int) -> str:
+    """Where a judged split's true features come from: data.seed, except on SynthSAEBench, whose preset fixes
+    them (its model has its own seed), so there the split is its replicates alone."""
+    kinds = {data["config"]["data"]["kind"] for data in summary["datasets"].values()}
+    if kinds == {"synthsaebench"}:
+        return "the preset's own true features, whatever data.seed"
+    if "synthsaebench" in kinds:
+        return f"true features data.seed {seed} (SynthSAEBench: its preset's own)"
+    return f"true features data.seed {seed}"
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> None:
     """results.json, the figure and report.md (its first lines: the setting chosen on tuning data, or that nothing
     was chosen, and whether it, and the defaults, beat the baseline on each judged dataset)."""
@@ -162,6 +173,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     tried = [s["name"] for s in summary["settings"][1:]]
     split = summary.get("judged_on", "heldout")
     word, seeds = SPLIT_WORDS[split], SPLITS[split]
+    features = features_words(summary, seeds["feature_seed"])
     command = (
         f"mfr-sae study{' --quick' if quick else ''} --replicates {r} --large-replicates "
         f"{summary['large_replicates']} "
@@ -185,8 +197,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         lines = ["# MFR study: the frozen defaults of mfr.* judged once on the test split", ""]
         lines += [
             "Nothing was chosen: no tuning ran. The baseline and the defaults of mfr.* "
-            f"(`{summary['default_setting']}`) alone, on the {word} split (true features data.seed "
-            f"{seeds['feature_seed']}, replicates {seeds['first_replicate']}..), which no choice has seen.",
+            f"(`{summary['default_setting']}`) alone, on the {word} split ({features}, replicates "
+            f"{seeds['first_replicate']}..), which no choice has seen.",
             "",
         ]
     for name, data in summary["datasets"].items():
@@ -223,7 +235,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         if split == "heldout"
         else [
             f"- Test: no tuning; the baseline and the frozen defaults of mfr.* (`{summary['default_setting']}`) on "
-            f"every dataset's test split (true features data.seed {seeds['feature_seed']}; replicates "
+            f"every dataset's test split ({features}; replicates "
             f"{seeds['first_replicate']}..), judged once, never used to choose: {r} replicates, "
             f"{summary['large_replicates']} on the large datasets (h above 1,024).",
         ]
