@@ -215,6 +215,31 @@ def tiny_gpt2(tmp_path_factory):
     return model_dir, corpus
 
 
+def _longer_positions(model, n_positions: int) -> None:
+    """Give a GPT-2 `n_positions` positions, the first ones its own: SAEBench's letter prompts (~200 tokens on the
+    tiny tokenizer) need more than the tiny GPT-2's 64."""
+    from torch import nn
+
+    wpe = model.transformer.wpe
+    model.transformer.wpe = nn.Embedding(n_positions, wpe.embedding_dim)
+    model.transformer.wpe.weight.data[: wpe.num_embeddings] = wpe.weight.data
+    model.config.n_positions = n_positions
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_256(tiny_gpt2, tmp_path_factory):
+    """The tiny GPT-2 with 256 positions (_longer_positions), saved in a folder of its own; the same corpus."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model_dir, corpus = tiny_gpt2
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    _longer_positions(model, 256)
+    out = tmp_path_factory.mktemp("lm256") / "tiny-gpt2-256"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out, corpus
+
+
 def _raise_at(trainer, step, error) -> None:
     """Make the trainer raise `error` when it is about to run step `step`."""
     original = trainer.train_step

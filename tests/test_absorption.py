@@ -10,7 +10,6 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
 from mfr_sae import absorption_probes as probes
 from mfr_sae import absorption_prompts as prompts
@@ -238,14 +237,11 @@ def test_main_latents_match_saebench(monkeypatch):
     )
 
 
-def test_model_knowing_no_letters_is_not_measurable(tiny_gpt2):
+def test_model_knowing_no_letters_is_not_measurable(tiny_gpt2, tiny_gpt2_256):
     model, tokenizer = load_model(str(tiny_gpt2[0]))
     with pytest.raises(DataError, match="exceed the model's context of 64"):
         letter_probe(model, tokenizer, "blocks.1.hook_resid_post", n_words=None)
-    wpe = model.transformer.wpe  # the prompts (~200 tokens here) need more positions than the fixture's 64
-    model.transformer.wpe = nn.Embedding(256, wpe.embedding_dim)
-    model.transformer.wpe.weight.data[:64] = wpe.weight.data
-    model.config.n_positions = 256
+    model, tokenizer = load_model(str(tiny_gpt2_256[0]))  # the prompts (~200 tokens here) need more positions
     probe = letter_probe(model, tokenizer, "blocks.1.hook_resid_post", n_words=None, seed=0)  # its 131 words
     sae = types.SimpleNamespace(W_dec=torch.randn(16, 32), encode=lambda x: torch.relu(x @ torch.randn(32, 16)))
     result = absorption(sae, probe)

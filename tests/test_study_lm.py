@@ -5,8 +5,10 @@ import pytest
 pytest.importorskip("transformers")
 
 from mfr_sae.cli import main
+from mfr_sae.evaluate import HEADLINE
 from mfr_sae.study_lm import KS, study_lm
 
+PROBE_DATASET = "131_temp_cat_Typical Time"  # a short sae-probes task
 SMALL = ["train.batch_size=100", "eval.lm_sequences=4", "mfr.match_every=5"]
 
 
@@ -62,3 +64,33 @@ def test_an_mfr_arm_with_no_pull_is_the_baseline_of_its_seed(tiny_gpt2, tmp_path
 def test_study_lm_needs_two_seeds(tmp_path, capsys):
     code = main(["study-lm", "--out", str(tmp_path), "--seeds", "1", "--no-progress"])
     assert code == 2 and "--seeds 1" in capsys.readouterr().err
+
+
+def test_study_lm_evaluate_tests_probing_and_absorption_beside_reconstruction(tiny_gpt2_256, tmp_path, capsys):
+    """--evaluate: each run's evaluation.json (as `mfr-sae evaluate` writes it), the probing AUCs in the Holm family
+    beside FVU, loss recovered and KL; the tiny model knows too few letters, so absorption is not measurable: no
+    test, and the report says why with the filter's numbers."""
+    pytest.importorskip("sae_probes")
+    model_dir, corpus = tiny_gpt2_256
+    args = ["study-lm", "--out", str(tmp_path), "--model", str(model_dir), "--text", str(corpus)]
+    args += ["--hook", "blocks.1.hook_resid_post", "--tokens", "3000", "--cache-tokens", "1500", "--seeds", "2"]
+    args += ["--context", "32"]
+    args += ["--evaluate", "--probe-datasets", PROBE_DATASET, "--probe-cache", str(tmp_path / "acts")]
+    args += ["--absorption-words", "100000", "--no-progress"]  # more than the vocabulary's 131: all of them
+    for override in [*SMALL, "sae.n_members=2", "sae.k=[4,8]", "sae.d_sae=64", "data.holdout=300"]:
+        args += ["--set", override]
+    assert main([*args, "--set", "eval.n_samples=300"]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["tested"]) == ["fvu", "frac_recovered", "kl", *HEADLINE]
+    for arm in ("baseline", "mfr"):
+        evaluation = json.loads((tmp_path / "seed1" / arm / "evaluation.json").read_text())
+        aucs = [m["by_k"]["16"]["test_auc"] for m in evaluation["probing"]["members"]]
+        assert summary["values"][arm]["probe_auc_k16"][1] == pytest.approx(sum(aucs) / 2)
+    probing = summary["tests"]["probe_auc_k1"]
+    assert probing["n"] == 2 and "p_holm" in probing
+    assert summary["tests"]["absorption_fraction"]["n"] == 0  # not measurable: no pairs
+    assert [row["k"] for row in summary["per_k"]] == [4, 8]  # the runs' own ks
+    assert summary["evaluation"]["letters"]["letters_passing"] < 20
+    report = (tmp_path / "report.md").read_text()
+    assert "Holm over these 7" in report and "absorption not measurable here" in report
+    assert "sparse probing AUC, 16 latents: MFR" in capsys.readouterr().out

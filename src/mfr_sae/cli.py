@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from mfr_sae import process_group
 from mfr_sae.cli_parser import build_parser
@@ -19,6 +20,9 @@ from mfr_sae.process_group import RankLost, world_from_env
 from mfr_sae.report import fmt_num, markdown_table
 from mfr_sae.run_folder import TrainingError
 from mfr_sae.train import Interrupted, resume, train
+
+if TYPE_CHECKING:
+    from mfr_sae.evaluate import EvaluationOptions
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C
@@ -161,7 +165,8 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def run_study_lm(args: argparse.Namespace) -> int:
-    from mfr_sae.study_lm import FULL_TOKENS, QUICK_TOKENS, study_lm, verdict
+    from mfr_sae.study_lm import FULL_TOKENS, QUICK_TOKENS, study_lm
+    from mfr_sae.study_lm_report import verdict
 
     if args.seeds < 2:
         raise ConfigError(f"--seeds {args.seeds}: a paired comparison needs at least 2 seeds")
@@ -174,8 +179,10 @@ def run_study_lm(args: argparse.Namespace) -> int:
         tokens,
         args.cache_tokens,
         args.seeds,
+        context=args.context,
         progress=not args.no_progress,
         extra=args.overrides,
+        evaluation=evaluation_options(args) if args.evaluate else None,
     )
     print("\n".join(verdict(summary)))
     print(f"report: {args.out / 'report.md'}")
@@ -229,11 +236,11 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from mfr_sae.evaluate import EVALUATION_FILE, EVALUATION_REPORT, evaluate_run
+def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    """What `evaluate` and `study-lm --evaluate` measure (cli_parser.add_evaluation_options)."""
+    from mfr_sae.evaluate import EvaluationOptions
 
-    evaluate_run(
-        args.run,
+    return EvaluationOptions(
         args.probe_datasets,
         args.absorption_words,
         probing=not args.no_probing,
@@ -242,6 +249,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mfr_sae.evaluate import EVALUATION_FILE, EVALUATION_REPORT, evaluate_run
+
+    evaluate_run(args.run, evaluation_options(args))
     print(f"evaluation: {args.run / EVALUATION_FILE}, report: {args.run / EVALUATION_REPORT}")
     return 0
 

@@ -171,8 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="activations to cache (default: --tokens plus the 10,000 held out; fewer: several passes over them)",
     )
     p.add_argument("--seeds", type=int, default=3, help="independent seeds (>= 2), each a baseline and an MFR run")
+    p.add_argument("--context", type=int, default=128, help="tokens per cached sequence, BOS included")
     p.add_argument("--quick", action="store_true", help="100,000 training tokens a run")
     add_overrides(p, "override one config field of every run (repeatable)")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="evaluate every run as `mfr-sae evaluate` does and test the headline numbers of sparse probing (AUC "
+        "with 1 and 16 latents) and absorption (fraction, full) beside FVU, loss recovered and KL (extra evals)",
+    )
+    add_evaluation_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 
     p = commands.add_parser(
@@ -241,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(sections core, probing, absorption) and RUN/evaluation.md. Needs the extras lm and evals.",
     )
     p.add_argument("run", type=Path, metavar="RUN", help="run folder trained on an activation cache")
+    add_evaluation_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """What `evaluate` and `study-lm --evaluate` measure (cli.evaluation_options)."""
     p.add_argument(
         "--probe-datasets",
         default="cheap",
@@ -250,6 +265,4 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-cache", type=Path, help="folder of the model activations sae-probes reads (reused)")
     p.add_argument("--no-probing", action="store_true", help="skip sparse probing")
     p.add_argument("--no-absorption", action="store_true", help="skip absorption")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
+    p.add_argument("--device", default="cpu", help="where the model and the SAEs run for the evaluation")

@@ -14,6 +14,7 @@ Writes RUN/evaluation.json (sections core, probing, absorption) and RUN/evaluati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,53 +68,129 @@ def core_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [{key: member[key] for key in ("member", "k", *CORE) if key in member} for member in results["members"]]
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    probe_datasets: str = "cheap",
-    absorption_words: int | None = None,
-    probing: bool = True,
-    absorption: bool = True,
-    activations: Path | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate every member of a run; writes and returns evaluation.json's content."""
-    from mfr_sae import absorption as letters  # the extra [evals] only when asked for
-    from mfr_sae import probing as probes
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What `mfr-sae evaluate` (and `study-lm --evaluate`) measures, and how."""
 
-    run_dir = Path(run_dir)
-    cfg, results, manifest = lm_run(run_dir)
-    model, tokenizer = load_model(manifest["model"], device)
-    ensemble = load(run_dir, device)
-    encoders = [probes.MemberEncoder(ensemble, m) for m in range(ensemble.n_members)]
-    hook = manifest["hook"]
-    evaluation: dict[str, Any] = {"run": str(run_dir), "model": manifest["model"], "hook": hook}
-    evaluation["core"] = core_metrics(results)
-    if probing:
-        try:
-            names = probes.probe_datasets(probe_datasets)
-        except ValueError as err:
-            raise ConfigError(f"--probe-datasets: {err}") from None
-        model_name = model_label(manifest["model"])
-        cache = activations or probe_cache()
-        context = context_length(model) or 1024  # prompts keep their last tokens within the model's positions
-        probes.write_probe_activations(
-            model, tokenizer, hook, names, cache, model_name, max_length=min(1024, context), progress=progress
-        )
-        evaluation["probing"] = probes.sparse_probing(
-            encoders, model_name, hook, cache, run_dir / "evaluation" / "probing", names, progress=progress
-        )
-    if absorption:
-        with torch.no_grad():
-            words = letters.N_WORDS if absorption_words is None else absorption_words
-            probe = letters.letter_probe(model, tokenizer, hook, n_words=words, progress=progress)
-        evaluation["absorption"] = {
-            "letters": probe.summary(),
-            "members": [letters.absorption(encoder, probe, progress=progress) for encoder in encoders],
-        }
-    write_json(run_dir / EVALUATION_FILE, evaluation)
-    atomic_write_text(run_dir / EVALUATION_REPORT, report(evaluation))
-    return evaluation
+    probe_datasets: str = "cheap"  # sae-probes tasks: cheap, all, or names, comma-separated
+    absorption_words: int | None = None  # words the letter probe reads (None: absorption.N_WORDS)
+    probing: bool = True
+    absorption: bool = True
+    activations: Path | None = None  # the model activations sae-probes reads (None: probe_cache())
+    device: str = "cpu"
+    progress: bool = True
+
+
+class Evaluator:
+    """The model's side of an evaluation, paid once for every run on the same model and hook (`mfr-sae study-lm`
+    evaluates several): the model, the probe tasks' activations (and, kept beside them, the raw-activation probes)
+    and the letter probe."""
+
+    def __init__(self, model: str, hook: str, options: EvaluationOptions = EvaluationOptions()):
+        from mfr_sae import probing as probes  # the extra [evals] only when asked for
+
+        self.model_path, self.hook, self.options = model, hook, options
+        self.probe_names: list[str] = []
+        if options.probing:
+            try:
+                self.probe_names = probes.probe_datasets(options.probe_datasets)
+            except ValueError as err:
+                raise ConfigError(f"--probe-datasets: {err}") from None
+        self.model, self.tokenizer = load_model(model, options.device)
+        self.model_name = model_label(model)
+        self.activations = options.activations or probe_cache()
+        self._letter_probe: Any = None
+
+    def letter_probe(self) -> Any:
+        """SAEBench's first-letter probe of the model at the hook: made at the first run that needs it."""
+        from mfr_sae import absorption as letters
+
+        if self._letter_probe is None:
+            words = self.options.absorption_words
+            with torch.no_grad():
+                self._letter_probe = letters.letter_probe(
+                    self.model,
+                    self.tokenizer,
+                    self.hook,
+                    n_words=letters.N_WORDS if words is None else words,
+                    progress=self.options.progress,
+                )
+        return self._letter_probe
+
+    def evaluate(self, run_dir: str | Path) -> dict[str, Any]:
+        """Evaluate every member of a run on this model and hook; writes and returns evaluation.json's content."""
+        from mfr_sae import absorption as letters
+        from mfr_sae import probing as probes
+
+        run_dir, progress = Path(run_dir), self.options.progress
+        _, results, manifest = lm_run(run_dir)
+        if (manifest["model"], manifest["hook"]) != (self.model_path, self.hook):
+            raise ConfigError(
+                f"mfr-sae evaluate: {run_dir} was trained on {manifest['model']} at {manifest['hook']}, not "
+                f"{self.model_path} at {self.hook}"
+            )
+        ensemble = load(run_dir, self.options.device)
+        encoders = [probes.MemberEncoder(ensemble, m) for m in range(ensemble.n_members)]
+        evaluation: dict[str, Any] = {"run": str(run_dir), "model": self.model_path, "hook": self.hook}
+        evaluation["core"] = core_metrics(results)
+        if self.probe_names:
+            context = context_length(self.model) or 1024  # prompts keep their last tokens within the model's positions
+            probes.write_probe_activations(
+                self.model,
+                self.tokenizer,
+                self.hook,
+                self.probe_names,
+                self.activations,
+                self.model_name,
+                max_length=min(1024, context),
+                progress=progress,
+            )
+            evaluation["probing"] = probes.sparse_probing(
+                encoders,
+                self.model_name,
+                self.hook,
+                self.activations,
+                run_dir / "evaluation" / "probing",
+                self.probe_names,
+                progress=progress,
+            )
+        if self.options.absorption:
+            probe = self.letter_probe()
+            evaluation["absorption"] = {
+                "letters": probe.summary(),
+                "members": [letters.absorption(encoder, probe, progress=progress) for encoder in encoders],
+            }
+        write_json(run_dir / EVALUATION_FILE, evaluation)
+        atomic_write_text(run_dir / EVALUATION_REPORT, report(evaluation))
+        return evaluation
+
+
+def evaluate_run(run_dir: str | Path, options: EvaluationOptions = EvaluationOptions()) -> dict[str, Any]:
+    """Evaluate every member of a run; writes and returns evaluation.json's content."""
+    _, _, manifest = lm_run(Path(run_dir))
+    return Evaluator(manifest["model"], manifest["hook"], options).evaluate(run_dir)
+
+
+# per member, the headline number of each evaluation (higher is better?): what `study-lm --evaluate` tests
+HEADLINE = {"probe_auc_k1": True, "probe_auc_k16": True, "absorption_fraction": False, "full_absorption": False}
+DESCRIBED = ("split_latents",)
+
+
+def headline(evaluation: dict[str, Any]) -> list[dict[str, float | None]]:
+    """Each member's headline numbers: sparse probing's mean test AUC over the tasks with k = 1 and 16 latents;
+    absorption's mean fraction, full absorption and split latents (None where absorption is not measurable or
+    a section was not run)."""
+    n = len(evaluation["core"])
+    members: list[dict[str, float | None]] = [dict.fromkeys([*HEADLINE, *DESCRIBED]) for _ in range(n)]
+    for row, probes in zip(members, (evaluation.get("probing") or {}).get("members", [])):
+        row["probe_auc_k1"] = probes["by_k"]["1"]["test_auc"]
+        row["probe_auc_k16"] = probes["by_k"]["16"]["test_auc"]
+    for row, letters in zip(members, (evaluation.get("absorption") or {}).get("members", [])):
+        if letters.get("measurable", True):
+            row["absorption_fraction"] = letters["mean_absorption_fraction_score"]
+            row["full_absorption"] = letters["mean_full_absorption_score"]
+            row["split_latents"] = letters["mean_num_split_features"]
+    return members
 
 
 def report(evaluation: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,13 @@ from mfr_sae.checkpoint import load
 from mfr_sae.compare import agreement_matrix, paired_agreement
 from mfr_sae.config import RunConfig, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
+from mfr_sae.evaluate import DESCRIBED, EVALUATION_FILE, HEADLINE, EvaluationOptions, Evaluator, headline
 from mfr_sae.extras import require
-from mfr_sae.files import atomic_write_text, write_json
-from mfr_sae.report import fmt_num, fmt_p, markdown_table
-from mfr_sae.reproduce import RunTracker, describe_runs, machine
+from mfr_sae.files import read_json, write_json
+from mfr_sae.reproduce import RunTracker, machine
 from mfr_sae.stats import holm, paired_permutation_test, paired_test
-from mfr_sae.study_analysis import describe
-from mfr_sae.study_report import commit, interval
+from mfr_sae.study_lm_report import write_report
+from mfr_sae.study_report import commit
 
 KS = [6, 12, 18, 24, 30]
 SHAPE = ("sae.n_members=5", f"sae.k={KS}", "train.batch_size=500", "train.lr=1e-3", "train.checkpoint_every=500")
@@ -80,10 +81,13 @@ def study_lm(
     context: int = 128,
     progress: bool = True,
     extra: Sequence[str] = (),
+    evaluation: EvaluationOptions | None = None,
 ) -> dict[str, Any]:
     """Cache `cache_tokens` activations (default: `tokens` + `holdout`, one pass; fewer means several passes
     over the cache), train the baseline and the defaults of mfr.* for each seed on `tokens` vectors, and write
-    out/report.md and out/results.json. `extra` (section.field=value) changes every run."""
+    out/report.md and out/results.json. `extra` (section.field=value) changes every run. With `evaluation`, each
+    run is also evaluated as `mfr-sae evaluate` does (evaluation.json in its folder) and the headline numbers of
+    sparse probing and absorption join the tested measures."""
     require("transformers", "mfr-sae study-lm")  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,8 @@ def study_lm(
     cached = cache_tokens if cache_tokens is not None else tokens + holdout
     cache = build_cache(model, hook, text, out / "cache", cached, context=context, progress=progress)
     manifest = read_manifest(cache, verify=False)
+    # the model's side of the evaluation once for all runs; a wrong option fails here, before any training
+    evaluator = Evaluator(manifest["model"], manifest["hook"], evaluation) if evaluation else None
     tracker = RunTracker(2 * seeds, out, progress, bars=progress)
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     decoders: dict[str, list[Tensor]] = {arm: [] for arm in ARMS}
@@ -98,7 +104,11 @@ def study_lm(
         for arm in ARMS:
             cfg = run_config(cache, manifest["d"], seed, arm, tokens, holdout, extra)
             run_dir = out / f"seed{seed}" / arm
-            results[arm].append(tracker.run(f"seed {seed}: {arm}", cfg, run_dir))
+            run = tracker.run(f"seed {seed}: {arm}", cfg, run_dir)
+            if evaluator is not None:
+                heads = headline(evaluator.evaluate(run_dir))
+                run = {**run, "members": [m | h for m, h in zip(run["members"], heads)]}
+            results[arm].append(run)
             decoders[arm].append(load(run_dir).decoder().detach())
     summary = {
         "model": model,
@@ -114,7 +124,8 @@ def study_lm(
         "config": results["mfr"][0]["config"],
         "machine": machine(),
         "commit": commit(),
-        **analyse(results, decoders),
+        **analyse(results, decoders, evaluated=evaluator is not None),
+        "evaluation": evaluation_summary(evaluator, out / "seed0" / "baseline") if evaluator else None,
         "runs": tracker.summary(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -132,20 +143,42 @@ def member_values(results: list[dict[str, Any]], key: str, k: int | None = None)
     return values
 
 
-def analyse(results: dict[str, list[dict[str, Any]]], decoders: dict[str, list[Tensor]]) -> dict[str, Any]:
-    """Per arm, each measure over seeds; MFR against the baseline, paired over seeds (Holm over TESTED); per k,
-    the paired differences of FVU and loss recovered; agreement across seeds (permutation test)."""
+def evaluation_summary(evaluator: Evaluator, run_dir: Path) -> dict[str, Any]:
+    """What every run's evaluation shares (from one run's): the tasks and the raw-activation probe's AUC, and the
+    letter filter's numbers."""
+    evaluation = read_json(run_dir / EVALUATION_FILE)
+    probing = evaluation.get("probing")
+    return {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(evaluator.options).items()},
+        "probe_datasets": probing["datasets"] if probing else [],
+        "probe_reference_auc": probing["baseline"]["test_auc"] if probing else None,
+        "letters": (evaluation.get("absorption") or {}).get("letters"),
+    }
+
+
+def tested(evaluated: bool) -> dict[str, bool]:
+    """The measures tested (Holm over all of them), higher is better or not."""
+    return TESTED | (HEADLINE if evaluated else {})
+
+
+def analyse(
+    results: dict[str, list[dict[str, Any]]], decoders: dict[str, list[Tensor]], evaluated: bool = False
+) -> dict[str, Any]:
+    """Per arm, each measure over seeds; MFR against the baseline, paired over seeds (Holm over the tested ones);
+    per k, the paired differences of FVU and loss recovered; agreement across seeds (permutation test)."""
     seeds = len(results["baseline"])
+    measures = (*MEASURES, *HEADLINE, *DESCRIBED) if evaluated else MEASURES
+    family = tested(evaluated)
     values = {
-        arm: {key: member_values(runs, key) for key in MEASURES}
+        arm: {key: member_values(runs, key) for key in measures}
         | {key: [run[key] for run in runs] for key in RUN_MEASURES}
         for arm, runs in results.items()
     }
-    tests = {key: paired_test(values["mfr"][key], values["baseline"][key]) for key in (*MEASURES, *RUN_MEASURES)}
-    for key, p in zip(TESTED, holm([tests[key]["t_test_p"] for key in TESTED])):
+    tests = {key: paired_test(values["mfr"][key], values["baseline"][key]) for key in (*measures, *RUN_MEASURES)}
+    for key, p in zip(family, holm([tests[key]["t_test_p"] for key in family])):
         tests[key]["p_holm"] = p
     per_k = []
-    for k in KS:
+    for k in sorted({m["k"] for m in results["baseline"][0]["members"]}):  # the runs' own ks (--set sae.k=...)
         row: dict[str, Any] = {"k": k}
         for key in PER_K:
             arms = {arm: member_values(results[arm], key, k) for arm in ARMS}
@@ -158,6 +191,7 @@ def analyse(results: dict[str, list[dict[str, Any]]], decoders: dict[str, list[T
         for arm, block in (("mfr", matrix[:seeds, :seeds]), ("baseline", matrix[seeds:, seeds:]))
     }
     return {
+        "tested": family,  # measure -> higher is better
         "values": values,
         "tests": tests,
         "per_k": per_k,
@@ -168,104 +202,3 @@ def analyse(results: dict[str, list[dict[str, Any]]], decoders: dict[str, list[T
             "test": paired_permutation_test(matrix, seeds),
         },
     }
-
-
-def _mean_ci(values: list[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    d = describe(present)
-    return f"{fmt_num(d['mean'])} {interval(d['ci95'])}"
-
-
-def _diff(test: dict[str, Any]) -> str:
-    if test["mean_diff"] is None:
-        return "-"
-    return f"{test['mean_diff']:+.3g} {interval(test['ci95'])}"
-
-
-def verdict(s: dict[str, Any]) -> list[str]:
-    """The verdict's sentences: each tested measure, better or worse or no difference (Holm), and collapse."""
-    words = {"fvu": "FVU", "frac_recovered": "loss recovered", "kl": "KL"}
-    lines = []
-    for key, higher in TESTED.items():
-        t = s["tests"][key]
-        p = t.get("p_holm")
-        if p is None:
-            said = f"no test ({t['note'] or 'n/a'})"
-        elif p < 0.05:
-            said = "**better**" if (t["mean_diff"] > 0) == higher else "**worse**"
-        else:
-            said = "no significant difference"
-        lines.append(
-            f"- {words[key]}: MFR {said}, difference {_diff(t)} (Holm p {fmt_p(p)}, paired t over {t['n']} seeds)."
-        )
-    copies = sum(s["collapsed"])
-    lines.append(
-        f"- Collapse: {copies} of {s['seeds']} MFR runs had members that became copies (one-to-one MMCS > 0.99); "
-        f"members' one-to-one MMCS {_mean_ci(s['values']['mfr']['pairwise_mmcs_hungarian'])} against the "
-        f"baseline's {_mean_ci(s['values']['baseline']['pairwise_mmcs_hungarian'])}."
-    )
-    a = s["across_seeds"]["test"]
-    lines.append(
-        f"- Agreement across seeds (PW-MCC, member m of one seed against member m of another): MFR "
-        f"{fmt_num(a['treated_mean'])}, baseline {fmt_num(a['control_mean'])} (permutation p {fmt_p(a['p'])}; "
-        f"with {a['n']} seeds it cannot go below {fmt_num(a['min_p'])})."
-    )
-    return lines
-
-
-def write_report(out: Path, s: dict[str, Any]) -> None:
-    rows = [
-        {
-            "measure": key,
-            "baseline [95% CI]": _mean_ci(s["values"]["baseline"][key]),
-            "MFR [95% CI]": _mean_ci(s["values"]["mfr"][key]),
-            "MFR - baseline [95% CI]": _diff(s["tests"][key]),
-            "p (t)": fmt_p(s["tests"][key]["t_test_p"]),
-            "Holm p": fmt_p(s["tests"][key].get("p_holm")),
-        }
-        for key in (*MEASURES, *RUN_MEASURES)
-    ]
-    per_k = [
-        {
-            "k": row["k"],
-            "FVU baseline": _mean_ci(row["fvu_baseline"]),
-            "FVU MFR": _mean_ci(row["fvu_mfr"]),
-            "FVU diff": _diff(row["fvu_diff"]),
-            "recovered baseline": _mean_ci(row["frac_recovered_baseline"]),
-            "recovered MFR": _mean_ci(row["frac_recovered_mfr"]),
-            "recovered diff": _diff(row["frac_recovered_diff"]),
-        }
-        for row in s["per_k"]
-    ]
-    lines = [
-        "# Study: the defaults of mfr.* against the baseline on a language model's activations",
-        "",
-        f"Generated by `mfr-sae study-lm` on {s['machine']}, commit {s['commit']}. "
-        f"{describe_runs(s['runs'], s['seconds'])}",
-        "",
-        f"Model `{s['model']}`, hook `{s['hook']}` (module `{s['module']}`, d = {s['d']}), text `{s['text']}`: "
-        f"{s['cache_tokens']:,} cached tokens (context {s['context']}, BOS not cached), {s['tokens']:,} training "
-        f"tokens per run ({s['tokens'] / s['cache_tokens']:.1f} passes over the cache), {s['seeds']} seeds, each "
-        f"its own shuffle and initialisation, shared by its two arms. Each run: 5 TopK members, k = {KS}, "
-        f"h = {EXPANSION * s['d']:,}; MFR: the defaults of mfr.*. Loss recovered on "
-        f"{s['lm_tokens'] or 0:,} held-out tokens (the text after the cached part).",
-        "",
-        "## Verdict",
-        "",
-        *verdict(s),
-        "",
-        "## Means over seeds (each run: the mean over its 5 members)",
-        "",
-        markdown_table(rows, list(rows[0])),
-        "",
-        "Tested (paired t over seeds, Holm over these three): fvu, frac_recovered, kl. The other rows are "
-        "described, not tested. `frac_recovered` = (CE_zero - CE_sae) / (CE_zero - CE_clean).",
-        "",
-        "## By k (mean over seeds [95% CI]; described, not tested)",
-        "",
-        markdown_table(per_k, list(per_k[0])),
-        "",
-    ]
-    atomic_write_text(out / "report.md", "\n".join(lines))
