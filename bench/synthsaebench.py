@@ -13,11 +13,16 @@ Times, for a preset (default synthsaebench-16k):
 side by side (one call of each in turn, so a drift in the machine's load falls on both alike), and prints vectors
 per second of each and the ratio generation / step (> 1: generation is the slower). An ensemble of N members
 trains on each batch once for all of them, so generation keeps up where N steps take as long as one draw.
+With `--trained BASELINE MFR` (two finished runs on the preset, e.g. a replicate's two arms in `mfr-sae study
+--data synthsaebench-16k`): each run's own training step (the ensemble, its AuxK, MFR's penalty and matching as they
+stand at the end of its training: confirmed latents pulled), resumed from a copy of its last checkpoint (the runs
+are left as they are) and timed in turn with the draw that feeds it: MFR's cost once active, as a ratio to the
+baseline's step, and each run's training throughput (draw + step).
 Last, what the benchmark's metrics cost at this size (gt_metrics: every latent's best match, and the Hungarian
 matching of MCC) for one decoder of `--h` rows near true features.
 
     python bench/synthsaebench.py [--preset synthsaebench-16k] [--steps 5] [--batch 1024] [--h 4096] [--k 25]
-        [--threads N] [--exact] [--device cpu]
+        [--threads N] [--exact] [--device cpu] [--trained BASELINE_RUN MFR_RUN]
 """
 
 from __future__ import annotations
@@ -26,14 +31,22 @@ import argparse
 import math
 import os
 import platform
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from timing import timed_side_by_side  # bench/timing.py
 
+from mfr_sae.checkpoint import CHECKPOINT_DIR
+from mfr_sae.config import load_run_config
 from mfr_sae.data.synthsaebench import PRESETS, SynthSAEBenchData, build_model, synthsaebench_config
 from mfr_sae.gt_metrics import best_matches, mcc
+from mfr_sae.run_folder import CONFIG_FILE
 from mfr_sae.seeding import TRAIN_STREAM
+from mfr_sae.train import Trainer
 
 
 def topk_step(d: int, h: int, k: int, batch: int, device: torch.device):
@@ -58,6 +71,36 @@ def topk_step(d: int, h: int, k: int, batch: int, device: torch.device):
     return step
 
 
+def trained_step(run_dir: Path, scratch: Path) -> tuple[Callable[[], None], str]:
+    """A finished run's training step from its last checkpoint, resumed in a copy under `scratch` (the run is left
+    as it is), on fresh batches of its own stream; and what it is."""
+    copy = scratch / run_dir.name
+    copy.mkdir()
+    shutil.copy(run_dir / CONFIG_FILE, copy / CONFIG_FILE)
+    shutil.copytree(run_dir / CHECKPOINT_DIR, copy / CHECKPOINT_DIR)
+    cfg = load_run_config(copy / CONFIG_FILE)
+    trainer = Trainer(cfg, copy, resume=True, progress=False)
+    batches = trainer.source.batches(cfg.train.batch_size, trainer.step)
+    what = (
+        f"{cfg.sae.n_members} {cfg.sae.architecture} members, h {cfg.sae.d_sae}, k {cfg.sae.k}, aux_coef "
+        f"{cfg.sae.aux_coef}, MFR {'on' if cfg.mfr.enabled else 'off'}, batch {cfg.train.batch_size}, "
+        f"from step {trainer.step}"
+    )
+    return (lambda: trainer.train_step(next(batches).to(trainer.device))), what
+
+
+def trained_rows(runs: list[Path], steps: int, device: torch.device) -> None:
+    """The baseline's and MFR's training steps (draw included) side by side, and their ratio."""
+    with tempfile.TemporaryDirectory() as scratch:
+        (base, base_what), (mfr, mfr_what) = (trained_step(run, Path(scratch)) for run in runs)
+        base(), mfr()  # the first step pays the re-matching of restored matches and the allocator's warm-up
+        seconds = timed_side_by_side({"baseline": base, "MFR": mfr}, steps, device)
+    print(f"\ntrained runs, each step with its draw ({steps} steps each, in turn):")
+    print(f"- baseline ({base_what}): {seconds['baseline']:.3f} s a step")
+    print(f"- MFR ({mfr_what}): {seconds['MFR']:.3f} s a step")
+    print(f"MFR / baseline, draw and step: {seconds['MFR'] / seconds['baseline']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="synthsaebench-16k", choices=list(PRESETS))
@@ -68,6 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--exact", action="store_true", help="also time sae-lens's own build of the model")
+    parser.add_argument("--trained", nargs=2, type=Path, metavar=("BASELINE_RUN", "MFR_RUN"), help="two finished runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -128,6 +172,8 @@ def main() -> None:
         f"metrics of one decoder of {args.h} rows against {len(truth)} features: best matches "
         f"{middle - start:.1f} s, MCC (Hungarian) {end - middle:.1f} s (MCC {value:.3f})"
     )
+    if args.trained:
+        trained_rows(args.trained, args.steps, device)
 
 
 if __name__ == "__main__":
