@@ -74,7 +74,7 @@ def topk_step(d: int, h: int, k: int, batch: int, device: torch.device):
 def trained_step(run_dir: Path, scratch: Path) -> tuple[Callable[[], None], str]:
     """A finished run's training step from its last checkpoint, resumed in a copy under `scratch` (the run is left
     as it is), on fresh batches of its own stream; and what it is."""
-    copy = scratch / run_dir.name
+    copy = Path(tempfile.mkdtemp(dir=scratch)) / run_dir.name
     copy.mkdir()
     shutil.copy(run_dir / CONFIG_FILE, copy / CONFIG_FILE)
     shutil.copytree(run_dir / CHECKPOINT_DIR, copy / CHECKPOINT_DIR)
