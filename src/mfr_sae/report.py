@@ -125,6 +125,21 @@ def fmt_p(p: float | None) -> str:
     return "-" if p is None else f"{p:.3g}"
 
 
+def interval(ci: Sequence[float] | None) -> str:
+    """A 95% CI as reports print it: `[low, high]`, or `-` when there is none."""
+    return "-" if ci is None else f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
+
+
+def fmt_diff(test: dict[str, Any] | None) -> str:
+    """A paired test's mean difference and its CI, `+0.0123 [a, b]`; why it was not tested, or `-` when nothing was
+    measured."""
+    if test and test.get("not_tested"):
+        return str(test["not_tested"])
+    if not test or test.get("mean_diff") is None:
+        return "-"
+    return f"{test['mean_diff']:+.3g} {interval(test.get('ci95'))}"
+
+
 def fmt_duration(seconds: float) -> str:
     """`42 s`, `3.5 min`, `12 min` or `1.2 h`."""
     for unit, size in (("h", 3600), ("min", 60)):

@@ -32,10 +32,9 @@ from mfr_sae.data.activations import build_cache, read_manifest
 from mfr_sae.evaluate import DESCRIBED, EVALUATION_FILE, HEADLINE, EvaluationOptions, Evaluator, headline
 from mfr_sae.extras import require
 from mfr_sae.files import read_json, write_json
-from mfr_sae.reproduce import RunTracker, machine
+from mfr_sae.reproduce import RunTracker, commit, machine
 from mfr_sae.stats import holm, paired_permutation_test, paired_test
 from mfr_sae.study_lm_report import write_report
-from mfr_sae.study_report import commit
 
 KS = [6, 12, 18, 24, 30]
 SHAPE = ("sae.n_members=5", f"sae.k={KS}", "train.batch_size=500", "train.lr=1e-3", "train.checkpoint_every=500")

@@ -7,10 +7,9 @@ from typing import Any
 
 from mfr_sae.absorption import MIN_LETTERS
 from mfr_sae.files import atomic_write_text
-from mfr_sae.report import fmt_num, fmt_p, markdown_table
+from mfr_sae.report import fmt_diff, fmt_num, fmt_p, interval, markdown_table
 from mfr_sae.reproduce import describe_runs
 from mfr_sae.study_analysis import describe
-from mfr_sae.study_report import interval
 
 WORDS = {"fvu": "FVU", "frac_recovered": "loss recovered", "kl": "KL"} | {
     "probe_auc_k1": "sparse probing AUC, 1 latent",
@@ -28,12 +27,6 @@ def _mean_ci(values: list[float | None]) -> str:
     return f"{fmt_num(d['mean'])} {interval(d['ci95'])}"
 
 
-def _diff(test: dict[str, Any]) -> str:
-    if test["mean_diff"] is None:
-        return "-"
-    return f"{test['mean_diff']:+.3g} {interval(test['ci95'])}"
-
-
 def verdict(s: dict[str, Any]) -> list[str]:
     """The verdict's sentences: each tested measure, better or worse or no difference (Holm), and collapse."""
     lines = []
@@ -47,7 +40,7 @@ def verdict(s: dict[str, Any]) -> list[str]:
         else:
             said = "no significant difference"
         lines.append(
-            f"- {WORDS[key]}: MFR {said}, difference {_diff(t)} (Holm p {fmt_p(p)}, paired t over {t['n']} seeds)."
+            f"- {WORDS[key]}: MFR {said}, difference {fmt_diff(t)} (Holm p {fmt_p(p)}, paired t over {t['n']} seeds)."
         )
     copies = sum(s["collapsed"])
     lines.append(
@@ -92,7 +85,7 @@ def write_report(out: Path, s: dict[str, Any]) -> None:
             "measure": key,
             "baseline [95% CI]": _mean_ci(s["values"]["baseline"][key]),
             "MFR [95% CI]": _mean_ci(s["values"]["mfr"][key]),
-            "MFR - baseline [95% CI]": _diff(s["tests"][key]),
+            "MFR - baseline [95% CI]": fmt_diff(s["tests"][key]),
             "p (t)": fmt_p(s["tests"][key]["t_test_p"]),
             "Holm p": fmt_p(s["tests"][key].get("p_holm")),
         }
@@ -103,10 +96,10 @@ def write_report(out: Path, s: dict[str, Any]) -> None:
             "k": row["k"],
             "FVU baseline": _mean_ci(row["fvu_baseline"]),
             "FVU MFR": _mean_ci(row["fvu_mfr"]),
-            "FVU diff": _diff(row["fvu_diff"]),
+            "FVU diff": fmt_diff(row["fvu_diff"]),
             "recovered baseline": _mean_ci(row["frac_recovered_baseline"]),
             "recovered MFR": _mean_ci(row["frac_recovered_mfr"]),
-            "recovered diff": _diff(row["frac_recovered_diff"]),
+            "recovered diff": fmt_diff(row["frac_recovered_diff"]),
         }
         for row in s["per_k"]
     ]

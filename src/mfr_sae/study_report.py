@@ -4,14 +4,14 @@ its title, its first lines and every judged table."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mfr_sae.files import atomic_write_text, write_json
-from mfr_sae.report import figure_link, fmt_duration, fmt_num, fmt_p, markdown_table
+from mfr_sae.report import figure_link, fmt_diff, fmt_duration, fmt_num, fmt_p, interval, markdown_table
+from mfr_sae.reproduce import commit
 from mfr_sae.study_analysis import IDENTICAL
 from mfr_sae.study_catalogue import ARCHITECTURE_WORDS, DATASET_WORDS, SPLIT_WORDS, SPLITS
 from mfr_sae.study_curves import CURVES_CAPTION, CURVES_FIGURE, curves_figure, curves_section
@@ -24,27 +24,6 @@ DATA_KEYS = {  # what the report says of a dataset's data, by data.kind (synthet
     "hierarchical": ("firing", "d", "n_features", "children", "child_probability", "mean_active"),
     "groups": ("firing", "d", "n_features", "n_groups", "n_active", "decay"),
 }
-
-
-def interval(ci: list[float] | None) -> str:
-    return "-" if ci is None else f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
-
-
-def commit() -> str:
-    """The repository's commit, when the package runs from a git checkout."""
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def verdict_line(name: str, result: dict[str, Any], twin_tolerance: float) -> str:
@@ -99,15 +78,15 @@ def dataset_table(result: dict[str, Any]) -> str:
             {
                 "setting": name,
                 "MCC": _mean_ci(m["gt_mcc"]),
-                "ΔMCC [95% CI]": _delta(t.get("gt_mcc")),
+                "ΔMCC [95% CI]": fmt_diff(t.get("gt_mcc")),
                 "Holm p": fmt_p(t["gt_mcc"].get("p_holm_all", t["gt_mcc"]["p_holm"])) if t else "-",
                 **{
-                    word: f"{fmt_num(m[key]['mean'])}" + (f", Δ {_delta(t.get(key))}" if t else "")
+                    word: f"{fmt_num(m[key]['mean'])}" + (f", Δ {fmt_diff(t.get(key))}" if t else "")
                     for key, word in (("gt_f1", "F1"), ("gt_explained_variance", "var. explained"))
                     if key in m
                 },
                 "FVU": _mean_ci(m["fvu"]),
-                "ΔFVU [95% CI]": _delta(t.get("fvu")),
+                "ΔFVU [95% CI]": fmt_diff(t.get("fvu")),
                 "twin_frac": fmt_num(m["twin_frac"]["mean"]),
                 "gt_distinct": fmt_num(m["gt_distinct"]["mean"]),
                 "silent": fmt_num(m["silent_frac"]["mean"]) if "silent_frac" in m else "-",
@@ -123,14 +102,6 @@ def dataset_table(result: dict[str, Any]) -> str:
 
 def _mean_ci(d: dict[str, Any]) -> str:
     return f"{fmt_num(d['mean'])} {interval(d['ci95'])}"
-
-
-def _delta(test: dict[str, Any] | None) -> str:
-    if test and test.get("not_tested"):
-        return str(test["not_tested"])
-    if not test or test.get("mean_diff") is None:
-        return "-"
-    return f"{test['mean_diff']:+.3g} {interval(test.get('ci95'))}"
 
 
 def _across(test: dict[str, Any] | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,23 @@ def config_difference(saved: RunConfig, wanted: RunConfig) -> str | None:
             if a[section][name] != value:
                 return f"{section}.{name}: {a[section][name]!r} there, {value!r} here"
     return None
+
+
+def commit() -> str:
+    """The repository's commit, when the package runs from a git checkout."""
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def machine() -> str:
