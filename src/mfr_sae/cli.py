@@ -6,10 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
 from mfr_sae import process_group
-from mfr_sae.cli_parser import build_parser
+from mfr_sae.cli_parser import build_parser, evaluation_options
 from mfr_sae.config import ConfigError, load_config
 from mfr_sae.cpu_memory import keep_freed_cpu_memory
 from mfr_sae.data import DataError
@@ -20,9 +19,6 @@ from mfr_sae.process_group import RankLost, world_from_env
 from mfr_sae.report import fmt_num, markdown_table
 from mfr_sae.run_folder import TrainingError
 from mfr_sae.train import Interrupted, resume, train
-
-if TYPE_CHECKING:
-    from mfr_sae.evaluate import EvaluationOptions
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, TrainingError, RankLost, MissingExtra, FileNotFoundError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C
@@ -234,21 +230,6 @@ def run_train(args: argparse.Namespace) -> int:
         if results.get("collapse_note"):
             print(f"warning: {results['collapse_note']}", file=sys.stderr)
     return 0
-
-
-def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
-    """What `evaluate` and `study-lm --evaluate` measure (cli_parser.add_evaluation_options)."""
-    from mfr_sae.evaluate import EvaluationOptions
-
-    return EvaluationOptions(
-        args.probe_datasets,
-        args.absorption_words,
-        probing=not args.no_probing,
-        absorption=not args.no_absorption,
-        activations=args.probe_cache,
-        device=args.device,
-        progress=not args.no_progress,
-    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

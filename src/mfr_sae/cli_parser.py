@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mfr_sae.config import EEG_NOISE_KINDS, help_text
 from mfr_sae.study_catalogue import JUDGED_SPLITS
+
+if TYPE_CHECKING:
+    from mfr_sae.evaluate import EvaluationOptions
 
 
 class WrappingRawFormatter(argparse.RawDescriptionHelpFormatter):
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
-    """What `evaluate` and `study-lm --evaluate` measure (cli.evaluation_options)."""
+    """What `evaluate` and `study-lm --evaluate` measure (read back by evaluation_options)."""
     p.add_argument(
         "--probe-datasets",
         default="cheap",
@@ -266,3 +270,18 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-probing", action="store_true", help="skip sparse probing")
     p.add_argument("--no-absorption", action="store_true", help="skip absorption")
     p.add_argument("--device", default="cpu", help="where the model and the SAEs run for the evaluation")
+
+
+def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    """The options add_evaluation_options added, read back."""
+    from mfr_sae.evaluate import EvaluationOptions
+
+    return EvaluationOptions(
+        args.probe_datasets,
+        args.absorption_words,
+        probing=not args.no_probing,
+        absorption=not args.no_absorption,
+        activations=args.probe_cache,
+        device=args.device,
+        progress=not args.no_progress,
+    )
