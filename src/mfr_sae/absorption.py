@@ -76,6 +76,7 @@ class LetterProbe:
         """The probe's part of a result: JSON-serialisable."""
         return {
             "letters_passing": len(self.passing),
+            "measurable": self.measurable,
             "letter_f1": {k: round(v, 4) for k, v in self.letter_f1.items()},
             "n_words": len(self.train_letters) + len(self.test_letters),
             "n_vocab": self.n_vocab,

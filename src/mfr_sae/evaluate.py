@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mfr_sae.absorption import MIN_F1, MIN_LETTERS
 from mfr_sae.checkpoint import load
 from mfr_sae.config import load_run_config
 from mfr_sae.data.activations import read_manifest
@@ -219,7 +220,8 @@ def absorption_lines(absorption: dict[str, Any]) -> list[str]:
     """The letter filter's numbers, then each member's means (or why nothing was measured)."""
     letters = absorption["letters"]
     lines = [
-        f"Letters the model's probe knows (test F1 > 0.6): {letters['letters_passing']} of 26 (SAEBench needs 20).",
+        f"Letters the model's probe knows (test F1 > {MIN_F1}): {letters['letters_passing']} of 26 (SAEBench needs "
+        f"{MIN_LETTERS}).",
         "",
     ]
     keys = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")

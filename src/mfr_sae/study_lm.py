@@ -29,9 +29,9 @@ from mfr_sae.checkpoint import load
 from mfr_sae.compare import agreement_matrix, paired_agreement
 from mfr_sae.config import RunConfig, load_config
 from mfr_sae.data.activations import build_cache, read_manifest
-from mfr_sae.evaluate import DESCRIBED, EVALUATION_FILE, HEADLINE, EvaluationOptions, Evaluator, headline
+from mfr_sae.evaluate import DESCRIBED, HEADLINE, EvaluationOptions, Evaluator, headline
 from mfr_sae.extras import require
-from mfr_sae.files import read_json, write_json
+from mfr_sae.files import write_json
 from mfr_sae.reproduce import RunTracker, commit, machine
 from mfr_sae.stats import holm, paired_permutation_test, paired_test
 from mfr_sae.study_lm_report import write_report
@@ -99,13 +99,15 @@ def study_lm(
     tracker = RunTracker(2 * seeds, out, progress, bars=progress)
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     decoders: dict[str, list[Tensor]] = {arm: [] for arm in ARMS}
+    evaluation_of_run: dict[str, Any] = {}  # the last run's: what every run's evaluation shares is read from it
     for seed in range(seeds):
         for arm in ARMS:
             cfg = run_config(cache, manifest["d"], seed, arm, tokens, holdout, extra)
             run_dir = out / f"seed{seed}" / arm
             run = tracker.run(f"seed {seed}: {arm}", cfg, run_dir)
             if evaluator is not None:
-                heads = headline(evaluator.evaluate(run_dir))
+                evaluation_of_run = evaluator.evaluate(run_dir)
+                heads = headline(evaluation_of_run)
                 run = {**run, "members": [m | h for m, h in zip(run["members"], heads)]}
             results[arm].append(run)
             decoders[arm].append(load(run_dir).decoder().detach())
@@ -124,7 +126,7 @@ def study_lm(
         "machine": machine(),
         "commit": commit(),
         **analyse(results, decoders, evaluated=evaluator is not None),
-        "evaluation": evaluation_summary(evaluator, out / "seed0" / "baseline") if evaluator else None,
+        "evaluation": evaluation_summary(evaluator.options, evaluation_of_run) if evaluator else None,
         "runs": tracker.summary(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -142,13 +144,12 @@ def member_values(results: list[dict[str, Any]], key: str, k: int | None = None)
     return values
 
 
-def evaluation_summary(evaluator: Evaluator, run_dir: Path) -> dict[str, Any]:
-    """What every run's evaluation shares (from one run's): the tasks and the raw-activation probe's AUC, and the
-    letter filter's numbers."""
-    evaluation = read_json(run_dir / EVALUATION_FILE)
+def evaluation_summary(options: EvaluationOptions, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What every run's evaluation shares (read from one run's): the tasks and the raw-activation probe's AUC, and
+    the letter filter's numbers."""
     probing = evaluation.get("probing")
     return {
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(evaluator.options).items()},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "probe_datasets": probing["datasets"] if probing else [],
         "probe_reference_auc": probing["baseline"]["test_auc"] if probing else None,
         "letters": (evaluation.get("absorption") or {}).get("letters"),

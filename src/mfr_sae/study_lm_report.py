@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mfr_sae.absorption import MIN_LETTERS
+from mfr_sae.absorption import MIN_F1, MIN_LETTERS
 from mfr_sae.files import atomic_write_text
 from mfr_sae.report import fmt_diff, fmt_num, fmt_p, interval, markdown_table
 from mfr_sae.reproduce import describe_runs
 from mfr_sae.study_analysis import describe
 
-WORDS = {"fvu": "FVU", "frac_recovered": "loss recovered", "kl": "KL"} | {
+WORDS = {
+    "fvu": "FVU",
+    "frac_recovered": "loss recovered",
+    "kl": "KL",
     "probe_auc_k1": "sparse probing AUC, 1 latent",
     "probe_auc_k16": "sparse probing AUC, 16 latents",
     "absorption_fraction": "absorption fraction",
@@ -70,11 +73,10 @@ def evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
         )
     letters = evaluation["letters"]
     if letters:
-        enough = letters["letters_passing"] >= MIN_LETTERS
         lines.append(
             f"- First-letter absorption (SAEBench's method): the model's letter probe passes SAEBench's filter (test "
-            f"F1 > 0.6) for {letters['letters_passing']} of 26 letters on {letters['n_words']:,} words; SAEBench "
-            f"needs {MIN_LETTERS}" + (": measurable." if enough else ": absorption not measurable here.")
+            f"F1 > {MIN_F1}) for {letters['letters_passing']} of 26 letters on {letters['n_words']:,} words; SAEBench "
+            f"needs {MIN_LETTERS}" + (": measurable." if letters["measurable"] else ": absorption not measurable here.")
         )
     return lines
 
